@@ -1,0 +1,22 @@
+//! What the Leash sidecar and control plane share: the gRPC protocol, the
+//! policy model with its validation, and the server side of the SPIFFE
+//! Workload API (used by the dev identity provider).
+
+pub mod identity;
+pub mod policy;
+
+/// The sidecar <-> control plane protocol (`proto/leash.proto`).
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("leash.v1");
+}
+
+/// The SPIFFE Workload API (`proto/workload.proto`), server side only.
+pub mod workload {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("_");
+}
+
+/// The gRPC metadata key every Workload API client must send (value `true`);
+/// servers reject calls without it, as SPIRE does.
+pub const WORKLOAD_API_HEADER: &str = "workload.spiffe.io";

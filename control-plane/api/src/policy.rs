@@ -1,0 +1,680 @@
+//! The policy file: which upstreams Leash manages, how credentials are made
+//! and injected for each, and which workloads (by SPIFFE ID) may use them.
+//!
+//! Parsing is strict (`deny_unknown_fields`), and validation reports every
+//! problem with the field path, so an operator can fix a file in one pass.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use spiffe::SpiffeId;
+
+/// Credential lifetime bounds. Below a second refresh-ahead cannot work;
+/// above a day the credential is no longer "short-lived".
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Schema version of the file; only `1` exists.
+    pub version: u32,
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// Stable name, used in grants, credentials (`aud`) and reports.
+    pub name: String,
+    /// Host names a workload calls to reach this upstream; `*.example.com`
+    /// matches any single or multi-label subdomain.
+    pub hosts: Vec<String>,
+    /// `http://host:port` or `https://host[:port]` the sidecar connects to.
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+    pub credential: CredentialSpec,
+    #[serde(default)]
+    pub inject: InjectSpec,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSpec {
+    /// PEM file with extra trust anchors for the upstream (relative paths are
+    /// resolved against the policy file's directory).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Trust only `ca_file`, not the system roots.
+    #[serde(default)]
+    pub ca_only: bool,
+    /// Name to send as SNI and to verify, instead of the target's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CredentialKind {
+    Jwt,
+    Static,
+    Oauth2ClientCredentials,
+}
+
+impl CredentialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Jwt => "jwt",
+            Self::Static => "static",
+            Self::Oauth2ClientCredentials => "oauth2-client-credentials",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSpec {
+    pub kind: CredentialKind,
+    /// Lifetime of each issued credential, e.g. `5m`.
+    #[serde(default = "default_ttl", with = "humantime_serde_compat")]
+    pub ttl: Duration,
+    /// `aud` of issued JWTs; defaults to the upstream's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+}
+
+fn default_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum InjectSpec {
+    /// `name: format`, where format holds `{token}` once.
+    Header {
+        #[serde(default = "default_header")]
+        name: String,
+        #[serde(default = "default_format")]
+        format: String,
+    },
+    /// HTTP basic auth with a fixed user name and the credential as password.
+    Basic { username: String },
+    /// A query parameter carrying the credential.
+    Query { param: String },
+}
+
+impl Default for InjectSpec {
+    fn default() -> Self {
+        Self::Header {
+            name: default_header(),
+            format: default_format(),
+        }
+    }
+}
+
+fn default_header() -> String {
+    "authorization".to_owned()
+}
+
+fn default_format() -> String {
+    "Bearer {token}".to_owned()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// An exact SPIFFE ID, or a path prefix ending in `/*`
+    /// (`spiffe://td/ns/payments/*` matches every ID under that path).
+    pub workload: String,
+    pub upstreams: Vec<String>,
+}
+
+/// serde adapter for `humantime` durations ("30s", "5m", "1h 30m").
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?}: {e} (use e.g. 30s, 5m, 1h)"
+            ))
+        })
+    }
+}
+
+/// Who a grant applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkloadMatcher {
+    Exact(String),
+    /// `spiffe://td/path/` (with the trailing slash): matches IDs strictly below.
+    Prefix(String),
+}
+
+impl WorkloadMatcher {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(base) = s.strip_suffix("/*") {
+            let id =
+                SpiffeId::new(base).map_err(|e| format!("invalid SPIFFE ID prefix {s:?}: {e}"))?;
+            Ok(Self::Prefix(format!("{id}/")))
+        } else if s.contains('*') {
+            Err(format!(
+                "invalid workload {s:?}: `*` is only allowed as a final `/*` path prefix"
+            ))
+        } else {
+            let id = SpiffeId::new(s).map_err(|e| format!("invalid SPIFFE ID {s:?}: {e}"))?;
+            Ok(Self::Exact(id.to_string()))
+        }
+    }
+
+    pub fn matches(&self, spiffe_id: &str) -> bool {
+        match self {
+            Self::Exact(id) => id == spiffe_id,
+            Self::Prefix(prefix) => spiffe_id.len() > prefix.len() && spiffe_id.starts_with(prefix),
+        }
+    }
+}
+
+/// One problem found in a policy file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyIssue {
+    /// Field path such as `upstreams[1].credential.ttl`.
+    pub field: String,
+    /// `line:column` where the parser knows it.
+    pub location: Option<(usize, usize)>,
+    pub reason: String,
+}
+
+/// A policy that could not be loaded: the file and every problem in it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    pub issues: Vec<PolicyIssue>,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid policy {}:", self.file.display())?;
+        for issue in &self.issues {
+            write!(f, "\n  ")?;
+            if let Some((line, col)) = issue.location {
+                write!(f, "line {line} column {col}: ")?;
+            }
+            if issue.field.is_empty() {
+                write!(f, "{}", issue.reason)?;
+            } else {
+                write!(f, "{}: {}", issue.field, issue.reason)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A policy that parsed and validated, with its derived lookup tables.
+#[derive(Debug, Clone)]
+pub struct ValidPolicy {
+    pub policy: Policy,
+    /// Grants with parsed matchers, in file order.
+    pub grants: Vec<(WorkloadMatcher, Vec<String>)>,
+    /// PEM contents of each upstream's `tls.ca_file`, by upstream name.
+    pub ca_pems: HashMap<String, String>,
+}
+
+impl ValidPolicy {
+    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.policy.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// Whether `spiffe_id` is granted `upstream` by any grant.
+    pub fn is_granted(&self, spiffe_id: &str, upstream: &str) -> bool {
+        self.grants
+            .iter()
+            .any(|(m, ups)| m.matches(spiffe_id) && ups.iter().any(|u| u == upstream))
+    }
+}
+
+/// Reads, parses and validates a policy file.
+pub fn load(path: &Path) -> Result<ValidPolicy, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+        file: path.to_owned(),
+        issues: vec![PolicyIssue {
+            field: String::new(),
+            location: None,
+            reason: format!("cannot read file: {e}"),
+        }],
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, base).map_err(|issues| PolicyError {
+        file: path.to_owned(),
+        issues,
+    })
+}
+
+/// Parses and validates policy text; relative `ca_file`s resolve against `base_dir`.
+pub fn parse(text: &str, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIssue>> {
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let policy: Policy = serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        let location = inner.location().map(|l| (l.line(), l.column()));
+        vec![PolicyIssue {
+            field: if field == "." { String::new() } else { field },
+            location,
+            reason: strip_location(&inner.to_string()),
+        }]
+    })?;
+    validate(policy, base_dir)
+}
+
+/// serde_yaml appends " at line X column Y"; we report the location separately.
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_owned(),
+        None => msg.to_owned(),
+    }
+}
+
+fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIssue>> {
+    let mut issues = Vec::new();
+    let mut bad = |field: String, reason: String| {
+        issues.push(PolicyIssue {
+            field,
+            location: None,
+            reason,
+        })
+    };
+    if policy.version != 1 {
+        bad(
+            "version".into(),
+            format!("unsupported version {}: only 1 exists", policy.version),
+        );
+    }
+
+    let mut names = HashSet::new();
+    let mut host_owner: HashMap<&str, &str> = HashMap::new();
+    let mut ca_pems = HashMap::new();
+    for (i, up) in policy.upstreams.iter().enumerate() {
+        let at = |f: &str| format!("upstreams[{i}].{f}");
+        if !valid_name(&up.name) {
+            bad(
+                at("name"),
+                format!(
+                    "{:?} must be 1-63 characters of a-z, 0-9, '-', '_' or '.'",
+                    up.name
+                ),
+            );
+        } else if !names.insert(up.name.as_str()) {
+            bad(at("name"), format!("duplicate upstream name {:?}", up.name));
+        }
+        if up.hosts.is_empty() {
+            bad(at("hosts"), "at least one host is required".into());
+        }
+        for (j, host) in up.hosts.iter().enumerate() {
+            if let Err(reason) = check_host_pattern(host) {
+                bad(at(&format!("hosts[{j}]")), reason);
+            } else if let Some(other) = host_owner.insert(host.as_str(), up.name.as_str()) {
+                bad(
+                    at(&format!("hosts[{j}]")),
+                    format!("host {host:?} is already claimed by upstream {other:?}"),
+                );
+            }
+        }
+        let https = match parse_target(&up.target) {
+            Ok(t) => t.https,
+            Err(reason) => {
+                bad(at("target"), reason);
+                false
+            }
+        };
+        if let Some(tls) = &up.tls {
+            if !https {
+                bad(at("tls"), "tls settings need an https:// target".into());
+            }
+            if tls.ca_only && tls.ca_file.is_none() {
+                bad(at("tls.ca_only"), "ca_only needs ca_file".into());
+            }
+            if let Some(name) = &tls.server_name
+                && rustls_name_ok(name).is_err()
+            {
+                bad(
+                    at("tls.server_name"),
+                    format!("{name:?} is not a valid DNS name or IP address"),
+                );
+            }
+            if let Some(file) = &tls.ca_file {
+                let path = base_dir.join(file);
+                match std::fs::read_to_string(&path) {
+                    Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => {
+                        ca_pems.insert(up.name.clone(), pem);
+                    }
+                    Ok(_) => bad(
+                        at("tls.ca_file"),
+                        format!("{} holds no PEM certificate", path.display()),
+                    ),
+                    Err(e) => bad(
+                        at("tls.ca_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    ),
+                }
+            }
+        }
+        match up.credential.kind {
+            CredentialKind::Jwt => {}
+            other => bad(
+                at("credential.kind"),
+                format!(
+                    "credential kind {:?} is not supported by this build yet (supported: jwt)",
+                    other.as_str()
+                ),
+            ),
+        }
+        if up.credential.ttl < MIN_TTL || up.credential.ttl > MAX_TTL {
+            bad(at("credential.ttl"), "must be between 1s and 24h".into());
+        }
+        if let Some(aud) = &up.credential.audience
+            && aud.is_empty()
+        {
+            bad(at("credential.audience"), "must not be empty".into());
+        }
+        match &up.inject {
+            InjectSpec::Header { name, format } => {
+                if let Err(reason) = check_header_name(name) {
+                    bad(at("inject.name"), reason);
+                }
+                if format.matches("{token}").count() != 1 {
+                    bad(
+                        at("inject.format"),
+                        "must contain {token} exactly once".into(),
+                    );
+                } else if http::HeaderValue::from_str(&format.replace("{token}", "x")).is_err() {
+                    bad(
+                        at("inject.format"),
+                        "contains characters not allowed in a header value".into(),
+                    );
+                }
+            }
+            InjectSpec::Basic { username } => {
+                if username.is_empty()
+                    || username.contains(':')
+                    || username.chars().any(char::is_control)
+                {
+                    bad(
+                        at("inject.username"),
+                        "must be non-empty, without ':' or control characters".into(),
+                    );
+                }
+            }
+            InjectSpec::Query { param } => {
+                if param.is_empty()
+                    || !param
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+                {
+                    bad(
+                        at("inject.param"),
+                        "must be non-empty and URL-safe (A-Z a-z 0-9 - _ . ~)".into(),
+                    );
+                }
+            }
+        }
+    }
+
+    let mut grants = Vec::new();
+    for (i, g) in policy.grants.iter().enumerate() {
+        match WorkloadMatcher::parse(&g.workload) {
+            Ok(m) => grants.push((m, g.upstreams.clone())),
+            Err(reason) => bad(format!("grants[{i}].workload"), reason),
+        }
+        if g.upstreams.is_empty() {
+            bad(
+                format!("grants[{i}].upstreams"),
+                "at least one upstream is required".into(),
+            );
+        }
+        for (j, u) in g.upstreams.iter().enumerate() {
+            if !names.contains(u.as_str()) {
+                bad(
+                    format!("grants[{i}].upstreams[{j}]"),
+                    format!("no upstream is named {u:?}"),
+                );
+            }
+        }
+    }
+
+    if issues.is_empty() {
+        Ok(ValidPolicy {
+            policy,
+            grants,
+            ca_pems,
+        })
+    } else {
+        Err(issues)
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+}
+
+fn check_host_pattern(host: &str) -> Result<(), String> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!("{host:?} is not a host name"));
+    }
+    if host != host.to_ascii_lowercase() {
+        return Err(format!("{host:?} must be lower case"));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if name.split('.').all(label_ok) || name.parse::<std::net::IpAddr>().is_ok() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{host:?} is not a host name (no port, scheme or path; `*.` only as a leading label)"
+        ))
+    }
+}
+
+fn check_header_name(name: &str) -> Result<(), String> {
+    let parsed = http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{name:?} is not a valid header name"))?;
+    const FORBIDDEN: [&str; 9] = [
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "content-length",
+    ];
+    if FORBIDDEN.contains(&parsed.as_str()) {
+        return Err(format!(
+            "{name:?} is a connection-level header and cannot carry a credential"
+        ));
+    }
+    Ok(())
+}
+
+fn rustls_name_ok(name: &str) -> Result<(), ()> {
+    if name.parse::<std::net::IpAddr>().is_ok()
+        || check_host_pattern(name).is_ok() && !name.starts_with("*.")
+    {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// A parsed upstream `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub https: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+pub fn parse_target(target: &str) -> Result<Target, String> {
+    let uri: http::Uri = target
+        .parse()
+        .map_err(|e| format!("{target:?} is not a URL: {e}"))?;
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(format!("{target:?} must start with http:// or https://")),
+    };
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("{target:?} has no host"))?;
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!("{target:?} must not have a path or query"));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!("{target:?} must not carry user info"));
+    }
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    Ok(Target {
+        https,
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+version: 1
+upstreams:
+  - name: payments
+    hosts: [payments.leash.test, "*.pay.example"]
+    target: http://127.0.0.1:9090
+    credential: { kind: jwt, ttl: 2m }
+  - name: github
+    hosts: [api.github.com]
+    target: https://api.github.com
+    credential: { kind: jwt }
+    inject: { type: query, param: access_token }
+grants:
+  - workload: spiffe://leash.test/ns/demo/sa/client
+    upstreams: [payments]
+  - workload: spiffe://leash.test/ns/ci/*
+    upstreams: [payments, github]
+"#;
+
+    #[test]
+    fn good_policy_parses_with_defaults() {
+        let p = parse(GOOD, Path::new(".")).expect("valid");
+        let up = p.upstream("payments").expect("payments");
+        assert_eq!(up.credential.ttl, Duration::from_secs(120));
+        assert_eq!(up.inject, InjectSpec::default());
+        assert!(p.is_granted("spiffe://leash.test/ns/demo/sa/client", "payments"));
+        assert!(!p.is_granted("spiffe://leash.test/ns/demo/sa/client", "github"));
+        assert!(p.is_granted("spiffe://leash.test/ns/ci/sa/runner", "github"));
+        assert!(!p.is_granted("spiffe://leash.test/ns/ci", "github"));
+        assert!(!p.is_granted("spiffe://leash.test/ns/cix/sa/runner", "github"));
+    }
+
+    fn issues(text: &str) -> Vec<PolicyIssue> {
+        parse(text, Path::new(".")).expect_err("must be invalid")
+    }
+
+    #[test]
+    fn unknown_field_names_path_and_line() {
+        let text = GOOD.replace("ttl: 2m", "ttl: 2m, tll: 3m");
+        let i = issues(&text);
+        assert_eq!(i.len(), 1);
+        assert_eq!(i[0].field, "upstreams[0].credential.tll");
+        assert!(i[0].reason.contains("unknown field `tll`"), "{:?}", i[0]);
+        assert_eq!(i[0].location.map(|l| l.0), Some(7));
+    }
+
+    #[test]
+    fn bad_duration_names_field() {
+        let i = issues(&GOOD.replace("ttl: 2m", "ttl: soon"));
+        assert_eq!(i[0].field, "upstreams[0].credential.ttl");
+        assert!(i[0].reason.contains("invalid duration"));
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported() {
+        let text = GOOD
+            .replace("http://127.0.0.1:9090", "ftp://x")
+            .replace("upstreams: [payments]", "upstreams: [nope]")
+            .replace("api.github.com]", "payments.leash.test]")
+            .replace("ttl: 2m", "ttl: 2d");
+        let fields: Vec<_> = issues(&text).into_iter().map(|i| i.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "upstreams[0].target",
+                "upstreams[0].credential.ttl",
+                "upstreams[1].hosts[0]",
+                "grants[0].upstreams[0]",
+            ]
+        );
+    }
+
+    #[test]
+    fn workload_matchers() {
+        assert!(WorkloadMatcher::parse("spiffe://td/a*").is_err());
+        assert!(WorkloadMatcher::parse("https://td/a").is_err());
+        assert!(WorkloadMatcher::parse("spiffe://td/a/*").is_ok());
+        let m = WorkloadMatcher::parse("spiffe://td/*").expect("td-wide prefix");
+        assert!(m.matches("spiffe://td/x"));
+        assert!(!m.matches("spiffe://tdx/x"));
+    }
+
+    #[test]
+    fn header_injection_checks() {
+        let bad = GOOD.replace(
+            "credential: { kind: jwt, ttl: 2m }",
+            "credential: { kind: jwt, ttl: 2m }\n    inject: { type: header, name: connection, format: \"x\" }",
+        );
+        let fields: Vec<_> = issues(&bad).into_iter().map(|i| i.field).collect();
+        assert_eq!(
+            fields,
+            ["upstreams[0].inject.name", "upstreams[0].inject.format"]
+        );
+    }
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            parse_target("https://api.example.com").expect("ok"),
+            Target {
+                https: true,
+                host: "api.example.com".into(),
+                port: 443
+            }
+        );
+        assert!(parse_target("http://h/path").is_err());
+        assert!(parse_target("http://u:p@h").is_err());
+    }
+}

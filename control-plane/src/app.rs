@@ -1,0 +1,186 @@
+//! Wiring: builds the control plane from its config, an identity source and
+//! bound listeners, so that tests run the real thing in-process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use leash_api::v1::sidecar_api_server::SidecarApiServer;
+use spiffe::X509Source;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::admin::{self, AdminState, Metrics};
+use crate::jwt::JwtIssuer;
+use crate::sidecar_api::SidecarService;
+use crate::state::{ControlPlaneState, PolicySnapshot};
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub policy: PathBuf,
+    pub data_dir: PathBuf,
+    /// `iss` of issued JWTs; defaults to `http://<admin address>`.
+    pub issuer: Option<String>,
+    /// How often the policy file is checked for changes.
+    pub policy_poll: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Policy(#[from] leash_api::policy::PolicyError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Jwt(#[from] crate::jwt::JwtError),
+    #[error("TLS setup: {0}")]
+    Tls(#[from] spiffe_rustls::Error),
+    #[error("no SVID from the Workload API: {0}")]
+    Identity(String),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    pub sidecar_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub state: Arc<ControlPlaneState>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl ControlPlane {
+    pub async fn start(
+        config: ServeConfig,
+        source: X509Source,
+        sidecar_listener: TcpListener,
+        admin_listener: TcpListener,
+    ) -> Result<Self, StartError> {
+        let sidecar_addr = sidecar_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+        let snapshot = PolicySnapshot::load(&config.policy)?;
+        let store = Store::open(&config.data_dir).await?;
+        let issuer_name = config
+            .issuer
+            .clone()
+            .unwrap_or_else(|| format!("http://{admin_addr}"));
+        let issuer = JwtIssuer::load_or_create(&store, issuer_name).await?;
+        tracing::info!(
+            policy = %config.policy.display(),
+            policy_version = %snapshot.version,
+            upstreams = snapshot.policy.policy.upstreams.len(),
+            grants = snapshot.policy.policy.grants.len(),
+            data_dir = %config.data_dir.display(),
+            issuer = issuer.issuer(),
+            kid = %issuer.active_kid(),
+            "control plane starting"
+        );
+        let state = Arc::new(ControlPlaneState {
+            policy_path: config.policy.clone(),
+            policy: ArcSwap::from_pointee(snapshot),
+            issuer,
+            store,
+        });
+        let metrics = Arc::new(Metrics::default());
+        let (shutdown, _) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        // Sidecars must present an SVID of our own trust domain; which upstreams
+        // each may use is decided per call from policy.
+        let trust_domain = source
+            .svid()
+            .map_err(|e| StartError::Identity(e.to_string()))?
+            .spiffe_id()
+            .trust_domain()
+            .clone();
+        let tls = spiffe_rustls::mtls_server(source.clone())
+            .authorize(spiffe_rustls::authorizer::any())
+            .trust_domain_policy(spiffe_rustls::LocalOnly(trust_domain))
+            .with_alpn_protocols([b"h2"])
+            .build()?;
+        let incoming = crate::mtls::incoming(sidecar_listener, Arc::new(tls));
+        let service = SidecarService::new(state.clone(), metrics.clone());
+        let mut stop = shutdown.subscribe();
+        tasks.spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(20)))
+                .add_service(SidecarApiServer::new(service))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "sidecar API server failed");
+            }
+        });
+
+        let router = admin::router(AdminState {
+            cp: state.clone(),
+            source,
+            metrics,
+        });
+        let mut stop = shutdown.subscribe();
+        tasks.spawn(async move {
+            let result = axum::serve(admin_listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "admin server failed");
+            }
+        });
+
+        let mut stop = shutdown.subscribe();
+        let watcher = state.clone();
+        let poll = config.policy_poll;
+        tasks.spawn(async move {
+            tokio::select! {
+                () = watcher.watch_policy(poll) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+
+        let mut stop = shutdown.subscribe();
+        let keys = state.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                if let Err(e) = keys.issuer.reload(&keys.store).await {
+                    tracing::warn!(error = %e, "cannot reload signing keys");
+                }
+            }
+        });
+
+        tracing::info!(%sidecar_addr, %admin_addr, "control plane ready");
+        Ok(Self {
+            sidecar_addr,
+            admin_addr,
+            state,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, lets in-flight calls finish (bounded), closes the store.
+    pub async fn shutdown(mut self, drain: Duration) {
+        let _ = self.shutdown.send(true);
+        let drained = tokio::time::timeout(drain, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("drain timed out; aborting remaining tasks");
+            self.tasks.abort_all();
+        }
+        self.state.store.close().await;
+    }
+}

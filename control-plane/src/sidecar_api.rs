@@ -1,0 +1,198 @@
+//! The gRPC API that sidecars call: their routing view of the policy, and
+//! short-lived credentials for (caller, upstream).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use leash_api::policy::{CredentialKind, InjectSpec, ValidPolicy};
+use leash_api::v1::sidecar_api_server::SidecarApi;
+use leash_api::v1::{
+    BasicInjection, Credential, Denial, GetRoutesRequest, HeaderInjection, Injection, IssueRequest,
+    IssueResponse, QueryInjection, Route, RouteSet, TlsSettings, injection, issue_response,
+};
+use tonic::{Request, Response, Status};
+
+use crate::admin::Metrics;
+use crate::jwt::Claims;
+use crate::mtls::PeerIdentity;
+use crate::state::ControlPlaneState;
+use crate::store::{CredentialRecord, now_ms};
+
+pub struct SidecarService {
+    state: Arc<ControlPlaneState>,
+    metrics: Arc<Metrics>,
+}
+
+impl SidecarService {
+    pub fn new(state: Arc<ControlPlaneState>, metrics: Arc<Metrics>) -> Self {
+        Self { state, metrics }
+    }
+
+    fn deny(&self, code: &str, message: String) -> Response<IssueResponse> {
+        self.metrics.issue_denied.fetch_add(1, Ordering::Relaxed);
+        Response::new(IssueResponse {
+            result: Some(issue_response::Result::Denial(Denial {
+                code: code.to_owned(),
+                message,
+            })),
+        })
+    }
+}
+
+/// The verified caller. A request without one did not come through the mTLS
+/// listener, which cannot happen in production wiring; refuse it anyway.
+fn caller<T>(req: &Request<T>) -> Result<PeerIdentity, Status> {
+    req.extensions()
+        .get::<PeerIdentity>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("no verified SPIFFE identity on this connection"))
+}
+
+pub fn routes_for(policy: &ValidPolicy, spiffe_id: &str) -> Vec<Route> {
+    policy
+        .policy
+        .upstreams
+        .iter()
+        .map(|u| Route {
+            upstream: u.name.clone(),
+            hosts: u.hosts.clone(),
+            target: u.target.clone(),
+            tls: u.tls.as_ref().map(|t| TlsSettings {
+                ca_pem: policy.ca_pems.get(&u.name).cloned().unwrap_or_default(),
+                server_name: t.server_name.clone().unwrap_or_default(),
+                ca_only: t.ca_only,
+            }),
+            inject: Some(Injection {
+                how: Some(match &u.inject {
+                    InjectSpec::Header { name, format } => {
+                        injection::How::Header(HeaderInjection {
+                            name: name.clone(),
+                            format: format.clone(),
+                        })
+                    }
+                    InjectSpec::Basic { username } => injection::How::Basic(BasicInjection {
+                        username: username.clone(),
+                    }),
+                    InjectSpec::Query { param } => injection::How::Query(QueryInjection {
+                        param: param.clone(),
+                    }),
+                }),
+            }),
+            granted: policy.is_granted(spiffe_id, &u.name),
+            credential_kind: u.credential.kind.as_str().to_owned(),
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl SidecarApi for SidecarService {
+    async fn get_routes(
+        &self,
+        request: Request<GetRoutesRequest>,
+    ) -> Result<Response<RouteSet>, Status> {
+        let peer = caller(&request)?;
+        let snapshot = self.state.policy.load();
+        tracing::debug!(
+            workload = %peer.spiffe_id,
+            sidecar_version = %request.get_ref().sidecar_version,
+            "routes requested"
+        );
+        Ok(Response::new(RouteSet {
+            policy_version: snapshot.version.clone(),
+            routes: routes_for(&snapshot.policy, &peer.spiffe_id),
+        }))
+    }
+
+    async fn issue(
+        &self,
+        request: Request<IssueRequest>,
+    ) -> Result<Response<IssueResponse>, Status> {
+        let peer = caller(&request)?;
+        let upstream_name = &request.get_ref().upstream;
+        let snapshot = self.state.policy.load();
+        let Some(upstream) = snapshot.policy.upstream(upstream_name) else {
+            return Ok(self.deny(
+                "unknown_upstream",
+                format!("policy names no upstream {upstream_name:?}"),
+            ));
+        };
+        if !snapshot.policy.is_granted(&peer.spiffe_id, upstream_name) {
+            tracing::info!(workload = %peer.spiffe_id, upstream = %upstream_name, "issue denied: not granted");
+            return Ok(self.deny(
+                "not_granted",
+                format!(
+                    "{} is not granted upstream {upstream_name:?}",
+                    peer.spiffe_id
+                ),
+            ));
+        }
+        if upstream.credential.kind != CredentialKind::Jwt {
+            return Ok(self.deny(
+                "unsupported_credential_kind",
+                format!(
+                    "credential kind {} is not supported",
+                    upstream.credential.kind.as_str()
+                ),
+            ));
+        }
+
+        let id = uuid::Uuid::new_v4().to_string();
+        let issued_at_ms = now_ms();
+        let ttl_ms = i64::try_from(upstream.credential.ttl.as_millis()).unwrap_or(i64::MAX);
+        let expires_at_ms = issued_at_ms.saturating_add(ttl_ms);
+        let aud = upstream
+            .credential
+            .audience
+            .as_deref()
+            .unwrap_or(&upstream.name);
+        let token = self
+            .state
+            .issuer
+            .sign(&Claims {
+                iss: self.state.issuer.issuer(),
+                sub: &peer.spiffe_id,
+                aud,
+                jti: &id,
+                iat: issued_at_ms / 1000,
+                exp: expires_at_ms / 1000,
+            })
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let record = CredentialRecord {
+            id: id.clone(),
+            workload: peer.spiffe_id.to_string(),
+            upstream: upstream.name.clone(),
+            kind: upstream.credential.kind.as_str().to_owned(),
+            issued_at_ms,
+            expires_at_ms,
+        };
+        // Recorded before it is handed out: every credential in use is on file.
+        self.state
+            .store
+            .record_credential(&record)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot record issued credential");
+                Status::unavailable("credential store unavailable")
+            })?;
+        self.metrics
+            .credentials_issued
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            credential_id = %id,
+            workload = %peer.spiffe_id,
+            upstream = %upstream.name,
+            expires_at_ms,
+            "credential issued"
+        );
+        Ok(Response::new(IssueResponse {
+            result: Some(issue_response::Result::Credential(Credential {
+                id,
+                upstream: upstream.name.clone(),
+                kind: record.kind,
+                secret: token.into_bytes(),
+                issued_at_unix_ms: issued_at_ms,
+                expires_at_unix_ms: expires_at_ms,
+            })),
+        }))
+    }
+}

@@ -1,0 +1,62 @@
+//! The control plane's live state, shared by its servers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use leash_api::policy::{self, PolicyError, ValidPolicy};
+use ring::digest;
+
+use crate::jwt::JwtIssuer;
+use crate::store::Store;
+
+/// A validated policy and a short content hash that names its version.
+pub struct PolicySnapshot {
+    pub policy: ValidPolicy,
+    pub version: String,
+}
+
+impl PolicySnapshot {
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let policy = policy::load(path)?;
+        let text = std::fs::read(path).unwrap_or_default();
+        let hash = digest::digest(&digest::SHA256, &text);
+        let version = hash.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Self { policy, version })
+    }
+}
+
+pub struct ControlPlaneState {
+    pub policy_path: PathBuf,
+    pub policy: ArcSwap<PolicySnapshot>,
+    pub issuer: JwtIssuer,
+    pub store: Store,
+}
+
+impl ControlPlaneState {
+    /// Re-reads the policy file whenever its modification time changes. An
+    /// invalid edit is logged and the last good policy stays in force.
+    pub async fn watch_policy(self: Arc<Self>, every: Duration) {
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut last: Option<SystemTime> = mtime(&self.policy_path);
+        loop {
+            tokio::time::sleep(every).await;
+            let now = mtime(&self.policy_path);
+            if now == last {
+                continue;
+            }
+            last = now;
+            match PolicySnapshot::load(&self.policy_path) {
+                Ok(snapshot) => {
+                    tracing::info!(version = %snapshot.version, "policy reloaded");
+                    self.policy.store(Arc::new(snapshot));
+                }
+                Err(e) => tracing::error!("{e}; keeping policy {}", self.policy.load().version),
+            }
+        }
+    }
+}
