@@ -1,1 +1,16 @@
+//! The Leash sidecar: a forward proxy that routes a workload's outbound
+//! calls by host, refuses what policy does not name, and injects a
+//! short-lived credential fetched against the workload's SPIFFE identity.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod app;
+pub mod cache;
+pub mod control;
+pub mod egress;
+pub mod metrics;
+pub mod refusal;
+pub mod routes;
+
+pub use app::{Limits, Sidecar, SidecarConfig};
+pub use control::ControlConfig;
+pub use routes::UpstreamTimeouts;

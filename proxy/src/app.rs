@@ -1,0 +1,255 @@
+//! Wiring: builds the sidecar from its config and bound listeners, so that
+//! tests run the real sidecar in-process on ephemeral ports.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::cache::CredentialCache;
+use crate::control::{ControlConfig, ControlLink};
+use crate::egress::{Egress, ProxyBody};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    pub control: ControlConfig,
+    pub limits: Limits,
+    pub upstream_response_timeout: Duration,
+}
+
+/// Limits on what a workload may send.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request line plus header block; beyond it: 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request.
+    pub max_headers: usize,
+    /// Time allowed to send a complete header block (slowloris bound).
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running sidecar.
+pub struct Sidecar {
+    pub egress_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub named_addrs: Vec<(String, SocketAddr)>,
+    pub link: Arc<ControlLink>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Sidecar {
+    pub fn start(
+        config: SidecarConfig,
+        egress: TcpListener,
+        admin: TcpListener,
+        named: Vec<(String, TcpListener)>,
+    ) -> std::io::Result<Self> {
+        let egress_addr = egress.local_addr()?;
+        let admin_addr = admin.local_addr()?;
+        let link = ControlLink::new(config.control.clone());
+        let cache = CredentialCache::new(link.clone());
+        let metrics = Arc::new(Metrics::default());
+        let (shutdown, _) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        tasks.spawn(link.clone().run(shutdown.subscribe()));
+        // A policy change can move an upstream or change how it is injected:
+        // credentials cached under the old routes are dropped.
+        let mut changed = link.routes_changed();
+        let clear = cache.clone();
+        let mut stop = shutdown.subscribe();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { return },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                clear.clear();
+            }
+        });
+
+        let egress_service = Arc::new(Egress {
+            link: link.clone(),
+            cache,
+            metrics: metrics.clone(),
+            response_timeout: config.upstream_response_timeout,
+        });
+        let mut named_addrs = Vec::new();
+        for (name, listener) in named {
+            named_addrs.push((name.clone(), listener.local_addr()?));
+            let svc = egress_service.clone();
+            let name: Arc<str> = name.into();
+            tasks.spawn(serve_http(
+                listener,
+                config.limits.clone(),
+                shutdown.subscribe(),
+                move |req| {
+                    let svc = svc.clone();
+                    let name = name.clone();
+                    async move { svc.handle(Some(&name), req).await }
+                },
+            ));
+        }
+        let svc = egress_service;
+        tasks.spawn(serve_http(
+            egress,
+            config.limits.clone(),
+            shutdown.subscribe(),
+            move |req| {
+                let svc = svc.clone();
+                async move { svc.handle(None, req).await }
+            },
+        ));
+
+        let admin_link = link.clone();
+        tasks.spawn(serve_http(
+            admin,
+            Limits::default(),
+            shutdown.subscribe(),
+            move |req| {
+                let link = admin_link.clone();
+                let metrics = metrics.clone();
+                async move { admin_response(&link, &metrics, &req) }
+            },
+        ));
+
+        tracing::info!(%egress_addr, %admin_addr, ?named_addrs, "sidecar listening");
+        Ok(Self {
+            egress_addr,
+            admin_addr,
+            named_addrs,
+            link,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, lets open requests finish within `drain`, then stops.
+    pub async fn shutdown(mut self, drain: Duration) {
+        let _ = self.shutdown.send(true);
+        if tokio::time::timeout(drain, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!("drain timed out; closing remaining connections");
+            self.tasks.abort_all();
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .unwrap_or_else(|_| Response::new(ProxyBody::default()))
+}
+
+fn admin_response(
+    link: &ControlLink,
+    metrics: &Metrics,
+    req: &Request<Incoming>,
+) -> Response<ProxyBody> {
+    match req.uri().path() {
+        "/healthz" | "/live" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" | "/ready" => {
+            let pending = link.pending();
+            if pending.is_empty() {
+                text(StatusCode::OK, "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready, pending: {}\n", pending.join(", ")),
+                )
+            }
+        }
+        "/metrics" => text(StatusCode::OK, metrics.render(link.pending().is_empty())),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz or /metrics\n".into(),
+        ),
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _stopped = stop.wait_for(|s| *s).await.is_ok();
+}
+
+/// Accepts HTTP/1.1 connections until `stop`, then drains them.
+async fn serve_http<F, Fut>(
+    listener: TcpListener,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Typically EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(tcp), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}

@@ -1,0 +1,206 @@
+//! Short-lived credentials, cached per upstream and refreshed ahead of
+//! expiry. One fetch is in flight per upstream at a time (moka coalesces
+//! concurrent misses); a hit costs a hash lookup and an `Arc` clone, and the
+//! header value is pre-built so the hot path allocates nothing for it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::HeaderValue;
+use moka::Expiry;
+use moka::future::Cache;
+
+use crate::control::{ControlError, ControlLink};
+use crate::routes::{EgressRoute, InjectHow};
+
+/// The credential as it will be injected.
+pub struct CachedCredential {
+    pub id: String,
+    pub value: InjectValue,
+    /// After this, hits trigger a background refresh.
+    refresh_at: Instant,
+    /// After this, the credential is never used (it leaves the cache).
+    use_until: Instant,
+    refreshing: AtomicBool,
+}
+
+impl std::fmt::Debug for CachedCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedCredential")
+            .field("id", &self.id)
+            .field("value", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Pre-rendered injection. The buffers behind both variants are zeroized
+/// when the last reference is dropped.
+pub enum InjectValue {
+    Header(HeaderValue),
+    /// Already percent-encoded query value.
+    Query(Bytes),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CredentialError {
+    #[error("denied ({code}): {message}")]
+    Denied { code: String, message: String },
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+struct UseUntil;
+
+impl Expiry<Arc<str>, Arc<CachedCredential>> for UseUntil {
+    fn expire_after_create(
+        &self,
+        _: &Arc<str>,
+        value: &Arc<CachedCredential>,
+        now: Instant,
+    ) -> Option<Duration> {
+        Some(value.use_until.saturating_duration_since(now))
+    }
+}
+
+#[derive(Clone)]
+pub struct CredentialCache {
+    cache: Cache<Arc<str>, Arc<CachedCredential>>,
+    link: Arc<ControlLink>,
+}
+
+impl CredentialCache {
+    pub fn new(link: Arc<ControlLink>) -> Self {
+        Self {
+            cache: Cache::builder()
+                .max_capacity(10_000)
+                .expire_after(UseUntil)
+                .build(),
+            link,
+        }
+    }
+
+    pub async fn get(
+        &self,
+        route: &Arc<EgressRoute>,
+    ) -> Result<Arc<CachedCredential>, CredentialError> {
+        if let Some(c) = self.cache.get(&route.name).await {
+            if Instant::now() >= c.refresh_at && !c.refreshing.swap(true, Ordering::AcqRel) {
+                let this = self.clone();
+                let route = route.clone();
+                tokio::spawn(async move {
+                    match fetch(&this.link, &route).await {
+                        Ok(fresh) => this.cache.insert(route.name.clone(), fresh).await,
+                        Err(e) => {
+                            tracing::warn!(upstream = %route.name, error = %e, "credential refresh failed; will retry");
+                            // Let the next hit try again.
+                            if let Some(c) = this.cache.get(&route.name).await {
+                                c.refreshing.store(false, Ordering::Release);
+                            }
+                        }
+                    }
+                });
+            }
+            return Ok(c);
+        }
+        self.cache
+            .try_get_with(route.name.clone(), fetch(&self.link, route))
+            .await
+            .map_err(|e: Arc<CredentialError>| (*e).clone())
+    }
+
+    /// Drops every cached credential (policy changed).
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+}
+
+async fn fetch(
+    link: &ControlLink,
+    route: &EgressRoute,
+) -> Result<Arc<CachedCredential>, CredentialError> {
+    let cred = link.issue(&route.name).await.map_err(|e| match e {
+        ControlError::Denied { code, message } => CredentialError::Denied { code, message },
+        other => CredentialError::Unavailable(other.to_string()),
+    })?;
+    let secret = zeroize::Zeroizing::new(cred.secret);
+    let value = render(&route.inject, &secret).ok_or_else(|| {
+        CredentialError::Unavailable("credential is not valid in a header".into())
+    })?;
+
+    // Times come as Unix milliseconds; map them onto the monotonic clock.
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let lifetime = Duration::from_millis(
+        u64::try_from(cred.expires_at_unix_ms - cred.issued_at_unix_ms).unwrap_or(0),
+    );
+    let remaining =
+        Duration::from_millis(u64::try_from(cred.expires_at_unix_ms - now_ms).unwrap_or(0));
+    // Stop using a credential a little before it expires (10% of its life, at
+    // most 5 s) so that a request in flight does not arrive with an expired one,
+    // and start refreshing at 75% of its life.
+    let margin = (lifetime / 10).min(Duration::from_secs(5));
+    let now = Instant::now();
+    let use_until = now + remaining.saturating_sub(margin);
+    let refresh_at = now + remaining.saturating_sub(lifetime / 4);
+    if use_until <= now {
+        return Err(CredentialError::Unavailable(
+            "credential arrived already expired (clock skew?)".into(),
+        ));
+    }
+    tracing::debug!(credential_id = %cred.id, upstream = %route.name, ?remaining, "credential cached");
+    Ok(Arc::new(CachedCredential {
+        id: cred.id,
+        value,
+        refresh_at,
+        use_until,
+        refreshing: AtomicBool::new(false),
+    }))
+}
+
+/// Builds the injected bytes once, in a buffer that is zeroized on drop.
+fn render(how: &InjectHow, secret: &[u8]) -> Option<InjectValue> {
+    let token = std::str::from_utf8(secret).ok()?;
+    let rendered: Vec<u8> = match how {
+        InjectHow::Header { prefix, suffix, .. } => {
+            [prefix.as_bytes(), secret, suffix.as_bytes()].concat()
+        }
+        InjectHow::Basic { username } => {
+            let mut raw =
+                zeroize::Zeroizing::new(Vec::with_capacity(username.len() + 1 + secret.len()));
+            raw.extend_from_slice(username.as_bytes());
+            raw.push(b':');
+            raw.extend_from_slice(secret);
+            let mut v = b"Basic ".to_vec();
+            v.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(&*raw)
+                    .as_bytes(),
+            );
+            v
+        }
+        InjectHow::Query { .. } => {
+            let encoded: String = token
+                .bytes()
+                .flat_map(|b| {
+                    if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                        vec![b as char]
+                    } else {
+                        format!("%{b:02X}").chars().collect()
+                    }
+                })
+                .collect();
+            return Some(InjectValue::Query(Bytes::from_owner(
+                zeroize::Zeroizing::new(encoded.into_bytes()),
+            )));
+        }
+    };
+    let bytes = Bytes::from_owner(zeroize::Zeroizing::new(rendered));
+    let mut value = HeaderValue::from_maybe_shared(bytes).ok()?;
+    value.set_sensitive(true);
+    Some(InjectValue::Header(value))
+}

@@ -1,0 +1,259 @@
+//! The request path. Reads top to bottom as the pipeline it is:
+//! route → deny by default → grant check → credential → sanitize → inject →
+//! forward → strip hop-by-hop from the answer. Every refusal is a
+//! [`Refusal`], turned into a response in one place.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
+use http_body_util::BodyExt as _;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+
+use crate::cache::{CachedCredential, CredentialCache, CredentialError, InjectValue};
+use crate::control::ControlLink;
+use crate::metrics::Metrics;
+use crate::refusal::Refusal;
+use crate::routes::{EgressRoute, InjectHow};
+
+pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+pub struct Egress {
+    pub link: Arc<ControlLink>,
+    pub cache: CredentialCache,
+    pub metrics: Arc<Metrics>,
+    pub response_timeout: Duration,
+}
+
+impl Egress {
+    /// Serves one request. `bound` is the upstream of a named listener.
+    pub async fn handle(&self, bound: Option<&str>, req: Request<Incoming>) -> Response<ProxyBody> {
+        match self.forward(bound, req).await {
+            Ok(resp) => {
+                self.metrics.forwarded();
+                resp
+            }
+            Err(refusal) => {
+                self.metrics.refused(&refusal);
+                tracing::info!(code = refusal.code(), reason = %refusal, "request refused");
+                refusal.into_response()
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        bound: Option<&str>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Refusal> {
+        if req.method() == Method::CONNECT {
+            return Err(Refusal::ConnectNotSupported);
+        }
+        let route = self.route(bound, &req)?;
+        if !route.granted {
+            return Err(Refusal::NotGranted {
+                upstream: route.name.to_string(),
+            });
+        }
+        let credential = self.cache.get(&route).await.map_err(|e| match e {
+            CredentialError::Denied { code, message } => Refusal::Denied {
+                upstream: route.name.to_string(),
+                code,
+                message,
+            },
+            CredentialError::Unavailable(reason) => Refusal::CredentialUnavailable {
+                upstream: route.name.to_string(),
+                reason,
+            },
+        })?;
+
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        strip_workload_credentials(&mut parts.headers, &route.inject);
+        parts.uri = upstream_uri(&route, &parts.uri, &credential)?;
+        parts.version = Version::HTTP_11;
+        parts.headers.insert(
+            header::HOST,
+            HeaderValue::from_str(route.authority.as_str())
+                .map_err(|_| Refusal::BadRequest("bad upstream authority"))?,
+        );
+        if let (Some(name), InjectValue::Header(value)) = (route.inject.header(), &credential.value)
+        {
+            parts.headers.insert(name.clone(), value.clone());
+        }
+        tracing::debug!(upstream = %route.name, credential_id = %credential.id, "forwarding");
+
+        let call = route.client.request(Request::from_parts(parts, body));
+        let resp = match tokio::time::timeout(self.response_timeout, call).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                return Err(Refusal::UpstreamUnreachable {
+                    upstream: route.name.to_string(),
+                    reason: describe_client_error(&e),
+                });
+            }
+            Err(_) => {
+                return Err(Refusal::UpstreamUnreachable {
+                    upstream: route.name.to_string(),
+                    reason: format!("no response within {:?}", self.response_timeout),
+                });
+            }
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+
+    /// Finds the upstream: by listener binding, else by the request's host.
+    fn route(
+        &self,
+        bound: Option<&str>,
+        req: &Request<Incoming>,
+    ) -> Result<Arc<EgressRoute>, Refusal> {
+        let table = self.link.routes.load();
+        if !table.loaded {
+            return Err(if self.link.identity_ready() {
+                Refusal::ControlPlaneUnavailable
+            } else {
+                Refusal::IdentityUnavailable
+            });
+        }
+        if let Some(name) = bound {
+            return table
+                .by_name(name)
+                .cloned()
+                .ok_or_else(|| Refusal::UnknownUpstream {
+                    host: format!("(listener for {name})"),
+                });
+        }
+        let host = request_host(req).ok_or(Refusal::NoHost)?;
+        table
+            .by_host(host)
+            .cloned()
+            .ok_or_else(|| Refusal::UnknownUpstream {
+                host: host.to_owned(),
+            })
+    }
+}
+
+/// The host of an absolute-form request (forward proxy), else of `Host`.
+fn request_host(req: &Request<Incoming>) -> Option<&str> {
+    if let Some(host) = req.uri().host() {
+        return Some(host.trim_end_matches('.'));
+    }
+    let host = req.headers().get(header::HOST)?.to_str().ok()?;
+    // Strip a port, keeping bracketed IPv6 literals intact.
+    let end = if host.starts_with('[') {
+        host.find(']').map_or(host.len(), |i| i + 1)
+    } else {
+        host.rfind(':').unwrap_or(host.len())
+    };
+    Some(host[..end].trim_end_matches('.'))
+}
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Removes connection-level headers, including any that `Connection` names.
+/// (`Transfer-Encoding` is handled by hyper's codec on each side.)
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// A managed upstream only ever sees Leash's credential: whatever the
+/// workload put where the credential goes is removed.
+fn strip_workload_credentials(headers: &mut HeaderMap, inject: &InjectHow) {
+    if headers.remove(header::AUTHORIZATION).is_some() {
+        tracing::debug!("stripped a credential the workload sent itself");
+    }
+    if let Some(name) = inject.header() {
+        headers.remove(name);
+    }
+}
+
+fn upstream_uri(
+    route: &EgressRoute,
+    uri: &Uri,
+    credential: &CachedCredential,
+) -> Result<Uri, Refusal> {
+    let path_and_query = match (&route.inject, &credential.value) {
+        (InjectHow::Query { param }, InjectValue::Query(value)) => {
+            let mut pq = String::with_capacity(uri.path().len() + value.len() + param.len() + 64);
+            pq.push_str(if uri.path().is_empty() {
+                "/"
+            } else {
+                uri.path()
+            });
+            pq.push('?');
+            if let Some(query) = uri.query() {
+                for pair in query.split('&').filter(|p| !p.is_empty()) {
+                    let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+                    if key != param {
+                        pq.push_str(pair);
+                        pq.push('&');
+                    }
+                }
+            }
+            pq.push_str(param);
+            pq.push('=');
+            // Percent-encoded ASCII by construction.
+            pq.push_str(
+                std::str::from_utf8(value)
+                    .map_err(|_| Refusal::BadRequest("credential encoding"))?,
+            );
+            let bytes = Bytes::from_owner(zeroize::Zeroizing::new(pq.into_bytes()));
+            http::uri::PathAndQuery::from_maybe_shared(bytes)
+                .map_err(|_| Refusal::BadRequest("invalid path"))?
+        }
+        _ => uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    };
+    Uri::builder()
+        .scheme(route.scheme.clone())
+        .authority(route.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| Refusal::BadRequest("invalid request target"))
+}
+
+fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error as _;
+    let mut msg = if e.is_connect() {
+        "connection failed".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}

@@ -1,0 +1,107 @@
+//! Every reason the sidecar refuses a request, and the one place where each
+//! becomes an HTTP status and a JSON body. Bodies never carry secret values.
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full};
+
+use crate::egress::ProxyBody;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    #[error("no upstream in policy matches host {host:?}; Leash denies by default")]
+    UnknownUpstream { host: String },
+    #[error("request has no host to route by (use an absolute http:// URL or a Host header)")]
+    NoHost,
+    #[error("this workload is not granted upstream {upstream:?}")]
+    NotGranted { upstream: String },
+    #[error("the control plane refused a credential for {upstream:?} ({code}): {message}")]
+    Denied {
+        upstream: String,
+        code: String,
+        message: String,
+    },
+    #[error(
+        "CONNECT tunnels are not supported: call the upstream with a plain http:// URL through this proxy so that Leash can add the credential and originate TLS"
+    )]
+    ConnectNotSupported,
+    #[error("the sidecar has no workload identity yet (SPIFFE Workload API not reachable)")]
+    IdentityUnavailable,
+    #[error("the sidecar has not reached the control plane yet; policy is unknown")]
+    ControlPlaneUnavailable,
+    #[error("no credential could be obtained for {upstream:?}: {reason}")]
+    CredentialUnavailable { upstream: String, reason: String },
+    #[error("upstream {upstream:?} could not be reached: {reason}")]
+    UpstreamUnreachable { upstream: String, reason: String },
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::UnknownUpstream { .. } | Self::NotGranted { .. } | Self::Denied { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            Self::NoHost | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
+            Self::IdentityUnavailable
+            | Self::ControlPlaneUnavailable
+            | Self::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Stable, machine-readable reason code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UnknownUpstream { .. } => "unknown_upstream",
+            Self::NoHost => "no_host",
+            Self::NotGranted { .. } => "not_granted",
+            Self::Denied { .. } => "denied_by_control_plane",
+            Self::ConnectNotSupported => "connect_not_supported",
+            Self::IdentityUnavailable => "identity_unavailable",
+            Self::ControlPlaneUnavailable => "control_plane_unavailable",
+            Self::CredentialUnavailable { .. } => "credential_unavailable",
+            Self::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Self::BadRequest(_) => "bad_request",
+        }
+    }
+
+    fn upstream(&self) -> Option<&str> {
+        match self {
+            Self::NotGranted { upstream }
+            | Self::Denied { upstream, .. }
+            | Self::CredentialUnavailable { upstream, .. }
+            | Self::UpstreamUnreachable { upstream, .. } => Some(upstream),
+            _ => None,
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "message": self.to_string(),
+            "upstream": self.upstream(),
+        });
+        let mut builder = Response::builder()
+            .status(self.status())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("x-leash-refusal", self.code());
+        if matches!(self, Self::ConnectNotSupported) {
+            builder = builder.header(
+                header::ALLOW,
+                "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+            );
+        }
+        let mut bytes = body.to_string().into_bytes();
+        bytes.push(b'\n');
+        builder
+            .body(
+                Full::new(Bytes::from(bytes))
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .unwrap_or_else(|_| Response::new(ProxyBody::default()))
+    }
+}

@@ -1,0 +1,236 @@
+//! The routing table: which upstream a request's host selects, where that
+//! upstream lives, how its credential is injected, and the HTTP client
+//! (with its TLS settings and connection pool) used to reach it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use http::HeaderName;
+use http::uri::{Authority, Scheme};
+use hyper::body::Incoming;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use leash_api::v1::{Route, RouteSet, injection};
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("route {upstream}: {reason}")]
+    Invalid { upstream: String, reason: String },
+}
+
+/// How the credential goes into the request.
+#[derive(Debug, Clone)]
+pub enum InjectHow {
+    /// `name: {prefix}{token}{suffix}`.
+    Header {
+        name: HeaderName,
+        prefix: String,
+        suffix: String,
+    },
+    Basic {
+        username: String,
+    },
+    Query {
+        param: String,
+    },
+}
+
+impl InjectHow {
+    /// The header the credential is written to, if any.
+    pub fn header(&self) -> Option<&HeaderName> {
+        match self {
+            Self::Header { name, .. } => Some(name),
+            Self::Basic { .. } => Some(&http::header::AUTHORIZATION),
+            Self::Query { .. } => None,
+        }
+    }
+}
+
+pub struct EgressRoute {
+    pub name: Arc<str>,
+    pub granted: bool,
+    pub scheme: Scheme,
+    /// `host:port` of the target; also sent as `Host`.
+    pub authority: Authority,
+    pub inject: InjectHow,
+    pub client: UpstreamClient,
+}
+
+/// Host → route, plus name → route for named listeners.
+#[derive(Default)]
+pub struct RouteTable {
+    pub policy_version: String,
+    by_host: HashMap<String, Arc<EgressRoute>>,
+    /// `*.suffix` patterns as (".suffix", route), longest first.
+    wildcards: Vec<(String, Arc<EgressRoute>)>,
+    by_name: HashMap<String, Arc<EgressRoute>>,
+    pub loaded: bool,
+}
+
+impl RouteTable {
+    pub fn build(set: RouteSet, timeouts: &UpstreamTimeouts) -> Result<Self, RouteError> {
+        let mut table = Self {
+            policy_version: set.policy_version,
+            loaded: true,
+            ..Self::default()
+        };
+        for route in set.routes {
+            let hosts = route.hosts.clone();
+            let r = Arc::new(build_route(route, timeouts)?);
+            for host in hosts {
+                match host.strip_prefix('*') {
+                    Some(suffix) => table.wildcards.push((suffix.to_owned(), r.clone())),
+                    None => {
+                        table.by_host.insert(host, r.clone());
+                    }
+                }
+            }
+            table.by_name.insert(r.name.to_string(), r);
+        }
+        table
+            .wildcards
+            .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        Ok(table)
+    }
+
+    /// Looks a host up (case-insensitively; no port).
+    pub fn by_host(&self, host: &str) -> Option<&Arc<EgressRoute>> {
+        if let Some(r) = self.by_host.get(host) {
+            return Some(r);
+        }
+        if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            return self.by_host(&host.to_ascii_lowercase());
+        }
+        self.wildcards
+            .iter()
+            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .map(|(_, r)| r)
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<EgressRoute>> {
+        self.by_name.get(name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamTimeouts {
+    pub connect: Duration,
+    pub pool_idle: Duration,
+}
+
+fn invalid(route: &Route, reason: impl Into<String>) -> RouteError {
+    RouteError::Invalid {
+        upstream: route.upstream.clone(),
+        reason: reason.into(),
+    }
+}
+
+fn build_route(route: Route, timeouts: &UpstreamTimeouts) -> Result<EgressRoute, RouteError> {
+    let target: http::Uri = route
+        .target
+        .parse()
+        .map_err(|e| invalid(&route, format!("bad target: {e}")))?;
+    let scheme = target
+        .scheme()
+        .cloned()
+        .ok_or_else(|| invalid(&route, "target has no scheme"))?;
+    let authority = target
+        .authority()
+        .cloned()
+        .ok_or_else(|| invalid(&route, "target has no host"))?;
+    let inject = match route.inject.as_ref().and_then(|i| i.how.as_ref()) {
+        Some(injection::How::Header(h)) => {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| invalid(&route, "bad header name"))?;
+            let (prefix, suffix) = h
+                .format
+                .split_once("{token}")
+                .ok_or_else(|| invalid(&route, "format lacks {token}"))?;
+            InjectHow::Header {
+                name,
+                prefix: prefix.to_owned(),
+                suffix: suffix.to_owned(),
+            }
+        }
+        Some(injection::How::Basic(b)) => InjectHow::Basic {
+            username: b.username.clone(),
+        },
+        Some(injection::How::Query(q)) => InjectHow::Query {
+            param: q.param.clone(),
+        },
+        None => return Err(invalid(&route, "no injection")),
+    };
+
+    let tls = tls_config(&route)?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(timeouts.connect));
+    let builder = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    let server_name = route
+        .tls
+        .as_ref()
+        .map(|t| t.server_name.clone())
+        .unwrap_or_default();
+    let builder = if server_name.is_empty() {
+        builder
+    } else {
+        let name = ServerName::try_from(server_name)
+            .map_err(|e| invalid(&route, format!("bad server_name: {e}")))?;
+        builder.with_server_name_resolver(FixedServerNameResolver::new(name))
+    };
+    let connector = builder.enable_http1().wrap_connector(http);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(timeouts.pool_idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector);
+
+    Ok(EgressRoute {
+        name: route.upstream.as_str().into(),
+        granted: route.granted,
+        scheme,
+        authority,
+        inject,
+        client,
+    })
+}
+
+/// The platform's trust anchors, loaded once per process.
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let loaded = rustls_native_certs::load_native_certs();
+        for e in &loaded.errors {
+            tracing::warn!(error = %e, "problem loading system trust anchors");
+        }
+        loaded.certs
+    })
+}
+
+fn tls_config(route: &Route) -> Result<rustls::ClientConfig, RouteError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let tls = route.tls.clone().unwrap_or_default();
+    if !tls.ca_only {
+        let (_added, _ignored) = roots.add_parsable_certificates(system_roots().iter().cloned());
+    }
+    if !tls.ca_pem.is_empty() {
+        for cert in CertificateDer::pem_slice_iter(tls.ca_pem.as_bytes()) {
+            let cert = cert.map_err(|e| invalid(route, format!("bad CA PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| invalid(route, format!("bad CA certificate: {e}")))?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
