@@ -97,6 +97,7 @@ impl Sidecar {
             cache,
             metrics: metrics.clone(),
             response_timeout: config.upstream_response_timeout,
+            max_header_bytes: config.limits.max_header_bytes,
         });
         let mut named_addrs = Vec::new();
         for (name, listener) in named {

@@ -26,6 +26,7 @@ pub struct Egress {
     pub cache: CredentialCache,
     pub metrics: Arc<Metrics>,
     pub response_timeout: Duration,
+    pub max_header_bytes: usize,
 }
 
 impl Egress {
@@ -51,6 +52,13 @@ impl Egress {
     ) -> Result<Response<ProxyBody>, Refusal> {
         if req.method() == Method::CONNECT {
             return Err(Refusal::ConnectNotSupported);
+        }
+        // hyper's read buffer bounds the header block only loosely (a single
+        // large read can overshoot it), so the limit is enforced exactly here.
+        if header_block_len(&req) > self.max_header_bytes {
+            return Err(Refusal::HeadersTooLarge {
+                limit: self.max_header_bytes,
+            });
         }
         let route = self.route(bound, &req)?;
         if !route.granted {
@@ -137,6 +145,19 @@ impl Egress {
                 host: host.to_owned(),
             })
     }
+}
+
+/// Size of the request line and header block as sent (near enough: the
+/// method/version framing is a few bytes either way).
+fn header_block_len(req: &Request<Incoming>) -> usize {
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
+    req.headers()
+        .iter()
+        .fold(line, |n, (k, v)| n + k.as_str().len() + v.len() + 4)
 }
 
 /// The host of an absolute-form request (forward proxy), else of `Host`.

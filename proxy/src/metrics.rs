@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::refusal::Refusal;
 
-const CODES: [&str; 10] = [
+const CODES: [&str; 11] = [
     "unknown_upstream",
     "no_host",
     "not_granted",
@@ -17,6 +17,7 @@ const CODES: [&str; 10] = [
     "credential_unavailable",
     "upstream_unreachable",
     "bad_request",
+    "headers_too_large",
 ];
 
 #[derive(Default)]

@@ -33,6 +33,8 @@ pub enum Refusal {
     CredentialUnavailable { upstream: String, reason: String },
     #[error("upstream {upstream:?} could not be reached: {reason}")]
     UpstreamUnreachable { upstream: String, reason: String },
+    #[error("request header block is larger than the {limit} bytes this sidecar accepts")]
+    HeadersTooLarge { limit: usize },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
 }
@@ -49,6 +51,7 @@ impl Refusal {
             | Self::ControlPlaneUnavailable
             | Self::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -65,6 +68,7 @@ impl Refusal {
             Self::CredentialUnavailable { .. } => "credential_unavailable",
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::BadRequest(_) => "bad_request",
+            Self::HeadersTooLarge { .. } => "headers_too_large",
         }
     }
 

@@ -1,1 +1,331 @@
+//! Test support: starts the real dev Workload API, control plane, sidecar and
+//! example upstream in-process on 127.0.0.1 ephemeral ports, and offers an
+//! `eventually` helper instead of sleeps.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use leash_control_plane::app::{ControlPlane, ServeConfig};
+use leash_control_plane::devid::{DevCa, DevIdentityProvider};
+use leash_proxy::{ControlConfig, Limits, Sidecar, SidecarConfig, UpstreamTimeouts};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub const TRUST_DOMAIN: &str = "leash.test";
+pub const CP_ID: &str = "spiffe://leash.test/leash/control-plane";
+pub const APP_ID: &str = "spiffe://leash.test/ns/demo/sa/client";
+pub const OTHER_ID: &str = "spiffe://leash.test/ns/other/sa/intruder";
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init() {
+    leash_api::identity::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0")
+}
+
+/// A short temp dir (Unix socket paths are limited to 108 bytes).
+pub fn short_tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("lsh")
+        .tempdir_in("/tmp")
+        .expect("tempdir")
+}
+
+/// The dev Workload API: one socket per SPIFFE ID.
+pub struct Identities {
+    pub provider: DevIdentityProvider,
+    stop: watch::Sender<bool>,
+    pub dir: PathBuf,
+}
+
+impl Identities {
+    pub fn start(dir: &Path, svid_ttl: Duration, ids: &[&str]) -> Self {
+        let ca = DevCa::new(TRUST_DOMAIN).expect("dev CA");
+        let mut provider = DevIdentityProvider::new(ca, svid_ttl);
+        let (stop, rx) = watch::channel(false);
+        for id in ids {
+            let path = dir.join(socket_name(id));
+            provider
+                .serve(&path, id, rx.clone())
+                .expect("serve identity");
+        }
+        Self {
+            provider,
+            stop,
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn socket(&self, id: &str) -> PathBuf {
+        self.dir.join(socket_name(id))
+    }
+
+    pub fn endpoint(&self, id: &str) -> String {
+        format!("unix://{}", self.socket(id).display())
+    }
+
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn socket_name(id: &str) -> String {
+    let tail: String = id
+        .rsplit('/')
+        .next()
+        .unwrap_or("id")
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    format!("{tail}.sock")
+}
+
+/// Writes `policy` to `<dir>/policy.yaml` and returns the path.
+pub fn write_policy(dir: &Path, policy: &str) -> PathBuf {
+    let path = dir.join("policy.yaml");
+    std::fs::write(&path, policy).expect("write policy");
+    path
+}
+
+/// A policy with a `payments` upstream at `upstream`, granted to APP_ID, and
+/// a `ledger` upstream granted to nobody.
+pub fn standard_policy(upstream: SocketAddr, ttl: &str) -> String {
+    format!(
+        r#"version: 1
+upstreams:
+  - name: payments
+    hosts: [payments.leash.test]
+    target: http://{upstream}
+    credential: {{ kind: jwt, ttl: {ttl} }}
+  - name: ledger
+    hosts: [ledger.leash.test]
+    target: http://{upstream}
+    credential: {{ kind: jwt, ttl: {ttl} }}
+grants:
+  - workload: {APP_ID}
+    upstreams: [payments]
+"#
+    )
+}
+
+pub async fn start_control_plane(
+    ids: &Identities,
+    cp_id: &str,
+    policy: &Path,
+    data_dir: &Path,
+) -> ControlPlane {
+    start_control_plane_on(ids, cp_id, policy, data_dir, listener().await).await
+}
+
+pub async fn start_control_plane_on(
+    ids: &Identities,
+    cp_id: &str,
+    policy: &Path,
+    data_dir: &Path,
+    sidecar_listener: TcpListener,
+) -> ControlPlane {
+    let source = leash_api::identity::x509_source(&ids.endpoint(cp_id), Duration::from_secs(10))
+        .await
+        .expect("control plane identity");
+    ControlPlane::start(
+        ServeConfig {
+            policy: policy.to_owned(),
+            data_dir: data_dir.to_owned(),
+            issuer: Some("leash-test".into()),
+            policy_poll: Duration::from_millis(100),
+        },
+        source,
+        sidecar_listener,
+        listener().await,
+    )
+    .await
+    .expect("control plane starts")
+}
+
+pub fn sidecar_config(endpoint: String, cp_addr: SocketAddr) -> SidecarConfig {
+    SidecarConfig {
+        control: ControlConfig {
+            endpoint,
+            control_plane_addr: cp_addr,
+            control_plane_id: CP_ID.into(),
+            routes_refresh: Duration::from_millis(200),
+            call_timeout: Duration::from_secs(5),
+            upstream: UpstreamTimeouts {
+                connect: Duration::from_secs(2),
+                pool_idle: Duration::from_secs(30),
+            },
+        },
+        limits: Limits::default(),
+        upstream_response_timeout: Duration::from_secs(10),
+    }
+}
+
+pub async fn start_sidecar(config: SidecarConfig) -> Sidecar {
+    Sidecar::start(config, listener().await, listener().await, Vec::new()).expect("sidecar starts")
+}
+
+fn serve_upstream(l: TcpListener, jwks_url: String) -> impl Future<Output = ()> {
+    leash_examples::serve(
+        l,
+        leash_examples::UpstreamConfig {
+            jwks_url,
+            audience: "payments".into(),
+            issuer: Some("leash-test".into()),
+        },
+    )
+}
+
+/// A plain HTTP client that sends every request through `proxy` (absolute-form).
+pub struct ProxyClient {
+    proxy: SocketAddr,
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+impl ProxyClient {
+    pub fn new(proxy: SocketAddr) -> Self {
+        Self { proxy }
+    }
+
+    /// `url` is absolute (`http://host/path`); headers are added as given.
+    pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> anyhow::Result<Answer> {
+        // A forward proxy gets the absolute URL as the request target, as
+        // clients honouring HTTP_PROXY send it; hyper's connection API writes
+        // the URI as given.
+        let uri: http::Uri = url.parse()?;
+        let stream = tokio::net::TcpStream::connect(self.proxy).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let mut req = http::Request::get(uri.clone()).header(
+            http::header::HOST,
+            uri.authority().map(|a| a.as_str()).unwrap_or(""),
+        );
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = sender
+            .send_request(req.body(Full::new(Bytes::new()))?)
+            .await
+            .context("send")?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+/// Everything for one end-to-end scenario.
+pub struct Deployment {
+    pub dir: tempfile::TempDir,
+    pub ids: Identities,
+    pub cp: ControlPlane,
+    pub sidecar: Sidecar,
+    pub upstream: SocketAddr,
+    pub client: ProxyClient,
+}
+
+impl Deployment {
+    /// Identity, control plane, upstream and sidecar, with credentials of `ttl`.
+    pub async fn start(ttl: &str, svid_ttl: Duration) -> Self {
+        init();
+        let dir = short_tempdir();
+        let ids = Identities::start(dir.path(), svid_ttl, &[CP_ID, APP_ID, OTHER_ID]);
+        // The upstream needs the JWKS URL, which needs the control plane's admin
+        // port: bind the upstream first with a placeholder policy target.
+        let up_listener = listener().await;
+        let upstream = up_listener.local_addr().expect("addr");
+        let policy = write_policy(dir.path(), &standard_policy(upstream, ttl));
+        let cp = start_control_plane(&ids, CP_ID, &policy, &dir.path().join("data")).await;
+        tokio::spawn(serve_upstream(
+            up_listener,
+            format!("http://{}/.well-known/jwks.json", cp.admin_addr),
+        ));
+        let sidecar = start_sidecar(sidecar_config(ids.endpoint(APP_ID), cp.sidecar_addr)).await;
+        let client = ProxyClient::new(sidecar.egress_addr);
+        wait_ready(sidecar.admin_addr).await;
+        Self {
+            dir,
+            ids,
+            cp,
+            sidecar,
+            upstream,
+            client,
+        }
+    }
+}
+
+/// Plain GET, no proxy.
+pub async fn http_get(url: &str) -> anyhow::Result<Answer> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let resp = client.get(url.parse()?).await?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
+}
+
+pub async fn wait_ready(admin: SocketAddr) {
+    eventually(Duration::from_secs(15), "sidecar ready", || async move {
+        match http_get(&format!("http://{admin}/readyz")).await {
+            Ok(a) if a.status == 200 => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+}
