@@ -103,7 +103,7 @@ impl ControlPlane {
             .trust_domain_policy(spiffe_rustls::LocalOnly(trust_domain))
             .with_alpn_protocols([b"h2"])
             .build()?;
-        let incoming = crate::mtls::incoming(sidecar_listener, Arc::new(tls));
+        let incoming = crate::mtls::incoming(sidecar_listener, Arc::new(tls), shutdown.subscribe());
         let service = SidecarService::new(state.clone(), metrics.clone());
         let mut stop = shutdown.subscribe();
         tasks.spawn(async move {

@@ -79,11 +79,7 @@ impl DevCa {
         params
             .distinguished_name
             .push(DnType::CommonName, format!("Leash dev CA for {td}"));
-        params.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{td}")
-                .try_into()
-                .map_err(rcgen::Error::from)?,
-        )];
+        params.subject_alt_names = vec![SanType::URI(format!("spiffe://{td}").try_into()?)];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + time::Duration::days(365);
@@ -140,9 +136,7 @@ impl DevCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.subject_alt_names = vec![SanType::URI(
-            id.to_string().try_into().map_err(rcgen::Error::from)?,
-        )];
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
         params
             .distinguished_name
             .push(DnType::CommonName, id.path());

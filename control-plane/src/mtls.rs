@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
@@ -88,12 +88,18 @@ impl AsyncWrite for PeerStream {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    mut stop: watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<PeerStream>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
-            let (tcp, addr) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                // Closing the listener on shutdown frees the port at once.
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let (tcp, addr) = match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

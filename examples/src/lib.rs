@@ -21,6 +21,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
@@ -42,12 +43,20 @@ pub struct LeashClaims {
     pub exp: i64,
 }
 
-struct Verifier {
+/// Verifies Leash JWTs against a JWKS, refetching it when a `kid` is unknown.
+pub struct Verifier {
     config: UpstreamConfig,
     keys: RwLock<HashMap<String, DecodingKey>>,
 }
 
 impl Verifier {
+    pub fn new(config: UpstreamConfig) -> Self {
+        Self {
+            config,
+            keys: RwLock::new(HashMap::new()),
+        }
+    }
+
     async fn key(&self, kid: &str) -> Result<DecodingKey, String> {
         if let Some(k) = self.keys.read().map_err(|_| "lock")?.get(kid) {
             return Ok(k.clone());
@@ -66,7 +75,7 @@ impl Verifier {
             .ok_or_else(|| format!("no key {kid:?} in the JWKS"))
     }
 
-    async fn verify(&self, token: &str) -> Result<LeashClaims, String> {
+    pub async fn verify(&self, token: &str) -> Result<LeashClaims, String> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| format!("malformed token: {e}"))?;
         let kid = header.kid.ok_or("token has no kid")?;
@@ -174,25 +183,36 @@ async fn handle(verifier: Arc<Verifier>, req: Request<Incoming>) -> Response<Ful
     }
 }
 
-/// Serves until the task is dropped.
+/// Serves plain HTTP until the task is dropped.
 pub async fn serve(listener: TcpListener, config: UpstreamConfig) {
-    let verifier = Arc::new(Verifier {
-        config,
-        keys: RwLock::new(HashMap::new()),
-    });
+    serve_with(listener, config, None).await;
+}
+
+/// Serves HTTP, or HTTPS when `tls` is given, until the task is dropped.
+pub async fn serve_with(listener: TcpListener, config: UpstreamConfig, tls: Option<TlsAcceptor>) {
+    let verifier = Arc::new(Verifier::new(config));
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
         let verifier = verifier.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let verifier = verifier.clone();
                 async move { Ok::<_, Infallible>(handle(verifier, req).await) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let http = http1::Builder::new();
+            match tls {
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(tcp).await {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+                None => {
+                    let _ = http.serve_connection(TokioIo::new(tcp), svc).await;
+                }
+            }
         });
     }
 }

@@ -99,6 +99,12 @@ impl ControlLink {
         source.svid().ok().map(|s| s.spiffe_id().to_string())
     }
 
+    /// DER of the current SVID's leaf certificate (diagnostics and tests).
+    pub fn svid_leaf(&self) -> Option<Vec<u8>> {
+        let source = self.source.load_full()?;
+        source.svid().ok().map(|s| s.leaf().as_bytes().to_vec())
+    }
+
     pub async fn issue(&self, upstream: &str) -> Result<Credential, ControlError> {
         let mut client = self
             .client

@@ -199,17 +199,6 @@ pub async fn start_sidecar(config: SidecarConfig) -> Sidecar {
     Sidecar::start(config, listener().await, listener().await, Vec::new()).expect("sidecar starts")
 }
 
-fn serve_upstream(l: TcpListener, jwks_url: String) -> impl Future<Output = ()> {
-    leash_examples::serve(
-        l,
-        leash_examples::UpstreamConfig {
-            jwks_url,
-            audience: "payments".into(),
-            issuer: Some("leash-test".into()),
-        },
-    )
-}
-
 /// A plain HTTP client that sends every request through `proxy` (absolute-form).
 pub struct ProxyClient {
     proxy: SocketAddr,
@@ -278,18 +267,30 @@ pub struct Deployment {
 impl Deployment {
     /// Identity, control plane, upstream and sidecar, with credentials of `ttl`.
     pub async fn start(ttl: &str, svid_ttl: Duration) -> Self {
+        let ttl = ttl.to_owned();
+        Self::start_with(move |up| standard_policy(up, &ttl), svid_ttl, None).await
+    }
+
+    /// As `start`, with the policy made from the upstream's address, and the
+    /// upstream serving HTTPS when `upstream_tls` is given.
+    pub async fn start_with(
+        policy: impl FnOnce(SocketAddr) -> String,
+        svid_ttl: Duration,
+        upstream_tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         init();
         let dir = short_tempdir();
         let ids = Identities::start(dir.path(), svid_ttl, &[CP_ID, APP_ID, OTHER_ID]);
-        // The upstream needs the JWKS URL, which needs the control plane's admin
-        // port: bind the upstream first with a placeholder policy target.
+        // The upstream needs the JWKS URL, which needs the control plane's
+        // admin port, and the policy needs the upstream's port: bind first.
         let up_listener = listener().await;
         let upstream = up_listener.local_addr().expect("addr");
-        let policy = write_policy(dir.path(), &standard_policy(upstream, ttl));
+        let policy = write_policy(dir.path(), &policy(upstream));
         let cp = start_control_plane(&ids, CP_ID, &policy, &dir.path().join("data")).await;
-        tokio::spawn(serve_upstream(
+        tokio::spawn(leash_examples::serve_with(
             up_listener,
-            format!("http://{}/.well-known/jwks.json", cp.admin_addr),
+            upstream_config(cp.admin_addr),
+            upstream_tls,
         ));
         let sidecar = start_sidecar(sidecar_config(ids.endpoint(APP_ID), cp.sidecar_addr)).await;
         let client = ProxyClient::new(sidecar.egress_addr);
@@ -302,6 +303,21 @@ impl Deployment {
             upstream,
             client,
         }
+    }
+
+    /// Verifies a Leash JWT the way an upstream would (JWKS, `aud` payments).
+    pub async fn verify(&self, token: &str) -> Result<leash_examples::LeashClaims, String> {
+        leash_examples::Verifier::new(upstream_config(self.cp.admin_addr))
+            .verify(token)
+            .await
+    }
+}
+
+pub fn upstream_config(cp_admin: SocketAddr) -> leash_examples::UpstreamConfig {
+    leash_examples::UpstreamConfig {
+        jwks_url: format!("http://{cp_admin}/.well-known/jwks.json"),
+        audience: "payments".into(),
+        issuer: Some("leash-test".into()),
     }
 }
 

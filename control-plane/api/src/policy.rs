@@ -270,10 +270,18 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIssue
         let field = e.path().to_string();
         let inner = e.into_inner();
         let location = inner.location().map(|l| (l.line(), l.column()));
+        let mut reason = strip_location(&inner.to_string());
+        // The YAML error may repeat (part of) the path we report separately.
+        if let Some((head, rest)) = reason.split_once(": ")
+            && !head.is_empty()
+            && field.starts_with(head)
+        {
+            reason = rest.to_owned();
+        }
         vec![PolicyIssue {
             field: if field == "." { String::new() } else { field },
             location,
-            reason: strip_location(&inner.to_string()),
+            reason,
         }]
     })?;
     validate(policy, base_dir)
