@@ -105,21 +105,36 @@ impl ControlLink {
         source.svid().ok().map(|s| s.leaf().as_bytes().to_vec())
     }
 
-    pub async fn issue(&self, upstream: &str) -> Result<Credential, ControlError> {
-        let mut client = self
+    /// A client on the shared channel (cheap: the channel is reference-counted).
+    fn client(&self) -> Result<SidecarApiClient<Channel>, ControlError> {
+        Ok(self
             .client
             .load_full()
             .ok_or(ControlError::NotConnected)?
             .as_ref()
-            .clone();
-        let call = client.issue(IssueRequest {
-            upstream: upstream.to_owned(),
-        });
-        let response = tokio::time::timeout(self.config.call_timeout, call)
+            .clone())
+    }
+
+    /// Bounds a call by the configured timeout and flattens its errors.
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, ControlError> {
+        tokio::time::timeout(self.config.call_timeout, call)
             .await
             .map_err(|_| ControlError::Rpc("timed out".into()))?
-            .map_err(|s| ControlError::Rpc(format!("{}: {}", s.code(), s.message())))?;
-        match response.into_inner().result {
+            .map(tonic::Response::into_inner)
+            .map_err(|s| ControlError::Rpc(format!("{}: {}", s.code(), s.message())))
+    }
+
+    pub async fn issue(&self, upstream: &str) -> Result<Credential, ControlError> {
+        let mut client = self.client()?;
+        let response = self
+            .call(client.issue(IssueRequest {
+                upstream: upstream.to_owned(),
+            }))
+            .await?;
+        match response.result {
             Some(issue_response::Result::Credential(c)) => Ok(c),
             Some(issue_response::Result::Denial(d)) => Err(ControlError::Denied {
                 code: d.code,
@@ -130,20 +145,12 @@ impl ControlLink {
     }
 
     async fn refresh_routes(&self) -> Result<(), ControlError> {
-        let mut client = self
-            .client
-            .load_full()
-            .ok_or(ControlError::NotConnected)?
-            .as_ref()
-            .clone();
-        let call = client.get_routes(GetRoutesRequest {
-            sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
-        });
-        let set = tokio::time::timeout(self.config.call_timeout, call)
-            .await
-            .map_err(|_| ControlError::Rpc("timed out".into()))?
-            .map_err(|s| ControlError::Rpc(format!("{}: {}", s.code(), s.message())))?
-            .into_inner();
+        let mut client = self.client()?;
+        let set = self
+            .call(client.get_routes(GetRoutesRequest {
+                sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
+            }))
+            .await?;
         if self.routes.load().loaded && self.routes.load().policy_version == set.policy_version {
             return Ok(());
         }

@@ -211,6 +211,17 @@ pub struct Answer {
 }
 
 impl Answer {
+    async fn read(resp: http::Response<hyper::body::Incoming>) -> anyhow::Result<Self> {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(Self {
+            status,
+            headers,
+            body,
+        })
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
@@ -243,14 +254,7 @@ impl ProxyClient {
             .send_request(req.body(Full::new(Bytes::new()))?)
             .await
             .context("send")?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await?.to_bytes();
-        Ok(Answer {
-            status,
-            headers,
-            body,
-        })
+        Answer::read(resp).await
     }
 }
 
@@ -325,15 +329,7 @@ pub fn upstream_config(cp_admin: SocketAddr) -> leash_examples::UpstreamConfig {
 pub async fn http_get(url: &str) -> anyhow::Result<Answer> {
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let resp = client.get(url.parse()?).await?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok(Answer {
-        status,
-        headers,
-        body,
-    })
+    Answer::read(client.get(url.parse()?).await?).await
 }
 
 pub async fn wait_ready(admin: SocketAddr) {

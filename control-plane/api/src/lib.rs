@@ -4,6 +4,7 @@
 
 pub mod identity;
 pub mod policy;
+pub mod process;
 
 /// The sidecar <-> control plane protocol (`proto/leash.proto`).
 pub mod v1 {
