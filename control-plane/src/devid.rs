@@ -8,29 +8,17 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use leash_api::WORKLOAD_API_HEADER;
-use leash_api::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
-use leash_api::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
-};
+use leash_api::workload::{X509svid, X509svidResponse};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
 use spiffe::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
-use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tokio_stream::Stream;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
-use tonic::{Request, Response, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevIdError {
@@ -198,10 +186,11 @@ impl DevIdentityProvider {
         if socket.exists() {
             let _ = std::fs::remove_file(socket);
         }
-        let listener = UnixListener::bind(socket).map_err(|source| DevIdError::Socket {
-            path: socket.to_owned(),
-            source,
-        })?;
+        let listener =
+            tokio::net::UnixListener::bind(socket).map_err(|source| DevIdError::Socket {
+                path: socket.to_owned(),
+                source,
+            })?;
         tracing::info!(socket = %socket.display(), spiffe_id, ttl = ?self.svid_ttl, "serving dev identity");
 
         // Rotate at half-life, as SPIRE does by default.
@@ -221,25 +210,12 @@ impl DevIdentityProvider {
         self.identities
             .insert(socket.to_owned(), ServedIdentity { current: tx });
 
-        let service = WorkloadApiService {
-            current: rx,
-            trust_domain: self.ca.trust_domain().to_string(),
-            bundle: self.ca.bundle_der().to_vec(),
-        };
-        let mut stop = shutdown;
-        let path = socket.to_owned();
-        Ok(tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
-                .add_service(SpiffeWorkloadApiServer::new(service))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
-            if let Err(e) = result {
-                tracing::error!(socket = %path.display(), error = %e, "workload API server failed");
-            }
-            let _ = std::fs::remove_file(&path);
-        }))
+        Ok(leash_api::workload_server::serve_unix(
+            listener,
+            socket.to_owned(),
+            rx,
+            shutdown,
+        ))
     }
 
     /// Re-issues the SVID on `socket` now (tests use this to force rotation).
@@ -293,85 +269,5 @@ impl RotationTask {
                 }
             }
         }
-    }
-}
-
-struct WorkloadApiService {
-    current: watch::Receiver<Arc<X509svidResponse>>,
-    trust_domain: String,
-    bundle: Vec<u8>,
-}
-
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
-
-/// Every Workload API call must carry `workload.spiffe.io: true`; this keeps a
-/// browser or an SSRF-ed client from reaching the API by accident.
-fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
-    match req.metadata().get(WORKLOAD_API_HEADER).map(|v| v.to_str()) {
-        Some(Ok("true")) => Ok(()),
-        _ => Err(Status::invalid_argument(
-            "security header workload.spiffe.io: true is missing",
-        )),
-    }
-}
-
-#[tonic::async_trait]
-impl SpiffeWorkloadApi for WorkloadApiService {
-    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
-    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
-    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
-
-    async fn fetch_x509svid(
-        &self,
-        request: Request<X509svidRequest>,
-    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        check_header(&request)?;
-        // The stream stays open and yields each rotation; closing it would make
-        // the client reconnect.
-        let stream = WatchStream::new(self.current.clone()).map(|r| Ok((*r).clone()));
-        Ok(Response::new(Box::pin(stream)))
-    }
-
-    async fn fetch_x509_bundles(
-        &self,
-        request: Request<X509BundlesRequest>,
-    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        check_header(&request)?;
-        let response = X509BundlesResponse {
-            crl: Vec::new(),
-            bundles: HashMap::from([(self.trust_domain.clone(), self.bundle.clone())]),
-        };
-        let stream = tokio_stream::once(Ok(response)).chain(tokio_stream::pending());
-        Ok(Response::new(Box::pin(stream)))
-    }
-
-    async fn fetch_jwtsvid(
-        &self,
-        request: Request<JwtsvidRequest>,
-    ) -> Result<Response<JwtsvidResponse>, Status> {
-        check_header(&request)?;
-        Err(Status::unimplemented(
-            "the dev identity provider serves X.509-SVIDs only",
-        ))
-    }
-
-    async fn fetch_jwt_bundles(
-        &self,
-        request: Request<JwtBundlesRequest>,
-    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_header(&request)?;
-        Err(Status::unimplemented(
-            "the dev identity provider serves X.509-SVIDs only",
-        ))
-    }
-
-    async fn validate_jwtsvid(
-        &self,
-        request: Request<ValidateJwtsvidRequest>,
-    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        check_header(&request)?;
-        Err(Status::unimplemented(
-            "the dev identity provider serves X.509-SVIDs only",
-        ))
     }
 }

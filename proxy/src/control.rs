@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper_util::rt::TokioIo;
+use leash_api::identity::{Identity, IdentityConfig};
 use leash_api::v1::sidecar_api_client::SidecarApiClient;
 use leash_api::v1::{Credential, GetRoutesRequest, IssueRequest, issue_response};
 use rustls::pki_types::ServerName;
@@ -36,7 +37,8 @@ pub enum ControlError {
 
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
-    pub endpoint: String,
+    /// Where the workload's SVID comes from.
+    pub identity: IdentityConfig,
     pub control_plane_addr: SocketAddr,
     /// The SPIFFE ID the control plane must present.
     pub control_plane_id: String,
@@ -52,7 +54,7 @@ pub struct ControlLink {
     pub routes: ArcSwap<RouteTable>,
     identity_ready: AtomicBool,
     control_ready: AtomicBool,
-    source: ArcSwapOption<X509Source>,
+    identity: ArcSwapOption<Identity>,
     /// Bumped whenever the routing table is replaced.
     routes_changed: watch::Sender<u64>,
 }
@@ -65,7 +67,7 @@ impl ControlLink {
             routes: ArcSwap::from_pointee(RouteTable::default()),
             identity_ready: AtomicBool::new(false),
             control_ready: AtomicBool::new(false),
-            source: ArcSwapOption::empty(),
+            identity: ArcSwapOption::empty(),
             routes_changed: watch::channel(0).0,
         })
     }
@@ -95,14 +97,22 @@ impl ControlLink {
     }
 
     pub fn spiffe_id(&self) -> Option<String> {
-        let source = self.source.load_full()?;
-        source.svid().ok().map(|s| s.spiffe_id().to_string())
+        let identity = self.identity.load_full()?;
+        identity
+            .source
+            .svid()
+            .ok()
+            .map(|s| s.spiffe_id().to_string())
     }
 
     /// DER of the current SVID's leaf certificate (diagnostics and tests).
     pub fn svid_leaf(&self) -> Option<Vec<u8>> {
-        let source = self.source.load_full()?;
-        source.svid().ok().map(|s| s.leaf().as_bytes().to_vec())
+        let identity = self.identity.load_full()?;
+        identity
+            .source
+            .svid()
+            .ok()
+            .map(|s| s.leaf().as_bytes().to_vec())
     }
 
     /// A client on the shared channel (cheap: the channel is reference-counted).
@@ -202,22 +212,22 @@ impl ControlLink {
             () = work => {}
             _ = stop.wait_for(|s| *s) => {}
         }
-        if let Some(source) = self.source.load_full() {
-            source.shutdown().await;
+        if let Some(identity) = self.identity.load_full() {
+            identity.source.shutdown().await;
         }
     }
 
     async fn acquire_identity(&self) -> X509Source {
         let mut logged = false;
         loop {
-            match leash_api::identity::x509_source(&self.config.endpoint, Duration::from_secs(5))
-                .await
+            match leash_api::identity::connect(&self.config.identity, Duration::from_secs(5)).await
             {
-                Ok(source) => {
-                    if let Ok(svid) = source.svid() {
+                Ok(identity) => {
+                    if let Ok(svid) = identity.source.svid() {
                         tracing::info!(spiffe_id = %svid.spiffe_id(), "workload identity acquired");
                     }
-                    self.source.store(Some(Arc::new(source.clone())));
+                    let source = identity.source.clone();
+                    self.identity.store(Some(Arc::new(identity)));
                     self.identity_ready.store(true, Ordering::Release);
                     return source;
                 }

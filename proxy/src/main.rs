@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use leash_api::identity::IdentityConfig;
 use leash_api::process::{init_logging, shutdown_signal};
 use leash_proxy::{ControlConfig, Limits, Sidecar, SidecarConfig, UpstreamTimeouts};
 
@@ -38,6 +39,16 @@ struct Cli {
     /// SPIFFE Workload API endpoint (unix:///path or tcp://ip:port).
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
     spiffe_endpoint: Option<String>,
+    /// Instead of the Workload API: the SVID certificate chain (PEM, leaf
+    /// first). Re-read when it changes. Needs --svid-key and --svid-bundle.
+    #[arg(long, env = "LEASH_SVID_CERT", requires_all = ["svid_key", "svid_bundle"])]
+    svid_cert: Option<std::path::PathBuf>,
+    /// The SVID's private key (PKCS#8 PEM).
+    #[arg(long, env = "LEASH_SVID_KEY", requires = "svid_cert")]
+    svid_key: Option<std::path::PathBuf>,
+    /// The trust bundle (PEM CA certificates).
+    #[arg(long, env = "LEASH_SVID_BUNDLE", requires = "svid_cert")]
+    svid_bundle: Option<std::path::PathBuf>,
     /// How often routes are re-read from the control plane.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     routes_refresh: Duration,
@@ -78,10 +89,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let endpoint = cli.spiffe_endpoint.clone().unwrap_or_default();
-    if endpoint.is_empty() {
-        bail!("no Workload API endpoint: set SPIFFE_ENDPOINT_SOCKET or pass --spiffe-endpoint");
-    }
+    let identity = IdentityConfig::from_flags(
+        cli.spiffe_endpoint.clone(),
+        cli.svid_cert.clone(),
+        cli.svid_key.clone(),
+        cli.svid_bundle.clone(),
+    )?;
     spiffe::SpiffeId::new(&cli.control_plane_id).with_context(|| {
         format!(
             "--control-plane-id {:?} is not a SPIFFE ID",
@@ -112,7 +125,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", cli.admin_listen))?;
     let config = SidecarConfig {
         control: ControlConfig {
-            endpoint,
+            identity,
             control_plane_addr: cli.control_plane,
             control_plane_id: cli.control_plane_id,
             routes_refresh: cli.routes_refresh,

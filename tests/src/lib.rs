@@ -13,6 +13,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use leash_api::identity::IdentityConfig;
 use leash_control_plane::app::{ControlPlane, ServeConfig};
 use leash_control_plane::devid::{DevCa, DevIdentityProvider};
 use leash_proxy::{ControlConfig, Limits, Sidecar, SidecarConfig, UpstreamTimeouts};
@@ -178,9 +179,13 @@ pub async fn start_control_plane_on(
 }
 
 pub fn sidecar_config(endpoint: String, cp_addr: SocketAddr) -> SidecarConfig {
+    sidecar_config_with(IdentityConfig::WorkloadApi(endpoint), cp_addr)
+}
+
+pub fn sidecar_config_with(identity: IdentityConfig, cp_addr: SocketAddr) -> SidecarConfig {
     SidecarConfig {
         control: ControlConfig {
-            endpoint,
+            identity,
             control_plane_addr: cp_addr,
             control_plane_id: CP_ID.into(),
             routes_refresh: Duration::from_millis(200),
@@ -340,4 +345,41 @@ pub async fn wait_ready(admin: SocketAddr) {
         }
     })
     .await;
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// Writes an SVID issued by `ca` as PEM files (cert, PKCS#8 key, bundle),
+/// replacing each file atomically as a rotation tool would.
+pub fn write_svid_files(
+    dir: &Path,
+    ca: &leash_control_plane::devid::DevCa,
+    id: &str,
+    ttl: Duration,
+) -> leash_api::identity::SvidFiles {
+    let m = ca.issue(id, ttl).expect("issue SVID");
+    let files = leash_api::identity::SvidFiles {
+        cert: dir.join("svid.pem"),
+        key: dir.join("svid-key.pem"),
+        bundle: dir.join("bundle.pem"),
+    };
+    let write = |path: &Path, text: String| {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, path).expect("rename");
+    };
+    write(&files.key, pem("PRIVATE KEY", &m.key_pkcs8));
+    write(&files.bundle, ca.bundle_pem());
+    write(&files.cert, pem("CERTIFICATE", &m.leaf_der));
+    files
 }

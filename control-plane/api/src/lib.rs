@@ -5,6 +5,7 @@
 pub mod identity;
 pub mod policy;
 pub mod process;
+pub mod workload_server;
 
 /// The sidecar <-> control plane protocol (`proto/leash.proto`).
 pub mod v1 {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
+use leash_api::identity::IdentityConfig;
 use leash_control_plane::app::{ControlPlane, ServeConfig};
 use leash_control_plane::devid::{DevCa, DevIdentityProvider};
 use leash_control_plane::store::Store;
@@ -55,6 +56,16 @@ struct ServeArgs {
     /// SPIFFE Workload API endpoint (unix:///path or tcp://ip:port).
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
     spiffe_endpoint: Option<String>,
+    /// Instead of the Workload API: the SVID certificate chain (PEM, leaf
+    /// first). Re-read when it changes. Needs --svid-key and --svid-bundle.
+    #[arg(long, env = "LEASH_SVID_CERT", requires_all = ["svid_key", "svid_bundle"])]
+    svid_cert: Option<PathBuf>,
+    /// The SVID's private key (PKCS#8 PEM).
+    #[arg(long, env = "LEASH_SVID_KEY", requires = "svid_cert")]
+    svid_key: Option<PathBuf>,
+    /// The trust bundle (PEM CA certificates).
+    #[arg(long, env = "LEASH_SVID_BUNDLE", requires = "svid_cert")]
+    svid_bundle: Option<PathBuf>,
     /// `iss` claim of issued JWTs (default: http://<admin-listen>).
     #[arg(long, env = "LEASH_ISSUER")]
     issuer: Option<String>,
@@ -110,8 +121,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Policy errors are the commonest start failure: report them before
     // waiting on identity.
     leash_api::policy::load(&args.policy)?;
-    let endpoint = args.spiffe_endpoint.unwrap_or_default();
-    let source = leash_api::identity::x509_source(&endpoint, args.identity_timeout).await?;
+    let identity_config = IdentityConfig::from_flags(
+        args.spiffe_endpoint,
+        args.svid_cert,
+        args.svid_key,
+        args.svid_bundle,
+    )?;
+    let identity = leash_api::identity::connect(&identity_config, args.identity_timeout).await?;
+    let source = identity.source.clone();
     let svid = source.svid().context("no SVID")?;
     tracing::info!(spiffe_id = %svid.spiffe_id(), "identity acquired");
     let sidecar = tokio::net::TcpListener::bind(args.listen)
