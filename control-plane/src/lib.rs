@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod cli;
 pub mod devid;
 pub mod jwt;
 pub mod mtls;

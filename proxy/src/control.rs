@@ -2,7 +2,6 @@
 //! X.509-SVID from the Workload API, dials the control plane over mTLS
 //! (verifying its SPIFFE ID), and keeps the routing table current.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -39,7 +38,9 @@ pub enum ControlError {
 pub struct ControlConfig {
     /// Where the workload's SVID comes from.
     pub identity: IdentityConfig,
-    pub control_plane_addr: SocketAddr,
+    /// `host:port` of the control plane's sidecar API (a name is resolved on
+    /// every connect, so a Service whose address changes is followed).
+    pub control_plane: String,
     /// The SPIFFE ID the control plane must present.
     pub control_plane_id: String,
     pub routes_refresh: Duration,
@@ -191,7 +192,7 @@ impl ControlLink {
                 match self.refresh_routes().await {
                     Ok(()) => {
                         if !self.control_ready.swap(true, Ordering::AcqRel) {
-                            tracing::info!(control_plane = %self.config.control_plane_addr, "control plane connected");
+                            tracing::info!(control_plane = %self.config.control_plane, "control plane connected");
                         }
                         backoff = Duration::from_millis(100);
                         tokio::time::sleep(self.config.routes_refresh).await;
@@ -258,22 +259,34 @@ impl ControlLink {
             .build()
             .map_err(|e| ControlError::Rpc(e.to_string()))?;
         let connector = TlsConnector::from(Arc::new(tls));
-        let addr = self.config.control_plane_addr;
+        let addr = self.config.control_plane.clone();
+        let authority: http::uri::Authority = addr.parse().map_err(|_| {
+            ControlError::Rpc(format!("control plane address {addr:?} is not host:port"))
+        })?;
         // The control plane is verified by its SPIFFE ID, not by name; SNI is
         // only a hint.
-        let server_name = ServerName::from(addr.ip());
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let server_name = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ServerName::from(ip),
+            Err(_) => ServerName::try_from(host.to_owned())
+                .map_err(|_| ControlError::Rpc(format!("bad control plane host {host:?}")))?,
+        };
         let connect = tower::service_fn(move |_uri: http::Uri| {
             let connector = connector.clone();
             let server_name = server_name.clone();
+            let addr = addr.clone();
             async move {
-                let tcp = TcpStream::connect(addr).await?;
+                let tcp = TcpStream::connect(addr.as_str()).await?;
                 tcp.set_nodelay(true)?;
                 let tls = connector.connect(server_name, tcp).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         });
         // `http://` because TLS is done by the connector above.
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = Endpoint::from_shared(format!("http://{authority}"))
             .map_err(|e| ControlError::Rpc(e.to_string()))?
             .connect_timeout(Duration::from_secs(3))
             .http2_keep_alive_interval(Duration::from_secs(20))

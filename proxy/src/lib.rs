@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod cache;
+pub mod cli;
 pub mod control;
 pub mod egress;
 pub mod metrics;

@@ -186,7 +186,7 @@ pub fn sidecar_config_with(identity: IdentityConfig, cp_addr: SocketAddr) -> Sid
     SidecarConfig {
         control: ControlConfig {
             identity,
-            control_plane_addr: cp_addr,
+            control_plane: cp_addr.to_string(),
             control_plane_id: CP_ID.into(),
             routes_refresh: Duration::from_millis(200),
             call_timeout: Duration::from_secs(5),

@@ -1,104 +1,16 @@
 //! `leash-control-plane`: serve the control plane, run the dev identity
 //! provider, or rotate the JWT signing key.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::Parser as _;
 use leash_api::identity::IdentityConfig;
 use leash_control_plane::app::{ControlPlane, ServeConfig};
+use leash_control_plane::cli::{Cli, Command, DevIdentityArgs, KeysCommand, ServeArgs};
 use leash_control_plane::devid::{DevCa, DevIdentityProvider};
 use leash_control_plane::store::Store;
 use leash_control_plane::{init_logging, jwt, shutdown_signal};
-
-#[derive(Parser)]
-#[command(
-    name = "leash-control-plane",
-    version,
-    about = "The Leash control plane"
-)]
-struct Cli {
-    /// Log format: text or json. Filter with RUST_LOG (default info).
-    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Serve the sidecar API (gRPC, mTLS) and the admin API (HTTP).
-    Serve(ServeArgs),
-    /// Run a dev SPIFFE Workload API server backed by an in-memory CA
-    /// (for local runs and tests; production uses SPIRE).
-    DevIdentity(DevIdentityArgs),
-    /// Manage the JWT signing keys.
-    #[command(subcommand)]
-    Keys(KeysCommand),
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Policy file (YAML). Re-read when it changes; an invalid edit is refused.
-    #[arg(long, env = "LEASH_POLICY")]
-    policy: PathBuf,
-    /// Directory for the SQLite database.
-    #[arg(long, env = "LEASH_DATA_DIR", default_value = "./leash-data")]
-    data_dir: PathBuf,
-    /// Address of the sidecar API (gRPC over mTLS).
-    #[arg(long, env = "LEASH_LISTEN", default_value = "127.0.0.1:8443")]
-    listen: SocketAddr,
-    /// Address of the admin API (health, readiness, JWKS, metrics).
-    #[arg(long, env = "LEASH_ADMIN_LISTEN", default_value = "127.0.0.1:8080")]
-    admin_listen: SocketAddr,
-    /// SPIFFE Workload API endpoint (unix:///path or tcp://ip:port).
-    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
-    spiffe_endpoint: Option<String>,
-    /// Instead of the Workload API: the SVID certificate chain (PEM, leaf
-    /// first). Re-read when it changes. Needs --svid-key and --svid-bundle.
-    #[arg(long, env = "LEASH_SVID_CERT", requires_all = ["svid_key", "svid_bundle"])]
-    svid_cert: Option<PathBuf>,
-    /// The SVID's private key (PKCS#8 PEM).
-    #[arg(long, env = "LEASH_SVID_KEY", requires = "svid_cert")]
-    svid_key: Option<PathBuf>,
-    /// The trust bundle (PEM CA certificates).
-    #[arg(long, env = "LEASH_SVID_BUNDLE", requires = "svid_cert")]
-    svid_bundle: Option<PathBuf>,
-    /// `iss` claim of issued JWTs (default: http://<admin-listen>).
-    #[arg(long, env = "LEASH_ISSUER")]
-    issuer: Option<String>,
-    /// How long to wait for the first SVID at start.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    identity_timeout: Duration,
-}
-
-#[derive(Args)]
-struct DevIdentityArgs {
-    /// Trust domain of the dev CA.
-    #[arg(long, default_value = "leash.test")]
-    trust_domain: String,
-    /// A socket and the SPIFFE ID it serves, as PATH=SPIFFE_ID. Repeatable.
-    #[arg(long = "socket", value_name = "PATH=SPIFFE_ID", required = true)]
-    sockets: Vec<String>,
-    /// Lifetime of each SVID; SVIDs are re-issued at half-life.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    svid_ttl: Duration,
-    /// Write the CA certificate (the trust bundle) to this PEM file.
-    #[arg(long)]
-    bundle_out: Option<PathBuf>,
-}
-
-#[derive(Subcommand)]
-enum KeysCommand {
-    /// Create a new signing key and make it the active one. A running control
-    /// plane picks it up within 5 s; older keys stay in the JWKS.
-    Rotate {
-        #[arg(long, env = "LEASH_DATA_DIR", default_value = "./leash-data")]
-        data_dir: PathBuf,
-    },
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

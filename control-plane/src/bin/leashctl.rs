@@ -1,33 +1,9 @@
 //! `leashctl`: the operator's and responder's command line.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-
-#[derive(Parser)]
-#[command(
-    name = "leashctl",
-    version,
-    about = "Operate Leash: policy, and (soon) revocations"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Work with policy files.
-    #[command(subcommand)]
-    Policy(PolicyCommand),
-}
-
-#[derive(Subcommand)]
-enum PolicyCommand {
-    /// Validate a policy file offline: exits non-zero naming each bad field.
-    Check { file: PathBuf },
-}
+use clap::Parser as _;
+use leash_control_plane::cli::{LeashctlCli as Cli, LeashctlCommand as Command, PolicyCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -1,0 +1,119 @@
+//! Command-line flags of `leash-control-plane` and `leashctl` (also read by
+//! the deploy-manifest test).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "leash-control-plane",
+    version,
+    about = "The Leash control plane"
+)]
+pub struct Cli {
+    /// Log format: text or json. Filter with RUST_LOG (default info).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the sidecar API (gRPC, mTLS) and the admin API (HTTP).
+    Serve(ServeArgs),
+    /// Run a dev SPIFFE Workload API server backed by an in-memory CA
+    /// (for local runs and tests; production uses SPIRE).
+    DevIdentity(DevIdentityArgs),
+    /// Manage the JWT signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Policy file (YAML). Re-read when it changes; an invalid edit is refused.
+    #[arg(long, env = "LEASH_POLICY")]
+    pub policy: PathBuf,
+    /// Directory for the SQLite database.
+    #[arg(long, env = "LEASH_DATA_DIR", default_value = "./leash-data")]
+    pub data_dir: PathBuf,
+    /// Address of the sidecar API (gRPC over mTLS).
+    #[arg(long, env = "LEASH_LISTEN", default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Address of the admin API (health, readiness, JWKS, metrics).
+    #[arg(long, env = "LEASH_ADMIN_LISTEN", default_value = "127.0.0.1:8080")]
+    pub admin_listen: SocketAddr,
+    /// SPIFFE Workload API endpoint (unix:///path or tcp://ip:port).
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+    pub spiffe_endpoint: Option<String>,
+    /// Instead of the Workload API: the SVID certificate chain (PEM, leaf
+    /// first). Re-read when it changes. Needs --svid-key and --svid-bundle.
+    #[arg(long, env = "LEASH_SVID_CERT", requires_all = ["svid_key", "svid_bundle"])]
+    pub svid_cert: Option<PathBuf>,
+    /// The SVID's private key (PKCS#8 PEM).
+    #[arg(long, env = "LEASH_SVID_KEY", requires = "svid_cert")]
+    pub svid_key: Option<PathBuf>,
+    /// The trust bundle (PEM CA certificates).
+    #[arg(long, env = "LEASH_SVID_BUNDLE", requires = "svid_cert")]
+    pub svid_bundle: Option<PathBuf>,
+    /// `iss` claim of issued JWTs (default: http://<admin-listen>).
+    #[arg(long, env = "LEASH_ISSUER")]
+    pub issuer: Option<String>,
+    /// How long to wait for the first SVID at start.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub identity_timeout: Duration,
+}
+
+#[derive(Args)]
+pub struct DevIdentityArgs {
+    /// Trust domain of the dev CA.
+    #[arg(long, default_value = "leash.test")]
+    pub trust_domain: String,
+    /// A socket and the SPIFFE ID it serves, as PATH=SPIFFE_ID. Repeatable.
+    #[arg(long = "socket", value_name = "PATH=SPIFFE_ID", required = true)]
+    pub sockets: Vec<String>,
+    /// Lifetime of each SVID; SVIDs are re-issued at half-life.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub svid_ttl: Duration,
+    /// Write the CA certificate (the trust bundle) to this PEM file.
+    #[arg(long)]
+    pub bundle_out: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Create a new signing key and make it the active one. A running control
+    /// plane picks it up within 5 s; older keys stay in the JWKS.
+    Rotate {
+        #[arg(long, env = "LEASH_DATA_DIR", default_value = "./leash-data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Parser)]
+#[command(
+    name = "leashctl",
+    version,
+    about = "Operate Leash: policy, and (soon) revocations"
+)]
+pub struct LeashctlCli {
+    #[command(subcommand)]
+    pub command: LeashctlCommand,
+}
+
+#[derive(Subcommand)]
+pub enum LeashctlCommand {
+    /// Work with policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file offline: exits non-zero naming each bad field.
+    Check { file: PathBuf },
+}
