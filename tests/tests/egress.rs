@@ -234,3 +234,43 @@ async fn admin_endpoints() {
     assert_eq!(key["alg"], "ES256");
     assert!(key.get("d").is_none(), "no private part in the JWKS");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_body_streams_through() {
+    use http_body_util::BodyExt as _;
+    type Chunk = Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>;
+    let d = Deployment::start("5m", SVID_TTL).await;
+    // 8 MiB sent in 64 KiB chunks as a stream; the upstream counts what arrives.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(4);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let stream = tokio::net::TcpStream::connect(d.sidecar.egress_addr)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("http://payments.leash.test/echo")
+        .header("host", "payments.leash.test")
+        .body(body)
+        .unwrap();
+    let send = tokio::spawn(async move { sender.send_request(req).await });
+    for _ in 0..128 {
+        tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from(
+            vec![7u8; 64 * 1024],
+        ))))
+        .await
+        .unwrap();
+    }
+    drop(tx);
+    let resp = send.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["body_bytes"], 8 * 1024 * 1024);
+    assert_eq!(
+        echo["headers"]["transfer-encoding"], "chunked",
+        "streamed, not buffered into a length"
+    );
+}
