@@ -107,7 +107,7 @@ async fn connect_malformed_and_oversized_requests() {
 
     let connect = raw(
         proxy,
-        b"CONNECT payments.leash.test:443 HTTP/1.1\r\nHost: payments.leash.test:443\r\n\r\n",
+        b"CONNECT payments.leash.test:443 HTTP/1.1\r\nHost: payments.leash.test:443\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
@@ -121,7 +121,7 @@ async fn connect_malformed_and_oversized_requests() {
     assert!(garbage.starts_with("HTTP/1.1 400"), "{garbage}");
 
     let big = format!(
-        "GET http://payments.leash.test/ HTTP/1.1\r\nHost: payments.leash.test\r\nX-Big: {}\r\n\r\n",
+        "GET http://payments.leash.test/ HTTP/1.1\r\nHost: payments.leash.test\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
         "a".repeat(70 * 1024)
     );
     let oversized = raw(proxy, big.as_bytes()).await;
