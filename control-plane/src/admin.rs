@@ -1,38 +1,449 @@
-//! The admin HTTP listener: health, readiness, the public JWKS and metrics.
+//! The admin HTTP listener: the authenticated, audited `/v1` API for
+//! responders and operators, plus public health, readiness, metrics, the
+//! JWKS and the OpenAPI description.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
 use spiffe::X509Source;
 
+use crate::auth::{self, AuthError, Caller, Role};
+use crate::revocations::{RevokeError, RevokeRequest};
 use crate::state::ControlPlaneState;
+use crate::store::{AuditEntry, StoredRevocation, now_ms};
 
-/// Counters exported on `/metrics`.
-#[derive(Default)]
-pub struct Metrics {
-    pub credentials_issued: AtomicU64,
-    pub issue_denied: AtomicU64,
-}
+/// Largest request body the admin API reads.
+const MAX_BODY: usize = 16 * 1024;
 
 #[derive(Clone)]
 pub struct AdminState {
     pub cp: Arc<ControlPlaneState>,
     pub source: X509Source,
-    pub metrics: Arc<Metrics>,
 }
 
 pub fn router(state: AdminState) -> Router {
+    let api = Router::new()
+        .route("/v1/revocations", get(list_revocations).post(revoke))
+        .route("/v1/revocations/{id}", get(get_revocation))
+        .route("/v1/revocations/{id}/restore", post(restore))
+        .route("/v1/sidecars", get(sidecars))
+        .route("/v1/audit", get(audit))
+        .route("/v1/tokens", post(create_token))
+        .layer(middleware::from_fn_with_state(state.clone(), audited))
+        .layer(DefaultBodyLimit::max(MAX_BODY));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .merge(api)
         .with_state(state)
+}
+
+/// An error as the API returns it: a status and `{"error": code, "message": …}`.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let detail = AuditDetail(format!("{}: {}", self.code, self.message));
+        let mut resp = (
+            self.status,
+            Json(json!({"error": self.code, "message": self.message})),
+        )
+            .into_response();
+        resp.extensions_mut().insert(detail);
+        resp
+    }
+}
+
+impl From<RevokeError> for ApiError {
+    fn from(e: RevokeError) -> Self {
+        match e {
+            RevokeError::Invalid(m) => Self::new(StatusCode::BAD_REQUEST, "invalid", m),
+            RevokeError::NotFound(m) => Self::new(StatusCode::NOT_FOUND, "not_found", m),
+            RevokeError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            RevokeError::Store(e) => {
+                tracing::error!(error = %e, "store error");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the store refused the write",
+                )
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        Self::new(status, "bad_body", e.body_text())
+    }
+}
+
+/// What the audit entry should say about a call, set by the handler.
+#[derive(Clone)]
+struct AuditDetail(String);
+
+fn require(caller: &Caller, role: Role) -> Result<(), ApiError> {
+    if caller.role >= role {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "this call needs the {} role; the token has {}",
+                role.as_str(),
+                caller.role.as_str()
+            ),
+        ))
+    }
+}
+
+/// Authenticates every `/v1` call and writes it to the audit log, whatever
+/// the outcome (refused calls included).
+async fn audited(State(s): State<AdminState>, mut req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let caller = auth::authenticate(&s.cp.store, authorization.as_deref()).await;
+    let (actor, role, response) = match caller {
+        Ok(caller) => {
+            let (actor, role) = (caller.actor.clone(), caller.role.as_str());
+            req.extensions_mut().insert(caller);
+            (actor, role, next.run(req).await)
+        }
+        Err(e) => {
+            let (status, code) = match e {
+                AuthError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+                AuthError::Missing | AuthError::Invalid => {
+                    (StatusCode::UNAUTHORIZED, "unauthenticated")
+                }
+            };
+            let mut r = ApiError::new(status, code, e.to_string()).into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            ("anonymous".to_owned(), "", r)
+        }
+    };
+    let detail = response
+        .extensions()
+        .get::<AuditDetail>()
+        .map(|d| d.0.clone())
+        .unwrap_or_default();
+    let entry = AuditEntry {
+        at_ms: now_ms(),
+        actor,
+        role: role.to_owned(),
+        action: format!("{method} {path}"),
+        method,
+        path,
+        status: response.status().as_u16(),
+        detail,
+    };
+    if let Err(e) = s.cp.store.append_audit(&entry).await {
+        // An unaudited call must not look successful.
+        tracing::error!(error = %e, "cannot write the audit log");
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the audit log is not writable",
+        )
+        .into_response();
+    }
+    response
+}
+
+fn with_detail(mut resp: Response, detail: String) -> Response {
+    resp.extensions_mut().insert(AuditDetail(detail));
+    resp
+}
+
+fn revocation_json(r: &StoredRevocation) -> Value {
+    json!({
+        "id": r.revocation.id,
+        "kind": r.revocation.kind,
+        "workload": r.revocation.workload,
+        "upstream": r.revocation.upstream,
+        "credential_id": r.revocation.credential_id,
+        "reason": r.revocation.reason,
+        "revoked_by": r.revocation.revoked_by,
+        "revoked_at_ms": r.revocation.revoked_at_ms,
+        "seq": r.revoke_seq,
+        "active": r.restored.is_none(),
+        "restored": r.restored.as_ref().map(|x| json!({
+            "by": x.by, "reason": x.reason, "at_ms": x.at_ms, "seq": x.seq,
+        })),
+    })
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list_revocations(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Viewer)?;
+    let list =
+        s.cp.store
+            .revocations(!q.all)
+            .await
+            .map_err(RevokeError::from)?;
+    let body = json!({"revocations": list.iter().map(revocation_json).collect::<Vec<_>>()});
+    Ok(Json(body).into_response())
+}
+
+async fn revoke(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<RevokeRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Responder)?;
+    let Json(req) = body?;
+    let policy = s.cp.policy.load();
+    let stored =
+        s.cp.revocations
+            .revoke(req, &caller.actor, &policy.policy)
+            .await?;
+    let detail = format!(
+        "revoked {} {} seq {}: {}",
+        stored.revocation.kind, stored.revocation.id, stored.revoke_seq, stored.revocation.reason
+    );
+    Ok(with_detail(
+        (StatusCode::CREATED, Json(revocation_json(&stored))).into_response(),
+        detail,
+    ))
+}
+
+async fn get_revocation(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Viewer)?;
+    let stored =
+        s.cp.store
+            .revocation(&id)
+            .await
+            .map_err(RevokeError::from)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no revocation {id:?}"),
+                )
+            })?;
+    let mut body = revocation_json(&stored);
+    body["propagation"] = propagation(&s, stored.revoke_seq).await?;
+    Ok(Json(body).into_response())
+}
+
+/// Which sidecars have acknowledged `seq` (durable record) and which of the
+/// connected ones have not yet.
+async fn propagation(s: &AdminState, seq: u64) -> Result<Value, ApiError> {
+    let committed_at =
+        s.cp.store
+            .revocations(false)
+            .await
+            .map_err(RevokeError::from)?
+            .into_iter()
+            .find_map(|r| {
+                if r.revoke_seq == seq {
+                    Some(r.revocation.revoked_at_ms)
+                } else {
+                    r.restored.filter(|x| x.seq == seq).map(|x| x.at_ms)
+                }
+            })
+            .unwrap_or(0);
+    let acked = s.cp.store.acks_for(seq).await.map_err(RevokeError::from)?;
+    let acknowledged: Vec<Value> = acked
+        .iter()
+        .map(|(session, at)| {
+            json!({
+                "session_id": session.id,
+                "spiffe_id": session.spiffe_id,
+                "version": session.version,
+                "acked_at_ms": at,
+                "latency_ms": (at - committed_at).max(0),
+            })
+        })
+        .collect();
+    let connected = s.cp.sessions.list();
+    let pending: Vec<Value> = connected
+        .iter()
+        .filter(|c| c.last_ack_seq.load(Ordering::Relaxed) < seq)
+        .map(|c| {
+            json!({
+                "session_id": c.id,
+                "spiffe_id": &*c.spiffe_id,
+                "version": c.version,
+                "last_ack_seq": c.last_ack_seq.load(Ordering::Relaxed),
+                "last_heard_ms": c.last_heard_ms.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "seq": seq,
+        "connected": connected.len(),
+        "acknowledged": acknowledged,
+        "pending": pending,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreRequest {
+    reason: String,
+}
+
+async fn restore(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Result<Json<RestoreRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Responder)?;
+    let Json(req) = body?;
+    let stored =
+        s.cp.revocations
+            .restore(&id, &caller.actor, &req.reason)
+            .await?;
+    let detail = format!("restored {id}: {}", req.reason.trim());
+    Ok(with_detail(
+        Json(revocation_json(&stored)).into_response(),
+        detail,
+    ))
+}
+
+async fn sidecars(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Viewer)?;
+    let list: Vec<Value> =
+        s.cp.sessions
+            .list()
+            .iter()
+            .map(|c| {
+                json!({
+                    "session_id": c.id,
+                    "spiffe_id": &*c.spiffe_id,
+                    "version": c.version,
+                    "connected_at_ms": c.connected_at_ms,
+                    "last_ack_seq": c.last_ack_seq.load(Ordering::Relaxed),
+                    "last_ack_at_ms": c.last_ack_at_ms.load(Ordering::Relaxed),
+                    "last_heard_ms": c.last_heard_ms.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+    Ok(Json(json!({"seq": s.cp.revocations.snapshot().seq, "sidecars": list})).into_response())
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_limit() -> i64 {
+    100
+}
+
+async fn audit(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Admin)?;
+    let entries =
+        s.cp.store
+            .audit(q.limit.clamp(1, 10_000))
+            .await
+            .map_err(RevokeError::from)?;
+    Ok(Json(json!({"entries": entries})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    name: String,
+    role: String,
+}
+
+async fn create_token(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<TokenRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Admin)?;
+    let Json(req) = body?;
+    let role = Role::parse(&req.role).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "role must be viewer, responder or admin",
+        )
+    })?;
+    if req.name.is_empty() || req.name.len() > 64 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "name must be 1-64 bytes",
+        ));
+    }
+    let token = auth::create_token(&s.cp.store, &req.name, role, &caller.actor)
+        .await
+        .map_err(RevokeError::from)?;
+    // The audit entry names the token, never its secret.
+    let detail = format!("created {} token {:?}", role.as_str(), req.name);
+    Ok(with_detail(
+        (
+            StatusCode::CREATED,
+            Json(json!({"name": req.name, "role": role.as_str(), "token": token})),
+        )
+            .into_response(),
+        detail,
+    ))
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
@@ -61,16 +472,15 @@ async fn jwks(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    let m = &s.metrics;
-    let body = format!(
-        "# HELP leash_cp_credentials_issued_total Credentials issued to sidecars.\n\
-         # TYPE leash_cp_credentials_issued_total counter\n\
-         leash_cp_credentials_issued_total {}\n\
-         # HELP leash_cp_issue_denied_total Issue calls answered with a denial.\n\
-         # TYPE leash_cp_issue_denied_total counter\n\
-         leash_cp_issue_denied_total {}\n",
-        m.credentials_issued.load(Ordering::Relaxed),
-        m.issue_denied.load(Ordering::Relaxed),
-    );
+    let body =
+        s.cp.metrics
+            .render(s.cp.sessions.len(), s.cp.revocations.snapshot().seq);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+async fn openapi(_headers: HeaderMap) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
 }

@@ -13,8 +13,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::admin::{self, AdminState, Metrics};
+use crate::admin::{self, AdminState};
 use crate::jwt::JwtIssuer;
+use crate::metrics::Metrics;
+use crate::revocations::RevocationLog;
+use crate::sessions::SessionRegistry;
 use crate::sidecar_api::SidecarService;
 use crate::state::{ControlPlaneState, PolicySnapshot};
 use crate::store::Store;
@@ -27,6 +30,8 @@ pub struct ServeConfig {
     pub issuer: Option<String>,
     /// How often the policy file is checked for changes.
     pub policy_poll: Duration,
+    /// How often each sidecar session gets a heartbeat.
+    pub heartbeat: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +48,41 @@ pub enum StartError {
     Identity(String),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// On first start (no token in the store) creates an admin token and writes
+/// it to `<data_dir>/admin-token`, readable by the owner only.
+async fn bootstrap_admin_token(
+    store: &Store,
+    data_dir: &std::path::Path,
+) -> Result<(), StartError> {
+    if store.token_count().await? > 0 {
+        return Ok(());
+    }
+    let token = crate::auth::create_token(
+        store,
+        "bootstrap",
+        crate::auth::Role::Admin,
+        "leash-control-plane",
+    )
+    .await?;
+    let path = data_dir.join("admin-token");
+    write_private(&path, &token)?;
+    tracing::info!(path = %path.display(), "created the first admin token");
+    Ok(())
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")
 }
 
 /// A running control plane.
@@ -80,15 +120,28 @@ impl ControlPlane {
             kid = %issuer.active_kid(),
             "control plane starting"
         );
+        let metrics = Arc::new(Metrics::default());
+        let revocations = RevocationLog::open(store.clone(), metrics.clone()).await?;
+        let (sessions, ack_writer) = SessionRegistry::new(store.clone());
+        bootstrap_admin_token(&store, &config.data_dir).await?;
         let state = Arc::new(ControlPlaneState {
             policy_path: config.policy.clone(),
             policy: ArcSwap::from_pointee(snapshot),
+            policy_changed: watch::channel(()).0,
             issuer,
             store,
+            revocations,
+            sessions,
+            metrics,
         });
-        let metrics = Arc::new(Metrics::default());
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        let mut stop = shutdown.subscribe();
+        tasks.spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            // Let queued acknowledgements reach the store before it closes.
+            ack_writer.abort();
+        });
 
         // Sidecars must present an SVID of our own trust domain; which upstreams
         // each may use is decided per call from policy.
@@ -104,7 +157,7 @@ impl ControlPlane {
             .with_alpn_protocols([b"h2"])
             .build()?;
         let incoming = crate::mtls::incoming(sidecar_listener, Arc::new(tls), shutdown.subscribe());
-        let service = SidecarService::new(state.clone(), metrics.clone());
+        let service = SidecarService::new(state.clone(), config.heartbeat);
         let mut stop = shutdown.subscribe();
         tasks.spawn(async move {
             let result = tonic::transport::Server::builder()
@@ -122,7 +175,6 @@ impl ControlPlane {
         let router = admin::router(AdminState {
             cp: state.clone(),
             source,
-            metrics,
         });
         let mut stop = shutdown.subscribe();
         tasks.spawn(async move {

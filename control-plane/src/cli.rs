@@ -31,6 +31,24 @@ pub enum Command {
     /// Manage the JWT signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Manage admin API tokens offline (on a running system, use POST /v1/tokens).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+}
+
+#[derive(Subcommand)]
+pub enum TokensCommand {
+    /// Create a token and print it (it is shown only this once).
+    Create {
+        #[arg(long, env = "LEASH_DATA_DIR", default_value = "./leash-data")]
+        data_dir: PathBuf,
+        /// A name for the token, shown in the audit log.
+        #[arg(long)]
+        name: String,
+        /// viewer, responder or admin.
+        #[arg(long, value_parser = ["viewer", "responder", "admin"])]
+        role: String,
+    },
 }
 
 #[derive(Args)]
@@ -63,6 +81,11 @@ pub struct ServeArgs {
     /// `iss` claim of issued JWTs (default: http://<admin-listen>).
     #[arg(long, env = "LEASH_ISSUER")]
     pub issuer: Option<String>,
+    /// Interval of heartbeats on each sidecar session. Sidecars refuse to
+    /// inject after --max-staleness without hearing from the control plane,
+    /// so keep this well below it.
+    #[arg(long, env = "LEASH_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
     /// How long to wait for the first SVID at start.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub identity_timeout: Duration,

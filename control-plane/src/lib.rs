@@ -5,10 +5,14 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod devid;
 pub mod jwt;
+pub mod metrics;
 pub mod mtls;
+pub mod revocations;
+pub mod sessions;
 pub mod sidecar_api;
 pub mod state;
 pub mod store;

@@ -10,9 +10,15 @@ use leash_api::v1::{
     BasicInjection, Credential, Denial, GetRoutesRequest, HeaderInjection, Injection, IssueRequest,
     IssueResponse, QueryInjection, Route, RouteSet, TlsSettings, injection, issue_response,
 };
-use tonic::{Request, Response, Status};
+use std::time::Duration;
 
-use crate::admin::Metrics;
+use leash_api::revocation::RevocationKind;
+use leash_api::v1::{ControlMessage, SidecarMessage, sidecar_message};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::sessions::SessionDriver;
+
 use crate::jwt::Claims;
 use crate::mtls::PeerIdentity;
 use crate::state::ControlPlaneState;
@@ -20,16 +26,19 @@ use crate::store::{CredentialRecord, now_ms};
 
 pub struct SidecarService {
     state: Arc<ControlPlaneState>,
-    metrics: Arc<Metrics>,
+    heartbeat: Duration,
 }
 
 impl SidecarService {
-    pub fn new(state: Arc<ControlPlaneState>, metrics: Arc<Metrics>) -> Self {
-        Self { state, metrics }
+    pub fn new(state: Arc<ControlPlaneState>, heartbeat: Duration) -> Self {
+        Self { state, heartbeat }
     }
 
     fn deny(&self, code: &str, message: String) -> Response<IssueResponse> {
-        self.metrics.issue_denied.fetch_add(1, Ordering::Relaxed);
+        self.state
+            .metrics
+            .issue_denied
+            .fetch_add(1, Ordering::Relaxed);
         Response::new(IssueResponse {
             result: Some(issue_response::Result::Denial(Denial {
                 code: code.to_owned(),
@@ -86,6 +95,34 @@ pub fn routes_for(policy: &ValidPolicy, spiffe_id: &str) -> Vec<Route> {
 
 #[tonic::async_trait]
 impl SidecarApi for SidecarService {
+    type SessionStream = ReceiverStream<Result<ControlMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<SidecarMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = caller(&request)?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10 s"))??;
+        let Some(SidecarMessage {
+            msg: Some(sidecar_message::Msg::Hello(hello)),
+        }) = first
+        else {
+            return Err(Status::invalid_argument("a session starts with a hello"));
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let driver = SessionDriver {
+            state: self.state.clone(),
+            registry: self.state.sessions.clone(),
+            metrics: self.state.metrics.clone(),
+            heartbeat: self.heartbeat,
+        };
+        tokio::spawn(driver.run(peer.spiffe_id.clone(), hello, inbound, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn get_routes(
         &self,
         request: Request<GetRoutesRequest>,
@@ -124,6 +161,20 @@ impl SidecarApi for SidecarService {
                     "{} is not granted upstream {upstream_name:?}",
                     peer.spiffe_id
                 ),
+            ));
+        }
+        if let Some(r) = self
+            .state
+            .revocations
+            .snapshot()
+            .set
+            .check(&peer.spiffe_id, upstream_name)
+        {
+            let kind =
+                RevocationKind::parse(&r.kind).map_or("revoked", RevocationKind::refusal_code);
+            return Ok(self.deny(
+                kind,
+                format!("revoked by {} ({}): {}", r.id, r.kind, r.reason),
             ));
         }
         if upstream.credential.kind != CredentialKind::Jwt {
@@ -174,7 +225,8 @@ impl SidecarApi for SidecarService {
                 tracing::error!(error = %e, "cannot record issued credential");
                 Status::unavailable("credential store unavailable")
             })?;
-        self.metrics
+        self.state
+            .metrics
             .credentials_issued
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(

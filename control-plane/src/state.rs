@@ -8,7 +8,12 @@ use arc_swap::ArcSwap;
 use leash_api::policy::{self, PolicyError, ValidPolicy};
 use ring::digest;
 
+use tokio::sync::watch;
+
 use crate::jwt::JwtIssuer;
+use crate::metrics::Metrics;
+use crate::revocations::RevocationLog;
+use crate::sessions::SessionRegistry;
 use crate::store::Store;
 
 /// A validated policy and a short content hash that names its version.
@@ -33,8 +38,13 @@ impl PolicySnapshot {
 pub struct ControlPlaneState {
     pub policy_path: PathBuf,
     pub policy: ArcSwap<PolicySnapshot>,
+    /// Signalled after each policy reload (sessions push new routes).
+    pub policy_changed: watch::Sender<()>,
     pub issuer: JwtIssuer,
     pub store: Store,
+    pub revocations: RevocationLog,
+    pub sessions: Arc<SessionRegistry>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl ControlPlaneState {
@@ -54,6 +64,7 @@ impl ControlPlaneState {
                 Ok(snapshot) => {
                     tracing::info!(version = %snapshot.version, "policy reloaded");
                     self.policy.store(Arc::new(snapshot));
+                    self.policy_changed.send_replace(());
                 }
                 Err(e) => tracing::error!("{e}; keeping policy {}", self.policy.load().version),
             }

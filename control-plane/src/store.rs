@@ -6,6 +6,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use leash_api::v1::Revocation;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
@@ -21,7 +22,10 @@ pub enum StoreError {
 }
 
 /// Schema migrations, applied in order; each runs once.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_revocations.sql")),
+];
 
 #[derive(Clone)]
 pub struct Store {
@@ -44,6 +48,61 @@ pub struct CredentialRecord {
     pub kind: String,
     pub issued_at_ms: i64,
     pub expires_at_ms: i64,
+}
+
+/// A revocation as stored, with its sequence and restore, if any.
+#[derive(Debug, Clone)]
+pub struct StoredRevocation {
+    pub revocation: Revocation,
+    pub revoke_seq: u64,
+    pub restored: Option<Restore>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Restore {
+    pub by: String,
+    pub reason: String,
+    pub at_ms: i64,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    pub id: String,
+    pub spiffe_id: String,
+    pub version: String,
+    pub connected_at_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct AckRecord {
+    pub session_id: String,
+    pub from_seq: u64,
+    pub to_seq: u64,
+    pub acked_at_ms: i64,
+}
+
+/// An admin API token; only a hash of its secret is kept.
+#[derive(Debug, Clone)]
+pub struct TokenRecord {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub secret_sha256: Vec<u8>,
+    pub created_at_ms: i64,
+    pub created_by: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AuditEntry {
+    pub at_ms: i64,
+    pub actor: String,
+    pub role: String,
+    pub method: String,
+    pub path: String,
+    pub action: String,
+    pub status: u16,
+    pub detail: String,
 }
 
 impl Store {
@@ -157,12 +216,320 @@ impl Store {
         Ok(rows.iter().map(credential_from_row).collect())
     }
 
+    /// This store's identity, created on first use.
+    pub async fn store_id(&self) -> Result<String, StoreError> {
+        let fresh = uuid::Uuid::new_v4().to_string();
+        sqlx::query("INSERT OR IGNORE INTO store_meta (key, value) VALUES ('store_id', ?)")
+            .bind(&fresh)
+            .execute(&self.pool)
+            .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'store_id'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Commits a new revocation and its event; returns the event's sequence.
+    pub async fn insert_revocation(&self, r: &Revocation) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let seq = sqlx::query(
+            "INSERT INTO revocation_events (revocation_id, restored, at_ms) VALUES (?, 0, ?)",
+        )
+        .bind(&r.id)
+        .bind(r.revoked_at_ms)
+        .execute(&mut *tx)
+        .await?
+        .last_insert_rowid();
+        sqlx::query(
+            "INSERT INTO revocations (id, kind, workload, upstream, credential_id, reason, revoked_by, revoked_at_ms, revoke_seq) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.kind)
+        .bind(&r.workload)
+        .bind(&r.upstream)
+        .bind(&r.credential_id)
+        .bind(&r.reason)
+        .bind(&r.revoked_by)
+        .bind(r.revoked_at_ms)
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(u64::try_from(seq).unwrap_or(0))
+    }
+
+    /// Commits the restore of an active revocation; returns the event's sequence,
+    /// or `None` if it was not active.
+    pub async fn restore_revocation(
+        &self,
+        id: &str,
+        by: &str,
+        reason: &str,
+        at_ms: i64,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let seq = sqlx::query(
+            "INSERT INTO revocation_events (revocation_id, restored, at_ms) VALUES (?, 1, ?)",
+        )
+        .bind(id)
+        .bind(at_ms)
+        .execute(&mut *tx)
+        .await?
+        .last_insert_rowid();
+        let updated = sqlx::query(
+            "UPDATE revocations SET restored_by = ?, restore_reason = ?, restored_at_ms = ?, restore_seq = ? \
+             WHERE id = ? AND restore_seq IS NULL",
+        )
+        .bind(by)
+        .bind(reason)
+        .bind(at_ms)
+        .bind(seq)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        tx.commit().await?;
+        Ok(Some(u64::try_from(seq).unwrap_or(0)))
+    }
+
+    pub async fn revocation(&self, id: &str) -> Result<Option<StoredRevocation>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{REVOCATION_SELECT} WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(revocation_from_row))
+    }
+
+    /// All revocations, newest first; only the active ones if `active_only`.
+    pub async fn revocations(
+        &self,
+        active_only: bool,
+    ) -> Result<Vec<StoredRevocation>, StoreError> {
+        let filter = if active_only {
+            " WHERE restore_seq IS NULL"
+        } else {
+            ""
+        };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{REVOCATION_SELECT}{filter} ORDER BY revoke_seq DESC"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(revocation_from_row).collect())
+    }
+
+    /// The newest sequence committed (0 if none).
+    pub async fn current_seq(&self) -> Result<u64, StoreError> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM revocation_events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(seq.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+    }
+
+    /// The changes after `after`, in order, as (seq, revocation, restored).
+    pub async fn events_after(
+        &self,
+        after: u64,
+    ) -> Result<Vec<(u64, StoredRevocation, bool)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT e.seq AS event_seq, e.restored AS event_restored, r.id, r.kind, r.workload, r.upstream, r.credential_id, \
+             r.reason, r.revoked_by, r.revoked_at_ms, r.revoke_seq, r.restored_by, r.restore_reason, r.restored_at_ms, r.restore_seq \
+             FROM revocation_events e JOIN revocations r ON r.id = e.revocation_id WHERE e.seq > ? ORDER BY e.seq",
+        )
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let seq: i64 = r.get("event_seq");
+                let restored: i64 = r.get("event_restored");
+                (
+                    u64::try_from(seq).unwrap_or(0),
+                    revocation_from_row(r),
+                    restored != 0,
+                )
+            })
+            .collect())
+    }
+
+    pub async fn insert_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sessions (id, spiffe_id, version, connected_at_ms) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&s.id)
+        .bind(&s.spiffe_id)
+        .bind(&s.version)
+        .bind(s.connected_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn end_session(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sessions SET disconnected_at_ms = ? WHERE id = ?")
+            .bind(at_ms)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records acknowledgements in one transaction.
+    pub async fn insert_acks(&self, acks: &[AckRecord]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for a in acks {
+            sqlx::query("INSERT OR IGNORE INTO acks (session_id, from_seq, to_seq, acked_at_ms) VALUES (?, ?, ?, ?)")
+                .bind(&a.session_id)
+                .bind(i64::try_from(a.from_seq).unwrap_or(i64::MAX))
+                .bind(i64::try_from(a.to_seq).unwrap_or(i64::MAX))
+                .bind(a.acked_at_ms)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Sessions that acknowledged `seq`, with when.
+    pub async fn acks_for(&self, seq: u64) -> Result<Vec<(SessionRecord, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.id, s.spiffe_id, s.version, s.connected_at_ms, a.acked_at_ms FROM acks a \
+             JOIN sessions s ON s.id = a.session_id WHERE a.from_seq < ? AND a.to_seq >= ? ORDER BY a.acked_at_ms",
+        )
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    SessionRecord {
+                        id: r.get("id"),
+                        spiffe_id: r.get("spiffe_id"),
+                        version: r.get("version"),
+                        connected_at_ms: r.get("connected_at_ms"),
+                    },
+                    r.get("acked_at_ms"),
+                )
+            })
+            .collect())
+    }
+
+    pub async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO admin_tokens (id, name, role, secret_sha256, created_at_ms, created_by) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(&t.id)
+            .bind(&t.name)
+            .bind(&t.role)
+            .bind(&t.secret_sha256)
+            .bind(t.created_at_ms)
+            .bind(&t.created_by)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row = sqlx::query("SELECT id, name, role, secret_sha256, created_at_ms, created_by FROM admin_tokens WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| TokenRecord {
+            id: r.get("id"),
+            name: r.get("name"),
+            role: r.get("role"),
+            secret_sha256: r.get("secret_sha256"),
+            created_at_ms: r.get("created_at_ms"),
+            created_by: r.get("created_by"),
+        }))
+    }
+
+    pub async fn token_count(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM admin_tokens")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    pub async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO audit (at_ms, actor, role, method, path, action, status, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+            .bind(e.at_ms)
+            .bind(&e.actor)
+            .bind(&e.role)
+            .bind(&e.method)
+            .bind(&e.path)
+            .bind(&e.action)
+            .bind(i64::from(e.status))
+            .bind(&e.detail)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The newest `limit` audit entries, newest first.
+    pub async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query("SELECT at_ms, actor, role, method, path, action, status, detail FROM audit ORDER BY id DESC LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditEntry {
+                at_ms: r.get("at_ms"),
+                actor: r.get("actor"),
+                role: r.get("role"),
+                method: r.get("method"),
+                path: r.get("path"),
+                action: r.get("action"),
+                status: u16::try_from(r.get::<i64, _>("status")).unwrap_or(0),
+                detail: r.get("detail"),
+            })
+            .collect())
+    }
+
     pub async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+const REVOCATION_SELECT: &str = "SELECT id, kind, workload, upstream, credential_id, reason, revoked_by, revoked_at_ms, \
+     revoke_seq, restored_by, restore_reason, restored_at_ms, restore_seq FROM revocations";
+
+fn revocation_from_row(r: &sqlx::sqlite::SqliteRow) -> StoredRevocation {
+    StoredRevocation {
+        revocation: Revocation {
+            id: r.get("id"),
+            kind: r.get("kind"),
+            workload: r.get("workload"),
+            upstream: r.get("upstream"),
+            credential_id: r.get("credential_id"),
+            reason: r.get("reason"),
+            revoked_by: r.get("revoked_by"),
+            revoked_at_ms: r.get("revoked_at_ms"),
+        },
+        revoke_seq: u64::try_from(r.get::<i64, _>("revoke_seq")).unwrap_or(0),
+        restored: r.get::<Option<i64>, _>("restore_seq").map(|seq| Restore {
+            by: r
+                .get::<Option<String>, _>("restored_by")
+                .unwrap_or_default(),
+            reason: r
+                .get::<Option<String>, _>("restore_reason")
+                .unwrap_or_default(),
+            at_ms: r.get::<Option<i64>, _>("restored_at_ms").unwrap_or(0),
+            seq: u64::try_from(seq).unwrap_or(0),
+        }),
     }
 }
 

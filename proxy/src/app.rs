@@ -18,6 +18,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use leash_api::revocation::RevocationSet;
+
 use crate::cache::CredentialCache;
 use crate::control::{ControlConfig, ControlLink};
 use crate::egress::{Egress, ProxyBody};
@@ -91,6 +93,32 @@ impl Sidecar {
                 clear.clear();
             }
         });
+
+        // Revocations hit cached credentials: drop them and cut their streams.
+        if let Some(mut applied) = link.take_applied() {
+            let purge = cache.clone();
+            let workload = link.clone();
+            let mut stop = shutdown.subscribe();
+            tasks.spawn(async move {
+                loop {
+                    let (revocation, restored) = tokio::select! {
+                        next = applied.recv() => match next { Some(c) => c, None => return },
+                        _ = stop.wait_for(|s| *s) => return,
+                    };
+                    if restored {
+                        continue;
+                    }
+                    let me = workload.workload_id().to_string();
+                    let single = RevocationSet::new([revocation.clone()]);
+                    let n = purge
+                        .purge(|c| single.credential_revoked(&c.id) || single.check(&me, &c.upstream).is_some())
+                        .await;
+                    if n > 0 {
+                        tracing::info!(revocation_id = %revocation.id, credentials = n, "purged revoked credentials");
+                    }
+                }
+            });
+        }
 
         let egress_service = Arc::new(Egress {
             link: link.clone(),
@@ -194,7 +222,16 @@ fn admin_response(
                 )
             }
         }
-        "/metrics" => text(StatusCode::OK, metrics.render(link.pending().is_empty())),
+        "/metrics" => text(
+            StatusCode::OK,
+            metrics.render(
+                link.pending().is_empty(),
+                link.revocations
+                    .applied_seq
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                link.silence(),
+            ),
+        ),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try /healthz, /readyz or /metrics\n".into(),

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use moka::Expiry;
 use moka::future::Cache;
+use tokio_util::sync::CancellationToken;
 
 use crate::control::{ControlError, ControlLink};
 use crate::routes::{EgressRoute, InjectHow};
@@ -19,7 +20,10 @@ use crate::routes::{EgressRoute, InjectHow};
 /// The credential as it will be injected.
 pub struct CachedCredential {
     pub id: String,
+    pub upstream: Arc<str>,
     pub value: InjectValue,
+    /// Cancelled when the credential is revoked: streams opened with it are cut.
+    pub revoked: CancellationToken,
     /// After this, hits trigger a background refresh.
     refresh_at: Instant,
     /// After this, the credential is never used (it leaves the cache).
@@ -115,6 +119,25 @@ impl CredentialCache {
     pub fn clear(&self) {
         self.cache.invalidate_all();
     }
+
+    /// Drops the cached credential of `upstream`, so the next request fetches a new one.
+    pub async fn invalidate(&self, upstream: &Arc<str>) {
+        self.cache.invalidate(upstream).await;
+    }
+
+    /// Drops and marks revoked every cached credential `hit` selects, which
+    /// cuts the streams opened with them. Returns how many were hit.
+    pub async fn purge(&self, hit: impl Fn(&CachedCredential) -> bool) -> usize {
+        let mut n = 0;
+        for (key, cred) in self.cache.iter() {
+            if hit(&cred) {
+                cred.revoked.cancel();
+                self.cache.invalidate(&*key).await;
+                n += 1;
+            }
+        }
+        n
+    }
 }
 
 async fn fetch(
@@ -155,7 +178,9 @@ async fn fetch(
     tracing::debug!(credential_id = %cred.id, upstream = %route.name, ?remaining, "credential cached");
     Ok(Arc::new(CachedCredential {
         id: cred.id,
+        upstream: route.name.clone(),
         value,
+        revoked: CancellationToken::new(),
         refresh_at,
         use_until,
         refreshing: AtomicBool::new(false),

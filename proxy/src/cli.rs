@@ -27,9 +27,20 @@ pub struct Cli {
     #[arg(long = "upstream-listener", value_name = "UPSTREAM=ADDR")]
     pub upstream_listeners: Vec<String>,
     /// Control plane sidecar API address (host:port; a name is resolved on
-    /// each connect).
-    #[arg(long, env = "LEASH_CONTROL_PLANE", default_value = "127.0.0.1:8443")]
-    pub control_plane: String,
+    /// each connect). Repeat, or separate with commas, for several replicas:
+    /// they are tried in turn.
+    #[arg(
+        long,
+        env = "LEASH_CONTROL_PLANE",
+        default_value = "127.0.0.1:8443",
+        value_delimiter = ','
+    )]
+    pub control_plane: Vec<String>,
+    /// Refuse to inject credentials (503) after this long without hearing
+    /// from the control plane: the bound on how long a revocation can go
+    /// unenforced when this sidecar is cut off.
+    #[arg(long, env = "LEASH_MAX_STALENESS", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub max_staleness: Duration,
     /// SPIFFE ID the control plane must present.
     #[arg(
         long,
@@ -50,9 +61,6 @@ pub struct Cli {
     /// The trust bundle (PEM CA certificates).
     #[arg(long, env = "LEASH_SVID_BUNDLE", requires = "svid_cert")]
     pub svid_bundle: Option<std::path::PathBuf>,
-    /// How often routes are re-read from the control plane.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub routes_refresh: Duration,
     /// Largest request line plus header block accepted (larger: 431).
     #[arg(long, default_value_t = 64 * 1024)]
     pub max_header_bytes: usize,
@@ -92,15 +100,28 @@ impl Cli {
                 cli.control_plane_id
             )
         })?;
+        if cli.control_plane.iter().any(|a| {
+            a.parse::<http::uri::Authority>()
+                .map_or(true, |a| a.port().is_none())
+        }) {
+            bail!(
+                "--control-plane takes host:port, got {:?}",
+                cli.control_plane
+            );
+        }
+        if cli.max_staleness < Duration::from_secs(1) {
+            bail!("--max-staleness must be at least 1s");
+        }
         if cli.max_header_bytes < 8192 {
             bail!("--max-header-bytes must be at least 8192");
         }
         let config = SidecarConfig {
             control: ControlConfig {
                 identity,
-                control_plane: cli.control_plane.clone(),
+                control_planes: cli.control_plane.clone(),
                 control_plane_id: cli.control_plane_id.clone(),
-                routes_refresh: cli.routes_refresh,
+                max_staleness: cli.max_staleness,
+                ack_drain_timeout: Duration::from_secs(5),
                 call_timeout: Duration::from_secs(5),
                 upstream: UpstreamTimeouts {
                     connect: cli.upstream_connect_timeout,

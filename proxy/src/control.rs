@@ -1,23 +1,29 @@
 //! The sidecar's link to its identity and to the control plane: acquires the
-//! X.509-SVID from the Workload API, dials the control plane over mTLS
-//! (verifying its SPIFFE ID), and keeps the routing table current.
+//! X.509-SVID, dials the control plane over mTLS (verifying its SPIFFE ID),
+//! and keeps one session open on which routes, revocations and heartbeats
+//! arrive and acknowledgements go back.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper_util::rt::TokioIo;
 use leash_api::identity::{Identity, IdentityConfig};
+use leash_api::revocation::RevocationSet;
 use leash_api::v1::sidecar_api_client::SidecarApiClient;
-use leash_api::v1::{Credential, GetRoutesRequest, IssueRequest, issue_response};
+use leash_api::v1::{
+    Ack, ControlMessage, Credential, Hello, IssueRequest, Revocation, SidecarMessage,
+    control_message, issue_response, sidecar_message,
+};
 use rustls::pki_types::ServerName;
 use spiffe::X509Source;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::revocation::RevocationState;
 use crate::routes::{RouteTable, UpstreamTimeouts};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -32,53 +38,111 @@ pub enum ControlError {
     Denied { code: String, message: String },
     #[error("control plane sent an empty answer")]
     Empty,
+    #[error("session: {0}")]
+    Session(String),
 }
 
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
     /// Where the workload's SVID comes from.
     pub identity: IdentityConfig,
-    /// `host:port` of the control plane's sidecar API (a name is resolved on
-    /// every connect, so a Service whose address changes is followed).
-    pub control_plane: String,
+    /// `host:port` of each control plane replica's sidecar API, tried in turn
+    /// (a name is resolved on every connect).
+    pub control_planes: Vec<String>,
     /// The SPIFFE ID the control plane must present.
     pub control_plane_id: String,
-    pub routes_refresh: Duration,
+    /// Refuse to inject after this long without hearing from the control plane.
+    pub max_staleness: Duration,
     pub call_timeout: Duration,
     pub upstream: UpstreamTimeouts,
+    /// Longest an acknowledgement waits for requests checked against the
+    /// previous revocation state to finish sending.
+    pub ack_drain_timeout: Duration,
 }
 
-/// Shared, lock-free view of identity, control-plane connection and routes.
+/// Shared, lock-free view of identity, control-plane session, routes and revocations.
 pub struct ControlLink {
     config: ControlConfig,
     client: ArcSwapOption<SidecarApiClient<Channel>>,
     pub routes: ArcSwap<RouteTable>,
+    pub revocations: RevocationState,
     identity_ready: AtomicBool,
-    control_ready: AtomicBool,
+    /// A session delivered its revocation state and routes at least once.
+    synced: AtomicBool,
+    connected: AtomicBool,
     identity: ArcSwapOption<Identity>,
+    /// The workload's SPIFFE ID, for revocation checks on the hot path.
+    workload_id: ArcSwap<String>,
+    /// Milliseconds since `epoch` when the control plane was last heard.
+    last_heard_ms: AtomicU64,
+    epoch: Instant,
+    store_id: std::sync::Mutex<String>,
     /// Bumped whenever the routing table is replaced.
     routes_changed: watch::Sender<u64>,
+    /// Each applied revocation, for purging credentials and cutting streams.
+    applied: mpsc::UnboundedSender<(Revocation, bool)>,
+    applied_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(Revocation, bool)>>>,
 }
 
 impl ControlLink {
     pub fn new(config: ControlConfig) -> Arc<Self> {
+        let (applied, applied_rx) = mpsc::unbounded_channel();
         Arc::new(Self {
             config,
             client: ArcSwapOption::empty(),
             routes: ArcSwap::from_pointee(RouteTable::default()),
+            revocations: RevocationState::default(),
             identity_ready: AtomicBool::new(false),
-            control_ready: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
             identity: ArcSwapOption::empty(),
+            workload_id: ArcSwap::from_pointee(String::new()),
+            last_heard_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            store_id: std::sync::Mutex::new(String::new()),
             routes_changed: watch::channel(0).0,
+            applied,
+            applied_rx: std::sync::Mutex::new(Some(applied_rx)),
         })
+    }
+
+    /// The stream of applied revocation changes (taken once, by the app).
+    pub fn take_applied(&self) -> Option<mpsc::UnboundedReceiver<(Revocation, bool)>> {
+        self.applied_rx.lock().ok()?.take()
     }
 
     pub fn identity_ready(&self) -> bool {
         self.identity_ready.load(Ordering::Acquire)
     }
 
-    pub fn control_ready(&self) -> bool {
-        self.control_ready.load(Ordering::Acquire)
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Time since the control plane was last heard from.
+    pub fn silence(&self) -> Duration {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(now.saturating_sub(self.last_heard_ms.load(Ordering::Acquire)))
+    }
+
+    /// Past `max_staleness` without news: the revocation state can no longer
+    /// be trusted to be current (invariant I3).
+    pub fn stale(&self) -> Option<Duration> {
+        let silence = self.silence();
+        (self.synced() && silence > self.config.max_staleness).then_some(silence)
+    }
+
+    pub fn max_staleness(&self) -> Duration {
+        self.config.max_staleness
+    }
+
+    fn heard(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_heard_ms.store(now, Ordering::Release);
     }
 
     /// What readiness still waits for.
@@ -87,7 +151,7 @@ impl ControlLink {
         if !self.identity_ready() {
             p.push("identity");
         }
-        if !self.control_ready() {
+        if !self.synced() || self.stale().is_some() {
             p.push("control-plane");
         }
         p
@@ -97,13 +161,9 @@ impl ControlLink {
         self.routes_changed.subscribe()
     }
 
-    pub fn spiffe_id(&self) -> Option<String> {
-        let identity = self.identity.load_full()?;
-        identity
-            .source
-            .svid()
-            .ok()
-            .map(|s| s.spiffe_id().to_string())
+    /// The workload's SPIFFE ID ("" until the identity is acquired).
+    pub fn workload_id(&self) -> arc_swap::Guard<Arc<String>> {
+        self.workload_id.load()
     }
 
     /// DER of the current SVID's leaf certificate (diagnostics and tests).
@@ -155,59 +215,11 @@ impl ControlLink {
         }
     }
 
-    async fn refresh_routes(&self) -> Result<(), ControlError> {
-        let mut client = self.client()?;
-        let set = self
-            .call(client.get_routes(GetRoutesRequest {
-                sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
-            }))
-            .await?;
-        if self.routes.load().loaded && self.routes.load().policy_version == set.policy_version {
-            return Ok(());
-        }
-        let version = set.policy_version.clone();
-        let table = RouteTable::build(set, &self.config.upstream)
-            .map_err(|e| ControlError::Rpc(e.to_string()))?;
-        self.routes.store(Arc::new(table));
-        self.routes_changed.send_modify(|v| *v += 1);
-        tracing::info!(policy_version = %version, "routes updated");
-        Ok(())
-    }
-
-    /// Runs until `stop`: acquire identity, connect, then keep routes fresh.
+    /// Runs until `stop`: acquire identity, then keep a session to a control plane.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let work = async {
             let source = self.acquire_identity().await;
-            let channel = match self.channel(source.clone()) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot configure control-plane TLS");
-                    return;
-                }
-            };
-            self.client
-                .store(Some(Arc::new(SidecarApiClient::new(channel))));
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match self.refresh_routes().await {
-                    Ok(()) => {
-                        if !self.control_ready.swap(true, Ordering::AcqRel) {
-                            tracing::info!(control_plane = %self.config.control_plane, "control plane connected");
-                        }
-                        backoff = Duration::from_millis(100);
-                        tokio::time::sleep(self.config.routes_refresh).await;
-                    }
-                    Err(e) => {
-                        if self.control_ready.swap(false, Ordering::AcqRel) {
-                            tracing::warn!(error = %e, "lost the control plane");
-                        } else {
-                            tracing::debug!(error = %e, "control plane not reachable yet");
-                        }
-                        tokio::time::sleep(jitter(backoff)).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
+            self.session_loop(source).await;
         };
         tokio::select! {
             () = work => {}
@@ -216,6 +228,181 @@ impl ControlLink {
         if let Some(identity) = self.identity.load_full() {
             identity.source.shutdown().await;
         }
+    }
+
+    /// Keeps a session open, moving to the next control plane address and
+    /// backing off (with jitter) after each failure.
+    async fn session_loop(&self, source: X509Source) {
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0usize;
+        loop {
+            let addr = &self.config.control_planes[attempt % self.config.control_planes.len()];
+            attempt += 1;
+            let started = Instant::now();
+            let result = match self.channel(source.clone(), addr) {
+                Ok(channel) => {
+                    let client = SidecarApiClient::new(channel);
+                    self.client.store(Some(Arc::new(client.clone())));
+                    self.run_session(client, addr).await
+                }
+                Err(e) => Err(e),
+            };
+            if self.connected.swap(false, Ordering::AcqRel) {
+                match &result {
+                    Ok(()) => {
+                        tracing::warn!(control_plane = %addr, "control plane closed the session")
+                    }
+                    Err(e) => {
+                        tracing::warn!(control_plane = %addr, error = %e, "lost the control plane")
+                    }
+                }
+            } else if let Err(e) = &result {
+                tracing::debug!(control_plane = %addr, error = %e, "control plane not reachable");
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::time::sleep(jitter(backoff)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn run_session(
+        &self,
+        mut client: SidecarApiClient<Channel>,
+        addr: &str,
+    ) -> Result<(), ControlError> {
+        let (tx, rx) = mpsc::channel::<SidecarMessage>(64);
+        let store_id = self.store_id.lock().map(|s| s.clone()).unwrap_or_default();
+        let applied = self.revocations.applied_seq.load(Ordering::Acquire);
+        let hello = SidecarMessage {
+            msg: Some(sidecar_message::Msg::Hello(Hello {
+                sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
+                store_id,
+                last_applied_seq: applied,
+            })),
+        };
+        tx.send(hello)
+            .await
+            .map_err(|_| ControlError::NotConnected)?;
+        let open = client.session(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut inbound = tokio::time::timeout(self.config.call_timeout, open)
+            .await
+            .map_err(|_| ControlError::Rpc("session open timed out".into()))?
+            .map_err(|s| ControlError::Rpc(format!("{}: {}", s.code(), s.message())))?
+            .into_inner();
+        let (mut have_state, mut have_routes) = (false, false);
+        loop {
+            // Heartbeats come every few seconds; silence this long means the
+            // connection is dead even if TCP has not noticed.
+            let next = tokio::time::timeout(self.config.max_staleness, inbound.message())
+                .await
+                .map_err(|_| ControlError::Session("no message within max_staleness".into()))?
+                .map_err(|s| ControlError::Session(format!("{}: {}", s.code(), s.message())))?;
+            let Some(ControlMessage { msg: Some(msg) }) = next else {
+                return Ok(());
+            };
+            self.heard();
+            match msg {
+                control_message::Msg::Snapshot(snapshot) => {
+                    if let Ok(mut id) = self.store_id.lock() {
+                        id.clone_from(&snapshot.store_id);
+                    }
+                    let set = RevocationSet::new(snapshot.active);
+                    tracing::info!(
+                        seq = snapshot.seq,
+                        active = set.len(),
+                        "revocation snapshot applied"
+                    );
+                    for r in set.active() {
+                        let _ = self.applied.send((r.clone(), false));
+                    }
+                    self.apply(set, snapshot.seq, &tx).await?;
+                    have_state = true;
+                }
+                control_message::Msg::Event(event) => {
+                    let applied = self.revocations.applied_seq.load(Ordering::Acquire);
+                    if event.seq <= applied {
+                        continue;
+                    }
+                    if event.seq != applied + 1 {
+                        return Err(ControlError::Session(format!(
+                            "gap: got change {} after {applied}; resyncing",
+                            event.seq
+                        )));
+                    }
+                    let revocation = event.revocation.ok_or(ControlError::Empty)?;
+                    let set = self
+                        .revocations
+                        .set
+                        .load()
+                        .with_change(revocation.clone(), event.restored);
+                    tracing::info!(
+                        seq = event.seq,
+                        revocation_id = %revocation.id,
+                        kind = %revocation.kind,
+                        restored = event.restored,
+                        "revocation change applied"
+                    );
+                    let _ = self.applied.send((revocation, event.restored));
+                    self.apply(set, event.seq, &tx).await?;
+                    have_state = true;
+                }
+                control_message::Msg::Heartbeat(hb) => {
+                    let applied = self.revocations.applied_seq.load(Ordering::Acquire);
+                    if hb.seq > applied && have_state {
+                        return Err(ControlError::Session(format!(
+                            "control plane is at {} but {applied} was applied; resyncing",
+                            hb.seq
+                        )));
+                    }
+                }
+                control_message::Msg::Routes(set) => {
+                    if !(self.routes.load().loaded
+                        && self.routes.load().policy_version == set.policy_version)
+                    {
+                        let version = set.policy_version.clone();
+                        let table = RouteTable::build(set, &self.config.upstream)
+                            .map_err(|e| ControlError::Session(e.to_string()))?;
+                        self.routes.store(Arc::new(table));
+                        self.routes_changed.send_modify(|v| *v += 1);
+                        tracing::info!(policy_version = %version, "routes updated");
+                    }
+                    have_routes = true;
+                }
+            }
+            if have_state && have_routes && !self.connected.swap(true, Ordering::AcqRel) {
+                self.synced.store(true, Ordering::Release);
+                tracing::info!(control_plane = %addr, "control plane session established");
+            }
+        }
+    }
+
+    /// Publishes a new revocation state, waits for requests checked against
+    /// the old one, then acknowledges.
+    async fn apply(
+        &self,
+        set: RevocationSet,
+        seq: u64,
+        tx: &mpsc::Sender<SidecarMessage>,
+    ) -> Result<(), ControlError> {
+        self.revocations.set.store(Arc::new(set));
+        if !self
+            .revocations
+            .gate
+            .advance_and_drain(self.config.ack_drain_timeout)
+            .await
+        {
+            tracing::warn!(
+                seq,
+                "requests checked before this change are still sending; acknowledging anyway"
+            );
+        }
+        self.revocations.applied_seq.store(seq, Ordering::Release);
+        let ack = SidecarMessage {
+            msg: Some(sidecar_message::Msg::Ack(Ack { seq })),
+        };
+        tx.send(ack).await.map_err(|_| ControlError::NotConnected)
     }
 
     async fn acquire_identity(&self) -> X509Source {
@@ -228,6 +415,10 @@ impl ControlLink {
                         tracing::info!(spiffe_id = %svid.spiffe_id(), "workload identity acquired");
                     }
                     let source = identity.source.clone();
+                    if let Ok(svid) = source.svid() {
+                        self.workload_id
+                            .store(Arc::new(svid.spiffe_id().to_string()));
+                    }
                     self.identity.store(Some(Arc::new(identity)));
                     self.identity_ready.store(true, Ordering::Release);
                     return source;
@@ -243,7 +434,7 @@ impl ControlLink {
         }
     }
 
-    fn channel(&self, source: X509Source) -> Result<Channel, ControlError> {
+    fn channel(&self, source: X509Source, addr: &str) -> Result<Channel, ControlError> {
         let trust_domain = source
             .svid()
             .map_err(|_| ControlError::NoIdentity)?
@@ -259,7 +450,7 @@ impl ControlLink {
             .build()
             .map_err(|e| ControlError::Rpc(e.to_string()))?;
         let connector = TlsConnector::from(Arc::new(tls));
-        let addr = self.config.control_plane.clone();
+        let addr = addr.to_owned();
         let authority: http::uri::Authority = addr.parse().map_err(|_| {
             ControlError::Rpc(format!("control plane address {addr:?} is not host:port"))
         })?;

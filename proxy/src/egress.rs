@@ -3,8 +3,15 @@
 //! forward → strip hop-by-hop from the answer. Every refusal is a
 //! [`Refusal`], turned into a response in one place.
 
+use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use leash_api::revocation::RevocationKind;
+use leash_api::v1::Revocation;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -19,7 +26,8 @@ use crate::metrics::Metrics;
 use crate::refusal::Refusal;
 use crate::routes::{EgressRoute, InjectHow};
 
-pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 pub struct Egress {
     pub link: Arc<ControlLink>,
@@ -60,23 +68,41 @@ impl Egress {
                 limit: self.max_header_bytes,
             });
         }
+        // Registered before the revocation state is read, and held until the
+        // upstream answers: an acknowledged revocation has no request checked
+        // against the older state still on its way (see `InflightGate`).
+        let _inflight = self.link.revocations.gate.enter();
         let route = self.route(bound, &req)?;
+        if let Some(silence) = self.link.stale() {
+            return Err(Refusal::Stale {
+                silence_secs: silence.as_secs(),
+                max_secs: self.link.max_staleness().as_secs(),
+            });
+        }
         if !route.granted {
             return Err(Refusal::NotGranted {
                 upstream: route.name.to_string(),
             });
         }
-        let credential = self.cache.get(&route).await.map_err(|e| match e {
-            CredentialError::Denied { code, message } => Refusal::Denied {
-                upstream: route.name.to_string(),
-                code,
-                message,
-            },
-            CredentialError::Unavailable(reason) => Refusal::CredentialUnavailable {
-                upstream: route.name.to_string(),
-                reason,
-            },
-        })?;
+        let revocations = self.link.revocations.set.load();
+        if let Some(r) = revocations.check(&self.link.workload_id(), &route.name) {
+            return Err(revoked(r, &route.name));
+        }
+        let mut credential = self.credential(&route).await?;
+        if revocations.credential_revoked(&credential.id) {
+            // Only that instance is revoked, not the grant: use a fresh one.
+            self.cache.invalidate(&route.name).await;
+            credential = self.credential(&route).await?;
+            if revocations.credential_revoked(&credential.id) {
+                return Err(Refusal::Revoked {
+                    code: "revoked_credential",
+                    what: format!("credential {}", credential.id),
+                    revocation_id: String::new(),
+                    reason: "the control plane issued a revoked credential again".into(),
+                    upstream: route.name.to_string(),
+                });
+            }
+        }
 
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -112,7 +138,26 @@ impl Egress {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        let body = Revocable {
+            inner: body,
+            revoked: credential.revoked.clone(),
+            wait: None,
+        };
         Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+
+    async fn credential(&self, route: &Arc<EgressRoute>) -> Result<Arc<CachedCredential>, Refusal> {
+        self.cache.get(route).await.map_err(|e| match e {
+            CredentialError::Denied { code, message } => Refusal::Denied {
+                upstream: route.name.to_string(),
+                code,
+                message,
+            },
+            CredentialError::Unavailable(reason) => Refusal::CredentialUnavailable {
+                upstream: route.name.to_string(),
+                reason,
+            },
+        })
     }
 
     /// Finds the upstream: by listener binding, else by the request's host.
@@ -144,6 +189,72 @@ impl Egress {
             .ok_or_else(|| Refusal::UnknownUpstream {
                 host: host.to_owned(),
             })
+    }
+}
+
+fn revoked(r: &Revocation, upstream: &str) -> Refusal {
+    let kind = RevocationKind::parse(&r.kind);
+    let what = match kind {
+        Some(RevocationKind::Upstream) => format!("upstream {}", r.upstream),
+        Some(RevocationKind::Grant) => format!("the grant of {} to {}", r.upstream, r.workload),
+        _ => format!("workload {}", r.workload),
+    };
+    Refusal::Revoked {
+        code: kind.map_or("revoked", RevocationKind::refusal_code),
+        what,
+        revocation_id: r.id.clone(),
+        reason: r.reason.clone(),
+        upstream: upstream.to_owned(),
+    }
+}
+
+/// A response body that ends with an error as soon as the credential its
+/// request carried is revoked: long-lived streams do not outlive a revocation.
+struct Revocable<B> {
+    inner: B,
+    revoked: CancellationToken,
+    /// Created only when the body has to wait, so short answers cost nothing.
+    wait: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+impl<B> http_body::Body for Revocable<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.revoked.is_cancelled() {
+            return Poll::Ready(Some(Err("stream cut: its credential was revoked".into())));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => {
+                let wait = this
+                    .wait
+                    .get_or_insert_with(|| Box::pin(this.revoked.clone().cancelled_owned()));
+                match wait.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err("stream cut: its credential was revoked".into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

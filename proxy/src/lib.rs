@@ -10,6 +10,7 @@ pub mod control;
 pub mod egress;
 pub mod metrics;
 pub mod refusal;
+pub mod revocation;
 pub mod routes;
 
 pub use app::{Limits, Sidecar, SidecarConfig};

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::refusal::Refusal;
 
-const CODES: [&str; 11] = [
+const CODES: [&str; 17] = [
     "unknown_upstream",
     "no_host",
     "not_granted",
@@ -18,6 +18,12 @@ const CODES: [&str; 11] = [
     "upstream_unreachable",
     "bad_request",
     "headers_too_large",
+    "revoked_credential",
+    "revoked_grant",
+    "revoked_workload",
+    "revoked_upstream",
+    "revoked",
+    "stale_revocation_state",
 ];
 
 #[derive(Default)]
@@ -37,7 +43,7 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, ready: bool) -> String {
+    pub fn render(&self, ready: bool, applied_seq: u64, silence: std::time::Duration) -> String {
         let mut out = String::with_capacity(1024);
         out.push_str("# HELP leash_proxy_requests_total Requests handled, by decision.\n");
         out.push_str("# TYPE leash_proxy_requests_total counter\n");
@@ -56,6 +62,15 @@ impl Metrics {
         out.push_str("# HELP leash_proxy_ready Whether identity and control plane are up.\n");
         out.push_str("# TYPE leash_proxy_ready gauge\n");
         let _ = writeln!(out, "leash_proxy_ready {}", u8::from(ready));
+        let _ = writeln!(
+            out,
+            "# HELP leash_proxy_revocation_seq Revocation sequence applied.\n# TYPE leash_proxy_revocation_seq gauge\nleash_proxy_revocation_seq {applied_seq}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP leash_proxy_control_plane_silence_seconds Seconds since the control plane was last heard.\n# TYPE leash_proxy_control_plane_silence_seconds gauge\nleash_proxy_control_plane_silence_seconds {:.3}",
+            silence.as_secs_f64()
+        );
         out
     }
 }

@@ -33,6 +33,18 @@ pub enum Refusal {
     CredentialUnavailable { upstream: String, reason: String },
     #[error("upstream {upstream:?} could not be reached: {reason}")]
     UpstreamUnreachable { upstream: String, reason: String },
+    #[error("{what} is revoked ({revocation_id}): {reason}")]
+    Revoked {
+        code: &'static str,
+        what: String,
+        revocation_id: String,
+        reason: String,
+        upstream: String,
+    },
+    #[error(
+        "the sidecar has not heard from the control plane for {silence_secs}s (more than max_staleness {max_secs}s); refusing to inject credentials that may have been revoked"
+    )]
+    Stale { silence_secs: u64, max_secs: u64 },
     #[error("request header block is larger than the {limit} bytes this sidecar accepts")]
     HeadersTooLarge { limit: usize },
     #[error("bad request: {0}")]
@@ -42,9 +54,11 @@ pub enum Refusal {
 impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::UnknownUpstream { .. } | Self::NotGranted { .. } | Self::Denied { .. } => {
-                StatusCode::FORBIDDEN
-            }
+            Self::UnknownUpstream { .. }
+            | Self::NotGranted { .. }
+            | Self::Denied { .. }
+            | Self::Revoked { .. } => StatusCode::FORBIDDEN,
+            Self::Stale { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoHost | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
             Self::IdentityUnavailable
@@ -69,6 +83,8 @@ impl Refusal {
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::BadRequest(_) => "bad_request",
             Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::Revoked { code, .. } => code,
+            Self::Stale { .. } => "stale_revocation_state",
         }
     }
 
@@ -77,17 +93,21 @@ impl Refusal {
             Self::NotGranted { upstream }
             | Self::Denied { upstream, .. }
             | Self::CredentialUnavailable { upstream, .. }
-            | Self::UpstreamUnreachable { upstream, .. } => Some(upstream),
+            | Self::UpstreamUnreachable { upstream, .. }
+            | Self::Revoked { upstream, .. } => Some(upstream),
             _ => None,
         }
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "error": self.code(),
             "message": self.to_string(),
             "upstream": self.upstream(),
         });
+        if let Self::Revoked { revocation_id, .. } = &self {
+            body["revocation_id"] = revocation_id.as_str().into();
+        }
         let mut builder = Response::builder()
             .status(self.status())
             .header(header::CONTENT_TYPE, "application/json")

@@ -169,6 +169,7 @@ pub async fn start_control_plane_on(
             data_dir: data_dir.to_owned(),
             issuer: Some("leash-test".into()),
             policy_poll: Duration::from_millis(100),
+            heartbeat: Duration::from_millis(500),
         },
         source,
         sidecar_listener,
@@ -186,9 +187,10 @@ pub fn sidecar_config_with(identity: IdentityConfig, cp_addr: SocketAddr) -> Sid
     SidecarConfig {
         control: ControlConfig {
             identity,
-            control_plane: cp_addr.to_string(),
+            control_planes: vec![cp_addr.to_string()],
             control_plane_id: CP_ID.into(),
-            routes_refresh: Duration::from_millis(200),
+            max_staleness: Duration::from_secs(30),
+            ack_drain_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(5),
             upstream: UpstreamTimeouts {
                 connect: Duration::from_secs(2),

@@ -210,6 +210,7 @@ async fn invalid_policy_is_refused_with_the_field() {
             data_dir: dir.path().join("data"),
             issuer: None,
             policy_poll: Duration::from_secs(1),
+            heartbeat: Duration::from_secs(1),
         },
         source,
         listener().await,

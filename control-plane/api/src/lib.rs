@@ -5,6 +5,7 @@
 pub mod identity;
 pub mod policy;
 pub mod process;
+pub mod revocation;
 pub mod workload_server;
 
 /// The sidecar <-> control plane protocol (`proto/leash.proto`).

@@ -7,7 +7,10 @@ use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use leash_api::identity::IdentityConfig;
 use leash_control_plane::app::{ControlPlane, ServeConfig};
-use leash_control_plane::cli::{Cli, Command, DevIdentityArgs, KeysCommand, ServeArgs};
+use leash_control_plane::auth::{Role, create_token};
+use leash_control_plane::cli::{
+    Cli, Command, DevIdentityArgs, KeysCommand, ServeArgs, TokensCommand,
+};
 use leash_control_plane::devid::{DevCa, DevIdentityProvider};
 use leash_control_plane::store::Store;
 use leash_control_plane::{init_logging, jwt, shutdown_signal};
@@ -20,6 +23,19 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::DevIdentity(args) => dev_identity(args).await,
+        Command::Tokens(TokensCommand::Create {
+            data_dir,
+            name,
+            role,
+        }) => {
+            let store = Store::open(&data_dir).await?;
+            let role = Role::parse(&role).context("role")?;
+            println!(
+                "{}",
+                create_token(&store, &name, role, "leash-control-plane tokens create").await?
+            );
+            Ok(())
+        }
         Command::Keys(KeysCommand::Rotate { data_dir }) => {
             let store = Store::open(&data_dir).await?;
             let kid = jwt::rotate(&store).await?;
@@ -54,6 +70,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         issuer: args.issuer,
         policy_poll: Duration::from_secs(2),
+        heartbeat: args.heartbeat_interval,
     };
     let cp = ControlPlane::start(config, source.clone(), sidecar, admin).await?;
     shutdown_signal().await;

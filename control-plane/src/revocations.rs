@@ -1,0 +1,259 @@
+//! The revocation log: validates, commits (durably, with the next sequence),
+//! then publishes each change to the sidecar sessions. Commit and publish
+//! happen under one lock so that sessions see sequences in order.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use leash_api::policy::{ValidPolicy, WorkloadMatcher};
+use leash_api::revocation::{RevocationKind, RevocationSet};
+use leash_api::v1::Revocation;
+use serde::Deserialize;
+use tokio::sync::{Mutex, broadcast};
+
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError, StoredRevocation, now_ms};
+
+/// One committed change, as published to sessions.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub seq: u64,
+    pub revocation: Revocation,
+    pub restored: bool,
+    /// When the commit returned, for the propagation metric.
+    pub committed_at: Instant,
+}
+
+/// The active set and the sequence it corresponds to, swapped together.
+pub struct Snapshot {
+    pub seq: u64,
+    pub set: RevocationSet,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RevokeError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A revocation as a responder asks for it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub kind: String,
+    #[serde(default)]
+    pub workload: String,
+    #[serde(default)]
+    pub upstream: String,
+    #[serde(default)]
+    pub credential_id: String,
+    pub reason: String,
+}
+
+const MAX_REASON: usize = 1024;
+
+pub struct RevocationLog {
+    store: Store,
+    pub store_id: String,
+    state: ArcSwap<Snapshot>,
+    changes: broadcast::Sender<Arc<Change>>,
+    write: Mutex<()>,
+    metrics: Arc<Metrics>,
+}
+
+impl RevocationLog {
+    pub async fn open(store: Store, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let store_id = store.store_id().await?;
+        let seq = store.current_seq().await?;
+        let active = store.revocations(true).await?;
+        let set = RevocationSet::new(active.into_iter().map(|r| r.revocation));
+        let (changes, _) = broadcast::channel(4096);
+        Ok(Self {
+            store,
+            store_id,
+            state: ArcSwap::from_pointee(Snapshot { seq, set }),
+            changes,
+            write: Mutex::new(()),
+            metrics,
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.state.load_full()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
+        self.changes.subscribe()
+    }
+
+    /// Validates and commits a revocation. Returns once it is durable.
+    pub async fn revoke(
+        &self,
+        req: RevokeRequest,
+        by: &str,
+        policy: &ValidPolicy,
+    ) -> Result<StoredRevocation, RevokeError> {
+        let kind = RevocationKind::parse(&req.kind).ok_or_else(|| {
+            RevokeError::Invalid(format!(
+                "unknown revocation kind {:?}: use credential, grant, workload or upstream",
+                req.kind
+            ))
+        })?;
+        let reason = req.reason.trim();
+        if reason.is_empty() || reason.len() > MAX_REASON {
+            return Err(RevokeError::Invalid(format!(
+                "reason is required (1-{MAX_REASON} bytes)"
+            )));
+        }
+        let needs = |field: &str, value: &str, wanted: bool| -> Result<(), RevokeError> {
+            match (wanted, value.is_empty()) {
+                (true, true) => Err(RevokeError::Invalid(format!(
+                    "a {} revocation needs {field}",
+                    kind.as_str()
+                ))),
+                (false, false) => Err(RevokeError::Invalid(format!(
+                    "a {} revocation takes no {field}",
+                    kind.as_str()
+                ))),
+                _ => Ok(()),
+            }
+        };
+        needs(
+            "workload",
+            &req.workload,
+            matches!(kind, RevocationKind::Grant | RevocationKind::Workload),
+        )?;
+        needs(
+            "upstream",
+            &req.upstream,
+            matches!(kind, RevocationKind::Grant | RevocationKind::Upstream),
+        )?;
+        needs(
+            "credential_id",
+            &req.credential_id,
+            kind == RevocationKind::Credential,
+        )?;
+        if !req.workload.is_empty() {
+            WorkloadMatcher::parse(&req.workload).map_err(RevokeError::Invalid)?;
+        }
+        if !req.upstream.is_empty() && policy.upstream(&req.upstream).is_none() {
+            return Err(RevokeError::Invalid(format!(
+                "policy names no upstream {:?}",
+                req.upstream
+            )));
+        }
+        if kind == RevocationKind::Credential
+            && self.store.credential(&req.credential_id).await?.is_none()
+        {
+            return Err(RevokeError::NotFound(format!(
+                "no credential {:?} was issued",
+                req.credential_id
+            )));
+        }
+
+        let _write = self.write.lock().await;
+        let current = self.state.load_full();
+        if let Some(dup) = current.set.active().find(|r| {
+            r.kind == kind.as_str()
+                && r.workload == req.workload
+                && r.upstream == req.upstream
+                && r.credential_id == req.credential_id
+        }) {
+            return Err(RevokeError::Conflict(format!(
+                "already revoked by {}",
+                dup.id
+            )));
+        }
+        let revocation = Revocation {
+            id: format!("rev-{}", uuid::Uuid::new_v4().simple()),
+            kind: kind.as_str().to_owned(),
+            workload: req.workload,
+            upstream: req.upstream,
+            credential_id: req.credential_id,
+            reason: reason.to_owned(),
+            revoked_by: by.to_owned(),
+            revoked_at_ms: now_ms(),
+        };
+        let seq = self.store.insert_revocation(&revocation).await?;
+        self.publish(&current, seq, revocation.clone(), false);
+        tracing::info!(
+            revocation_id = %revocation.id,
+            kind = %revocation.kind,
+            seq,
+            by,
+            "revocation committed"
+        );
+        Ok(StoredRevocation {
+            revocation,
+            revoke_seq: seq,
+            restored: None,
+        })
+    }
+
+    /// Restores an active grant, workload or upstream revocation.
+    pub async fn restore(
+        &self,
+        id: &str,
+        by: &str,
+        reason: &str,
+    ) -> Result<StoredRevocation, RevokeError> {
+        let reason = reason.trim();
+        if reason.is_empty() || reason.len() > MAX_REASON {
+            return Err(RevokeError::Invalid(format!(
+                "reason is required (1-{MAX_REASON} bytes)"
+            )));
+        }
+        let _write = self.write.lock().await;
+        let stored = self
+            .store
+            .revocation(id)
+            .await?
+            .ok_or_else(|| RevokeError::NotFound(format!("no revocation {id:?}")))?;
+        if !RevocationKind::parse(&stored.revocation.kind).is_some_and(RevocationKind::restorable) {
+            return Err(RevokeError::Conflict(
+                "a revoked credential stays revoked; issue a new one".into(),
+            ));
+        }
+        let at_ms = now_ms();
+        let seq = self
+            .store
+            .restore_revocation(id, by, reason, at_ms)
+            .await?
+            .ok_or_else(|| RevokeError::Conflict(format!("revocation {id} is already restored")))?;
+        let current = self.state.load_full();
+        self.publish(&current, seq, stored.revocation.clone(), true);
+        tracing::info!(revocation_id = %id, seq, by, "revocation restored");
+        self.store
+            .revocation(id)
+            .await?
+            .ok_or_else(|| RevokeError::NotFound(format!("no revocation {id:?}")))
+    }
+
+    /// Called with the write lock held, right after the commit.
+    fn publish(&self, current: &Snapshot, seq: u64, revocation: Revocation, restored: bool) {
+        let set = current.set.with_change(revocation.clone(), restored);
+        self.state.store(Arc::new(Snapshot { seq, set }));
+        self.metrics
+            .revocations_committed
+            .fetch_add(1, Ordering::Relaxed);
+        // No receivers is fine: no sidecar is connected.
+        let _ = self.changes.send(Arc::new(Change {
+            seq,
+            revocation,
+            restored,
+            committed_at: Instant::now(),
+        }));
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}

@@ -1,0 +1,305 @@
+//! Sidecar sessions: one long-lived stream per sidecar. On connect the
+//! sidecar is brought up to date (missed changes, or a snapshot), then every
+//! committed change is pushed as it happens, with heartbeats in between;
+//! acknowledgements are recorded durably as the proof of propagation.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use leash_api::v1::{
+    ControlMessage, Heartbeat, Hello, RevocationEvent, Snapshot, control_message, sidecar_message,
+};
+use tokio::sync::{broadcast, mpsc};
+use tonic::{Status, Streaming};
+
+use crate::metrics::Metrics;
+use crate::revocations::RevocationLog;
+use crate::sidecar_api::routes_for;
+use crate::state::ControlPlaneState;
+use crate::store::{AckRecord, SessionRecord, Store, now_ms};
+
+/// A connected sidecar, as the admin API shows it.
+pub struct SessionInfo {
+    pub id: String,
+    pub spiffe_id: Arc<str>,
+    pub version: String,
+    pub connected_at_ms: i64,
+    pub last_heard_ms: AtomicI64,
+    pub last_ack_seq: AtomicU64,
+    pub last_ack_at_ms: AtomicI64,
+}
+
+pub struct SessionRegistry {
+    sessions: RwLock<HashMap<String, Arc<SessionInfo>>>,
+    acks: mpsc::Sender<AckRecord>,
+}
+
+impl SessionRegistry {
+    /// The registry and the task that writes acknowledgements in batches.
+    pub fn new(store: Store) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let (acks, mut rx) = mpsc::channel::<AckRecord>(16 * 1024);
+        let writer = tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(1024);
+            while rx.recv_many(&mut batch, 1024).await > 0 {
+                if let Err(e) = store.insert_acks(&batch).await {
+                    tracing::error!(error = %e, n = batch.len(), "cannot record acknowledgements");
+                }
+                batch.clear();
+            }
+        });
+        (
+            Arc::new(Self {
+                sessions: RwLock::new(HashMap::new()),
+                acks,
+            }),
+            writer,
+        )
+    }
+
+    pub fn list(&self) -> Vec<Arc<SessionInfo>> {
+        let mut v: Vec<_> = self
+            .sessions
+            .read()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        v.sort_by(|a, b| {
+            a.connected_at_ms
+                .cmp(&b.connected_at_ms)
+                .then(a.id.cmp(&b.id))
+        });
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.read().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn insert(&self, info: Arc<SessionInfo>) {
+        if let Ok(mut s) = self.sessions.write() {
+            s.insert(info.id.clone(), info);
+        }
+    }
+
+    fn remove(&self, id: &str) {
+        if let Ok(mut s) = self.sessions.write() {
+            s.remove(id);
+        }
+    }
+}
+
+/// Everything one session needs.
+pub struct SessionDriver {
+    pub state: Arc<ControlPlaneState>,
+    pub registry: Arc<SessionRegistry>,
+    pub metrics: Arc<Metrics>,
+    pub heartbeat: Duration,
+}
+
+fn msg(m: control_message::Msg) -> Result<ControlMessage, Status> {
+    Ok(ControlMessage { msg: Some(m) })
+}
+
+impl SessionDriver {
+    pub async fn run(
+        self,
+        spiffe_id: Arc<str>,
+        hello: Hello,
+        mut inbound: Streaming<leash_api::v1::SidecarMessage>,
+        out: mpsc::Sender<Result<ControlMessage, Status>>,
+    ) {
+        let log: &RevocationLog = &self.state.revocations;
+        let now = now_ms();
+        let info = Arc::new(SessionInfo {
+            id: uuid::Uuid::new_v4().to_string(),
+            spiffe_id: spiffe_id.clone(),
+            version: hello.sidecar_version.clone(),
+            connected_at_ms: now,
+            last_heard_ms: AtomicI64::new(now),
+            last_ack_seq: AtomicU64::new(0),
+            last_ack_at_ms: AtomicI64::new(0),
+        });
+        let store = log.store().clone();
+        let record = SessionRecord {
+            id: info.id.clone(),
+            spiffe_id: spiffe_id.to_string(),
+            version: info.version.clone(),
+            connected_at_ms: now,
+        };
+        if let Err(e) = store.insert_session(&record).await {
+            tracing::error!(error = %e, "cannot record session");
+        }
+        self.registry.insert(info.clone());
+        tracing::info!(session = %info.id, workload = %spiffe_id, version = %info.version, resume_from = hello.last_applied_seq, "sidecar session opened");
+
+        let result = self.drive(&info, &hello, &mut inbound, &out).await;
+        self.registry.remove(&info.id);
+        if let Err(e) = store.end_session(&info.id, now_ms()).await {
+            tracing::warn!(error = %e, "cannot record session end");
+        }
+        match result {
+            Ok(()) => {
+                tracing::info!(session = %info.id, workload = %spiffe_id, "sidecar session closed")
+            }
+            Err(reason) => {
+                tracing::info!(session = %info.id, workload = %spiffe_id, %reason, "sidecar session ended")
+            }
+        }
+    }
+
+    async fn drive(
+        &self,
+        info: &SessionInfo,
+        hello: &Hello,
+        inbound: &mut Streaming<leash_api::v1::SidecarMessage>,
+        out: &mpsc::Sender<Result<ControlMessage, Status>>,
+    ) -> Result<(), String> {
+        let log = &self.state.revocations;
+        let send = |m| async move {
+            out.send(msg(m))
+                .await
+                .map_err(|_| "sidecar went away".to_owned())
+        };
+        // Subscribe before reading the snapshot so that nothing falls between.
+        let mut changes = log.subscribe();
+        let snapshot = log.snapshot();
+        let mut sent = if hello.store_id == log.store_id
+            && hello.last_applied_seq > 0
+            && hello.last_applied_seq <= snapshot.seq
+        {
+            self.catch_up(hello.last_applied_seq, &send).await?
+        } else {
+            send(control_message::Msg::Snapshot(Snapshot {
+                store_id: log.store_id.clone(),
+                seq: snapshot.seq,
+                active: snapshot.set.active().cloned().collect(),
+            }))
+            .await?;
+            snapshot.seq
+        };
+        let mut policy = self.state.policy_changed.subscribe();
+        let routes = |s: &ControlPlaneState| {
+            let p = s.policy.load();
+            control_message::Msg::Routes(leash_api::v1::RouteSet {
+                policy_version: p.version.clone(),
+                routes: routes_for(&p.policy, &info.spiffe_id),
+            })
+        };
+        send(routes(&self.state)).await?;
+
+        // Changes pushed and not yet acknowledged, for the propagation metric.
+        let mut unacked: VecDeque<(u64, Instant)> = VecDeque::new();
+        let mut heartbeat = tokio::time::interval(self.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                change = changes.recv() => match change {
+                    Ok(c) if c.seq <= sent => {}
+                    Ok(c) if c.seq == sent + 1 => {
+                        send(control_message::Msg::Event(RevocationEvent {
+                            seq: c.seq,
+                            revocation: Some(c.revocation.clone()),
+                            restored: c.restored,
+                        }))
+                        .await?;
+                        sent = c.seq;
+                        unacked.push_back((c.seq, c.committed_at));
+                    }
+                    // Lagged behind the broadcast, or a gap: replay from the store.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        sent = self.catch_up(sent, &send).await?;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                _ = heartbeat.tick() => {
+                    send(control_message::Msg::Heartbeat(Heartbeat { seq: sent, sent_at_ms: now_ms() })).await?;
+                }
+                changed = policy.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    send(routes(&self.state)).await?;
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(m)) => {
+                        info.last_heard_ms.store(now_ms(), Ordering::Relaxed);
+                        match m.msg {
+                            Some(sidecar_message::Msg::Ack(ack)) => self.ack(info, ack.seq, sent, &mut unacked)?,
+                            Some(sidecar_message::Msg::Hello(_)) => return Err("second hello on one session".into()),
+                            None => {}
+                        }
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(status) => return Err(status.message().to_owned()),
+                },
+            }
+        }
+    }
+
+    /// Sends every change after `after` from the store; returns the last sequence sent.
+    async fn catch_up<F, Fut>(&self, after: u64, send: &F) -> Result<u64, String>
+    where
+        F: Fn(control_message::Msg) -> Fut,
+        Fut: Future<Output = Result<(), String>>,
+    {
+        let events = self
+            .state
+            .revocations
+            .store()
+            .events_after(after)
+            .await
+            .map_err(|e| format!("cannot read changes: {e}"))?;
+        let mut last = after;
+        for (seq, stored, restored) in events {
+            send(control_message::Msg::Event(RevocationEvent {
+                seq,
+                revocation: Some(stored.revocation),
+                restored,
+            }))
+            .await?;
+            last = seq;
+        }
+        Ok(last)
+    }
+
+    fn ack(
+        &self,
+        info: &SessionInfo,
+        seq: u64,
+        sent: u64,
+        unacked: &mut VecDeque<(u64, Instant)>,
+    ) -> Result<(), String> {
+        if seq > sent {
+            return Err(format!("acknowledged {seq}, but only {sent} was sent"));
+        }
+        let previous = info.last_ack_seq.swap(seq, Ordering::AcqRel);
+        let now = now_ms();
+        info.last_ack_at_ms.store(now, Ordering::Relaxed);
+        while let Some((s, committed)) = unacked.front() {
+            if *s > seq {
+                break;
+            }
+            self.metrics
+                .revocation_propagation
+                .observe(committed.elapsed());
+            unacked.pop_front();
+        }
+        if seq > previous {
+            let record = AckRecord {
+                session_id: info.id.clone(),
+                from_seq: previous,
+                to_seq: seq,
+                acked_at_ms: now,
+            };
+            if self.registry.acks.try_send(record).is_err() {
+                tracing::warn!(session = %info.id, seq, "acknowledgement queue full; proof of this ack not recorded");
+            }
+        }
+        Ok(())
+    }
+}
