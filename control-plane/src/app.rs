@@ -157,7 +157,7 @@ impl ControlPlane {
             .with_alpn_protocols([b"h2"])
             .build()?;
         let incoming = crate::mtls::incoming(sidecar_listener, Arc::new(tls), shutdown.subscribe());
-        let service = SidecarService::new(state.clone(), config.heartbeat);
+        let service = SidecarService::new(state.clone(), config.heartbeat, shutdown.subscribe());
         let mut stop = shutdown.subscribe();
         tasks.spawn(async move {
             let result = tonic::transport::Server::builder()

@@ -121,9 +121,25 @@ pub enum KeysCommand {
 #[command(
     name = "leashctl",
     version,
-    about = "Operate Leash: policy, and (soon) revocations"
+    about = "Operate Leash: check policy, revoke and restore, and prove propagation",
+    after_help = "Exit codes: 0 done; 1 refused by the control plane (bad input, not found, conflict, \
+                  unauthenticated, forbidden); 2 usage error; 3 control plane unreachable or failing."
 )]
 pub struct LeashctlCli {
+    /// Control plane admin API.
+    #[arg(
+        long,
+        global = true,
+        env = "LEASH_ADDR",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub addr: String,
+    /// Admin API token (lsh_…).
+    #[arg(long, global = true, env = "LEASH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: LeashctlCommand,
 }
@@ -133,6 +149,76 @@ pub enum LeashctlCommand {
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Revoke a credential, grant, workload or upstream (takes effect on every
+    /// connected sidecar within milliseconds).
+    #[command(subcommand)]
+    Revoke(RevokeCommand),
+    /// Restore a grant, workload or upstream revocation, by its id (see
+    /// `leashctl revocations`). Credential revocations are permanent.
+    Restore {
+        revocation_id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// List revocations (active ones unless --all).
+    Revocations {
+        #[arg(long)]
+        all: bool,
+    },
+    /// A revocation's propagation: which sidecars acknowledged it, and when.
+    Status { revocation_id: String },
+    /// Connected sidecars.
+    Sidecars,
+    /// Admin API tokens.
+    #[command(subcommand)]
+    Tokens(TokenCommand),
+    /// The newest audit log entries (admin role).
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RevokeCommand {
+    /// Every upstream, for a SPIFFE ID or a prefix ending in /*.
+    Workload {
+        spiffe_id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// One workload (or prefix) × one upstream.
+    Grant {
+        #[arg(long)]
+        workload: String,
+        #[arg(long)]
+        upstream: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// One issued credential (the JWT's jti). Sidecars fetch a fresh one.
+    Credential {
+        credential_id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// An upstream, for every workload.
+    Upstream {
+        name: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create a token (admin role); it is printed once.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["viewer", "responder", "admin"])]
+        role: String,
+    },
 }
 
 #[derive(Subcommand)]

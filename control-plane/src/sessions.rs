@@ -99,6 +99,8 @@ pub struct SessionDriver {
     pub registry: Arc<SessionRegistry>,
     pub metrics: Arc<Metrics>,
     pub heartbeat: Duration,
+    /// Ends the session (the sidecar reconnects elsewhere or later).
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 fn msg(m: control_message::Msg) -> Result<ControlMessage, Status> {
@@ -135,7 +137,7 @@ impl SessionDriver {
             tracing::error!(error = %e, "cannot record session");
         }
         self.registry.insert(info.clone());
-        tracing::info!(session = %info.id, workload = %spiffe_id, version = %info.version, resume_from = hello.last_applied_seq, "sidecar session opened");
+        tracing::info!(session = %info.id, workload = %spiffe_id, version = %info.version, resume_from = hello.last_applied_seq, resume_store = %hello.store_id, "sidecar session opened");
 
         let result = self.drive(&info, &hello, &mut inbound, &out).await;
         self.registry.remove(&info.id);
@@ -168,10 +170,8 @@ impl SessionDriver {
         // Subscribe before reading the snapshot so that nothing falls between.
         let mut changes = log.subscribe();
         let snapshot = log.snapshot();
-        let mut sent = if hello.store_id == log.store_id
-            && hello.last_applied_seq > 0
-            && hello.last_applied_seq <= snapshot.seq
-        {
+        // A sidecar with state from this store resumes; any other gets a snapshot.
+        let mut sent = if hello.store_id == log.store_id && hello.last_applied_seq <= snapshot.seq {
             self.catch_up(hello.last_applied_seq, &send).await?
         } else {
             send(control_message::Msg::Snapshot(Snapshot {
@@ -194,10 +194,12 @@ impl SessionDriver {
 
         // Changes pushed and not yet acknowledged, for the propagation metric.
         let mut unacked: VecDeque<(u64, Instant)> = VecDeque::new();
+        let mut shutdown = self.shutdown.clone();
         let mut heartbeat = tokio::time::interval(self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                () = leash_api::process::stopped(&mut shutdown) => return Ok(()),
                 change = changes.recv() => match change {
                     Ok(c) if c.seq <= sent => {}
                     Ok(c) if c.seq == sent + 1 => {

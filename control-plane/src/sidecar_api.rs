@@ -27,11 +27,20 @@ use crate::store::{CredentialRecord, now_ms};
 pub struct SidecarService {
     state: Arc<ControlPlaneState>,
     heartbeat: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl SidecarService {
-    pub fn new(state: Arc<ControlPlaneState>, heartbeat: Duration) -> Self {
-        Self { state, heartbeat }
+    pub fn new(
+        state: Arc<ControlPlaneState>,
+        heartbeat: Duration,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            state,
+            heartbeat,
+            shutdown,
+        }
     }
 
     fn deny(&self, code: &str, message: String) -> Response<IssueResponse> {
@@ -118,6 +127,7 @@ impl SidecarApi for SidecarService {
             registry: self.state.sessions.clone(),
             metrics: self.state.metrics.clone(),
             heartbeat: self.heartbeat,
+            shutdown: self.shutdown.clone(),
         };
         tokio::spawn(driver.run(peer.spiffe_id.clone(), hello, inbound, tx));
         Ok(Response::new(ReceiverStream::new(rx)))

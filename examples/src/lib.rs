@@ -131,7 +131,22 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     resp
 }
 
-async fn handle(verifier: Arc<Verifier>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// One request as the upstream saw it (tests use this to prove what arrived).
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at: std::time::Instant,
+    pub jti: Option<String>,
+    pub sub: Option<String>,
+}
+
+pub type Observer = tokio::sync::mpsc::UnboundedSender<Seen>;
+
+async fn handle(
+    verifier: Arc<Verifier>,
+    observer: Option<Observer>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let arrived = std::time::Instant::now();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let headers: serde_json::Map<String, serde_json::Value> = req
@@ -153,6 +168,13 @@ async fn handle(verifier: Arc<Verifier>, req: Request<Incoming>) -> Response<Ful
         Some(token) => verifier.verify(&token).await,
         None => Err("no bearer token".to_owned()),
     };
+    if let Some(observer) = observer {
+        let _ = observer.send(Seen {
+            at: arrived,
+            jti: claims.as_ref().ok().map(|c| c.jti.clone()),
+            sub: claims.as_ref().ok().map(|c| c.sub.clone()),
+        });
+    }
     if path == "/echo" {
         return json(
             StatusCode::OK,
@@ -190,6 +212,16 @@ pub async fn serve(listener: TcpListener, config: UpstreamConfig) {
 
 /// Serves HTTP, or HTTPS when `tls` is given, until the task is dropped.
 pub async fn serve_with(listener: TcpListener, config: UpstreamConfig, tls: Option<TlsAcceptor>) {
+    serve_observed(listener, config, tls, None).await;
+}
+
+/// As `serve_with`, reporting every request to `observer`.
+pub async fn serve_observed(
+    listener: TcpListener,
+    config: UpstreamConfig,
+    tls: Option<TlsAcceptor>,
+    observer: Option<Observer>,
+) {
     let verifier = Arc::new(Verifier::new(config));
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
@@ -197,10 +229,12 @@ pub async fn serve_with(listener: TcpListener, config: UpstreamConfig, tls: Opti
         };
         let verifier = verifier.clone();
         let tls = tls.clone();
+        let observer = observer.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let verifier = verifier.clone();
-                async move { Ok::<_, Infallible>(handle(verifier, req).await) }
+                let observer = observer.clone();
+                async move { Ok::<_, Infallible>(handle(verifier, observer, req).await) }
             });
             let http = http1::Builder::new();
             match tls {

@@ -239,10 +239,6 @@ fn admin_response(
     }
 }
 
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _stopped = stop.wait_for(|s| *s).await.is_ok();
-}
-
 /// Accepts HTTP/1.1 connections until `stop`, then drains them.
 async fn serve_http<F, Fut>(
     listener: TcpListener,
@@ -272,7 +268,7 @@ async fn serve_http<F, Fut>(
                     continue;
                 }
             },
-            () = stopped(&mut stop) => break,
+            () = leash_api::process::stopped(&mut stop) => break,
         };
         let _ = tcp.set_nodelay(true);
         let handler = handler.clone();

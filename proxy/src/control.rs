@@ -318,6 +318,9 @@ impl ControlLink {
                         let _ = self.applied.send((r.clone(), false));
                     }
                     self.apply(set, snapshot.seq, &tx).await?;
+                    self.revocations
+                        .snapshots_applied
+                        .fetch_add(1, Ordering::Relaxed);
                     have_state = true;
                 }
                 control_message::Msg::Event(event) => {
@@ -346,6 +349,9 @@ impl ControlLink {
                     );
                     let _ = self.applied.send((revocation, event.restored));
                     self.apply(set, event.seq, &tx).await?;
+                    self.revocations
+                        .changes_applied
+                        .fetch_add(1, Ordering::Relaxed);
                     have_state = true;
                 }
                 control_message::Msg::Heartbeat(hb) => {

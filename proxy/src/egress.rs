@@ -230,9 +230,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if this.revoked.is_cancelled() {
-            return Poll::Ready(Some(Err("stream cut: its credential was revoked".into())));
-        }
+        // What has already arrived is delivered (the upstream answered before
+        // the revocation was acknowledged); a stream that has to wait for more
+        // is cut once its credential is revoked.
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
             Poll::Pending => {

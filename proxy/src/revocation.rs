@@ -70,4 +70,7 @@ pub struct RevocationState {
     pub gate: InflightGate,
     /// The last sequence applied, reported back to the control plane.
     pub applied_seq: AtomicU64,
+    /// Snapshots and single changes applied since start.
+    pub snapshots_applied: AtomicU64,
+    pub changes_applied: AtomicU64,
 }

@@ -267,6 +267,8 @@ impl ProxyClient {
 
 /// Everything for one end-to-end scenario.
 pub struct Deployment {
+    /// Every request the upstream received, in order.
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<leash_examples::Seen>>>,
     pub dir: tempfile::TempDir,
     pub ids: Identities,
     pub cp: ControlPlane,
@@ -298,15 +300,27 @@ impl Deployment {
         let upstream = up_listener.local_addr().expect("addr");
         let policy = write_policy(dir.path(), &policy(upstream));
         let cp = start_control_plane(&ids, CP_ID, &policy, &dir.path().join("data")).await;
-        tokio::spawn(leash_examples::serve_with(
+        let (observer, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        tokio::spawn(async move {
+            while let Some(s) = seen_rx.recv().await {
+                if let Ok(mut v) = sink.lock() {
+                    v.push(s);
+                }
+            }
+        });
+        tokio::spawn(leash_examples::serve_observed(
             up_listener,
             upstream_config(cp.admin_addr),
             upstream_tls,
+            Some(observer),
         ));
         let sidecar = start_sidecar(sidecar_config(ids.endpoint(APP_ID), cp.sidecar_addr)).await;
         let client = ProxyClient::new(sidecar.egress_addr);
         wait_ready(sidecar.admin_addr).await;
         Self {
+            seen,
             dir,
             ids,
             cp,
@@ -384,4 +398,91 @@ pub fn write_svid_files(
     write(&files.bundle, ca.bundle_pem());
     write(&files.cert, pem("CERTIFICATE", &m.leaf_der));
     files
+}
+
+/// An admin API client with a token.
+#[derive(Clone)]
+pub struct Admin {
+    pub addr: SocketAddr,
+    pub token: Option<String>,
+}
+
+impl Admin {
+    /// The bootstrap admin token the control plane wrote to its data dir.
+    pub fn bootstrap(addr: SocketAddr, data_dir: &Path) -> Self {
+        let token =
+            std::fs::read_to_string(data_dir.join("admin-token")).expect("admin-token file");
+        Self {
+            addr,
+            token: Some(token.trim().to_owned()),
+        }
+    }
+
+    pub fn with_token(&self, token: Option<&str>) -> Self {
+        Self {
+            addr: self.addr,
+            token: token.map(str::to_owned),
+        }
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<String>) -> Answer {
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr))
+            .header("content-type", "application/json");
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .expect("request");
+        Answer::read(client.request(req).await.expect("admin API reachable"))
+            .await
+            .expect("admin API answer")
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.call("GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> Answer {
+        self.call("POST", path, Some(body.to_string())).await
+    }
+
+    /// Revokes and returns the revocation's JSON; panics unless 201.
+    pub async fn revoke(&self, body: serde_json::Value) -> serde_json::Value {
+        let a = self.post("/v1/revocations", body).await;
+        assert_eq!(
+            a.status,
+            201,
+            "revoke failed: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        a.json()
+    }
+
+    /// Waits until `sessions` sidecars have acknowledged revocation `id` and
+    /// none is pending; returns the propagation JSON.
+    pub async fn wait_acknowledged(&self, id: &str, sessions: usize) -> serde_json::Value {
+        eventually(
+            Duration::from_secs(10),
+            "acknowledged by every sidecar",
+            || async {
+                let a = self.get(&format!("/v1/revocations/{id}")).await;
+                let p = a.json()["propagation"].clone();
+                let acked = p["acknowledged"].as_array().map_or(0, Vec::len);
+                let pending = p["pending"].as_array().map_or(1, Vec::len);
+                (acked >= sessions && pending == 0).then_some(p)
+            },
+        )
+        .await
+    }
+}
+
+impl Deployment {
+    pub fn admin(&self) -> Admin {
+        Admin::bootstrap(self.cp.admin_addr, &self.dir.path().join("data"))
+    }
 }

@@ -29,3 +29,9 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+/// Resolves once `stop` turns true (or its sender is gone). The borrow of the
+/// watch value ends inside, so the future stays `Send` in `select!` loops.
+pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _stopped = stop.wait_for(|s| *s).await.is_ok();
+}

@@ -2,26 +2,362 @@
 
 use std::process::ExitCode;
 
+use bytes::Bytes;
 use clap::Parser as _;
-use leash_control_plane::cli::{LeashctlCli as Cli, LeashctlCommand as Command, PolicyCommand};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use leash_control_plane::cli::{
+    LeashctlCli as Cli, LeashctlCommand as Command, PolicyCommand, RevokeCommand, TokenCommand,
+};
+use serde_json::{Value, json};
+
+/// Exit codes scripts can rely on.
+const REFUSED: u8 = 1;
+const UNREACHABLE: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Policy(PolicyCommand::Check { file }) => match leash_api::policy::load(&file) {
-            Ok(p) => {
-                println!(
-                    "{}: ok ({} upstreams, {} grants)",
-                    file.display(),
-                    p.policy.upstreams.len(),
-                    p.policy.grants.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+    if let Command::Policy(PolicyCommand::Check { file }) = &cli.command {
+        return policy_check(file);
     }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("leashctl: {e}");
+            return ExitCode::from(UNREACHABLE);
+        }
+    };
+    match runtime.block_on(run(&cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Refused(status, body)) => {
+            let message = body["message"].as_str().unwrap_or("");
+            let code = body["error"].as_str().unwrap_or("error");
+            eprintln!("leashctl: {status} {code}: {message}");
+            ExitCode::from(REFUSED)
+        }
+        Err(Failure::Unreachable(e)) => {
+            eprintln!("leashctl: {e}");
+            ExitCode::from(UNREACHABLE)
+        }
+    }
+}
+
+fn policy_check(file: &std::path::Path) -> ExitCode {
+    match leash_api::policy::load(file) {
+        Ok(p) => {
+            println!(
+                "{}: ok ({} upstreams, {} grants)",
+                file.display(),
+                p.policy.upstreams.len(),
+                p.policy.grants.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Refused(u16, Value),
+    Unreachable(String),
+}
+
+async fn call(cli: &Cli, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
+    let url = format!("{}{}", cli.addr.trim_end_matches('/'), path);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(&url)
+        .header("content-type", "application/json");
+    if let Some(token) = &cli.token {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = req
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| Failure::Unreachable(format!("bad request to {url}: {e}")))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(30), client.request(req))
+        .await
+        .map_err(|_| Failure::Unreachable(format!("{url}: no answer within 30 s")))?
+        .map_err(|e| Failure::Unreachable(format!("cannot reach {url}: {e}")))?;
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| Failure::Unreachable(format!("{url}: {e}")))?
+        .to_bytes();
+    let value: Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| json!({"message": String::from_utf8_lossy(&bytes)}));
+    match status {
+        200..=299 => Ok(value),
+        400..=499 => Err(Failure::Refused(status, value)),
+        _ => Err(Failure::Unreachable(format!(
+            "{url}: {status} {}",
+            value["message"].as_str().unwrap_or("")
+        ))),
+    }
+}
+
+async fn run(cli: &Cli) -> Result<(), Failure> {
+    let out = match &cli.command {
+        Command::Policy(_) => return Ok(()),
+        Command::Revoke(r) => {
+            let body = match r {
+                RevokeCommand::Workload { spiffe_id, reason } => {
+                    json!({"kind": "workload", "workload": spiffe_id, "reason": reason})
+                }
+                RevokeCommand::Grant {
+                    workload,
+                    upstream,
+                    reason,
+                } => {
+                    json!({"kind": "grant", "workload": workload, "upstream": upstream, "reason": reason})
+                }
+                RevokeCommand::Credential {
+                    credential_id,
+                    reason,
+                } => {
+                    json!({"kind": "credential", "credential_id": credential_id, "reason": reason})
+                }
+                RevokeCommand::Upstream { name, reason } => {
+                    json!({"kind": "upstream", "upstream": name, "reason": reason})
+                }
+            };
+            let v = call(cli, "POST", "/v1/revocations", Some(body)).await?;
+            Output::new(
+                v.clone(),
+                format!(
+                    "revoked: {} (seq {})\n",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["seq"]
+                ),
+            )
+        }
+        Command::Restore {
+            revocation_id,
+            reason,
+        } => {
+            let v = call(
+                cli,
+                "POST",
+                &format!("/v1/revocations/{revocation_id}/restore"),
+                Some(json!({"reason": reason})),
+            )
+            .await?;
+            Output::new(
+                v.clone(),
+                format!(
+                    "restored: {} (seq {})\n",
+                    revocation_id, v["restored"]["seq"]
+                ),
+            )
+        }
+        Command::Revocations { all } => {
+            let v = call(cli, "GET", &format!("/v1/revocations?all={all}"), None).await?;
+            let rows = v["revocations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    vec![
+                        s(&r["id"]),
+                        s(&r["kind"]),
+                        target(r),
+                        r["seq"].to_string(),
+                        if r["active"].as_bool() == Some(true) {
+                            "active"
+                        } else {
+                            "restored"
+                        }
+                        .to_owned(),
+                        s(&r["revoked_by"]),
+                        s(&r["reason"]),
+                    ]
+                })
+                .collect();
+            Output::new(
+                v,
+                table(
+                    &["ID", "KIND", "TARGET", "SEQ", "STATE", "BY", "REASON"],
+                    rows,
+                ),
+            )
+        }
+        Command::Status { revocation_id } => {
+            let v = call(
+                cli,
+                "GET",
+                &format!("/v1/revocations/{revocation_id}"),
+                None,
+            )
+            .await?;
+            let p = &v["propagation"];
+            let mut text = format!(
+                "{} {} {} — {} (seq {})\nacknowledged by {} sidecar(s); {} connected sidecar(s) pending\n",
+                s(&v["id"]),
+                s(&v["kind"]),
+                target(&v),
+                if v["active"].as_bool() == Some(true) {
+                    "active"
+                } else {
+                    "restored"
+                },
+                v["seq"],
+                p["acknowledged"].as_array().map_or(0, Vec::len),
+                p["pending"].as_array().map_or(0, Vec::len),
+            );
+            let mut rows: Vec<Vec<String>> = p["acknowledged"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| {
+                    vec![
+                        s(&a["spiffe_id"]),
+                        s(&a["session_id"]),
+                        "acknowledged".into(),
+                        format!("{} ms", a["latency_ms"]),
+                    ]
+                })
+                .collect();
+            rows.extend(p["pending"].as_array().into_iter().flatten().map(|a| {
+                vec![
+                    s(&a["spiffe_id"]),
+                    s(&a["session_id"]),
+                    "PENDING".into(),
+                    format!("at seq {}", a["last_ack_seq"]),
+                ]
+            }));
+            text.push_str(&table(&["SIDECAR", "SESSION", "STATE", "LATENCY"], rows));
+            Output::new(v, text)
+        }
+        Command::Sidecars => {
+            let v = call(cli, "GET", "/v1/sidecars", None).await?;
+            let rows = v["sidecars"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    vec![
+                        s(&c["spiffe_id"]),
+                        s(&c["version"]),
+                        c["last_ack_seq"].to_string(),
+                        ago(c["last_heard_ms"].as_i64()),
+                        s(&c["session_id"]),
+                    ]
+                })
+                .collect();
+            Output::new(
+                v,
+                table(
+                    &["SPIFFE ID", "VERSION", "ACKED SEQ", "LAST HEARD", "SESSION"],
+                    rows,
+                ),
+            )
+        }
+        Command::Tokens(TokenCommand::Create { name, role }) => {
+            let v = call(
+                cli,
+                "POST",
+                "/v1/tokens",
+                Some(json!({"name": name, "role": role})),
+            )
+            .await?;
+            Output::new(v.clone(), format!("{}\n", s(&v["token"])))
+        }
+        Command::Audit { limit } => {
+            let v = call(cli, "GET", &format!("/v1/audit?limit={limit}"), None).await?;
+            let rows = v["entries"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    vec![
+                        ago(e["at_ms"].as_i64()),
+                        s(&e["actor"]),
+                        s(&e["action"]),
+                        e["status"].to_string(),
+                        s(&e["detail"]),
+                    ]
+                })
+                .collect();
+            Output::new(
+                v,
+                table(&["WHEN", "ACTOR", "ACTION", "STATUS", "DETAIL"], rows),
+            )
+        }
+    };
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out.json).unwrap_or_default()
+        );
+    } else {
+        print!("{}", out.text);
+    }
+    Ok(())
+}
+
+struct Output {
+    json: Value,
+    text: String,
+}
+
+impl Output {
+    fn new(json: Value, text: String) -> Self {
+        Self { json, text }
+    }
+}
+
+fn s(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+}
+
+fn target(r: &Value) -> String {
+    match r["kind"].as_str() {
+        Some("credential") => s(&r["credential_id"]),
+        Some("grant") => format!("{} -> {}", s(&r["workload"]), s(&r["upstream"])),
+        Some("workload") => s(&r["workload"]),
+        _ => s(&r["upstream"]),
+    }
+}
+
+fn ago(ms: Option<i64>) -> String {
+    let Some(ms) = ms.filter(|m| *m > 0) else {
+        return "-".into();
+    };
+    let now = leash_control_plane::store::now_ms();
+    format!("{:.1}s ago", (now - ms).max(0) as f64 / 1000.0)
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
 }

@@ -24,7 +24,7 @@ CREATE TABLE revocations (
 -- The monotonic sequence: one row per change (revoke or restore).
 CREATE TABLE revocation_events (
     seq           INTEGER PRIMARY KEY AUTOINCREMENT,
-    revocation_id TEXT NOT NULL REFERENCES revocations (id),
+    revocation_id TEXT NOT NULL REFERENCES revocations (id) DEFERRABLE INITIALLY DEFERRED,
     restored      INTEGER NOT NULL,
     at_ms         INTEGER NOT NULL
 );
