@@ -63,6 +63,8 @@ echo "==> sidecar on 127.0.0.1:15001 (egress) and 127.0.0.1:15000 (admin)"
 pids+=($!)
 wait_for http://127.0.0.1:15000/readyz "sidecar"
 
+TOKEN=$(cat "$RUN_DIR/data/admin-token")
+
 cat <<TXT
 
 Leash is up. The workload has no secret; its sidecar fetches one per upstream.
@@ -76,6 +78,14 @@ Leash is up. The workload has no secret; its sidecar fetches one per upstream.
   curl http://127.0.0.1:8080/.well-known/jwks.json     (the public keys)
   curl http://127.0.0.1:15000/readyz                   (sidecar readiness)
 
+Revoke, and watch it take effect (leashctl is in $BIN):
+  export LEASH_ADDR=http://127.0.0.1:8080 LEASH_TOKEN=$TOKEN
+  $BIN/leashctl sidecars
+  $BIN/leashctl revoke grant --workload $APP_ID --upstream payments --reason "demo"
+  curl -x http://127.0.0.1:15001 http://payments.leash.test/whoami    -> 403 revoked_grant
+  $BIN/leashctl status <revocation id>                 (who acknowledged it, and when)
+  $BIN/leashctl restore <revocation id> --reason "demo over"
+
 Logs: $RUN_DIR/*.log   Stop: Ctrl-C
 TXT
 
@@ -85,6 +95,22 @@ if [ -n "${LEASH_QUICKSTART_SMOKE:-}" ]; then
   echo "$out" | grep -q "\"sub\":\"$APP_ID\"" || { echo "!! unexpected answer" >&2; exit 1; }
   code=$(curl -s -o /dev/null -w '%{http_code}' -x http://127.0.0.1:15001 http://ledger.leash.test/)
   [ "$code" = 403 ] || { echo "!! ledger answered $code, want 403" >&2; exit 1; }
+  export LEASH_ADDR=http://127.0.0.1:8080 LEASH_TOKEN=$TOKEN
+  id=$("$BIN/leashctl" --json revoke grant --workload "$APP_ID" --upstream payments --reason smoke \
+        | sed -n 's/^  "id": "\(.*\)",$/\1/p')
+  [ -n "$id" ] || { echo "!! revoke failed" >&2; exit 1; }
+  for _ in $(seq 1 50); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -x http://127.0.0.1:15001 http://payments.leash.test/whoami)
+    [ "$code" = 403 ] && break; sleep 0.1
+  done
+  [ "$code" = 403 ] || { echo "!! revoked grant still answered $code" >&2; exit 1; }
+  "$BIN/leashctl" status "$id"
+  "$BIN/leashctl" restore "$id" --reason "smoke over" >/dev/null
+  for _ in $(seq 1 50); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -x http://127.0.0.1:15001 http://payments.leash.test/whoami)
+    [ "$code" = 200 ] && break; sleep 0.1
+  done
+  [ "$code" = 200 ] || { echo "!! restore not applied ($code)" >&2; exit 1; }
   echo "quickstart smoke check passed"
   exit 0
 fi

@@ -171,7 +171,19 @@ impl SessionDriver {
         let mut changes = log.subscribe();
         let snapshot = log.snapshot();
         // A sidecar with state from this store resumes; any other gets a snapshot.
+        let mut unacked: VecDeque<(u64, Instant)> = VecDeque::new();
         let mut sent = if hello.store_id == log.store_id && hello.last_applied_seq <= snapshot.seq {
+            // The sidecar states it enforces everything up to there: that is
+            // an acknowledgement (and restores the proof if an earlier
+            // session's record was lost with a crashed control plane).
+            if hello.last_applied_seq > 0 {
+                self.ack(
+                    info,
+                    hello.last_applied_seq,
+                    hello.last_applied_seq,
+                    &mut unacked,
+                )?;
+            }
             self.catch_up(hello.last_applied_seq, &send).await?
         } else {
             send(control_message::Msg::Snapshot(Snapshot {
@@ -192,8 +204,7 @@ impl SessionDriver {
         };
         send(routes(&self.state)).await?;
 
-        // Changes pushed and not yet acknowledged, for the propagation metric.
-        let mut unacked: VecDeque<(u64, Instant)> = VecDeque::new();
+        // `unacked`: changes pushed and not yet acknowledged, for the propagation metric.
         let mut shutdown = self.shutdown.clone();
         let mut heartbeat = tokio::time::interval(self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
