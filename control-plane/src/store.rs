@@ -383,17 +383,21 @@ impl Store {
         Ok(())
     }
 
-    /// Records acknowledgements in one transaction.
+    /// Records acknowledgements in one transaction, many rows per statement
+    /// (a revocation acknowledged by a thousand sidecars is a thousand rows).
     pub async fn insert_acks(&self, acks: &[AckRecord]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        for a in acks {
-            sqlx::query("INSERT OR IGNORE INTO acks (session_id, from_seq, to_seq, acked_at_ms) VALUES (?, ?, ?, ?)")
-                .bind(&a.session_id)
-                .bind(i64::try_from(a.from_seq).unwrap_or(i64::MAX))
-                .bind(i64::try_from(a.to_seq).unwrap_or(i64::MAX))
-                .bind(a.acked_at_ms)
-                .execute(&mut *tx)
-                .await?;
+        for chunk in acks.chunks(200) {
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT OR IGNORE INTO acks (session_id, from_seq, to_seq, acked_at_ms) ",
+            );
+            q.push_values(chunk, |mut row, a| {
+                row.push_bind(&a.session_id)
+                    .push_bind(i64::try_from(a.from_seq).unwrap_or(i64::MAX))
+                    .push_bind(i64::try_from(a.to_seq).unwrap_or(i64::MAX))
+                    .push_bind(a.acked_at_ms);
+            });
+            q.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

@@ -226,7 +226,7 @@ impl ControlLink {
             _ = stop.wait_for(|s| *s) => {}
         }
         if let Some(identity) = self.identity.load_full() {
-            identity.source.shutdown().await;
+            identity.shutdown().await;
         }
     }
 

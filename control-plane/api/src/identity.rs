@@ -47,6 +47,9 @@ pub enum IdentityConfig {
     /// `unix:///path`, `unix:/path`, a bare `/path`, or `tcp://ip:port`.
     WorkloadApi(String),
     Files(SvidFiles),
+    /// A source owned by the embedding program (several sidecar links in one
+    /// process, as the propagation benchmark runs them); never shut down here.
+    Shared(X509Source),
 }
 
 impl IdentityConfig {
@@ -71,6 +74,16 @@ impl IdentityConfig {
 pub struct Identity {
     pub source: X509Source,
     _files: Option<FilesServer>,
+    shared: bool,
+}
+
+impl Identity {
+    /// Shuts the source down, unless it belongs to someone else.
+    pub async fn shutdown(&self) {
+        if !self.shared {
+            self.source.shutdown().await;
+        }
+    }
 }
 
 struct FilesServer {
@@ -93,6 +106,12 @@ pub async fn connect(
         IdentityConfig::WorkloadApi(endpoint) => Ok(Identity {
             source: x509_source(endpoint, initial_sync).await?,
             _files: None,
+            shared: false,
+        }),
+        IdentityConfig::Shared(source) => Ok(Identity {
+            source: source.clone(),
+            _files: None,
+            shared: true,
         }),
         IdentityConfig::Files(files) => {
             let first = read_svid_files(files)?;
@@ -107,6 +126,7 @@ pub async fn connect(
             Ok(Identity {
                 source,
                 _files: Some(FilesServer { stop, _dir: dir }),
+                shared: false,
             })
         }
     }

@@ -2,6 +2,7 @@
 //! compiled set that answers "is this revoked?" without locks or allocation.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 use crate::policy::WorkloadMatcher;
 use crate::v1::Revocation;
@@ -55,59 +56,91 @@ impl RevocationKind {
     }
 }
 
-/// The active revocations, compiled for lookups.
+/// The active revocations, compiled for lookups. Cheap to copy-and-change:
+/// everything is reference-counted, so applying one change to a set of n
+/// costs n reference-count bumps, not n reallocations.
 #[derive(Debug, Default, Clone)]
 pub struct RevocationSet {
-    active: BTreeMap<String, Revocation>,
-    credentials: HashSet<String>,
-    upstreams: HashSet<String>,
-    workloads: Vec<(WorkloadMatcher, String)>,
-    grants: Vec<(WorkloadMatcher, String, String)>,
+    active: BTreeMap<Arc<str>, Arc<Revocation>>,
+    credentials: HashSet<Arc<str>>,
+    upstreams: HashSet<Arc<str>>,
+    workloads: Vec<(Arc<WorkloadMatcher>, Arc<str>)>,
+    grants: Vec<(Arc<WorkloadMatcher>, Arc<str>, Arc<str>)>,
 }
 
 impl RevocationSet {
     pub fn new(active: impl IntoIterator<Item = Revocation>) -> Self {
-        let active = active.into_iter().map(|r| (r.id.clone(), r)).collect();
-        Self::compile(active)
+        let mut set = Self::default();
+        for r in active {
+            set.add(Arc::new(r));
+        }
+        set
     }
 
-    fn compile(active: BTreeMap<String, Revocation>) -> Self {
-        let mut set = Self::default();
-        for r in active.values() {
-            match RevocationKind::parse(&r.kind) {
-                Some(RevocationKind::Credential) => {
-                    set.credentials.insert(r.credential_id.clone());
-                }
-                Some(RevocationKind::Upstream) => {
-                    set.upstreams.insert(r.upstream.clone());
-                }
-                Some(RevocationKind::Workload) => {
-                    if let Ok(m) = WorkloadMatcher::parse(&r.workload) {
-                        set.workloads.push((m, r.id.clone()));
-                    }
-                }
-                Some(RevocationKind::Grant) => {
-                    if let Ok(m) = WorkloadMatcher::parse(&r.workload) {
-                        set.grants.push((m, r.upstream.clone(), r.id.clone()));
-                    }
-                }
-                // An unknown kind from a newer control plane: nothing to match on.
-                None => {}
+    fn add(&mut self, r: Arc<Revocation>) {
+        let id: Arc<str> = r.id.as_str().into();
+        match RevocationKind::parse(&r.kind) {
+            Some(RevocationKind::Credential) => {
+                self.credentials.insert(r.credential_id.as_str().into());
             }
+            Some(RevocationKind::Upstream) => {
+                self.upstreams.insert(r.upstream.as_str().into());
+            }
+            Some(RevocationKind::Workload) => {
+                if let Ok(m) = WorkloadMatcher::parse(&r.workload) {
+                    self.workloads.push((Arc::new(m), id.clone()));
+                }
+            }
+            Some(RevocationKind::Grant) => {
+                if let Ok(m) = WorkloadMatcher::parse(&r.workload) {
+                    self.grants
+                        .push((Arc::new(m), r.upstream.as_str().into(), id.clone()));
+                }
+            }
+            // An unknown kind from a newer control plane: nothing to match on.
+            None => {}
         }
-        set.active = active;
-        set
+        self.active.insert(id, r);
+    }
+
+    fn remove(&mut self, id: &str) {
+        let Some(r) = self.active.remove(id) else {
+            return;
+        };
+        match RevocationKind::parse(&r.kind) {
+            // Another active revocation may name the same credential or upstream.
+            Some(RevocationKind::Credential)
+                if !self
+                    .active
+                    .values()
+                    .any(|o| o.kind == r.kind && o.credential_id == r.credential_id) =>
+            {
+                self.credentials.remove(r.credential_id.as_str());
+            }
+            Some(RevocationKind::Upstream)
+                if !self
+                    .active
+                    .values()
+                    .any(|o| o.kind == r.kind && o.upstream == r.upstream) =>
+            {
+                self.upstreams.remove(r.upstream.as_str());
+            }
+            Some(RevocationKind::Workload) => self.workloads.retain(|(_, i)| &**i != id),
+            Some(RevocationKind::Grant) => self.grants.retain(|(_, _, i)| &**i != id),
+            _ => {}
+        }
     }
 
     /// A copy with `revocation` added (or, if `restored`, removed).
     pub fn with_change(&self, revocation: Revocation, restored: bool) -> Self {
-        let mut active = self.active.clone();
+        let mut next = self.clone();
         if restored {
-            active.remove(&revocation.id);
+            next.remove(&revocation.id);
         } else {
-            active.insert(revocation.id.clone(), revocation);
+            next.remove(&revocation.id);
+            next.add(Arc::new(revocation));
         }
-        Self::compile(active)
+        next
     }
 
     pub fn len(&self) -> usize {
@@ -119,29 +152,33 @@ impl RevocationSet {
     }
 
     pub fn active(&self) -> impl Iterator<Item = &Revocation> {
-        self.active.values()
+        self.active.values().map(|r| &**r)
     }
 
     /// The revocation, if any, that forbids `workload` using `upstream`.
     pub fn check(&self, workload: &str, upstream: &str) -> Option<&Revocation> {
-        let id = if self.upstreams.contains(upstream) {
-            self.active
+        if self.active.is_empty() {
+            return None;
+        }
+        if self.upstreams.contains(upstream) {
+            return self
+                .active
                 .values()
                 .find(|r| r.kind == "upstream" && r.upstream == upstream)
-                .map(|r| &r.id)
-        } else {
-            self.workloads
-                .iter()
-                .find(|(m, _)| m.matches(workload))
-                .map(|(_, id)| id)
-                .or_else(|| {
-                    self.grants
-                        .iter()
-                        .find(|(m, u, _)| u == upstream && m.matches(workload))
-                        .map(|(_, _, id)| id)
-                })
-        }?;
-        self.active.get(id)
+                .map(|r| &**r);
+        }
+        let id = self
+            .workloads
+            .iter()
+            .find(|(m, _)| m.matches(workload))
+            .map(|(_, id)| id)
+            .or_else(|| {
+                self.grants
+                    .iter()
+                    .find(|(m, u, _)| &**u == upstream && m.matches(workload))
+                    .map(|(_, _, id)| id)
+            })?;
+        self.active.get(id).map(|r| &**r)
     }
 
     pub fn credential_revoked(&self, credential_id: &str) -> bool {
