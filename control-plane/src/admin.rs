@@ -36,6 +36,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/revocations/{id}", get(get_revocation))
         .route("/v1/revocations/{id}/restore", post(restore))
         .route("/v1/sidecars", get(sidecars))
+        .route("/v1/leaked", get(list_leaked).post(register_leaked))
+        .route("/v1/leaked/{id}", get(get_leaked))
+        .route("/v1/stripped", get(stripped))
         .route("/v1/audit", get(audit))
         .route("/v1/tokens", post(create_token))
         .layer(middleware::from_fn_with_state(state.clone(), audited))
@@ -206,6 +209,12 @@ fn revocation_json(r: &StoredRevocation) -> Value {
         "revoked_at_ms": r.revocation.revoked_at_ms,
         "seq": r.revoke_seq,
         "active": r.restored.is_none(),
+        "fingerprint_id": if r.revocation.fingerprint.len() < 4 {
+            Value::Null
+        } else {
+            // A short public handle, not the fingerprint itself.
+            json!(crate::store::hex(&r.revocation.fingerprint[..4]))
+        },
         "restored": r.restored.as_ref().map(|x| json!({
             "by": x.by, "reason": x.reason, "at_ms": x.at_ms, "seq": x.seq,
         })),
@@ -377,6 +386,111 @@ async fn sidecars(
             })
             .collect();
     Ok(Json(json!({"seq": s.cp.revocations.snapshot().seq, "sidecars": list})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeakedRequest {
+    /// The leaked value itself. Fingerprinted, then zeroized; never stored or logged.
+    value: zeroize::Zeroizing<String>,
+    reason: String,
+}
+
+async fn register_leaked(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<LeakedRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Responder)?;
+    // A malformed body is reported without echoing it (it may hold the value).
+    let Json(req) = body.map_err(|e| {
+        let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError::new(
+            status,
+            "bad_body",
+            "expected {\"value\": \"…\", \"reason\": \"…\"}",
+        )
+    })?;
+    let stored =
+        s.cp.revocations
+            .register_leaked(req.value, &req.reason, &caller.actor)
+            .await?;
+    let detail = format!(
+        "registered leaked value {} seq {}: {}",
+        stored.revocation.id, stored.revoke_seq, stored.revocation.reason
+    );
+    Ok(with_detail(
+        (StatusCode::CREATED, Json(revocation_json(&stored))).into_response(),
+        detail,
+    ))
+}
+
+async fn list_leaked(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Viewer)?;
+    let list =
+        s.cp.store
+            .revocations(false)
+            .await
+            .map_err(RevokeError::from)?;
+    let leaked: Vec<Value> = list
+        .iter()
+        .filter(|r| r.revocation.kind == "leaked")
+        .map(revocation_json)
+        .collect();
+    Ok(Json(json!({"leaked": leaked})).into_response())
+}
+
+/// A registration with its forgotten consumers: every workload that sent the
+/// value since, to which upstream, how often, first and last seen.
+async fn get_leaked(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Viewer)?;
+    let stored =
+        s.cp.store
+            .revocation(&id)
+            .await
+            .map_err(RevokeError::from)?
+            .filter(|r| r.revocation.kind == "leaked")
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no leaked value {id:?}"),
+                )
+            })?;
+    let mut body = revocation_json(&stored);
+    body["sightings"] = json!(s.cp.store.sightings(&id).await.map_err(RevokeError::from)?);
+    body["propagation"] = propagation(&s, stored.revoke_seq).await?;
+    Ok(Json(body).into_response())
+}
+
+async fn stripped(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Viewer)?;
+    let rows: Vec<Value> = s
+        .cp
+        .store
+        .stripped()
+        .await
+        .map_err(RevokeError::from)?
+        .into_iter()
+        .map(|(workload, upstream, count, first, last)| {
+            json!({"workload": workload, "upstream": upstream, "count": count, "first_seen_ms": first, "last_seen_ms": last})
+        })
+        .collect();
+    Ok(Json(json!({"stripped": rows})).into_response())
 }
 
 #[derive(Deserialize)]

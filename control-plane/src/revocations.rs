@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use leash_api::policy::{ValidPolicy, WorkloadMatcher};
-use leash_api::revocation::{RevocationKind, RevocationSet};
+use leash_api::revocation::{
+    FingerprintKey, MIN_LEAKED_LEN, RevocationKind, RevocationSet, fingerprint, fingerprint_bytes,
+};
 use leash_api::v1::Revocation;
 use serde::Deserialize;
 use tokio::sync::{Mutex, broadcast};
@@ -63,6 +65,7 @@ const MAX_REASON: usize = 1024;
 pub struct RevocationLog {
     store: Store,
     pub store_id: String,
+    pub fingerprint_key: FingerprintKey,
     state: ArcSwap<Snapshot>,
     changes: broadcast::Sender<Arc<Change>>,
     write: Mutex<()>,
@@ -72,6 +75,7 @@ pub struct RevocationLog {
 impl RevocationLog {
     pub async fn open(store: Store, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
         let store_id = store.store_id().await?;
+        let fingerprint_key = FingerprintKey(store.fingerprint_key().await?);
         let seq = store.current_seq().await?;
         let active = store.revocations(true).await?;
         let set = RevocationSet::new(active.into_iter().map(|r| r.revocation));
@@ -79,6 +83,7 @@ impl RevocationLog {
         Ok(Self {
             store,
             store_id,
+            fingerprint_key,
             state: ArcSwap::from_pointee(Snapshot { seq, set }),
             changes,
             write: Mutex::new(()),
@@ -101,12 +106,14 @@ impl RevocationLog {
         by: &str,
         policy: &ValidPolicy,
     ) -> Result<StoredRevocation, RevokeError> {
-        let kind = RevocationKind::parse(&req.kind).ok_or_else(|| {
-            RevokeError::Invalid(format!(
-                "unknown revocation kind {:?}: use credential, grant, workload or upstream",
-                req.kind
-            ))
-        })?;
+        let kind = RevocationKind::parse(&req.kind)
+            .filter(|k| *k != RevocationKind::Leaked)
+            .ok_or_else(|| {
+                RevokeError::Invalid(format!(
+                    "unknown revocation kind {:?}: use credential, grant, workload or upstream (leaked values: POST /v1/leaked)",
+                    req.kind
+                ))
+            })?;
         let reason = req.reason.trim();
         if reason.is_empty() || reason.len() > MAX_REASON {
             return Err(RevokeError::Invalid(format!(
@@ -181,14 +188,76 @@ impl RevocationLog {
             reason: reason.to_owned(),
             revoked_by: by.to_owned(),
             revoked_at_ms: now_ms(),
+            fingerprint: Vec::new(),
         };
+        self.commit(current, revocation).await
+    }
+
+    /// Registers a leaked value: only its keyed fingerprint is kept, and it is
+    /// refused by every sidecar wherever it appears. The caller's copy of the
+    /// value is zeroized when dropped.
+    pub async fn register_leaked(
+        &self,
+        value: zeroize::Zeroizing<String>,
+        reason: &str,
+        by: &str,
+    ) -> Result<StoredRevocation, RevokeError> {
+        let value = value.trim();
+        if value.len() < MIN_LEAKED_LEN {
+            return Err(RevokeError::Invalid(format!(
+                "a leaked value must be at least {MIN_LEAKED_LEN} bytes: shorter ones would match ordinary words"
+            )));
+        }
+        if value.len() > 8192 {
+            return Err(RevokeError::Invalid(
+                "a leaked value must be at most 8192 bytes".into(),
+            ));
+        }
+        let reason = reason.trim();
+        if reason.is_empty() || reason.len() > MAX_REASON {
+            return Err(RevokeError::Invalid(format!(
+                "reason is required (1-{MAX_REASON} bytes)"
+            )));
+        }
+        let fp = fingerprint_bytes(fingerprint(&self.fingerprint_key, value.as_bytes()));
+        let _write = self.write.lock().await;
+        let current = self.state.load_full();
+        if let Some(dup) = current
+            .set
+            .active()
+            .find(|r| r.kind == "leaked" && r.fingerprint == fp)
+        {
+            return Err(RevokeError::Conflict(format!(
+                "already registered as {}",
+                dup.id
+            )));
+        }
+        let revocation = Revocation {
+            id: format!("rev-{}", uuid::Uuid::new_v4().simple()),
+            kind: RevocationKind::Leaked.as_str().to_owned(),
+            reason: reason.to_owned(),
+            revoked_by: by.to_owned(),
+            revoked_at_ms: now_ms(),
+            fingerprint: fp,
+            ..Default::default()
+        };
+        self.commit(current, revocation).await
+    }
+
+    /// Commits and publishes; the write lock is held by the caller.
+    async fn commit(
+        &self,
+        current: Arc<Snapshot>,
+        revocation: Revocation,
+    ) -> Result<StoredRevocation, RevokeError> {
+        let by = revocation.revoked_by.clone();
         let seq = self.store.insert_revocation(&revocation).await?;
         self.publish(&current, seq, revocation.clone(), false);
         tracing::info!(
             revocation_id = %revocation.id,
             kind = %revocation.kind,
             seq,
-            by,
+            by = %by,
             "revocation committed"
         );
         Ok(StoredRevocation {

@@ -190,6 +190,7 @@ impl SessionDriver {
                 store_id: log.store_id.clone(),
                 seq: snapshot.seq,
                 active: snapshot.set.active().cloned().collect(),
+                fingerprint_key: log.fingerprint_key.0.to_vec(),
             }))
             .await?;
             snapshot.seq
@@ -243,6 +244,13 @@ impl SessionDriver {
                         info.last_heard_ms.store(now_ms(), Ordering::Relaxed);
                         match m.msg {
                             Some(sidecar_message::Msg::Ack(ack)) => self.ack(info, ack.seq, sent, &mut unacked)?,
+                            Some(sidecar_message::Msg::Leak(leak)) => self.leak_seen(info, leak).await,
+                            Some(sidecar_message::Msg::Stripped(report)) => {
+                                let store = self.state.revocations.store();
+                                if let Err(e) = store.record_stripped(&info.spiffe_id, &report.upstream, report.count, now_ms()).await {
+                                    tracing::warn!(error = %e, "cannot record stripped credentials");
+                                }
+                            }
                             Some(sidecar_message::Msg::Hello(_)) => return Err("second hello on one session".into()),
                             None => {}
                         }
@@ -278,6 +286,38 @@ impl SessionDriver {
             last = seq;
         }
         Ok(last)
+    }
+
+    /// A sidecar refused a leaked value: record who sent it, to what. The
+    /// workload is the session's verified peer, not anything the sidecar says.
+    async fn leak_seen(&self, info: &SessionInfo, leak: leash_api::v1::LeakRefusal) {
+        tracing::warn!(
+            revocation_id = %leak.revocation_id,
+            workload = %info.spiffe_id,
+            upstream = %leak.upstream,
+            host = %leak.host,
+            location = %leak.location,
+            "leaked value refused"
+        );
+        let sighting = crate::store::Sighting {
+            revocation_id: leak.revocation_id,
+            workload: info.spiffe_id.to_string(),
+            upstream: leak.upstream,
+            host: leak.host,
+            location: leak.location,
+            count: 1,
+            first_seen_ms: leak.at_ms,
+            last_seen_ms: leak.at_ms,
+        };
+        if let Err(e) = self
+            .state
+            .revocations
+            .store()
+            .record_sighting(&sighting)
+            .await
+        {
+            tracing::error!(error = %e, "cannot record a leaked-value sighting");
+        }
     }
 
     fn ack(

@@ -25,6 +25,7 @@ pub enum StoreError {
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_revocations.sql")),
+    (3, include_str!("migrations/0003_leaked.sql")),
 ];
 
 #[derive(Clone)]
@@ -242,8 +243,8 @@ impl Store {
         .await?
         .last_insert_rowid();
         sqlx::query(
-            "INSERT INTO revocations (id, kind, workload, upstream, credential_id, reason, revoked_by, revoked_at_ms, revoke_seq) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO revocations (id, kind, workload, upstream, credential_id, reason, revoked_by, revoked_at_ms, revoke_seq, fingerprint) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&r.id)
         .bind(&r.kind)
@@ -254,6 +255,7 @@ impl Store {
         .bind(&r.revoked_by)
         .bind(r.revoked_at_ms)
         .bind(seq)
+        .bind(hex(&r.fingerprint))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -341,7 +343,7 @@ impl Store {
     ) -> Result<Vec<(u64, StoredRevocation, bool)>, StoreError> {
         let rows = sqlx::query(
             "SELECT e.seq AS event_seq, e.restored AS event_restored, r.id, r.kind, r.workload, r.upstream, r.credential_id, \
-             r.reason, r.revoked_by, r.revoked_at_ms, r.revoke_seq, r.restored_by, r.restore_reason, r.restored_at_ms, r.restore_seq \
+             r.reason, r.revoked_by, r.revoked_at_ms, r.revoke_seq, r.restored_by, r.restore_reason, r.restored_at_ms, r.restore_seq, r.fingerprint \
              FROM revocation_events e JOIN revocations r ON r.id = e.revocation_id WHERE e.seq > ? ORDER BY e.seq",
         )
         .bind(i64::try_from(after).unwrap_or(i64::MAX))
@@ -499,6 +501,106 @@ impl Store {
             .collect())
     }
 
+    /// The key of leaked-value fingerprints, created on first use.
+    pub async fn fingerprint_key(&self) -> Result<[u8; 16], StoreError> {
+        let mut fresh = [0u8; 16];
+        // SystemRandom only fails without an OS entropy source.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut fresh);
+        sqlx::query("INSERT OR IGNORE INTO store_meta (key, value) VALUES ('fingerprint_key', ?)")
+            .bind(hex(&fresh))
+            .execute(&self.pool)
+            .await?;
+        let value: String =
+            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'fingerprint_key'")
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(unhex(&value).try_into().unwrap_or([0; 16]))
+    }
+
+    /// Counts one sighting of a leaked value.
+    pub async fn record_sighting(&self, s: &Sighting) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO leak_sightings (revocation_id, workload, upstream, host, location, count, first_seen_ms, last_seen_ms) \
+             VALUES (?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (revocation_id, workload, upstream, host, location) \
+             DO UPDATE SET count = count + 1, last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)",
+        )
+        .bind(&s.revocation_id)
+        .bind(&s.workload)
+        .bind(&s.upstream)
+        .bind(&s.host)
+        .bind(&s.location)
+        .bind(s.first_seen_ms)
+        .bind(s.last_seen_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn sightings(&self, revocation_id: &str) -> Result<Vec<Sighting>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT revocation_id, workload, upstream, host, location, count, first_seen_ms, last_seen_ms \
+             FROM leak_sightings WHERE revocation_id = ? ORDER BY last_seen_ms DESC",
+        )
+        .bind(revocation_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Sighting {
+                revocation_id: r.get("revocation_id"),
+                workload: r.get("workload"),
+                upstream: r.get("upstream"),
+                host: r.get("host"),
+                location: r.get("location"),
+                count: r.get("count"),
+                first_seen_ms: r.get("first_seen_ms"),
+                last_seen_ms: r.get("last_seen_ms"),
+            })
+            .collect())
+    }
+
+    pub async fn record_stripped(
+        &self,
+        workload: &str,
+        upstream: &str,
+        count: u64,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO stripped_credentials (workload, upstream, count, first_seen_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (workload, upstream) DO UPDATE SET count = count + excluded.count, last_seen_ms = excluded.last_seen_ms",
+        )
+        .bind(workload)
+        .bind(upstream)
+        .bind(i64::try_from(count).unwrap_or(i64::MAX))
+        .bind(at_ms)
+        .bind(at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// (workload, upstream, count, first seen, last seen), most recent first.
+    pub async fn stripped(&self) -> Result<Vec<(String, String, i64, i64, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT workload, upstream, count, first_seen_ms, last_seen_ms FROM stripped_credentials ORDER BY last_seen_ms DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get("workload"),
+                    r.get("upstream"),
+                    r.get("count"),
+                    r.get("first_seen_ms"),
+                    r.get("last_seen_ms"),
+                )
+            })
+            .collect())
+    }
+
     pub async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
@@ -509,7 +611,7 @@ impl Store {
 }
 
 const REVOCATION_SELECT: &str = "SELECT id, kind, workload, upstream, credential_id, reason, revoked_by, revoked_at_ms, \
-     revoke_seq, restored_by, restore_reason, restored_at_ms, restore_seq FROM revocations";
+     revoke_seq, restored_by, restore_reason, restored_at_ms, restore_seq, fingerprint FROM revocations";
 
 fn revocation_from_row(r: &sqlx::sqlite::SqliteRow) -> StoredRevocation {
     StoredRevocation {
@@ -522,6 +624,7 @@ fn revocation_from_row(r: &sqlx::sqlite::SqliteRow) -> StoredRevocation {
             reason: r.get("reason"),
             revoked_by: r.get("revoked_by"),
             revoked_at_ms: r.get("revoked_at_ms"),
+            fingerprint: unhex(&r.get::<String, _>("fingerprint")),
         },
         revoke_seq: u64::try_from(r.get::<i64, _>("revoke_seq")).unwrap_or(0),
         restored: r.get::<Option<i64>, _>("restore_seq").map(|seq| Restore {
@@ -546,6 +649,32 @@ fn credential_from_row(r: &sqlx::sqlite::SqliteRow) -> CredentialRecord {
         issued_at_ms: r.get("issued_at_ms"),
         expires_at_ms: r.get("expires_at_ms"),
     }
+}
+
+/// One (leaked value, workload, upstream, place) seen, with how often and when.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sighting {
+    pub revocation_id: String,
+    pub workload: String,
+    pub upstream: String,
+    pub host: String,
+    pub location: String,
+    pub count: i64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .filter_map(|i| {
+            s.get(2 * i..2 * i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect()
 }
 
 pub fn now_ms() -> i64 {

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper_util::rt::TokioIo;
 use leash_api::identity::{Identity, IdentityConfig};
-use leash_api::revocation::RevocationSet;
+use leash_api::revocation::{FingerprintKey, RevocationSet};
 use leash_api::v1::sidecar_api_client::SidecarApiClient;
 use leash_api::v1::{
-    Ack, ControlMessage, Credential, Hello, IssueRequest, Revocation, SidecarMessage,
+    Ack, ControlMessage, Credential, Hello, IssueRequest, Revocation, SidecarMessage, StripReport,
     control_message, issue_response, sidecar_message,
 };
 use rustls::pki_types::ServerName;
@@ -79,6 +79,13 @@ pub struct ControlLink {
     store_id: std::sync::Mutex<String>,
     /// Bumped whenever the routing table is replaced.
     routes_changed: watch::Sender<u64>,
+    /// Key of the leaked-value fingerprints (from the snapshot).
+    pub fingerprint_key: ArcSwapOption<FingerprintKey>,
+    /// Leak refusals and strip reports for the control plane. Bounded: when
+    /// the control plane is away for long, the excess is dropped and counted.
+    reports: mpsc::Sender<SidecarMessage>,
+    reports_rx: tokio::sync::Mutex<mpsc::Receiver<SidecarMessage>>,
+    pub reports_dropped: AtomicU64,
     /// Each applied revocation, for purging credentials and cutting streams.
     applied: mpsc::UnboundedSender<(Revocation, bool)>,
     applied_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(Revocation, bool)>>>,
@@ -87,6 +94,7 @@ pub struct ControlLink {
 impl ControlLink {
     pub fn new(config: ControlConfig) -> Arc<Self> {
         let (applied, applied_rx) = mpsc::unbounded_channel();
+        let (reports, reports_rx) = mpsc::channel(4096);
         Arc::new(Self {
             config,
             client: ArcSwapOption::empty(),
@@ -101,9 +109,20 @@ impl ControlLink {
             epoch: Instant::now(),
             store_id: std::sync::Mutex::new(String::new()),
             routes_changed: watch::channel(0).0,
+            fingerprint_key: ArcSwapOption::empty(),
+            reports,
+            reports_rx: tokio::sync::Mutex::new(reports_rx),
+            reports_dropped: AtomicU64::new(0),
             applied,
             applied_rx: std::sync::Mutex::new(Some(applied_rx)),
         })
+    }
+
+    /// Queues a report for the control plane (sent at once when connected).
+    pub fn report(&self, msg: SidecarMessage) {
+        if self.reports.try_send(msg).is_err() {
+            self.reports_dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The stream of applied revocation changes (taken once, by the app).
@@ -292,11 +311,29 @@ impl ControlLink {
             .map_err(|s| ControlError::Rpc(format!("{}: {}", s.code(), s.message())))?
             .into_inner();
         let (mut have_state, mut have_routes) = (false, false);
+        // Only one session runs at a time, so this lock is never contended.
+        let mut reports = self.reports_rx.lock().await;
+        let mut strip_tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             // Heartbeats come every few seconds; silence this long means the
             // connection is dead even if TCP has not noticed.
-            let next = tokio::time::timeout(self.config.max_staleness, inbound.message())
-                .await
+            let next = tokio::select! {
+                next = tokio::time::timeout(self.config.max_staleness, inbound.message()) => next,
+                Some(report) = reports.recv() => {
+                    tx.send(report).await.map_err(|_| ControlError::NotConnected)?;
+                    continue;
+                }
+                _ = strip_tick.tick() => {
+                    for (upstream, count) in self.routes.load().take_strip_counts() {
+                        let msg = SidecarMessage {
+                            msg: Some(sidecar_message::Msg::Stripped(StripReport { upstream, count })),
+                        };
+                        tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
+                    }
+                    continue;
+                }
+            };
+            let next = next
                 .map_err(|_| ControlError::Session("no message within max_staleness".into()))?
                 .map_err(|s| ControlError::Session(format!("{}: {}", s.code(), s.message())))?;
             let Some(ControlMessage { msg: Some(msg) }) = next else {
@@ -307,6 +344,9 @@ impl ControlLink {
                 control_message::Msg::Snapshot(snapshot) => {
                     if let Ok(mut id) = self.store_id.lock() {
                         id.clone_from(&snapshot.store_id);
+                    }
+                    if let Some(key) = FingerprintKey::from_slice(&snapshot.fingerprint_key) {
+                        self.fingerprint_key.store(Some(Arc::new(key)));
                     }
                     let set = RevocationSet::new(snapshot.active);
                     tracing::info!(

@@ -22,9 +22,11 @@ use hyper::body::Incoming;
 
 use crate::cache::{CachedCredential, CredentialCache, CredentialError, InjectValue};
 use crate::control::ControlLink;
+use crate::leak;
 use crate::metrics::Metrics;
 use crate::refusal::Refusal;
 use crate::routes::{EgressRoute, InjectHow};
+use leash_api::v1::{LeakRefusal, SidecarMessage, sidecar_message};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -72,6 +74,8 @@ impl Egress {
         // upstream answers: an acknowledged revocation has no request checked
         // against the older state still on its way (see `InflightGate`).
         let _inflight = self.link.revocations.gate.enter();
+        // I2: a registered leaked value never leaves, whatever the host.
+        self.refuse_leaked(bound, &req)?;
         let route = self.route(bound, &req)?;
         if let Some(silence) = self.link.stale() {
             return Err(Refusal::Stale {
@@ -105,8 +109,19 @@ impl Egress {
         }
 
         let (mut parts, body) = req.into_parts();
+        let body = if route.scan_body_bytes > 0 {
+            let (prefix, body) = read_prefix(body, route.scan_body_bytes).await?;
+            self.refuse_leaked_body(&route, &parts, &prefix)?;
+            body.with_prefix(prefix)
+        } else {
+            UpstreamBody::Direct(body)
+        };
         strip_hop_by_hop(&mut parts.headers);
-        strip_workload_credentials(&mut parts.headers, &route.inject);
+        if strip_workload_credentials(&mut parts.headers, &route.inject) {
+            route
+                .stripped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         parts.uri = upstream_uri(&route, &parts.uri, &credential)?;
         parts.version = Version::HTTP_11;
         parts.headers.insert(
@@ -144,6 +159,78 @@ impl Egress {
             wait: None,
         };
         Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+
+    /// Refuses (and reports at once) a request carrying a leaked value in
+    /// its headers or query.
+    fn refuse_leaked(&self, bound: Option<&str>, req: &Request<Incoming>) -> Result<(), Refusal> {
+        let set = self.link.revocations.set.load();
+        if !set.has_leaked() {
+            return Ok(());
+        }
+        let Some(key) = self.link.fingerprint_key.load_full() else {
+            return Ok(());
+        };
+        match leak::scan_request(&set, &key, req.headers(), req.uri().query()) {
+            None => Ok(()),
+            Some(hit) => {
+                let host = request_host(req).unwrap_or_default().to_owned();
+                let upstream = match bound {
+                    Some(name) => name.to_owned(),
+                    None => self
+                        .link
+                        .routes
+                        .load()
+                        .by_host(&host)
+                        .map(|r| r.name.to_string())
+                        .unwrap_or_default(),
+                };
+                Err(self.leaked(hit, upstream, host))
+            }
+        }
+    }
+
+    fn refuse_leaked_body(
+        &self,
+        route: &EgressRoute,
+        parts: &http::request::Parts,
+        prefix: &[Bytes],
+    ) -> Result<(), Refusal> {
+        let set = self.link.revocations.set.load();
+        let Some(key) = self.link.fingerprint_key.load_full() else {
+            return Ok(());
+        };
+        let joined = zeroize::Zeroizing::new(prefix.concat());
+        match leak::scan_body(&set, &key, &joined) {
+            None => Ok(()),
+            Some(hit) => {
+                let host = parts.uri.host().unwrap_or_default().to_owned();
+                Err(self.leaked(hit, route.name.to_string(), host))
+            }
+        }
+    }
+
+    fn leaked(&self, hit: leak::LeakHit, upstream: String, host: String) -> Refusal {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        self.link.report(SidecarMessage {
+            msg: Some(sidecar_message::Msg::Leak(LeakRefusal {
+                revocation_id: hit.revocation_id.clone(),
+                upstream: upstream.clone(),
+                host: host.clone(),
+                location: hit.location.clone(),
+                at_ms: now_ms,
+            })),
+        });
+        Refusal::LeakedSecret {
+            revocation_id: hit.revocation_id,
+            location: hit.location,
+            workload: self.link.workload_id().to_string(),
+            upstream,
+            host,
+        }
     }
 
     async fn credential(&self, route: &Arc<EgressRoute>) -> Result<Arc<CachedCredential>, Refusal> {
@@ -317,13 +404,142 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// A managed upstream only ever sees Leash's credential: whatever the
-/// workload put where the credential goes is removed.
-fn strip_workload_credentials(headers: &mut HeaderMap, inject: &InjectHow) {
-    if headers.remove(header::AUTHORIZATION).is_some() {
-        tracing::debug!("stripped a credential the workload sent itself");
-    }
+/// workload put where the credential goes is removed. Returns whether there
+/// was anything (the workload still holds a secret of its own).
+fn strip_workload_credentials(headers: &mut HeaderMap, inject: &InjectHow) -> bool {
+    let mut stripped = headers.remove(header::AUTHORIZATION).is_some();
     if let Some(name) = inject.header() {
-        headers.remove(name);
+        stripped |= headers.remove(name).is_some();
+    }
+    stripped
+}
+
+/// Reads frames until `limit` bytes of body (or its end) have arrived.
+async fn read_prefix(
+    mut body: Incoming,
+    limit: usize,
+) -> Result<(Vec<Bytes>, PrefixRest), Refusal> {
+    let mut prefix = Vec::new();
+    let mut trailers = None;
+    let mut seen = 0;
+    while seen < limit {
+        match body.frame().await {
+            None => break,
+            Some(Err(_)) => return Err(Refusal::BadRequest("request body ended abruptly")),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    seen += data.len();
+                    prefix.push(data);
+                }
+                Err(frame) => {
+                    trailers = Some(frame);
+                    break;
+                }
+            },
+        }
+    }
+    Ok((
+        prefix,
+        PrefixRest {
+            rest: body,
+            trailers,
+        },
+    ))
+}
+
+/// The body after its scanned prefix.
+pub struct PrefixRest {
+    rest: Incoming,
+    trailers: Option<http_body::Frame<Bytes>>,
+}
+
+impl PrefixRest {
+    fn with_prefix(self, prefix: Vec<Bytes>) -> UpstreamBody {
+        let mut frames: std::collections::VecDeque<_> =
+            prefix.into_iter().map(http_body::Frame::data).collect();
+        let done = self.trailers.is_some();
+        frames.extend(self.trailers);
+        UpstreamBody::Prefixed {
+            frames,
+            rest: self.rest,
+            rest_done: done,
+        }
+    }
+}
+
+/// The body sent upstream: the workload's as it streams in, or, when the
+/// start was read for scanning, that start followed by the rest.
+pub enum UpstreamBody {
+    Direct(Incoming),
+    Prefixed {
+        frames: std::collections::VecDeque<http_body::Frame<Bytes>>,
+        rest: Incoming,
+        rest_done: bool,
+    },
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Direct(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Prefixed {
+                frames,
+                rest,
+                rest_done,
+            } => {
+                if let Some(f) = frames.pop_front() {
+                    return Poll::Ready(Some(Ok(f)));
+                }
+                if *rest_done {
+                    return Poll::Ready(None);
+                }
+                Pin::new(rest).poll_frame(cx)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Direct(b) => b.is_end_stream(),
+            UpstreamBody::Prefixed {
+                frames,
+                rest,
+                rest_done,
+            } => frames.is_empty() && (*rest_done || rest.is_end_stream()),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::Direct(b) => b.size_hint(),
+            UpstreamBody::Prefixed {
+                frames,
+                rest,
+                rest_done,
+            } => {
+                let buffered: u64 = frames
+                    .iter()
+                    .filter_map(|f| f.data_ref())
+                    .map(|d| d.len() as u64)
+                    .sum();
+                let mut hint = if *rest_done {
+                    http_body::SizeHint::with_exact(0)
+                } else {
+                    rest.size_hint()
+                };
+                hint.set_lower(hint.lower() + buffered);
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper + buffered);
+                }
+                hint
+            }
+        }
     }
 }
 

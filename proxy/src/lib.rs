@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cli;
 pub mod control;
 pub mod egress;
+pub mod leak;
 pub mod metrics;
 pub mod refusal;
 pub mod revocation;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::refusal::Refusal;
 
-const CODES: [&str; 17] = [
+const CODES: [&str; 18] = [
     "unknown_upstream",
     "no_host",
     "not_granted",
@@ -24,6 +24,7 @@ const CODES: [&str; 17] = [
     "revoked_upstream",
     "revoked",
     "stale_revocation_state",
+    "leaked_secret",
 ];
 
 #[derive(Default)]

@@ -45,6 +45,16 @@ pub enum Refusal {
         "the sidecar has not heard from the control plane for {silence_secs}s (more than max_staleness {max_secs}s); refusing to inject credentials that may have been revoked"
     )]
     Stale { silence_secs: u64, max_secs: u64 },
+    #[error(
+        "the request carries a value registered as leaked ({revocation_id}) in {location}; it was not forwarded and the control plane has been told that {workload} still uses it. Remove that secret from this workload."
+    )]
+    LeakedSecret {
+        revocation_id: String,
+        location: String,
+        workload: String,
+        upstream: String,
+        host: String,
+    },
     #[error("request header block is larger than the {limit} bytes this sidecar accepts")]
     HeadersTooLarge { limit: usize },
     #[error("bad request: {0}")]
@@ -57,7 +67,8 @@ impl Refusal {
             Self::UnknownUpstream { .. }
             | Self::NotGranted { .. }
             | Self::Denied { .. }
-            | Self::Revoked { .. } => StatusCode::FORBIDDEN,
+            | Self::Revoked { .. }
+            | Self::LeakedSecret { .. } => StatusCode::FORBIDDEN,
             Self::Stale { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoHost | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
@@ -85,6 +96,7 @@ impl Refusal {
             Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::Revoked { code, .. } => code,
             Self::Stale { .. } => "stale_revocation_state",
+            Self::LeakedSecret { .. } => "leaked_secret",
         }
     }
 
@@ -107,6 +119,19 @@ impl Refusal {
         });
         if let Self::Revoked { revocation_id, .. } = &self {
             body["revocation_id"] = revocation_id.as_str().into();
+        }
+        if let Self::LeakedSecret {
+            revocation_id,
+            location,
+            workload,
+            upstream,
+            ..
+        } = &self
+        {
+            body["revocation_id"] = revocation_id.as_str().into();
+            body["location"] = location.as_str().into();
+            body["workload"] = workload.as_str().into();
+            body["upstream"] = upstream.as_str().into();
         }
         let mut builder = Response::builder()
             .status(self.status())

@@ -3,12 +3,12 @@
 //! (with its TLS settings and connection pool) used to reach it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::HeaderName;
 use http::uri::{Authority, Scheme};
-use hyper::body::Incoming;
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use leash_api::v1::{Route, RouteSet, injection};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, crate::egress::UpstreamBody>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -54,6 +54,11 @@ impl InjectHow {
 
 pub struct EgressRoute {
     pub name: Arc<str>,
+    /// Bytes of request body scanned for leaked values (0: none).
+    pub scan_body_bytes: usize,
+    /// Credentials the workload sent itself and the sidecar stripped, since
+    /// the last report.
+    pub stripped: AtomicU64,
     pub granted: bool,
     pub scheme: Scheme,
     /// `host:port` of the target; also sent as `Host`.
@@ -115,6 +120,17 @@ impl RouteTable {
 
     pub fn by_name(&self, name: &str) -> Option<&Arc<EgressRoute>> {
         self.by_name.get(name)
+    }
+
+    /// Takes (and resets) the per-upstream counts of stripped credentials.
+    pub fn take_strip_counts(&self) -> Vec<(String, u64)> {
+        self.by_name
+            .values()
+            .filter_map(|r| {
+                let n = r.stripped.swap(0, Ordering::Relaxed);
+                (n > 0).then(|| (r.name.to_string(), n))
+            })
+            .collect()
     }
 }
 
@@ -196,6 +212,8 @@ fn build_route(route: Route, timeouts: &UpstreamTimeouts) -> Result<EgressRoute,
 
     Ok(EgressRoute {
         name: route.upstream.as_str().into(),
+        scan_body_bytes: route.scan_body_bytes.min(65_536) as usize,
+        stripped: AtomicU64::new(0),
         granted: route.granted,
         scheme,
         authority,

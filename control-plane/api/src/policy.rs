@@ -43,6 +43,10 @@ pub struct Upstream {
     pub credential: CredentialSpec,
     #[serde(default)]
     pub inject: InjectSpec,
+    /// Scan this many bytes at the start of request bodies for leaked values
+    /// (0, the default: headers and query only). At most 65536.
+    #[serde(default)]
+    pub scan_body_bytes: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -388,6 +392,9 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
                     other.as_str()
                 ),
             ),
+        }
+        if up.scan_body_bytes > 65_536 {
+            bad(at("scan_body_bytes"), "must be at most 65536".into());
         }
         if up.credential.ttl < MIN_TTL || up.credential.ttl > MAX_TTL {
             bad(at("credential.ttl"), "must be between 1s and 24h".into());

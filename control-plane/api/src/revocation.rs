@@ -1,7 +1,7 @@
 //! The revocation model both sides enforce: what a revocation names, and a
 //! compiled set that answers "is this revoked?" without locks or allocation.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::policy::WorkloadMatcher;
@@ -17,14 +17,17 @@ pub enum RevocationKind {
     Workload,
     /// An upstream, for every workload.
     Upstream,
+    /// A leaked secret value, by keyed fingerprint: refused wherever it is sent. Permanent.
+    Leaked,
 }
 
 impl RevocationKind {
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Credential,
         Self::Grant,
         Self::Workload,
         Self::Upstream,
+        Self::Leaked,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -33,6 +36,7 @@ impl RevocationKind {
             Self::Grant => "grant",
             Self::Workload => "workload",
             Self::Upstream => "upstream",
+            Self::Leaked => "leaked",
         }
     }
 
@@ -42,7 +46,7 @@ impl RevocationKind {
 
     /// Whether a revocation of this kind can be undone.
     pub fn restorable(self) -> bool {
-        self != Self::Credential
+        !matches!(self, Self::Credential | Self::Leaked)
     }
 
     /// The code a refusal caused by this kind carries.
@@ -52,6 +56,7 @@ impl RevocationKind {
             Self::Grant => "revoked_grant",
             Self::Workload => "revoked_workload",
             Self::Upstream => "revoked_upstream",
+            Self::Leaked => "leaked_secret",
         }
     }
 }
@@ -66,6 +71,8 @@ pub struct RevocationSet {
     upstreams: HashSet<Arc<str>>,
     workloads: Vec<(Arc<WorkloadMatcher>, Arc<str>)>,
     grants: Vec<(Arc<WorkloadMatcher>, Arc<str>, Arc<str>)>,
+    /// Leaked-value fingerprint → registration id.
+    leaked: HashMap<u128, Arc<str>>,
 }
 
 impl RevocationSet {
@@ -95,6 +102,11 @@ impl RevocationSet {
                 if let Ok(m) = WorkloadMatcher::parse(&r.workload) {
                     self.grants
                         .push((Arc::new(m), r.upstream.as_str().into(), id.clone()));
+                }
+            }
+            Some(RevocationKind::Leaked) => {
+                if let Some(fp) = fingerprint_from_bytes(&r.fingerprint) {
+                    self.leaked.insert(fp, id.clone());
                 }
             }
             // An unknown kind from a newer control plane: nothing to match on.
@@ -127,6 +139,7 @@ impl RevocationSet {
             }
             Some(RevocationKind::Workload) => self.workloads.retain(|(_, i)| &**i != id),
             Some(RevocationKind::Grant) => self.grants.retain(|(_, _, i)| &**i != id),
+            Some(RevocationKind::Leaked) => self.leaked.retain(|_, i| &**i != id),
             _ => {}
         }
     }
@@ -184,6 +197,56 @@ impl RevocationSet {
     pub fn credential_revoked(&self, credential_id: &str) -> bool {
         !self.credentials.is_empty() && self.credentials.contains(credential_id)
     }
+
+    /// Whether any leaked value is registered (the scan is skipped if not).
+    pub fn has_leaked(&self) -> bool {
+        !self.leaked.is_empty()
+    }
+
+    /// The registration whose fingerprint this is.
+    pub fn leaked(&self, fingerprint: u128) -> Option<&Arc<str>> {
+        self.leaked.get(&fingerprint)
+    }
+}
+
+/// Shortest value accepted as a leaked secret: shorter ones would match
+/// ordinary words and numbers.
+pub const MIN_LEAKED_LEN: usize = 8;
+
+/// The 16-byte key of leaked-value fingerprints.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct FingerprintKey(pub [u8; 16]);
+
+impl std::fmt::Debug for FingerprintKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FingerprintKey(<redacted>)")
+    }
+}
+
+impl FingerprintKey {
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        b.try_into().ok().map(Self)
+    }
+}
+
+/// Keyed fingerprint of a value: SipHash-2-4 with a 128-bit output, a PRF
+/// under the key. The value cannot be recovered from it, and without the key
+/// it cannot even be tested against guesses.
+pub fn fingerprint(key: &FingerprintKey, value: &[u8]) -> u128 {
+    let (k0, k1) = key.0.split_at(8);
+    let k0 = u64::from_le_bytes(k0.try_into().unwrap_or([0; 8]));
+    let k1 = u64::from_le_bytes(k1.try_into().unwrap_or([0; 8]));
+    siphasher::sip128::SipHasher24::new_with_keys(k0, k1)
+        .hash(value)
+        .as_u128()
+}
+
+pub fn fingerprint_bytes(fp: u128) -> Vec<u8> {
+    fp.to_le_bytes().to_vec()
+}
+
+pub fn fingerprint_from_bytes(b: &[u8]) -> Option<u128> {
+    b.try_into().ok().map(u128::from_le_bytes)
 }
 
 #[cfg(test)]
@@ -231,5 +294,33 @@ mod tests {
         let restored = set.with_change(rev("2", "grant", "spiffe://td/a", "pay", ""), true);
         assert!(restored.check("spiffe://td/a", "pay").is_none());
         assert_eq!(restored.len(), 3);
+    }
+}
+
+#[cfg(test)]
+mod leaked_tests {
+    use super::*;
+
+    #[test]
+    fn leaked_lookup() {
+        let key = FingerprintKey([7; 16]);
+        let fp = fingerprint(&key, b"sk_live_4f9a8b7c6d5e");
+        let set = RevocationSet::new([Revocation {
+            id: "rev-leak".into(),
+            kind: "leaked".into(),
+            fingerprint: fingerprint_bytes(fp),
+            ..Default::default()
+        }]);
+        assert!(set.has_leaked());
+        assert_eq!(set.leaked(fp).map(|s| &**s), Some("rev-leak"));
+        assert!(
+            set.leaked(fingerprint(&key, b"sk_live_4f9a8b7c6d5f"))
+                .is_none()
+        );
+        assert_ne!(
+            fingerprint(&FingerprintKey([8; 16]), b"sk_live_4f9a8b7c6d5e"),
+            fp,
+            "keyed"
+        );
     }
 }
