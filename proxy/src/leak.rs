@@ -166,12 +166,13 @@ fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
-        if s[i] == b'%' && i + 3 <= s.len() {
-            if let (Some(hi), Some(lo)) = (hex(s[i + 1]), hex(s[i + 2])) {
-                out.push(hi << 4 | lo);
-                i += 3;
-                continue;
-            }
+        if s[i] == b'%'
+            && i + 3 <= s.len()
+            && let (Some(hi), Some(lo)) = (hex(s[i + 1]), hex(s[i + 2]))
+        {
+            out.push(hi << 4 | lo);
+            i += 3;
+            continue;
         }
         out.push(if s[i] == b'+' { b' ' } else { s[i] });
         i += 1;
