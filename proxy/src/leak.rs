@@ -218,7 +218,8 @@ mod tests {
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("user:{LEAKED}"));
         let basic_user = base64::engine::general_purpose::STANDARD.encode(format!("{LEAKED}:x"));
         let api_query = format!("a=1&api_key={LEAKED}");
-        let cases: Vec<(Vec<(&str, String)>, Option<&str>, &str)> = vec![
+        type Case<'a> = (Vec<(&'a str, String)>, Option<&'a str>, &'a str);
+        let cases: Vec<Case> = vec![
             (
                 vec![("authorization", format!("Bearer {LEAKED}"))],
                 None,
