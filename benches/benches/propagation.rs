@@ -179,6 +179,7 @@ async fn run(sessions: usize, revocations: usize) -> anyhow::Result<Row> {
             pool_idle: Duration::from_secs(1),
         },
         ack_drain_timeout: Duration::from_secs(5),
+        report_interval: Duration::from_secs(5),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let started = Instant::now();

@@ -169,6 +169,13 @@ pub enum LeashctlCommand {
     Status { revocation_id: String },
     /// Connected sidecars.
     Sidecars,
+    /// Leaked secret values: register one (refused everywhere from then on)
+    /// and see who still sends it.
+    #[command(subcommand)]
+    Leaked(LeakedCommand),
+    /// Workloads that still send their own credential to a managed upstream
+    /// (the sidecar strips it): they still hold a secret somewhere.
+    Stripped,
     /// Admin API tokens.
     #[command(subcommand)]
     Tokens(TokenCommand),
@@ -208,6 +215,24 @@ pub enum RevokeCommand {
         #[arg(long)]
         reason: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum LeakedCommand {
+    /// Register a leaked value, read from standard input (or --file), never
+    /// from the command line. Only a keyed fingerprint is kept.
+    Add {
+        #[arg(long)]
+        reason: String,
+        /// Read the value from this file instead of standard input.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Registered leaked values.
+    List,
+    /// The forgotten consumers: every workload that sent the value since it
+    /// was registered, to which upstream, how often, first and last seen.
+    Show { revocation_id: String },
 }
 
 #[derive(Subcommand)]

@@ -122,6 +122,7 @@ impl Cli {
                 control_plane_id: cli.control_plane_id.clone(),
                 max_staleness: cli.max_staleness,
                 ack_drain_timeout: Duration::from_secs(5),
+                report_interval: Duration::from_secs(5),
                 call_timeout: Duration::from_secs(5),
                 upstream: UpstreamTimeouts {
                     connect: cli.upstream_connect_timeout,

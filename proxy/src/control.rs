@@ -58,6 +58,8 @@ pub struct ControlConfig {
     /// Longest an acknowledgement waits for requests checked against the
     /// previous revocation state to finish sending.
     pub ack_drain_timeout: Duration,
+    /// How often counts (stripped credentials) are reported.
+    pub report_interval: Duration,
 }
 
 /// Shared, lock-free view of identity, control-plane session, routes and revocations.
@@ -313,7 +315,7 @@ impl ControlLink {
         let (mut have_state, mut have_routes) = (false, false);
         // Only one session runs at a time, so this lock is never contended.
         let mut reports = self.reports_rx.lock().await;
-        let mut strip_tick = tokio::time::interval(Duration::from_secs(5));
+        let mut strip_tick = tokio::time::interval(self.config.report_interval);
         loop {
             // Heartbeats come every few seconds; silence this long means the
             // connection is dead even if TCP has not noticed.

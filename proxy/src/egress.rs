@@ -201,7 +201,9 @@ impl Egress {
             return Ok(());
         };
         let joined = zeroize::Zeroizing::new(prefix.concat());
-        match leak::scan_body(&set, &key, &joined) {
+        // Frames may overshoot the limit; what is scanned is exactly the limit.
+        let scanned = &joined[..joined.len().min(route.scan_body_bytes)];
+        match leak::scan_body(&set, &key, scanned) {
             None => Ok(()),
             Some(hit) => {
                 let host = parts.uri.host().unwrap_or_default().to_owned();
@@ -528,13 +530,14 @@ impl http_body::Body for UpstreamBody {
                     .filter_map(|f| f.data_ref())
                     .map(|d| d.len() as u64)
                     .sum();
-                let mut hint = if *rest_done {
+                let rest = if *rest_done {
                     http_body::SizeHint::with_exact(0)
                 } else {
                     rest.size_hint()
                 };
-                hint.set_lower(hint.lower() + buffered);
-                if let Some(upper) = hint.upper() {
+                let mut hint = http_body::SizeHint::new();
+                hint.set_lower(rest.lower() + buffered);
+                if let Some(upper) = rest.upper() {
                     hint.set_upper(upper + buffered);
                 }
                 hint

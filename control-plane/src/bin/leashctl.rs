@@ -8,7 +8,8 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use leash_control_plane::cli::{
-    LeashctlCli as Cli, LeashctlCommand as Command, PolicyCommand, RevokeCommand, TokenCommand,
+    LeakedCommand, LeashctlCli as Cli, LeashctlCommand as Command, PolicyCommand, RevokeCommand,
+    TokenCommand,
 };
 use serde_json::{Value, json};
 
@@ -43,6 +44,10 @@ fn main() -> ExitCode {
             eprintln!("leashctl: {e}");
             ExitCode::from(UNREACHABLE)
         }
+        Err(Failure::Usage(e)) => {
+            eprintln!("leashctl: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -67,6 +72,7 @@ fn policy_check(file: &std::path::Path) -> ExitCode {
 enum Failure {
     Refused(u16, Value),
     Unreachable(String),
+    Usage(String),
 }
 
 async fn call(cli: &Cli, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
@@ -262,6 +268,100 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 ),
             )
         }
+        Command::Leaked(LeakedCommand::Add { reason, file }) => {
+            let value = read_secret(file.as_deref())?;
+            let v = call(
+                cli,
+                "POST",
+                "/v1/leaked",
+                Some(json!({"value": &*value, "reason": reason})),
+            )
+            .await?;
+            Output::new(
+                v.clone(),
+                format!("registered: {} (seq {})\n", s(&v["id"]), v["seq"]),
+            )
+        }
+        Command::Leaked(LeakedCommand::List) => {
+            let v = call(cli, "GET", "/v1/leaked", None).await?;
+            let rows = v["leaked"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    vec![
+                        s(&r["id"]),
+                        s(&r["fingerprint_id"]),
+                        r["seq"].to_string(),
+                        s(&r["revoked_by"]),
+                        s(&r["reason"]),
+                    ]
+                })
+                .collect();
+            Output::new(
+                v,
+                table(&["ID", "FINGERPRINT", "SEQ", "BY", "REASON"], rows),
+            )
+        }
+        Command::Leaked(LeakedCommand::Show { revocation_id }) => {
+            let v = call(cli, "GET", &format!("/v1/leaked/{revocation_id}"), None).await?;
+            let rows: Vec<Vec<String>> = v["sightings"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| {
+                    vec![
+                        s(&x["workload"]),
+                        if s(&x["upstream"]).is_empty() {
+                            format!("({})", s(&x["host"]))
+                        } else {
+                            s(&x["upstream"])
+                        },
+                        s(&x["location"]),
+                        x["count"].to_string(),
+                        ago(x["first_seen_ms"].as_i64()),
+                        ago(x["last_seen_ms"].as_i64()),
+                    ]
+                })
+                .collect();
+            let text = format!(
+                "{} — {} workload/upstream pair(s) still sending it\n{}",
+                s(&v["id"]),
+                rows.len(),
+                table(
+                    &[
+                        "WORKLOAD",
+                        "UPSTREAM",
+                        "WHERE",
+                        "COUNT",
+                        "FIRST SEEN",
+                        "LAST SEEN"
+                    ],
+                    rows
+                )
+            );
+            Output::new(v, text)
+        }
+        Command::Stripped => {
+            let v = call(cli, "GET", "/v1/stripped", None).await?;
+            let rows = v["stripped"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| {
+                    vec![
+                        s(&x["workload"]),
+                        s(&x["upstream"]),
+                        x["count"].to_string(),
+                        ago(x["last_seen_ms"].as_i64()),
+                    ]
+                })
+                .collect();
+            Output::new(
+                v,
+                table(&["WORKLOAD", "UPSTREAM", "COUNT", "LAST SEEN"], rows),
+            )
+        }
         Command::Tokens(TokenCommand::Create { name, role }) => {
             let v = call(
                 cli,
@@ -303,6 +403,24 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         print!("{}", out.text);
     }
     Ok(())
+}
+
+/// A secret from a file or standard input, without its trailing newline.
+fn read_secret(file: Option<&std::path::Path>) -> Result<zeroize::Zeroizing<String>, Failure> {
+    use std::io::Read as _;
+    let mut value = zeroize::Zeroizing::new(String::new());
+    let read = match file {
+        Some(path) => std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut value)),
+        None => std::io::stdin().read_to_string(&mut value),
+    };
+    read.map_err(|e| Failure::Unreachable(format!("cannot read the value: {e}")))?;
+    let trimmed = zeroize::Zeroizing::new(value.trim_end_matches(['\r', '\n']).to_owned());
+    if trimmed.is_empty() {
+        return Err(Failure::Usage(
+            "no value on standard input (pipe it in, or use --file)".into(),
+        ));
+    }
+    Ok(trimmed)
 }
 
 struct Output {
