@@ -54,7 +54,8 @@ async fn leaked_value_is_refused_everywhere_and_the_sender_is_named() {
     let bearer = format!("Bearer {LEAKED}");
     let basic = format!("Basic {basic}");
     let cookie = format!("theme=dark; token={LEAKED}");
-    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "http://payments.leash.test/whoami".into(),
             vec![("authorization", &bearer)],
