@@ -39,6 +39,14 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/leaked", get(list_leaked).post(register_leaked))
         .route("/v1/leaked/{id}", get(get_leaked))
         .route("/v1/stripped", get(stripped))
+        .route(
+            "/v1/secrets/{upstream}",
+            get(list_secret_versions).post(put_secret),
+        )
+        .route(
+            "/v1/secrets/{upstream}/versions/{version}/revoke",
+            post(revoke_secret_version),
+        )
         .route("/v1/audit", get(audit))
         .route("/v1/tokens", post(create_token))
         .layer(middleware::from_fn_with_state(state.clone(), audited))
@@ -491,6 +499,131 @@ async fn stripped(
         })
         .collect();
     Ok(Json(json!({"stripped": rows})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretRequest {
+    /// The secret value. Encrypted at once; never stored in the clear or logged.
+    value: zeroize::Zeroizing<String>,
+}
+
+fn secret_error(e: crate::secrets::SecretError) -> ApiError {
+    use crate::secrets::SecretError as E;
+    match e {
+        E::NoMasterKey | E::BadMasterKey(_) | E::Decrypt { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_master_key",
+            e.to_string(),
+        ),
+        E::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid", m),
+        E::Missing(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+        E::Store(e) => RevokeError::from(e).into(),
+    }
+}
+
+fn static_upstream(s: &AdminState, upstream: &str) -> Result<(), ApiError> {
+    let policy = s.cp.policy.load();
+    match policy.policy.upstream(upstream) {
+        Some(u) if u.credential.kind == leash_api::policy::CredentialKind::Static => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("upstream {upstream:?} does not use a static credential"),
+        )),
+        None => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("policy names no upstream {upstream:?}"),
+        )),
+    }
+}
+
+/// Stores a new version of an upstream's secret and makes it current
+/// (`leashctl secret put` and `rotate`). Sidecars move to it as their leases
+/// end, or at once when the old version is revoked.
+async fn put_secret(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(upstream): Path<String>,
+    body: Result<Json<SecretRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Admin)?;
+    static_upstream(&s, &upstream)?;
+    let Json(req) = body.map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            "expected {\"value\": \"…\"}",
+        )
+    })?;
+    let key =
+        s.cp.master_key
+            .as_ref()
+            .ok_or_else(|| secret_error(crate::secrets::SecretError::NoMasterKey))?;
+    let version = crate::secrets::put(&s.cp.store, key, &upstream, &req.value, &caller.actor)
+        .await
+        .map_err(secret_error)?;
+    Ok(with_detail(
+        (
+            StatusCode::CREATED,
+            Json(json!({"upstream": upstream, "version": version})),
+        )
+            .into_response(),
+        format!("stored version {version} of {upstream}'s secret"),
+    ))
+}
+
+async fn list_secret_versions(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path(upstream): Path<String>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Viewer)?;
+    let versions =
+        s.cp.store
+            .secret_versions(&upstream)
+            .await
+            .map_err(RevokeError::from)?;
+    let current = versions
+        .iter()
+        .find(|v| v.revoked_at_ms.is_none())
+        .map(|v| v.version);
+    let list: Vec<Value> = versions
+        .iter()
+        .map(|v| {
+            json!({
+                "version": v.version,
+                "current": Some(v.version) == current,
+                "created_at_ms": v.created_at_ms,
+                "created_by": v.created_by,
+                "revoked_at_ms": v.revoked_at_ms,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"upstream": upstream, "versions": list})).into_response())
+}
+
+async fn revoke_secret_version(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    Path((upstream, version)): Path<(String, i64)>,
+    body: Result<Json<RestoreRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Responder)?;
+    let Json(req) = body?;
+    let stored =
+        s.cp.revocations
+            .revoke_secret_version(&upstream, version, &req.reason, &caller.actor)
+            .await?;
+    let detail = format!(
+        "revoked version {version} of {upstream}'s secret as {}",
+        stored.revocation.id
+    );
+    Ok(with_detail(
+        (StatusCode::CREATED, Json(revocation_json(&stored))).into_response(),
+        detail,
+    ))
 }
 
 #[derive(Deserialize)]

@@ -32,6 +32,8 @@ pub struct ServeConfig {
     pub policy_poll: Duration,
     /// How often each sidecar session gets a heartbeat.
     pub heartbeat: Duration,
+    /// Encrypts brokered secrets; without it, `static` upstreams are denied.
+    pub master_key: Option<Arc<crate::secrets::MasterKey>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +135,7 @@ impl ControlPlane {
             revocations,
             sessions,
             metrics,
+            master_key: config.master_key.clone(),
         });
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();

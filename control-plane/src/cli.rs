@@ -31,6 +31,8 @@ pub enum Command {
     /// Manage the JWT signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Print a new random master key (base64) for --master-key-file.
+    MasterKey,
     /// Manage admin API tokens offline (on a running system, use POST /v1/tokens).
     #[command(subcommand)]
     Tokens(TokensCommand),
@@ -86,6 +88,11 @@ pub struct ServeArgs {
     /// so keep this well below it.
     #[arg(long, env = "LEASH_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
+    /// File holding the master key (32 bytes, base64) that encrypts brokered
+    /// secrets. Alternatively set LEASH_MASTER_KEY to the key itself. Never
+    /// stored in the database; without it `static` upstreams are denied.
+    #[arg(long, env = "LEASH_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
     /// How long to wait for the first SVID at start.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub identity_timeout: Duration,
@@ -176,6 +183,9 @@ pub enum LeashctlCommand {
     /// Workloads that still send their own credential to a managed upstream
     /// (the sidecar strips it): they still hold a secret somewhere.
     Stripped,
+    /// Brokered static secrets of upstreams (values from stdin or --file).
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Admin API tokens.
     #[command(subcommand)]
     Tokens(TokenCommand),
@@ -233,6 +243,33 @@ pub enum LeakedCommand {
     /// The forgotten consumers: every workload that sent the value since it
     /// was registered, to which upstream, how often, first and last seen.
     Show { revocation_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum SecretCommand {
+    /// Store the first (or a new) version of an upstream's secret, read from
+    /// standard input or --file; it becomes current.
+    Put {
+        upstream: String,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Same as put: a new current version. Sidecars move to it as their
+    /// leases end; revoke the old version to move them at once.
+    Rotate {
+        upstream: String,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Revoke one version: sidecars drop it at once and fetch the current one.
+    RevokeVersion {
+        upstream: String,
+        version: i64,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Versions of an upstream's secret (never their values).
+    List { upstream: String },
 }
 
 #[derive(Subcommand)]

@@ -12,6 +12,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod mtls;
 pub mod revocations;
+pub mod secrets;
 pub mod sessions;
 pub mod sidecar_api;
 pub mod state;

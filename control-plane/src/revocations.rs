@@ -244,6 +244,45 @@ impl RevocationLog {
         self.commit(current, revocation).await
     }
 
+    /// Revokes one version of a brokered secret: it is marked revoked (no
+    /// longer leased) and its lease id is revoked like any credential, so
+    /// sidecars drop it at once and fetch the current version.
+    pub async fn revoke_secret_version(
+        &self,
+        upstream: &str,
+        version: i64,
+        reason: &str,
+        by: &str,
+    ) -> Result<StoredRevocation, RevokeError> {
+        let reason = reason.trim();
+        if reason.is_empty() || reason.len() > MAX_REASON {
+            return Err(RevokeError::Invalid(format!(
+                "reason is required (1-{MAX_REASON} bytes)"
+            )));
+        }
+        let _write = self.write.lock().await;
+        if !self
+            .store
+            .revoke_secret_version(upstream, version, now_ms())
+            .await?
+        {
+            return Err(RevokeError::NotFound(format!(
+                "no unrevoked version {version} of {upstream:?}'s secret"
+            )));
+        }
+        let current = self.state.load_full();
+        let revocation = Revocation {
+            id: format!("rev-{}", uuid::Uuid::new_v4().simple()),
+            kind: RevocationKind::Credential.as_str().to_owned(),
+            credential_id: crate::secrets::lease_id(upstream, version),
+            reason: reason.to_owned(),
+            revoked_by: by.to_owned(),
+            revoked_at_ms: now_ms(),
+            ..Default::default()
+        };
+        self.commit(current, revocation).await
+    }
+
     /// Commits and publishes; the write lock is held by the caller.
     async fn commit(
         &self,

@@ -43,6 +43,57 @@ impl SidecarService {
         }
     }
 
+    /// Leases the current version of a brokered secret for the policy's TTL.
+    async fn lease_static(
+        &self,
+        upstream: &leash_api::policy::Upstream,
+        peer: &PeerIdentity,
+    ) -> Result<Response<IssueResponse>, Status> {
+        let Some(key) = &self.state.master_key else {
+            return Ok(self.deny(
+                "no_master_key",
+                "the control plane has no master key; static secrets are unavailable".into(),
+            ));
+        };
+        let (version, secret) = match crate::secrets::current(
+            &self.state.store,
+            key,
+            &upstream.name,
+        )
+        .await
+        {
+            Ok(v) => v,
+            Err(crate::secrets::SecretError::Missing(_)) => {
+                return Ok(self.deny(
+                    "no_secret",
+                    format!("no secret is stored for upstream {:?}", upstream.name),
+                ));
+            }
+            Err(e) => {
+                tracing::error!(upstream = %upstream.name, error = %e, "cannot lease a static secret");
+                return Err(Status::unavailable("secret store unavailable"));
+            }
+        };
+        let issued_at_ms = now_ms();
+        let ttl_ms = i64::try_from(upstream.credential.ttl.as_millis()).unwrap_or(i64::MAX);
+        let id = crate::secrets::lease_id(&upstream.name, version);
+        self.state
+            .metrics
+            .credentials_issued
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(credential_id = %id, workload = %peer.spiffe_id, upstream = %upstream.name, "static secret leased");
+        Ok(Response::new(IssueResponse {
+            result: Some(issue_response::Result::Credential(Credential {
+                id,
+                upstream: upstream.name.clone(),
+                kind: upstream.credential.kind.as_str().to_owned(),
+                secret: secret.to_vec(),
+                issued_at_unix_ms: issued_at_ms,
+                expires_at_unix_ms: issued_at_ms.saturating_add(ttl_ms),
+            })),
+        }))
+    }
+
     fn deny(&self, code: &str, message: String) -> Response<IssueResponse> {
         self.state
             .metrics
@@ -187,6 +238,9 @@ impl SidecarApi for SidecarService {
                 kind,
                 format!("revoked by {} ({}): {}", r.id, r.kind, r.reason),
             ));
+        }
+        if upstream.credential.kind == CredentialKind::Static {
+            return self.lease_static(upstream, &peer).await;
         }
         if upstream.credential.kind != CredentialKind::Jwt {
             return Ok(self.deny(

@@ -45,6 +45,7 @@ pub struct ControlPlaneState {
     pub revocations: RevocationLog,
     pub sessions: Arc<SessionRegistry>,
     pub metrics: Arc<Metrics>,
+    pub master_key: Option<Arc<crate::secrets::MasterKey>>,
 }
 
 impl ControlPlaneState {

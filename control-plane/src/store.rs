@@ -26,6 +26,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_revocations.sql")),
     (3, include_str!("migrations/0003_leaked.sql")),
+    (4, include_str!("migrations/0004_secrets.sql")),
 ];
 
 #[derive(Clone)]
@@ -601,6 +602,83 @@ impl Store {
             .collect())
     }
 
+    pub async fn next_secret_version(&self, upstream: &str) -> Result<i64, StoreError> {
+        let max: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM secret_versions WHERE upstream = ?")
+                .bind(upstream)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(max.unwrap_or(0) + 1)
+    }
+
+    pub async fn insert_secret_version(&self, v: &SecretVersion) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO secret_versions (upstream, version, nonce, ciphertext, created_at_ms, created_by) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&v.upstream)
+        .bind(v.version)
+        .bind(&v.nonce)
+        .bind(&v.ciphertext)
+        .bind(v.created_at_ms)
+        .bind(&v.created_by)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Versions of an upstream's secret, newest first.
+    pub async fn secret_versions(&self, upstream: &str) -> Result<Vec<SecretVersion>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT upstream, version, nonce, ciphertext, created_at_ms, created_by, revoked_at_ms FROM secret_versions \
+             WHERE upstream = ? ORDER BY version DESC",
+        )
+        .bind(upstream)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| SecretVersion {
+                upstream: r.get("upstream"),
+                version: r.get("version"),
+                nonce: r.get("nonce"),
+                ciphertext: r.get("ciphertext"),
+                created_at_ms: r.get("created_at_ms"),
+                created_by: r.get("created_by"),
+                revoked_at_ms: r.get("revoked_at_ms"),
+            })
+            .collect())
+    }
+
+    pub async fn current_secret_version(
+        &self,
+        upstream: &str,
+    ) -> Result<Option<SecretVersion>, StoreError> {
+        Ok(self
+            .secret_versions(upstream)
+            .await?
+            .into_iter()
+            .find(|v| v.revoked_at_ms.is_none()))
+    }
+
+    /// Marks a version revoked; false if it does not exist or already was.
+    pub async fn revoke_secret_version(
+        &self,
+        upstream: &str,
+        version: i64,
+        at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE secret_versions SET revoked_at_ms = ? WHERE upstream = ? AND version = ? AND revoked_at_ms IS NULL",
+        )
+        .bind(at_ms)
+        .bind(upstream)
+        .bind(version)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
     pub async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
@@ -649,6 +727,18 @@ fn credential_from_row(r: &sqlx::sqlite::SqliteRow) -> CredentialRecord {
         issued_at_ms: r.get("issued_at_ms"),
         expires_at_ms: r.get("expires_at_ms"),
     }
+}
+
+/// One version of a brokered secret, as stored: encrypted.
+#[derive(Clone)]
+pub struct SecretVersion {
+    pub upstream: String,
+    pub version: i64,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub created_at_ms: i64,
+    pub created_by: String,
+    pub revoked_at_ms: Option<i64>,
 }
 
 /// One (leaked value, workload, upstream, place) seen, with how often and when.

@@ -137,6 +137,8 @@ pub struct Seen {
     pub at: std::time::Instant,
     pub jti: Option<String>,
     pub sub: Option<String>,
+    /// The `x-api-key` header, else `authorization`, as received.
+    pub credential: Option<String>,
 }
 
 pub type Observer = tokio::sync::mpsc::UnboundedSender<Seen>;
@@ -154,6 +156,12 @@ async fn handle(
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("<binary>").into()))
         .collect();
+    let credential = req
+        .headers()
+        .get("x-api-key")
+        .or_else(|| req.headers().get(hyper::header::AUTHORIZATION))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let bearer = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
@@ -173,6 +181,7 @@ async fn handle(
             at: arrived,
             jti: claims.as_ref().ok().map(|c| c.jti.clone()),
             sub: claims.as_ref().ok().map(|c| c.sub.clone()),
+            credential,
         });
     }
     if path == "/echo" {

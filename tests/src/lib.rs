@@ -170,6 +170,7 @@ pub async fn start_control_plane_on(
             issuer: Some("leash-test".into()),
             policy_poll: Duration::from_millis(100),
             heartbeat: Duration::from_millis(500),
+            master_key: Some(std::sync::Arc::new(test_master_key(data_dir))),
         },
         source,
         sidecar_listener,
@@ -177,6 +178,17 @@ pub async fn start_control_plane_on(
     )
     .await
     .expect("control plane starts")
+}
+
+/// The deployment's master key, kept beside its data directory so that a
+/// restarted control plane can still decrypt what it stored.
+pub fn test_master_key(data_dir: &Path) -> leash_control_plane::secrets::MasterKey {
+    use leash_control_plane::secrets::MasterKey;
+    let file = data_dir.with_file_name("master.key");
+    if !file.exists() {
+        std::fs::write(&file, MasterKey::generate_base64()).expect("write master key");
+    }
+    MasterKey::from_file(&file).expect("master key")
 }
 
 pub fn sidecar_config(endpoint: String, cp_addr: SocketAddr) -> SidecarConfig {

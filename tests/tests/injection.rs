@@ -211,6 +211,7 @@ async fn invalid_policy_is_refused_with_the_field() {
             issuer: None,
             policy_poll: Duration::from_secs(1),
             heartbeat: Duration::from_secs(1),
+            master_key: None,
         },
         source,
         listener().await,

@@ -384,11 +384,11 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
             }
         }
         match up.credential.kind {
-            CredentialKind::Jwt => {}
+            CredentialKind::Jwt | CredentialKind::Static => {}
             other => bad(
                 at("credential.kind"),
                 format!(
-                    "credential kind {:?} is not supported by this build yet (supported: jwt)",
+                    "credential kind {:?} is not supported by this build yet (supported: jwt, static)",
                     other.as_str()
                 ),
             ),

@@ -7,13 +7,17 @@ use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use leash_api::identity::IdentityConfig;
 use leash_control_plane::app::{ControlPlane, ServeConfig};
+use std::sync::Arc;
+
 use leash_control_plane::auth::{Role, create_token};
 use leash_control_plane::cli::{
     Cli, Command, DevIdentityArgs, KeysCommand, ServeArgs, TokensCommand,
 };
 use leash_control_plane::devid::{DevCa, DevIdentityProvider};
+use leash_control_plane::secrets::MasterKey;
 use leash_control_plane::store::Store;
 use leash_control_plane::{init_logging, jwt, shutdown_signal};
+use zeroize::Zeroizing;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -23,6 +27,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::DevIdentity(args) => dev_identity(args).await,
+        Command::MasterKey => {
+            println!("{}", MasterKey::generate_base64());
+            Ok(())
+        }
         Command::Tokens(TokensCommand::Create {
             data_dir,
             name,
@@ -49,6 +57,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Policy errors are the commonest start failure: report them before
     // waiting on identity.
     leash_api::policy::load(&args.policy)?;
+    let master_key = match (&args.master_key_file, std::env::var("LEASH_MASTER_KEY")) {
+        (Some(path), _) => Some(Arc::new(MasterKey::from_file(path)?)),
+        (None, Ok(text)) => Some(Arc::new(MasterKey::from_base64(&Zeroizing::new(text))?)),
+        (None, Err(_)) => None,
+    };
+    if master_key.is_none() {
+        tracing::warn!("no master key: static secrets cannot be stored or leased");
+    }
     let identity_config = IdentityConfig::from_flags(
         args.spiffe_endpoint,
         args.svid_cert,
@@ -71,6 +87,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         issuer: args.issuer,
         policy_poll: Duration::from_secs(2),
         heartbeat: args.heartbeat_interval,
+        master_key,
     };
     let cp = ControlPlane::start(config, source.clone(), sidecar, admin).await?;
     shutdown_signal().await;

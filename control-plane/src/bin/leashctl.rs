@@ -9,7 +9,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use leash_control_plane::cli::{
     LeakedCommand, LeashctlCli as Cli, LeashctlCommand as Command, PolicyCommand, RevokeCommand,
-    TokenCommand,
+    SecretCommand, TokenCommand,
 };
 use serde_json::{Value, json};
 
@@ -341,6 +341,63 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 )
             );
             Output::new(v, text)
+        }
+        Command::Secret(
+            SecretCommand::Put { upstream, file } | SecretCommand::Rotate { upstream, file },
+        ) => {
+            let value = read_secret(file.as_deref())?;
+            let v = call(
+                cli,
+                "POST",
+                &format!("/v1/secrets/{upstream}"),
+                Some(json!({"value": &*value})),
+            )
+            .await?;
+            Output::new(
+                v.clone(),
+                format!("{upstream}: version {} is current\n", v["version"]),
+            )
+        }
+        Command::Secret(SecretCommand::RevokeVersion {
+            upstream,
+            version,
+            reason,
+        }) => {
+            let v = call(
+                cli,
+                "POST",
+                &format!("/v1/secrets/{upstream}/versions/{version}/revoke"),
+                Some(json!({"reason": reason})),
+            )
+            .await?;
+            Output::new(
+                v.clone(),
+                format!("revoked: {} (seq {})\n", s(&v["id"]), v["seq"]),
+            )
+        }
+        Command::Secret(SecretCommand::List { upstream }) => {
+            let v = call(cli, "GET", &format!("/v1/secrets/{upstream}"), None).await?;
+            let rows = v["versions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| {
+                    let state = if x["current"] == true {
+                        "current"
+                    } else if x["revoked_at_ms"].is_null() {
+                        "superseded"
+                    } else {
+                        "revoked"
+                    };
+                    vec![
+                        x["version"].to_string(),
+                        state.to_owned(),
+                        s(&x["created_by"]),
+                        ago(x["created_at_ms"].as_i64()),
+                    ]
+                })
+                .collect();
+            Output::new(v, table(&["VERSION", "STATE", "BY", "CREATED"], rows))
         }
         Command::Stripped => {
             let v = call(cli, "GET", "/v1/stripped", None).await?;

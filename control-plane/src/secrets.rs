@@ -1,0 +1,167 @@
+//! Brokered static secrets: versions of an upstream's long-lived secret,
+//! encrypted at rest with AES-256-GCM under a master key that never enters
+//! the database, leased to granted sidecars (never to workloads).
+
+use std::path::Path;
+
+use base64::Engine as _;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::rand::{SecureRandom as _, SystemRandom};
+use zeroize::Zeroizing;
+
+use crate::store::{SecretVersion, Store, StoreError, now_ms};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error(
+        "no master key configured (--master-key-file or LEASH_MASTER_KEY): static secrets are unavailable"
+    )]
+    NoMasterKey,
+    #[error("master key: {0}")]
+    BadMasterKey(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no secret stored for upstream {0:?}")]
+    Missing(String),
+    #[error("secret version {version} of {upstream:?} cannot be decrypted (wrong master key?)")]
+    Decrypt { upstream: String, version: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The key that encrypts every stored secret.
+pub struct MasterKey(LessSafeKey);
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+impl MasterKey {
+    /// From 32 bytes, given base64-encoded (as in `LEASH_MASTER_KEY` or the key file).
+    pub fn from_base64(text: &str) -> Result<Self, SecretError> {
+        let raw = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|_| SecretError::BadMasterKey("not base64".into()))?,
+        );
+        if raw.len() != 32 {
+            return Err(SecretError::BadMasterKey(format!(
+                "{} bytes; 32 are needed",
+                raw.len()
+            )));
+        }
+        let key = UnboundKey::new(&AES_256_GCM, &raw)
+            .map_err(|_| SecretError::BadMasterKey("rejected".into()))?;
+        Ok(Self(LessSafeKey::new(key)))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, SecretError> {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| SecretError::BadMasterKey(format!("{}: {e}", path.display())))?,
+        );
+        Self::from_base64(&text)
+    }
+
+    /// A fresh random key, base64-encoded (for `leash-control-plane master-key generate`).
+    pub fn generate_base64() -> String {
+        let mut raw = Zeroizing::new([0u8; 32]);
+        let _ = SystemRandom::new().fill(&mut *raw);
+        base64::engine::general_purpose::STANDARD.encode(*raw)
+    }
+
+    /// The additional data binds a ciphertext to its row: a version cannot be
+    /// swapped for another upstream's or another version's.
+    fn aad(upstream: &str, version: i64) -> Vec<u8> {
+        format!("leash-secret\0{upstream}\0{version}").into_bytes()
+    }
+
+    fn seal(&self, upstream: &str, version: i64, plaintext: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut nonce = [0u8; 12];
+        let _ = SystemRandom::new().fill(&mut nonce);
+        let mut buf = plaintext.to_vec();
+        // Sealing only fails for absurd lengths; the value is bounded to 8 KiB.
+        let _ = self.0.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(Self::aad(upstream, version)),
+            &mut buf,
+        );
+        (nonce.to_vec(), buf)
+    }
+
+    fn open(&self, v: &SecretVersion) -> Option<Zeroizing<Vec<u8>>> {
+        let nonce = Nonce::try_assume_unique_for_key(&v.nonce).ok()?;
+        let mut buf = Zeroizing::new(v.ciphertext.clone());
+        let len = self
+            .0
+            .open_in_place(
+                nonce,
+                Aad::from(Self::aad(&v.upstream, v.version)),
+                &mut buf,
+            )
+            .ok()?
+            .len();
+        buf.truncate(len);
+        Some(buf)
+    }
+}
+
+const MAX_SECRET: usize = 8192;
+
+/// Stores `value` as the new current version of `upstream`'s secret.
+pub async fn put(
+    store: &Store,
+    key: &MasterKey,
+    upstream: &str,
+    value: &str,
+    by: &str,
+) -> Result<i64, SecretError> {
+    if value.is_empty() || value.len() > MAX_SECRET {
+        return Err(SecretError::Invalid(format!(
+            "a secret must be 1-{MAX_SECRET} bytes"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(SecretError::Invalid(
+            "a secret must not contain control characters".into(),
+        ));
+    }
+    let version = store.next_secret_version(upstream).await?;
+    let (nonce, ciphertext) = key.seal(upstream, version, value.as_bytes());
+    store
+        .insert_secret_version(&SecretVersion {
+            upstream: upstream.to_owned(),
+            version,
+            nonce,
+            ciphertext,
+            created_at_ms: now_ms(),
+            created_by: by.to_owned(),
+            revoked_at_ms: None,
+        })
+        .await?;
+    Ok(version)
+}
+
+/// The current (newest, unrevoked) version, decrypted.
+pub async fn current(
+    store: &Store,
+    key: &MasterKey,
+    upstream: &str,
+) -> Result<(i64, Zeroizing<Vec<u8>>), SecretError> {
+    let v = store
+        .current_secret_version(upstream)
+        .await?
+        .ok_or_else(|| SecretError::Missing(upstream.to_owned()))?;
+    let plain = key.open(&v).ok_or(SecretError::Decrypt {
+        upstream: upstream.to_owned(),
+        version: v.version,
+    })?;
+    Ok((v.version, plain))
+}
+
+/// The credential id under which a version is leased (and revoked).
+pub fn lease_id(upstream: &str, version: i64) -> String {
+    format!("static:{upstream}:v{version}")
+}
