@@ -47,13 +47,13 @@ fn invalid_policy_names_file_line_and_field() {
 #[test]
 fn every_semantic_problem_is_listed() {
     let (ok, _, stderr) = check(
-        "version: 1\nupstreams:\n  - name: p\n    hosts: [P.test]\n    target: ftp://x\n    credential: { kind: static }\ngrants:\n  - workload: not-an-id\n    upstreams: [q]\n",
+        "version: 1\nupstreams:\n  - name: p\n    hosts: [P.test]\n    target: ftp://x\n    credential: { kind: jwt, ttl: 0s }\ngrants:\n  - workload: not-an-id\n    upstreams: [q]\n",
     );
     assert!(!ok);
     for field in [
         "upstreams[0].hosts[0]",
         "upstreams[0].target",
-        "upstreams[0].credential.kind",
+        "upstreams[0].credential.ttl",
         "grants[0].workload",
         "grants[0].upstreams[0]",
     ] {
