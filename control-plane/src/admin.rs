@@ -525,7 +525,15 @@ fn secret_error(e: crate::secrets::SecretError) -> ApiError {
 fn static_upstream(s: &AdminState, upstream: &str) -> Result<(), ApiError> {
     let policy = s.cp.policy.load();
     match policy.policy.upstream(upstream) {
-        Some(u) if u.credential.kind == leash_api::policy::CredentialKind::Static => Ok(()),
+        Some(u)
+            if matches!(
+                u.credential.kind,
+                leash_api::policy::CredentialKind::Static
+                    | leash_api::policy::CredentialKind::Oauth2ClientCredentials
+            ) =>
+        {
+            Ok(())
+        }
         Some(_) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid",

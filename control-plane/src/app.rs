@@ -136,6 +136,7 @@ impl ControlPlane {
             sessions,
             metrics,
             master_key: config.master_key.clone(),
+            tokens: crate::oauth2::TokenCache::default(),
         });
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();

@@ -11,6 +11,7 @@ pub mod devid;
 pub mod jwt;
 pub mod metrics;
 pub mod mtls;
+pub mod oauth2;
 pub mod revocations;
 pub mod secrets;
 pub mod sessions;

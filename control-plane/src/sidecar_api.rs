@@ -94,6 +94,74 @@ impl SidecarService {
         }))
     }
 
+    /// Leases a cached (or freshly exchanged) access token until shortly
+    /// before it expires, and never longer than the policy's TTL.
+    async fn lease_oauth2(
+        &self,
+        upstream: &leash_api::policy::Upstream,
+        peer: &PeerIdentity,
+    ) -> Result<Response<IssueResponse>, Status> {
+        let Some(key) = &self.state.master_key else {
+            return Ok(self.deny(
+                "no_master_key",
+                "the control plane has no master key; client secrets are unavailable".into(),
+            ));
+        };
+        let client_secret = match crate::secrets::current(&self.state.store, key, &upstream.name)
+            .await
+        {
+            Ok((_, secret)) => secret,
+            Err(crate::secrets::SecretError::Missing(_)) => {
+                return Ok(self.deny(
+                    "no_secret",
+                    format!(
+                        "no client secret is stored for upstream {:?}",
+                        upstream.name
+                    ),
+                ));
+            }
+            Err(e) => {
+                tracing::error!(upstream = %upstream.name, error = %e, "cannot read a client secret");
+                return Err(Status::unavailable("secret store unavailable"));
+            }
+        };
+        let exchange = crate::oauth2::Exchange {
+            upstream: &upstream.name,
+            token_url: upstream.credential.token_url.as_deref().unwrap_or_default(),
+            client_id: upstream.credential.client_id.as_deref().unwrap_or_default(),
+            client_secret: &client_secret,
+            scopes: &upstream.credential.scopes,
+        };
+        let token = match self.state.tokens.get(&exchange).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(upstream = %upstream.name, error = %e, "token exchange failed");
+                // Transient from the sidecar's point of view: it answers 503.
+                return Err(Status::unavailable(format!("token endpoint: {e}")));
+            }
+        };
+        let issued_at_ms = now_ms();
+        let ttl_ms = i64::try_from(upstream.credential.ttl.as_millis()).unwrap_or(i64::MAX);
+        let expires = token
+            .use_until_unix_ms
+            .min(issued_at_ms.saturating_add(ttl_ms));
+        self.state
+            .metrics
+            .credentials_issued
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(credential_id = %token.id, workload = %peer.spiffe_id, upstream = %upstream.name, "access token leased");
+        Ok(Response::new(IssueResponse {
+            result: Some(issue_response::Result::Credential(Credential {
+                id: token.id.clone(),
+                upstream: upstream.name.clone(),
+                kind: upstream.credential.kind.as_str().to_owned(),
+                secret: token.token.as_bytes().to_vec(),
+                issued_at_unix_ms: issued_at_ms,
+                expires_at_unix_ms: expires,
+            })),
+        }))
+    }
+
     fn deny(&self, code: &str, message: String) -> Response<IssueResponse> {
         self.state
             .metrics
@@ -241,6 +309,9 @@ impl SidecarApi for SidecarService {
         }
         if upstream.credential.kind == CredentialKind::Static {
             return self.lease_static(upstream, &peer).await;
+        }
+        if upstream.credential.kind == CredentialKind::Oauth2ClientCredentials {
+            return self.lease_oauth2(upstream, &peer).await;
         }
         if upstream.credential.kind != CredentialKind::Jwt {
             return Ok(self.deny(

@@ -46,6 +46,7 @@ pub struct ControlPlaneState {
     pub sessions: Arc<SessionRegistry>,
     pub metrics: Arc<Metrics>,
     pub master_key: Option<Arc<crate::secrets::MasterKey>>,
+    pub tokens: crate::oauth2::TokenCache,
 }
 
 impl ControlPlaneState {

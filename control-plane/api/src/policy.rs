@@ -92,6 +92,14 @@ pub struct CredentialSpec {
     /// `aud` of issued JWTs; defaults to the upstream's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audience: Option<String>,
+    /// `oauth2-client-credentials`: the token endpoint (the client secret is
+    /// the upstream's brokered secret: `leashctl secret put <upstream>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
 }
 
 fn default_ttl() -> Duration {
@@ -385,13 +393,32 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
         }
         match up.credential.kind {
             CredentialKind::Jwt | CredentialKind::Static => {}
-            other => bad(
-                at("credential.kind"),
-                format!(
-                    "credential kind {:?} is not supported by this build yet (supported: jwt, static)",
-                    other.as_str()
-                ),
-            ),
+            CredentialKind::Oauth2ClientCredentials => {
+                match up.credential.token_url.as_deref().map(parse_target_url) {
+                    None => bad(
+                        at("credential.token_url"),
+                        "required for oauth2-client-credentials".into(),
+                    ),
+                    Some(Err(reason)) => bad(at("credential.token_url"), reason),
+                    Some(Ok(())) => {}
+                }
+                if up.credential.client_id.as_deref().is_none_or(str::is_empty) {
+                    bad(
+                        at("credential.client_id"),
+                        "required for oauth2-client-credentials".into(),
+                    );
+                }
+            }
+        }
+        if up.credential.kind != CredentialKind::Oauth2ClientCredentials
+            && (up.credential.token_url.is_some()
+                || up.credential.client_id.is_some()
+                || !up.credential.scopes.is_empty())
+        {
+            bad(
+                at("credential"),
+                "token_url, client_id and scopes belong to oauth2-client-credentials".into(),
+            );
         }
         if up.scan_body_bytes > 65_536 {
             bad(at("scan_body_bytes"), "must be at most 65536".into());
@@ -539,6 +566,16 @@ fn rustls_name_ok(name: &str) -> Result<(), ()> {
         Ok(())
     } else {
         Err(())
+    }
+}
+
+fn parse_target_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(()),
+        _ => Err(format!("{url:?} must be an http:// or https:// URL")),
     }
 }
 
