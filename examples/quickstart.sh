@@ -47,8 +47,11 @@ pids+=($!)
 for _ in $(seq 1 100); do [ -S "$RUN_DIR/workload.sock" ] && break; sleep 0.1; done
 
 echo "==> control plane on 127.0.0.1:8443 (sidecar API) and 127.0.0.1:8080 (admin)"
+# The master key encrypts brokered secrets; it lives outside the database.
+[ -f "$RUN_DIR/master.key" ] || (umask 077 && "$BIN/leash-control-plane" master-key > "$RUN_DIR/master.key")
 "$BIN/leash-control-plane" serve --policy examples/quickstart/policy.yaml \
   --data-dir "$RUN_DIR/data" --spiffe-endpoint "unix://$RUN_DIR/control-plane.sock" \
+  --master-key-file "$RUN_DIR/master.key" \
   2>"$RUN_DIR/control-plane.log" &
 pids+=($!)
 wait_for http://127.0.0.1:8080/readyz "control plane"
