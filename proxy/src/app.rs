@@ -110,9 +110,15 @@ impl Sidecar {
                     }
                     let me = workload.workload_id().to_string();
                     let single = RevocationSet::new([revocation.clone()]);
-                    let n = purge
-                        .purge(|c| single.credential_revoked(&c.id) || single.check(&me, &c.upstream).is_some())
-                        .await;
+                    let hit = |c: &crate::cache::CachedCredential| {
+                        single.credential_revoked(&c.id) || single.check(&me, &c.upstream).is_some()
+                    };
+                    let n = purge.purge(hit).await;
+                    for route in workload.routes.load().routes() {
+                        if route.current.load().as_deref().is_some_and(hit) {
+                            route.current.store(None);
+                        }
+                    }
                     if n > 0 {
                         tracing::info!(revocation_id = %revocation.id, credentials = n, "purged revoked credentials");
                     }

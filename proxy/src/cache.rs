@@ -90,6 +90,22 @@ impl CredentialCache {
         &self,
         route: &Arc<EgressRoute>,
     ) -> Result<Arc<CachedCredential>, CredentialError> {
+        // Fast path: the route's current credential, while it needs no refresh.
+        if let Some(c) = route.current.load().as_ref()
+            && Instant::now() < c.refresh_at
+            && !c.revoked.is_cancelled()
+        {
+            return Ok(c.clone());
+        }
+        let c = self.get_slow(route).await?;
+        route.current.store(Some(c.clone()));
+        Ok(c)
+    }
+
+    async fn get_slow(
+        &self,
+        route: &Arc<EgressRoute>,
+    ) -> Result<Arc<CachedCredential>, CredentialError> {
         if let Some(c) = self.cache.get(&route.name).await {
             if Instant::now() >= c.refresh_at && !c.refreshing.swap(true, Ordering::AcqRel) {
                 let this = self.clone();
@@ -120,9 +136,10 @@ impl CredentialCache {
         self.cache.invalidate_all();
     }
 
-    /// Drops the cached credential of `upstream`, so the next request fetches a new one.
-    pub async fn invalidate(&self, upstream: &Arc<str>) {
-        self.cache.invalidate(upstream).await;
+    /// Drops the cached credential of `route`, so the next request fetches a new one.
+    pub async fn invalidate(&self, route: &EgressRoute) {
+        route.current.store(None);
+        self.cache.invalidate(&route.name).await;
     }
 
     /// Drops and marks revoked every cached credential `hit` selects, which

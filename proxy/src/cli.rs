@@ -79,6 +79,10 @@ pub struct Cli {
     /// Time open requests get to finish on shutdown.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Runtime worker threads. A sidecar shares its node with the workload;
+    /// 2 serves thousands of requests a second. Use 1 when pinned to one core.
+    #[arg(long, env = "LEASH_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub worker_threads: u16,
     /// Log format: text or json. Filter with RUST_LOG (default info).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

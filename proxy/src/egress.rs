@@ -14,7 +14,7 @@ use leash_api::v1::Revocation;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt as _;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -95,7 +95,7 @@ impl Egress {
         let mut credential = self.credential(&route).await?;
         if revocations.credential_revoked(&credential.id) {
             // Only that instance is revoked, not the grant: use a fresh one.
-            self.cache.invalidate(&route.name).await;
+            self.cache.invalidate(&route).await;
             credential = self.credential(&route).await?;
             if revocations.credential_revoked(&credential.id) {
                 return Err(Refusal::Revoked {
@@ -124,11 +124,9 @@ impl Egress {
         }
         parts.uri = upstream_uri(&route, &parts.uri, &credential)?;
         parts.version = Version::HTTP_11;
-        parts.headers.insert(
-            header::HOST,
-            HeaderValue::from_str(route.authority.as_str())
-                .map_err(|_| Refusal::BadRequest("bad upstream authority"))?,
-        );
+        parts
+            .headers
+            .insert(header::HOST, route.host_header.clone());
         if let (Some(name), InjectValue::Header(value)) = (route.inject.header(), &credential.value)
         {
             parts.headers.insert(name.clone(), value.clone());

@@ -12,10 +12,16 @@ fn main() -> anyhow::Result<()> {
     leash_api::identity::install_crypto_provider();
     // A sidecar shares its node with the workload: two worker threads serve
     // thousands of requests a second without taking the node's cores.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = if cli.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(cli.worker_threads))
+            .enable_all()
+            .build()?
+    };
     runtime.block_on(run(cli))
 }
 

@@ -63,6 +63,10 @@ pub struct EgressRoute {
     pub scheme: Scheme,
     /// `host:port` of the target; also sent as `Host`.
     pub authority: Authority,
+    pub host_header: http::HeaderValue,
+    /// The credential in use, read without touching the cache's map: the
+    /// hot path is one atomic load while it is fresh.
+    pub current: arc_swap::ArcSwapOption<crate::cache::CachedCredential>,
     pub inject: InjectHow,
     pub client: UpstreamClient,
 }
@@ -120,6 +124,10 @@ impl RouteTable {
 
     pub fn by_name(&self, name: &str) -> Option<&Arc<EgressRoute>> {
         self.by_name.get(name)
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<EgressRoute>> {
+        self.by_name.values()
     }
 
     /// Takes (and resets) the per-upstream counts of stripped credentials.
@@ -210,7 +218,11 @@ fn build_route(route: Route, timeouts: &UpstreamTimeouts) -> Result<EgressRoute,
         .timer(TokioTimer::new())
         .build(connector);
 
+    let host_header = http::HeaderValue::from_str(authority.as_str())
+        .map_err(|_| invalid(&route, "bad target host"))?;
     Ok(EgressRoute {
+        host_header,
+        current: arc_swap::ArcSwapOption::empty(),
         name: route.upstream.as_str().into(),
         scan_body_bytes: route.scan_body_bytes.min(65_536) as usize,
         stripped: AtomicU64::new(0),
