@@ -76,7 +76,8 @@ for _ in $(seq 200); do curl -fs -o /dev/null http://127.0.0.1:19080/readyz && b
 start=$(date +%s%N)
 RUST_LOG=warn taskset -c 0 "$BIN/leash-proxy" --spiffe-endpoint "unix://$DIR/app.sock" \
   --control-plane 127.0.0.1:19443 --listen 127.0.0.1:19193 --admin-listen 127.0.0.1:19194 \
-  --upstream-listener "bench=$SIDECAR" 2>"$DIR/sidecar.log" & SIDECAR_PID=$!; pids+=($SIDECAR_PID)
+  --upstream-listener "bench=$SIDECAR" --worker-threads "${LEASH_BENCH_WORKERS:-1}" \
+  2>"$DIR/sidecar.log" & SIDECAR_PID=$!; pids+=($SIDECAR_PID)
 for _ in $(seq 400); do curl -fs -o /dev/null http://127.0.0.1:19194/readyz && break; sleep 0.005; done
 ready_ms=$(( ($(date +%s%N) - start) / 1000000 ))
 curl -fsS "http://$SIDECAR/" >/dev/null    # first credential fetched before measuring
