@@ -386,6 +386,10 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes connection-level headers, including any that `Connection` names.
 /// (`Transfer-Encoding` is handled by hyper's codec on each side.)
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the (few) headers usually finds none: no hashing then.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)

@@ -3,6 +3,10 @@
 //! (with its TLS settings and connection pool) used to reach it.
 
 use std::collections::HashMap;
+
+/// Looked up on every request; the keys come from policy, not from clients'
+/// choice of many colliding names, so a fast non-DoS-resistant hash is fine.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -75,10 +79,10 @@ pub struct EgressRoute {
 #[derive(Default)]
 pub struct RouteTable {
     pub policy_version: String,
-    by_host: HashMap<String, Arc<EgressRoute>>,
+    by_host: FastMap<String, Arc<EgressRoute>>,
     /// `*.suffix` patterns as (".suffix", route), longest first.
     wildcards: Vec<(String, Arc<EgressRoute>)>,
-    by_name: HashMap<String, Arc<EgressRoute>>,
+    by_name: FastMap<String, Arc<EgressRoute>>,
     pub loaded: bool,
 }
 
