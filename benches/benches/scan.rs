@@ -75,5 +75,81 @@ fn scan(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, scan);
+/// The other per-request lookups: route by host and the revocation check,
+/// with 10 and 10,000 active revocations.
+fn lookups(c: &mut Criterion) {
+    use leash_api::v1::{Injection, Route, RouteSet};
+    let routes: Vec<Route> = (0..50)
+        .map(|i| Route {
+            upstream: format!("up{i}"),
+            hosts: vec![format!("api{i}.example.com")],
+            target: format!("http://127.0.0.1:{}", 10_000 + i),
+            inject: Some(Injection::default()),
+            granted: true,
+            credential_kind: "jwt".into(),
+            ..Default::default()
+        })
+        .map(|mut r| {
+            r.inject = Some(Injection {
+                how: Some(leash_api::v1::injection::How::Header(
+                    leash_api::v1::HeaderInjection {
+                        name: "authorization".into(),
+                        format: "Bearer {token}".into(),
+                    },
+                )),
+            });
+            r
+        })
+        .collect();
+    let timeouts = leash_proxy::UpstreamTimeouts {
+        connect: std::time::Duration::from_secs(1),
+        pool_idle: std::time::Duration::from_secs(1),
+    };
+    // The upstream clients need a runtime to exist; nothing is sent.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _guard = rt.enter();
+    let table = leash_proxy::routes::RouteTable::build(
+        RouteSet {
+            policy_version: "v".into(),
+            routes,
+        },
+        &timeouts,
+    )
+    .expect("routes");
+    c.bench_function("route_by_host_50_routes", |b| {
+        b.iter(|| table.by_host(black_box("api37.example.com")).is_some())
+    });
+
+    let mut group = c.benchmark_group("revocation_check");
+    for n in [10usize, 10_000] {
+        let set = RevocationSet::new((0..n).map(|i| Revocation {
+            id: format!("rev-{i}"),
+            kind: if i % 2 == 0 {
+                "credential".into()
+            } else {
+                "grant".into()
+            },
+            credential_id: format!("cred-{i}"),
+            workload: format!("spiffe://leash.test/ns/other{i}/sa/x"),
+            upstream: "up1".into(),
+            ..Default::default()
+        }));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &set, |b, set| {
+            b.iter(|| {
+                set.check(
+                    black_box("spiffe://leash.test/ns/demo/sa/client"),
+                    black_box("up37"),
+                )
+                .is_none()
+                    && !set.credential_revoked(black_box("3f2a9c1e-credential"))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, scan, lookups);
 criterion_main!(benches);

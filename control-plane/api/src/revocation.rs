@@ -69,8 +69,9 @@ pub struct RevocationSet {
     active: BTreeMap<Arc<str>, Arc<Revocation>>,
     credentials: HashSet<Arc<str>>,
     upstreams: HashSet<Arc<str>>,
-    workloads: Vec<(Arc<WorkloadMatcher>, Arc<str>)>,
-    grants: Vec<(Arc<WorkloadMatcher>, Arc<str>, Arc<str>)>,
+    workloads: Matchers,
+    /// Grant revocations by upstream.
+    grants: HashMap<Arc<str>, Matchers>,
     /// Leaked-value fingerprint → registration id.
     leaked: HashMap<u128, Arc<str>>,
 }
@@ -95,13 +96,15 @@ impl RevocationSet {
             }
             Some(RevocationKind::Workload) => {
                 if let Ok(m) = WorkloadMatcher::parse(&r.workload) {
-                    self.workloads.push((Arc::new(m), id.clone()));
+                    self.workloads.add(m, id.clone());
                 }
             }
             Some(RevocationKind::Grant) => {
                 if let Ok(m) = WorkloadMatcher::parse(&r.workload) {
                     self.grants
-                        .push((Arc::new(m), r.upstream.as_str().into(), id.clone()));
+                        .entry(r.upstream.as_str().into())
+                        .or_default()
+                        .add(m, id.clone());
                 }
             }
             Some(RevocationKind::Leaked) => {
@@ -137,8 +140,12 @@ impl RevocationSet {
             {
                 self.upstreams.remove(r.upstream.as_str());
             }
-            Some(RevocationKind::Workload) => self.workloads.retain(|(_, i)| &**i != id),
-            Some(RevocationKind::Grant) => self.grants.retain(|(_, _, i)| &**i != id),
+            Some(RevocationKind::Workload) => self.workloads.remove(id),
+            Some(RevocationKind::Grant) => {
+                if let Some(m) = self.grants.get_mut(r.upstream.as_str()) {
+                    m.remove(id);
+                }
+            }
             Some(RevocationKind::Leaked) => self.leaked.retain(|_, i| &**i != id),
             _ => {}
         }
@@ -182,15 +189,8 @@ impl RevocationSet {
         }
         let id = self
             .workloads
-            .iter()
-            .find(|(m, _)| m.matches(workload))
-            .map(|(_, id)| id)
-            .or_else(|| {
-                self.grants
-                    .iter()
-                    .find(|(m, u, _)| &**u == upstream && m.matches(workload))
-                    .map(|(_, _, id)| id)
-            })?;
+            .find(workload)
+            .or_else(|| self.grants.get(upstream)?.find(workload))?;
         self.active.get(id).map(|r| &**r)
     }
 
@@ -206,6 +206,39 @@ impl RevocationSet {
     /// The registration whose fingerprint this is.
     pub fn leaked(&self, fingerprint: u128) -> Option<&Arc<str>> {
         self.leaked.get(&fingerprint)
+    }
+}
+
+/// Workload matchers with their revocation ids: exact SPIFFE IDs in a hash
+/// map (one lookup), path prefixes in a list (there are few).
+#[derive(Debug, Default, Clone)]
+struct Matchers {
+    exact: HashMap<Arc<str>, Arc<str>>,
+    prefixes: Vec<(Arc<WorkloadMatcher>, Arc<str>)>,
+}
+
+impl Matchers {
+    fn add(&mut self, m: WorkloadMatcher, id: Arc<str>) {
+        match m {
+            WorkloadMatcher::Exact(w) => {
+                self.exact.insert(w.into(), id);
+            }
+            prefix @ WorkloadMatcher::Prefix(_) => self.prefixes.push((Arc::new(prefix), id)),
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        self.exact.retain(|_, i| &**i != id);
+        self.prefixes.retain(|(_, i)| &**i != id);
+    }
+
+    fn find(&self, workload: &str) -> Option<&Arc<str>> {
+        self.exact.get(workload).or_else(|| {
+            self.prefixes
+                .iter()
+                .find(|(m, _)| m.matches(workload))
+                .map(|(_, id)| id)
+        })
     }
 }
 
