@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # Load benchmark: the direct path, nginx (a local proxy that adds the same
-# header, the floor for "a proxy that adds a credential"), and the Leash
+# header: the floor for "a proxy that adds a credential"), and the Leash
 # sidecar, alternated in one invocation, closed loop with wrk.
 #
-#   ./benches/load/run.sh [ROUNDS] [SECONDS]        (defaults: 3 rounds of 10 s)
+#   ./benches/load/run.sh [ROUNDS] [SECONDS] [SCENARIOS]
+#   defaults: 3 rounds of 10 s; scenarios "keepalive newconn 1mib tls"
 #
-# Upstream (nginx answering 200 "ok") and the proxy under test share core 0;
-# wrk runs on core 1. Prints a Markdown table of medians and the
+# Scenarios: keepalive (HTTP/1.1 keep-alive, small answers, 16 connections),
+# newconn (a new connection per request), 1mib (1 MiB answers streamed, 4
+# connections), tls (the proxy originates TLS to the upstream; nginx with
+# proxy_ssl verify and session reuse, the sidecar with the policy's CA file).
+# The upstream (nginx) and the proxy under test share core 0; wrk runs on
+# core 1. Prints a Markdown table per scenario with medians, the
 # sidecar/nginx and sidecar/direct ratios, CPU seconds per 1,000 requests of
-# each proxy, and its RSS idle and after load. Needs: nginx (nginx-light),
-# wrk, taskset, curl; installs nginx-light and wrk with apt when missing.
+# each proxy and its RSS. Needs nginx (nginx-light), wrk, taskset, curl,
+# openssl; installs nginx-light and wrk with apt when missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${1:-3}
 SECONDS_PER_RUN=${2:-10}
-CONNS=${LEASH_BENCH_CONNECTIONS:-16}
+SCENARIOS=${3:-keepalive newconn 1mib tls}
 
-for tool in nginx wrk taskset curl; do
+for tool in nginx wrk; do
   if ! command -v "$tool" >/dev/null && ! [ -x "/usr/sbin/$tool" ]; then
-    echo "==> installing nginx-light and wrk"; apt-get install -y -qq nginx-light wrk >/dev/null; break
+    echo "==> installing nginx-light and wrk" >&2; apt-get install -y -qq nginx-light wrk >/dev/null; break
   fi
 done
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
@@ -31,23 +36,44 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-UP=127.0.0.1:19190 PEER=127.0.0.1:19191 SIDECAR=127.0.0.1:19192
+UP=127.0.0.1:19190 UP_TLS=127.0.0.1:19195 PEER=127.0.0.1:19191 PEER_TLS=127.0.0.1:19196
+SIDECAR=127.0.0.1:19192 SIDECAR_TLS=127.0.0.1:19197
 TOKEN="Bearer eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJiZW5jaCJ9.c2lnbmF0dXJlLXNpZ25hdHVyZS1zaWduYXR1cmU"
+
+# Test PKI for the TLS upstream.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+  -keyout "$DIR/ca.key" -out "$DIR/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=bench.internal" \
+  -keyout "$DIR/up.key" -out "$DIR/up.csr" 2>/dev/null
+printf 'subjectAltName=DNS:bench.internal\n' >"$DIR/ext.cnf"
+openssl x509 -req -in "$DIR/up.csr" -CA "$DIR/ca.pem" -CAkey "$DIR/ca.key" -CAcreateserial -days 2 \
+  -extfile "$DIR/ext.cnf" -out "$DIR/up.pem" 2>/dev/null
+head -c 1048576 /dev/urandom >"$DIR/1m.bin"
+# nginx workers run unprivileged: they must be able to read the body file.
+chmod 755 "$DIR"; chmod 644 "$DIR/1m.bin"
 
 mkdir -p "$DIR/nginx-up" "$DIR/nginx-peer"
 cat >"$DIR/nginx-up/nginx.conf" <<CONF
 worker_processes 1; daemon off; pid $DIR/nginx-up/pid; error_log $DIR/nginx-up/error.log;
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
-  server { listen $UP; location / { return 200 "ok\n"; } } }
+  server { listen $UP; location / { return 200 "ok\n"; } location = /1m { alias $DIR/1m.bin; } }
+  server { listen $UP_TLS ssl; ssl_certificate $DIR/up.pem; ssl_certificate_key $DIR/up.key;
+           location / { return 200 "ok\n"; } } }
 CONF
 cat >"$DIR/nginx-peer/nginx.conf" <<CONF
 worker_processes 1; daemon off; pid $DIR/nginx-peer/pid; error_log $DIR/nginx-peer/error.log;
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
   upstream up { server $UP; keepalive 64; }
+  upstream up_tls { server $UP_TLS; keepalive 64; }
   server { listen $PEER; location / {
     proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+    proxy_set_header Authorization "$TOKEN"; } }
+  server { listen $PEER_TLS; location / {
+    proxy_pass https://up_tls; proxy_http_version 1.1; proxy_set_header Connection "";
+    proxy_ssl_verify on; proxy_ssl_trusted_certificate $DIR/ca.pem; proxy_ssl_name bench.internal;
+    proxy_ssl_server_name on; proxy_ssl_session_reuse on;
     proxy_set_header Authorization "$TOKEN"; } } }
 CONF
 taskset -c 0 "$NGINX" -p "$DIR/nginx-up" -c "$DIR/nginx-up/nginx.conf" & pids+=($!)
@@ -64,9 +90,14 @@ upstreams:
     hosts: [bench.leash.test]
     target: http://$UP
     credential: { kind: jwt, ttl: 1h }
+  - name: bench-tls
+    hosts: [bench-tls.leash.test]
+    target: https://$UP_TLS
+    tls: { ca_file: $DIR/ca.pem, ca_only: true, server_name: bench.internal }
+    credential: { kind: jwt, ttl: 1h }
 grants:
   - workload: spiffe://$TD/ns/bench/sa/client
-    upstreams: [bench]
+    upstreams: [bench, bench-tls]
 YAML
 RUST_LOG=warn "$BIN/leash-control-plane" serve --policy "$DIR/policy.yaml" --data-dir "$DIR/data" \
   --listen 127.0.0.1:19443 --admin-listen 127.0.0.1:19080 \
@@ -76,59 +107,85 @@ for _ in $(seq 200); do curl -fs -o /dev/null http://127.0.0.1:19080/readyz && b
 start=$(date +%s%N)
 RUST_LOG=warn taskset -c 0 "$BIN/leash-proxy" --spiffe-endpoint "unix://$DIR/app.sock" \
   --control-plane 127.0.0.1:19443 --listen 127.0.0.1:19193 --admin-listen 127.0.0.1:19194 \
-  --upstream-listener "bench=$SIDECAR" --worker-threads "${LEASH_BENCH_WORKERS:-1}" \
-  2>"$DIR/sidecar.log" & SIDECAR_PID=$!; pids+=($SIDECAR_PID)
+  --upstream-listener "bench=$SIDECAR" --upstream-listener "bench-tls=$SIDECAR_TLS" \
+  --worker-threads "${LEASH_BENCH_WORKERS:-1}" 2>"$DIR/sidecar.log" & SIDECAR_PID=$!; pids+=($SIDECAR_PID)
 for _ in $(seq 400); do curl -fs -o /dev/null http://127.0.0.1:19194/readyz && break; sleep 0.005; done
 ready_ms=$(( ($(date +%s%N) - start) / 1000000 ))
-curl -fsS "http://$SIDECAR/" >/dev/null    # first credential fetched before measuring
-curl -fsS "http://$PEER/" >/dev/null
-PEER_PID=$(pgrep -f "nginx: worker process" -n -P "$(cat "$DIR/nginx-peer/pid")" 2>/dev/null || pgrep -P "$(cat "$DIR/nginx-peer/pid")")
+for url in "http://$SIDECAR/" "http://$SIDECAR_TLS/" "http://$PEER/" "http://$PEER_TLS/"; do
+  curl -fsS -o /dev/null "$url" || { echo "!! $url does not answer" >&2; exit 1; }
+done
+PEER_PID=$(pgrep -P "$(cat "$DIR/nginx-peer/pid")" | head -1)
 sleep 1
 
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICKS=$(getconf CLK_TCK)
 declare -A idle_rss=( [nginx]=$(rss_kib "$PEER_PID") [sidecar]=$(rss_kib "$SIDECAR_PID") )
+declare -A max_rss=( [nginx]=0 [sidecar]=0 )
 
-# run NAME URL PID -> appends "rps p50 p99 cpu_per_1k" to $DIR/NAME.results
+# run SCENARIO NAME URL PID CONNS [wrk args] -> appends "rps p50 p99 cpu_per_1k"
 run() {
-  local name=$1 url=$2 pid=$3 before after out rps reqs
+  local scenario=$1 name=$2 url=$3 pid=$4 conns=$5; shift 5
+  local before after out rps reqs p50 p99 cpu errors rss
   before=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0 )
-  out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECONDS_PER_RUN}s" --latency "$url")
+  out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${SECONDS_PER_RUN}s" --latency "$@" "$url")
   after=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0 )
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   reqs=$(awk '/requests in/ {print $1}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-  errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out")
-  [ -z "$errors" ] || echo "!! $name: $errors" >&2
+  errors=$(grep -E 'Non-2xx|Socket errors' <<<"$out" || true)
+  [ -z "$errors" ] || echo "!! $scenario/$name: $errors" >&2
   cpu=$(awk -v a="$after" -v b="$before" -v t="$TICKS" -v r="$reqs" 'BEGIN { if (r>0) printf "%.4f", (a-b)/t/(r/1000); else print "nan" }')
-  echo "$rps $p50 $p99 $cpu" >>"$DIR/$name.results"
-  echo "   $name: $rps req/s, p50 $p50, p99 $p99, ${cpu} CPU-s/1k req" >&2
+  echo "$rps $p50 $p99 $cpu" >>"$DIR/$scenario.$name"
+  if [ -n "$pid" ]; then
+    rss=$(rss_kib "$pid"); [ "$rss" -gt "${max_rss[$name]}" ] && max_rss[$name]=$rss
+  fi
+  echo "   $scenario/$name: $rps req/s, p50 $p50, p99 $p99, ${cpu} CPU-s/1k req" >&2
+}
+
+scenario() {
+  local s=$1
+  case $s in
+    keepalive) run "$s" direct "http://$UP/" "" 16; run "$s" nginx "http://$PEER/" "$PEER_PID" 16
+               run "$s" sidecar "http://$SIDECAR/" "$SIDECAR_PID" 16 ;;
+    newconn)   run "$s" direct "http://$UP/" "" 16 -H "Connection: close"
+               run "$s" nginx "http://$PEER/" "$PEER_PID" 16 -H "Connection: close"
+               run "$s" sidecar "http://$SIDECAR/" "$SIDECAR_PID" 16 -H "Connection: close" ;;
+    1mib)      run "$s" direct "http://$UP/1m" "" 4; run "$s" nginx "http://$PEER/1m" "$PEER_PID" 4
+               run "$s" sidecar "http://$SIDECAR/1m" "$SIDECAR_PID" 4 ;;
+    tls)       run "$s" nginx "http://$PEER_TLS/" "$PEER_PID" 16
+               run "$s" sidecar "http://$SIDECAR_TLS/" "$SIDECAR_PID" 16 ;;
+    *) echo "unknown scenario $s" >&2; exit 2 ;;
+  esac
 }
 
 for round in $(seq "$ROUNDS"); do
-  echo "==> round $round of $ROUNDS (${SECONDS_PER_RUN}s each, $CONNS connections)" >&2
-  run direct "http://$UP/" ""
-  run nginx "http://$PEER/" "$PEER_PID"
-  run sidecar "http://$SIDECAR/" "$SIDECAR_PID"
+  echo "==> round $round of $ROUNDS (${SECONDS_PER_RUN}s per run)" >&2
+  for s in $SCENARIOS; do scenario "$s"; done
 done
-declare -A load_rss=( [nginx]=$(rss_kib "$PEER_PID") [sidecar]=$(rss_kib "$SIDECAR_PID") )
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-col() { awk -v c="$2" '{print $c}' "$DIR/$1.results" | sed -E 's/us$/e-3/; s/ms$//; s/([0-9.]+)s$/\1e3/' | median; }
+col() { awk -v c="$3" '{print $c}' "$DIR/$1.$2" | sed -E 's/us$/e-3/; s/ms$//; s/([0-9.]+)s$/\1e3/' | median; }
 
 echo
-echo "Closed loop, HTTP/1.1 keep-alive, $CONNS connections, ${SECONDS_PER_RUN}s x $ROUNDS rounds (medians); sidecar ready in ${ready_ms} ms"
-echo
-echo "| path | req/s | p50 | p99 | CPU-s per 1k req | RSS idle | RSS after load |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
-for name in direct nginx sidecar; do
-  rss_i=${idle_rss[$name]:-}; rss_l=${load_rss[$name]:-}
-  printf "| %s | %.0f | %.3f ms | %.3f ms | %s | %s | %s |\n" "$name" "$(col "$name" 1)" "$(col "$name" 2)" "$(col "$name" 3)" \
-    "$( [ "$name" = direct ] && echo - || col "$name" 4)" \
-    "$( [ -n "$rss_i" ] && echo "$((rss_i/1024)) MiB" || echo -)" "$( [ -n "$rss_l" ] && echo "$((rss_l/1024)) MiB" || echo -)"
+echo "Closed loop, ${SECONDS_PER_RUN}s x $ROUNDS rounds per path, medians; sidecar ready ${ready_ms} ms after start"
+echo "RSS idle: nginx $((idle_rss[nginx]/1024)) MiB, sidecar $((idle_rss[sidecar]/1024)) MiB; peak after runs: nginx $((max_rss[nginx]/1024)) MiB, sidecar $((max_rss[sidecar]/1024)) MiB"
+for s in $SCENARIOS; do
+  echo
+  echo "**$s**"
+  echo
+  echo "| path | req/s | p50 | p99 | CPU-s per 1k req |"
+  echo "|---|---:|---:|---:|---:|"
+  for name in direct nginx sidecar; do
+    [ -f "$DIR/$s.$name" ] || continue
+    printf "| %s | %.0f | %.3f ms | %.3f ms | %s |\n" "$name" "$(col "$s" "$name" 1)" "$(col "$s" "$name" 2)" \
+      "$(col "$s" "$name" 3)" "$( [ "$name" = direct ] && echo - || col "$s" "$name" 4)"
+  done
+  sc=$(col "$s" sidecar 1); ng=$(col "$s" nginx 1)
+  if [ -f "$DIR/$s.direct" ]; then
+    awk -v s="$sc" -v n="$ng" -v d="$(col "$s" direct 1)" 'BEGIN { printf "\nsidecar/nginx %.2f, sidecar/direct %.2f, nginx/direct %.2f\n", s/n, s/d, n/d }'
+  else
+    awk -v s="$sc" -v n="$ng" 'BEGIN { printf "\nsidecar/nginx %.2f\n", s/n }'
+  fi
 done
-s=$(col sidecar 1); n=$(col nginx 1); d=$(col direct 1)
-echo
-awk -v s="$s" -v n="$n" -v d="$d" 'BEGIN { printf "sidecar/nginx throughput: %.2f   sidecar/direct: %.2f   nginx/direct: %.2f\n", s/n, s/d, n/d }'
