@@ -62,6 +62,17 @@ pub struct RevokeRequest {
 
 const MAX_REASON: usize = 1024;
 
+/// Every change says why: 1 to 1024 bytes, trimmed.
+fn check_reason(reason: &str) -> Result<&str, RevokeError> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.len() > MAX_REASON {
+        return Err(RevokeError::Invalid(format!(
+            "reason is required (1-{MAX_REASON} bytes)"
+        )));
+    }
+    Ok(reason)
+}
+
 pub struct RevocationLog {
     store: Store,
     pub store_id: String,
@@ -114,12 +125,7 @@ impl RevocationLog {
                     req.kind
                 ))
             })?;
-        let reason = req.reason.trim();
-        if reason.is_empty() || reason.len() > MAX_REASON {
-            return Err(RevokeError::Invalid(format!(
-                "reason is required (1-{MAX_REASON} bytes)"
-            )));
-        }
+        let reason = check_reason(&req.reason)?;
         let needs = |field: &str, value: &str, wanted: bool| -> Result<(), RevokeError> {
             match (wanted, value.is_empty()) {
                 (true, true) => Err(RevokeError::Invalid(format!(
@@ -213,12 +219,7 @@ impl RevocationLog {
                 "a leaked value must be at most 8192 bytes".into(),
             ));
         }
-        let reason = reason.trim();
-        if reason.is_empty() || reason.len() > MAX_REASON {
-            return Err(RevokeError::Invalid(format!(
-                "reason is required (1-{MAX_REASON} bytes)"
-            )));
-        }
+        let reason = check_reason(reason)?;
         let fp = fingerprint_bytes(fingerprint(&self.fingerprint_key, value.as_bytes()));
         let _write = self.write.lock().await;
         let current = self.state.load_full();
@@ -254,12 +255,7 @@ impl RevocationLog {
         reason: &str,
         by: &str,
     ) -> Result<StoredRevocation, RevokeError> {
-        let reason = reason.trim();
-        if reason.is_empty() || reason.len() > MAX_REASON {
-            return Err(RevokeError::Invalid(format!(
-                "reason is required (1-{MAX_REASON} bytes)"
-            )));
-        }
+        let reason = check_reason(reason)?;
         let _write = self.write.lock().await;
         if !self
             .store
@@ -313,12 +309,7 @@ impl RevocationLog {
         by: &str,
         reason: &str,
     ) -> Result<StoredRevocation, RevokeError> {
-        let reason = reason.trim();
-        if reason.is_empty() || reason.len() > MAX_REASON {
-            return Err(RevokeError::Invalid(format!(
-                "reason is required (1-{MAX_REASON} bytes)"
-            )));
-        }
+        let reason = check_reason(reason)?;
         let _write = self.write.lock().await;
         let stored = self
             .store

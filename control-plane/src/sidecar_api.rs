@@ -43,36 +43,40 @@ impl SidecarService {
         }
     }
 
+    /// The current version of an upstream's brokered secret, or the answer
+    /// to give instead (a typed denial, or unavailable).
+    async fn brokered_secret(
+        &self,
+        upstream: &leash_api::policy::Upstream,
+    ) -> Result<(i64, zeroize::Zeroizing<Vec<u8>>), Result<Response<IssueResponse>, Status>> {
+        let Some(key) = &self.state.master_key else {
+            return Err(Ok(self.deny(
+                "no_master_key",
+                "the control plane has no master key; brokered secrets are unavailable".into(),
+            )));
+        };
+        match crate::secrets::current(&self.state.store, key, &upstream.name).await {
+            Ok(v) => Ok(v),
+            Err(crate::secrets::SecretError::Missing(_)) => Err(Ok(self.deny(
+                "no_secret",
+                format!("no secret is stored for upstream {:?}", upstream.name),
+            ))),
+            Err(e) => {
+                tracing::error!(upstream = %upstream.name, error = %e, "cannot read a brokered secret");
+                Err(Err(Status::unavailable("secret store unavailable")))
+            }
+        }
+    }
+
     /// Leases the current version of a brokered secret for the policy's TTL.
     async fn lease_static(
         &self,
         upstream: &leash_api::policy::Upstream,
         peer: &PeerIdentity,
     ) -> Result<Response<IssueResponse>, Status> {
-        let Some(key) = &self.state.master_key else {
-            return Ok(self.deny(
-                "no_master_key",
-                "the control plane has no master key; static secrets are unavailable".into(),
-            ));
-        };
-        let (version, secret) = match crate::secrets::current(
-            &self.state.store,
-            key,
-            &upstream.name,
-        )
-        .await
-        {
+        let (version, secret) = match self.brokered_secret(upstream).await {
             Ok(v) => v,
-            Err(crate::secrets::SecretError::Missing(_)) => {
-                return Ok(self.deny(
-                    "no_secret",
-                    format!("no secret is stored for upstream {:?}", upstream.name),
-                ));
-            }
-            Err(e) => {
-                tracing::error!(upstream = %upstream.name, error = %e, "cannot lease a static secret");
-                return Err(Status::unavailable("secret store unavailable"));
-            }
+            Err(answer) => return answer,
         };
         let issued_at_ms = now_ms();
         let ttl_ms = i64::try_from(upstream.credential.ttl.as_millis()).unwrap_or(i64::MAX);
@@ -101,29 +105,9 @@ impl SidecarService {
         upstream: &leash_api::policy::Upstream,
         peer: &PeerIdentity,
     ) -> Result<Response<IssueResponse>, Status> {
-        let Some(key) = &self.state.master_key else {
-            return Ok(self.deny(
-                "no_master_key",
-                "the control plane has no master key; client secrets are unavailable".into(),
-            ));
-        };
-        let client_secret = match crate::secrets::current(&self.state.store, key, &upstream.name)
-            .await
-        {
+        let client_secret = match self.brokered_secret(upstream).await {
             Ok((_, secret)) => secret,
-            Err(crate::secrets::SecretError::Missing(_)) => {
-                return Ok(self.deny(
-                    "no_secret",
-                    format!(
-                        "no client secret is stored for upstream {:?}",
-                        upstream.name
-                    ),
-                ));
-            }
-            Err(e) => {
-                tracing::error!(upstream = %upstream.name, error = %e, "cannot read a client secret");
-                return Err(Status::unavailable("secret store unavailable"));
-            }
+            Err(answer) => return answer,
         };
         let exchange = crate::oauth2::Exchange {
             upstream: &upstream.name,
