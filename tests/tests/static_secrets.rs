@@ -174,7 +174,13 @@ async fn rotate_under_traffic_then_revoke_old_version_and_nothing_leaks() {
     );
     let token = admin.token.clone().unwrap();
     // `lsh_<id>_<secret>`; the secret itself may contain `_`.
-    let token_secret = token.strip_prefix("lsh_").unwrap().split_once('_').unwrap().1.to_owned();
+    let token_secret = token
+        .strip_prefix("lsh_")
+        .unwrap()
+        .split_once('_')
+        .unwrap()
+        .1
+        .to_owned();
     assert!(token_secret.len() >= 40);
 
     let Deployment {
