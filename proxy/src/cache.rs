@@ -97,7 +97,9 @@ impl CredentialCache {
         {
             return Ok(c.clone());
         }
-        let c = self.get_slow(route).await?;
+        // Boxed: the slow path's future (moka's) is large, and keeping it out
+        // of line keeps every request's future small and cheap to move.
+        let c = Box::pin(self.get_slow(route)).await?;
         route.current.store(Some(c.clone()));
         Ok(c)
     }

@@ -110,7 +110,7 @@ impl Egress {
 
         let (mut parts, body) = req.into_parts();
         let body = if route.scan_body_bytes > 0 {
-            let (prefix, body) = read_prefix(body, route.scan_body_bytes).await?;
+            let (prefix, body) = Box::pin(read_prefix(body, route.scan_body_bytes)).await?;
             self.refuse_leaked_body(&route, &parts, &prefix)?;
             body.with_prefix(prefix)
         } else {
