@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${1:-3}
 SECONDS_PER_RUN=${2:-10}
-SCENARIOS=${3:-keepalive newconn 1mib tls}
+SCENARIOS=${3:-keepalive newconn 1mib tls rate2k rate10k}
 
 for tool in nginx wrk; do
   if ! command -v "$tool" >/dev/null && ! [ -x "/usr/sbin/$tool" ]; then
@@ -29,7 +29,7 @@ done
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 echo "==> building release binaries" >&2
-cargo build --release --quiet -p leash-control-plane -p leash-proxy
+cargo build --release --quiet -p leash-control-plane -p leash-proxy -p leash-benches --bin openloop
 BIN=target/release
 DIR=$(mktemp -d /tmp/lshload.XXXX)
 pids=()
@@ -144,6 +144,22 @@ run() {
   echo "   $scenario/$name: $rps req/s, p50 $p50, p99 $p99, ${cpu} CPU-s/1k req" >&2
 }
 
+# run_rate SCENARIO NAME URL PID RATE -> appends "achieved p50 p99 p999 cpu_per_1k errors"
+run_rate() {
+  local scenario=$1 name=$2 url=$3 pid=$4 rate=$5 before after out cpu
+  before=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0 )
+  out=$(taskset -c 1 "$BIN/openloop" --url "$url" --rate "$rate" --seconds "$SECONDS_PER_RUN" --connections 64)
+  after=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0 )
+  read -r achieved reqs errors p50 p99 p999 < <(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["achieved"], d["requests"], d["errors"], d["p50_ms"], d["p99_ms"], d["p999_ms"])' "$out")
+  [ "$errors" = 0 ] || echo "!! $scenario/$name: $errors errors" >&2
+  cpu=$(awk -v a="$after" -v b="$before" -v t="$TICKS" -v r="$reqs" 'BEGIN { if (r>0) printf "%.4f", (a-b)/t/(r/1000); else print "nan" }')
+  echo "$achieved $p50 $p99 $p999 $cpu $errors" >>"$DIR/$scenario.$name"
+  if [ -n "$pid" ]; then
+    rss=$(rss_kib "$pid"); [ "$rss" -gt "${max_rss[$name]}" ] && max_rss[$name]=$rss
+  fi
+  echo "   $scenario/$name: $achieved req/s, p50 ${p50} ms, p99 ${p99} ms, p99.9 ${p999} ms, ${cpu} CPU-s/1k req" >&2
+}
+
 scenario() {
   local s=$1
   case $s in
@@ -156,6 +172,10 @@ scenario() {
                run "$s" sidecar "http://$SIDECAR/1m" "$SIDECAR_PID" 4 ;;
     tls)       run "$s" nginx "http://$PEER_TLS/" "$PEER_PID" 16
                run "$s" sidecar "http://$SIDECAR_TLS/" "$SIDECAR_PID" 16 ;;
+    rate2k|rate10k)
+               local r=$([ "$s" = rate2k ] && echo 2000 || echo 10000)
+               run_rate "$s" direct "http://$UP/" "" "$r"; run_rate "$s" nginx "http://$PEER/" "$PEER_PID" "$r"
+               run_rate "$s" sidecar "http://$SIDECAR/" "$SIDECAR_PID" "$r" ;;
     *) echo "unknown scenario $s" >&2; exit 2 ;;
   esac
 }
@@ -172,6 +192,20 @@ echo
 echo "Closed loop, ${SECONDS_PER_RUN}s x $ROUNDS rounds per path, medians; sidecar ready ${ready_ms} ms after start"
 echo "RSS idle: nginx $((idle_rss[nginx]/1024)) MiB, sidecar $((idle_rss[sidecar]/1024)) MiB; peak after runs: nginx $((max_rss[nginx]/1024)) MiB, sidecar $((max_rss[sidecar]/1024)) MiB"
 for s in $SCENARIOS; do
+  if [[ $s == rate* ]]; then
+    echo
+    echo "**$s** (open loop, latency from each request's scheduled time)"
+    echo
+    echo "| path | achieved req/s | p50 | p99 | p99.9 | CPU-s per 1k req | added p99 vs direct |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    d99=$(col "$s" direct 3)
+    for name in direct nginx sidecar; do
+      printf "| %s | %.0f | %.3f ms | %.3f ms | %.3f ms | %s | %s |\n" "$name" "$(col "$s" "$name" 1)" "$(col "$s" "$name" 2)" \
+        "$(col "$s" "$name" 3)" "$(col "$s" "$name" 4)" "$( [ "$name" = direct ] && echo - || col "$s" "$name" 5)" \
+        "$( [ "$name" = direct ] && echo - || awk -v a="$(col "$s" "$name" 3)" -v d="$d99" 'BEGIN { printf "+%.3f ms", a-d }')"
+    done
+    continue
+  fi
   echo
   echo "**$s**"
   echo
