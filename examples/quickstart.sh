@@ -88,6 +88,7 @@ Revoke, and watch it take effect (leashctl is in $BIN):
   curl -x http://127.0.0.1:15001 http://payments.leash.test/whoami    -> 403 revoked_grant
   $BIN/leashctl status <revocation id>                 (who acknowledged it, and when)
   $BIN/leashctl restore <revocation id> --reason "demo over"
+  $BIN/leashctl usage deps                             (who called what, with which kind of credential; every 5 s)
 
 Logs: $RUN_DIR/*.log   Stop: Ctrl-C
 TXT
@@ -114,6 +115,13 @@ if [ -n "${LEASH_QUICKSTART_SMOKE:-}" ]; then
     [ "$code" = 200 ] && break; sleep 0.1
   done
   [ "$code" = 200 ] || { echo "!! restore not applied ($code)" >&2; exit 1; }
+  # Usage arrives every report interval (5 s).
+  for _ in $(seq 1 100); do
+    deps=$("$BIN/leashctl" usage deps)
+    echo "$deps" | grep -q "payments" && break; sleep 0.1
+  done
+  echo "$deps"
+  echo "$deps" | grep -q "$APP_ID  *payments  *jwt" || { echo "!! no usage edge for payments" >&2; exit 1; }
   echo "quickstart smoke check passed"
   exit 0
 fi

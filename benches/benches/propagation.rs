@@ -180,6 +180,7 @@ async fn run(sessions: usize, revocations: usize) -> anyhow::Result<Row> {
         },
         ack_drain_timeout: Duration::from_secs(5),
         report_interval: Duration::from_secs(5),
+        usage_buffer_records: 100_000,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let started = Instant::now();

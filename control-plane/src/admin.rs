@@ -39,6 +39,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/v1/leaked", get(list_leaked).post(register_leaked))
         .route("/v1/leaked/{id}", get(get_leaked))
         .route("/v1/stripped", get(stripped))
+        .route("/v1/usage", get(usage))
+        .route("/v1/usage/dependencies", get(usage_dependencies))
+        .route("/v1/usage/unused-grants", get(usage_unused_grants))
+        .route("/v1/usage/after-revocation", get(usage_after_revocation))
         .route(
             "/v1/secrets/{upstream}",
             get(list_secret_versions).post(put_secret),
@@ -480,6 +484,107 @@ async fn get_leaked(
     body["sightings"] = json!(s.cp.store.sightings(&id).await.map_err(RevokeError::from)?);
     body["propagation"] = propagation(&s, stored.revoke_seq).await?;
     Ok(Json(body).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    credential: Option<String>,
+    workload: Option<String>,
+    upstream: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+impl UsageQuery {
+    fn filter(self) -> Result<crate::usage::Filter, ApiError> {
+        let time = |s: Option<String>| {
+            s.map(|s| crate::usage::parse_time(&s))
+                .transpose()
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e))
+        };
+        Ok(crate::usage::Filter {
+            since_ms: time(self.since)?,
+            until_ms: time(self.until)?,
+            credential: self.credential,
+            workload: self.workload,
+            upstream: self.upstream,
+        })
+    }
+}
+
+type UsageParams = Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>;
+
+fn usage_query(q: UsageParams) -> Result<crate::usage::Filter, ApiError> {
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.body_text()))?;
+    q.filter()
+}
+
+fn store_error(e: crate::store::StoreError) -> ApiError {
+    RevokeError::from(e).into()
+}
+
+async fn usage(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    q: UsageParams,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Viewer)?;
+    let filter = usage_query(q)?;
+    let summary = crate::usage::summary(&s.cp.store, &filter)
+        .await
+        .map_err(store_error)?;
+    Ok(Json(summary).into_response())
+}
+
+async fn usage_dependencies(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    q: UsageParams,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Viewer)?;
+    let filter = usage_query(q)?;
+    let edges = crate::usage::dependencies(&s.cp.store, &filter)
+        .await
+        .map_err(store_error)?;
+    Ok(Json(json!({"edges": edges})).into_response())
+}
+
+async fn usage_unused_grants(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+    q: UsageParams,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Viewer)?;
+    let filter = usage_query(q)?;
+    let Some(since_ms) = filter.since_ms else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "since is required: grants unused since when? (e.g. since=30d)",
+        ));
+    };
+    let policy = s.cp.policy.load();
+    let unused = crate::usage::unused_grants(&s.cp.store, &policy.policy, since_ms)
+        .await
+        .map_err(store_error)?;
+    Ok(
+        Json(json!({"since_ms": since_ms, "policy_version": policy.version, "unused": unused}))
+            .into_response(),
+    )
+}
+
+async fn usage_after_revocation(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Viewer)?;
+    let uses = crate::usage::after_revocation(&s.cp.store)
+        .await
+        .map_err(store_error)?;
+    let violations = uses.iter().filter(|u| u.violation).count();
+    Ok(Json(json!({"violations": violations, "uses": uses})).into_response())
 }
 
 async fn stripped(

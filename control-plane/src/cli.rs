@@ -189,11 +189,80 @@ pub enum LeashctlCommand {
     /// Admin API tokens.
     #[command(subcommand)]
     Tokens(TokenCommand),
+    /// What the sidecars forwarded, with which credential, to what: usage
+    /// by credential, workload, upstream and time; the dependency map;
+    /// grants nobody uses; uses after a revocation.
+    Usage(UsageArgs),
     /// The newest audit log entries (admin role).
     Audit {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct UsageArgs {
+    #[command(subcommand)]
+    pub command: Option<UsageCommand>,
+    #[command(flatten)]
+    pub filter: UsageFilter,
+}
+
+/// Which usage to show. Times: Unix ms, RFC 3339, or a duration ago (24h).
+#[derive(clap::Args, Default, Clone)]
+pub struct UsageFilter {
+    /// One credential (a JWT's jti, a lease id).
+    #[arg(long)]
+    pub credential: Option<String>,
+    /// One workload's SPIFFE ID.
+    #[arg(long)]
+    pub workload: Option<String>,
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// Used at or after this time.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Used before this time.
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+impl UsageFilter {
+    /// As a URL query string (empty, or starting with `?`).
+    pub fn query(&self) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in [
+            ("credential", &self.credential),
+            ("workload", &self.workload),
+            ("upstream", &self.upstream),
+            ("since", &self.since),
+            ("until", &self.until),
+        ] {
+            if let Some(v) = v {
+                q.append_pair(k, v);
+            }
+        }
+        let q = q.finish();
+        if q.is_empty() { q } else { format!("?{q}") }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum UsageCommand {
+    /// The dependency map: workload → upstream edges with credential kind,
+    /// request count and last use.
+    Deps(UsageFilter),
+    /// Grants of the current policy that no workload used since a time:
+    /// candidates for removal.
+    Unused {
+        /// e.g. 30d, or an RFC 3339 time.
+        #[arg(long)]
+        since: String,
+    },
+    /// Uses of what a revocation covers after it was issued; a use after
+    /// the sidecars acknowledged it is a violation (exit code 1).
+    AfterRevocation,
 }
 
 #[derive(Subcommand)]

@@ -18,5 +18,6 @@ pub mod sessions;
 pub mod sidecar_api;
 pub mod state;
 pub mod store;
+pub mod usage;
 
 pub use leash_api::process::{init_logging, shutdown_signal};

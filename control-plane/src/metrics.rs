@@ -49,6 +49,11 @@ pub struct Metrics {
     pub credentials_issued: AtomicU64,
     pub issue_denied: AtomicU64,
     pub revocations_committed: AtomicU64,
+    pub usage_batches: AtomicU64,
+    pub usage_duplicate_batches: AtomicU64,
+    pub usage_rejected_batches: AtomicU64,
+    pub usage_requests: AtomicU64,
+    pub usage_dropped_requests: AtomicU64,
     /// Commit of a revocation → a sidecar's acknowledgement of it.
     pub revocation_propagation: Histogram,
 }
@@ -81,6 +86,36 @@ impl Metrics {
             "leash_cp_revocations_committed_total",
             "Revocations and restores committed.",
             &self.revocations_committed,
+        );
+        counter(
+            &mut out,
+            "leash_cp_usage_batches_total",
+            "Usage batches stored.",
+            &self.usage_batches,
+        );
+        counter(
+            &mut out,
+            "leash_cp_usage_duplicate_batches_total",
+            "Usage batches received again after a reconnect (not counted twice).",
+            &self.usage_duplicate_batches,
+        );
+        counter(
+            &mut out,
+            "leash_cp_usage_rejected_batches_total",
+            "Usage batches refused as malformed.",
+            &self.usage_rejected_batches,
+        );
+        counter(
+            &mut out,
+            "leash_cp_usage_requests_total",
+            "Proxied requests reported by sidecars.",
+            &self.usage_requests,
+        );
+        counter(
+            &mut out,
+            "leash_cp_usage_dropped_requests_total",
+            "Requests sidecars counted but dropped before delivery (buffer overflow).",
+            &self.usage_dropped_requests,
         );
         let _ = writeln!(
             out,

@@ -251,6 +251,11 @@ impl SessionDriver {
                                     tracing::warn!(error = %e, "cannot record stripped credentials");
                                 }
                             }
+                            Some(sidecar_message::Msg::Usage(batch)) => {
+                                if let Some(ack) = self.usage(info, hello, &batch).await {
+                                    send(control_message::Msg::UsageAck(ack)).await?;
+                                }
+                            }
                             Some(sidecar_message::Msg::Hello(_)) => return Err("second hello on one session".into()),
                             None => {}
                         }
@@ -286,6 +291,61 @@ impl SessionDriver {
             last = seq;
         }
         Ok(last)
+    }
+
+    /// Stores a usage batch once. Acknowledged when stored (or already
+    /// stored, or malformed: resending it would not help); not acknowledged
+    /// when the store refuses the write, so the sidecar keeps it and sends
+    /// it again later.
+    async fn usage(
+        &self,
+        info: &SessionInfo,
+        hello: &Hello,
+        batch: &leash_api::v1::UsageBatch,
+    ) -> Option<leash_api::v1::UsageAck> {
+        let ack = leash_api::v1::UsageAck {
+            batch_seq: batch.batch_seq,
+        };
+        if let Err(e) = crate::usage::validate(batch) {
+            self.metrics
+                .usage_rejected_batches
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(session = %info.id, workload = %info.spiffe_id, batch = batch.batch_seq, error = %e, "usage batch refused");
+            return Some(ack);
+        }
+        // A sidecar without an instance id cannot be recognised across
+        // sessions; its batches are at least unique within this one.
+        let sidecar = if hello.instance_id.is_empty() {
+            &info.id
+        } else {
+            &hello.instance_id
+        };
+        let store = self.state.revocations.store();
+        match crate::usage::record(store, sidecar, &info.spiffe_id, batch).await {
+            Ok(crate::usage::Recorded::New { requests }) => {
+                self.metrics.usage_batches.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .usage_requests
+                    .fetch_add(requests, Ordering::Relaxed);
+                self.metrics
+                    .usage_dropped_requests
+                    .fetch_add(batch.dropped_requests, Ordering::Relaxed);
+                if batch.dropped_requests > 0 {
+                    tracing::warn!(workload = %info.spiffe_id, dropped_requests = batch.dropped_requests, "a sidecar dropped usage while the control plane was away");
+                }
+                Some(ack)
+            }
+            Ok(crate::usage::Recorded::Duplicate) => {
+                self.metrics
+                    .usage_duplicate_batches
+                    .fetch_add(1, Ordering::Relaxed);
+                Some(ack)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, workload = %info.spiffe_id, batch = batch.batch_seq, "cannot store usage; the sidecar keeps it and resends");
+                None
+            }
+        }
     }
 
     /// A sidecar refused a leaked value: record who sent it, to what. The

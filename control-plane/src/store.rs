@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("migrations/0002_revocations.sql")),
     (3, include_str!("migrations/0003_leaked.sql")),
     (4, include_str!("migrations/0004_secrets.sql")),
+    (5, include_str!("migrations/0005_usage.sql")),
 ];
 
 #[derive(Clone)]
@@ -108,6 +109,10 @@ pub struct AuditEntry {
 }
 
 impl Store {
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// Opens (creating if needed) `<data_dir>/leash.db` and migrates it.
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {

@@ -61,6 +61,9 @@ pub struct Sidecar {
     pub link: Arc<ControlLink>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// The control-plane link stops last, after the final usage batch.
+    link_stop: watch::Sender<bool>,
+    link_task: tokio::task::JoinHandle<()>,
 }
 
 impl Sidecar {
@@ -78,7 +81,23 @@ impl Sidecar {
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
 
-        tasks.spawn(link.clone().run(shutdown.subscribe()));
+        let (link_stop, _) = watch::channel(false);
+        let link_task = tokio::spawn(link.clone().run(link_stop.subscribe()));
+        // Usage is drained into a batch every report interval.
+        let usage = link.usage.clone();
+        let every = config.control.report_interval;
+        let mut stop = shutdown.subscribe();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => usage.collect(),
+                    () = leash_api::process::stopped(&mut stop) => return,
+                }
+            }
+        });
         // A policy change can move an upstream or change how it is injected:
         // credentials cached under the old routes are dropped.
         let mut changed = link.routes_changed();
@@ -180,11 +199,16 @@ impl Sidecar {
             link,
             shutdown,
             tasks,
+            link_stop,
+            link_task,
         })
     }
 
-    /// Stops accepting, lets open requests finish within `drain`, then stops.
+    /// Stops accepting, lets open requests finish within `drain`, ships the
+    /// last usage counts (waiting for the control plane's acknowledgement,
+    /// within `drain` too), then stops.
     pub async fn shutdown(mut self, drain: Duration) {
+        let started = tokio::time::Instant::now();
         let _ = self.shutdown.send(true);
         if tokio::time::timeout(drain, async {
             while self.tasks.join_next().await.is_some() {}
@@ -195,6 +219,15 @@ impl Sidecar {
             tracing::warn!("drain timed out; closing remaining connections");
             self.tasks.abort_all();
         }
+        let left = drain.saturating_sub(started.elapsed());
+        if !self.link.usage.flush(left).await {
+            tracing::warn!(
+                batches = self.link.usage.pending(),
+                "the control plane did not acknowledge the last usage batches before shutdown"
+            );
+        }
+        let _ = self.link_stop.send(true);
+        let _ = self.link_task.await;
     }
 }
 

@@ -24,6 +24,8 @@ pub struct CachedCredential {
     pub value: InjectValue,
     /// Cancelled when the credential is revoked: streams opened with it are cut.
     pub revoked: CancellationToken,
+    /// What was forwarded with it.
+    pub usage: Arc<crate::usage::UsageCell>,
     /// After this, hits trigger a background refresh.
     refresh_at: Instant,
     /// After this, the credential is never used (it leaves the cache).
@@ -196,6 +198,7 @@ async fn fetch(
     }
     tracing::debug!(credential_id = %cred.id, upstream = %route.name, ?remaining, "credential cached");
     Ok(Arc::new(CachedCredential {
+        usage: link.usage.cell(&cred.id, &route.name, &cred.kind),
         id: cred.id,
         upstream: route.name.clone(),
         value,

@@ -83,6 +83,13 @@ pub struct Cli {
     /// 2 serves thousands of requests a second. Use 1 when pinned to one core.
     #[arg(long, env = "LEASH_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub worker_threads: u16,
+    /// How often usage counts are shipped to the control plane.
+    #[arg(long, env = "LEASH_REPORT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub report_interval: Duration,
+    /// Usage records kept while the control plane is unreachable; past this
+    /// the oldest are dropped and reported as dropped.
+    #[arg(long, default_value_t = 100_000)]
+    pub usage_buffer_records: usize,
     /// Log format: text or json. Filter with RUST_LOG (default info).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -116,6 +123,9 @@ impl Cli {
         if cli.max_staleness < Duration::from_secs(1) {
             bail!("--max-staleness must be at least 1s");
         }
+        if cli.report_interval < Duration::from_millis(100) {
+            bail!("--report-interval must be at least 100ms");
+        }
         if cli.max_header_bytes < 8192 {
             bail!("--max-header-bytes must be at least 8192");
         }
@@ -126,7 +136,8 @@ impl Cli {
                 control_plane_id: cli.control_plane_id.clone(),
                 max_staleness: cli.max_staleness,
                 ack_drain_timeout: Duration::from_secs(5),
-                report_interval: Duration::from_secs(5),
+                report_interval: cli.report_interval,
+                usage_buffer_records: cli.usage_buffer_records,
                 call_timeout: Duration::from_secs(5),
                 upstream: UpstreamTimeouts {
                     connect: cli.upstream_connect_timeout,

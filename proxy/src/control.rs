@@ -25,6 +25,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::revocation::RevocationState;
 use crate::routes::{RouteTable, UpstreamTimeouts};
+use crate::usage::Usage;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ControlError {
@@ -58,8 +59,11 @@ pub struct ControlConfig {
     /// Longest an acknowledgement waits for requests checked against the
     /// previous revocation state to finish sending.
     pub ack_drain_timeout: Duration,
-    /// How often counts (stripped credentials) are reported.
+    /// How often usage and stripped-credential counts are reported.
     pub report_interval: Duration,
+    /// Usage records kept while the control plane is away; beyond this the
+    /// oldest batches are dropped (and reported as dropped).
+    pub usage_buffer_records: usize,
 }
 
 /// Shared, lock-free view of identity, control-plane session, routes and revocations.
@@ -91,6 +95,8 @@ pub struct ControlLink {
     /// Each applied revocation, for purging credentials and cutting streams.
     applied: mpsc::UnboundedSender<(Revocation, bool)>,
     applied_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(Revocation, bool)>>>,
+    /// Usage counters and the batches waiting for the control plane.
+    pub usage: Arc<Usage>,
 }
 
 impl ControlLink {
@@ -98,7 +104,6 @@ impl ControlLink {
         let (applied, applied_rx) = mpsc::unbounded_channel();
         let (reports, reports_rx) = mpsc::channel(4096);
         Arc::new(Self {
-            config,
             client: ArcSwapOption::empty(),
             routes: ArcSwap::from_pointee(RouteTable::default()),
             revocations: RevocationState::default(),
@@ -117,6 +122,8 @@ impl ControlLink {
             reports_dropped: AtomicU64::new(0),
             applied,
             applied_rx: std::sync::Mutex::new(Some(applied_rx)),
+            usage: Arc::new(Usage::new(config.usage_buffer_records)),
+            config,
         })
     }
 
@@ -301,6 +308,7 @@ impl ControlLink {
                 sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
                 store_id,
                 last_applied_seq: applied,
+                instance_id: self.usage.instance_id.clone(),
             })),
         };
         tx.send(hello)
@@ -316,6 +324,23 @@ impl ControlLink {
         // Only one session runs at a time, so this lock is never contended.
         let mut reports = self.reports_rx.lock().await;
         let mut strip_tick = tokio::time::interval(self.config.report_interval);
+        // Every batch not yet acknowledged is (re)sent on a new session.
+        let mut usage_sent = 0;
+        let mut usage_sent_at = Instant::now();
+        let send_usage = |after: &mut u64, at: &mut Instant| {
+            let batches = self.usage.pending_after(*after);
+            if let Some(last) = batches.last() {
+                *after = last.batch_seq;
+                *at = Instant::now();
+            }
+            batches
+        };
+        for batch in send_usage(&mut usage_sent, &mut usage_sent_at) {
+            let msg = SidecarMessage {
+                msg: Some(sidecar_message::Msg::Usage(batch)),
+            };
+            tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
+        }
         loop {
             // Heartbeats come every few seconds; silence this long means the
             // connection is dead even if TCP has not noticed.
@@ -325,7 +350,23 @@ impl ControlLink {
                     tx.send(report).await.map_err(|_| ControlError::NotConnected)?;
                     continue;
                 }
+                () = self.usage.queued.notified() => {
+                    for batch in send_usage(&mut usage_sent, &mut usage_sent_at) {
+                        let msg = SidecarMessage { msg: Some(sidecar_message::Msg::Usage(batch)) };
+                        tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
+                    }
+                    continue;
+                }
                 _ = strip_tick.tick() => {
+                    // Sent and never acknowledged (the control plane could
+                    // not store them): send again; it ignores what it has.
+                    if self.usage.pending() > 0 && usage_sent_at.elapsed() > self.config.report_interval * 6 {
+                        usage_sent = 0;
+                        for batch in send_usage(&mut usage_sent, &mut usage_sent_at) {
+                            let msg = SidecarMessage { msg: Some(sidecar_message::Msg::Usage(batch)) };
+                            tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
+                        }
+                    }
                     for (upstream, count) in self.routes.load().take_strip_counts() {
                         let msg = SidecarMessage {
                             msg: Some(sidecar_message::Msg::Stripped(StripReport { upstream, count })),
@@ -405,6 +446,7 @@ impl ControlLink {
                         )));
                     }
                 }
+                control_message::Msg::UsageAck(ack) => self.usage.ack(ack.batch_seq),
                 control_message::Msg::Routes(set) => {
                     if !(self.routes.load().loaded
                         && self.routes.load().policy_version == set.policy_version)

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use leash_api::revocation::RevocationKind;
 use leash_api::v1::Revocation;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
@@ -26,6 +26,7 @@ use crate::leak;
 use crate::metrics::Metrics;
 use crate::refusal::Refusal;
 use crate::routes::{EgressRoute, InjectHow};
+use crate::usage;
 use leash_api::v1::{LeakRefusal, SidecarMessage, sidecar_message};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -109,6 +110,8 @@ impl Egress {
         }
 
         let (mut parts, body) = req.into_parts();
+        let method = usage::method_index(&parts.method);
+        let bytes_sent = http_body::Body::size_hint(&body).exact().unwrap_or(0);
         let body = if route.scan_body_bytes > 0 {
             let (prefix, body) = Box::pin(read_prefix(body, route.scan_body_bytes)).await?;
             self.refuse_leaked_body(&route, &parts, &prefix)?;
@@ -133,8 +136,16 @@ impl Egress {
         }
         tracing::debug!(upstream = %route.name, credential_id = %credential.id, "forwarding");
 
+        let at_ms = usage::now_ms();
         let call = route.client.request(Request::from_parts(parts, body));
-        let resp = match tokio::time::timeout(self.response_timeout, call).await {
+        let answer = tokio::time::timeout(self.response_timeout, call).await;
+        let status = match &answer {
+            Ok(Ok(resp)) => Some(resp.status()),
+            _ => None,
+        };
+        let slot = usage::slot(method, status);
+        credential.usage.record(slot, at_ms, bytes_sent);
+        let resp = match answer {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 return Err(Refusal::UpstreamUnreachable {
@@ -153,7 +164,8 @@ impl Egress {
         strip_hop_by_hop(&mut parts.headers);
         let body = Revocable {
             inner: body,
-            revoked: credential.revoked.clone(),
+            credential,
+            slot,
             wait: None,
         };
         Ok(Response::from_parts(parts, body.boxed_unsync()))
@@ -299,7 +311,9 @@ fn revoked(r: &Revocation, upstream: &str) -> Refusal {
 /// request carried is revoked: long-lived streams do not outlive a revocation.
 struct Revocable<B> {
     inner: B,
-    revoked: CancellationToken,
+    /// Its revocation cuts the stream; its usage counts the bytes.
+    credential: Arc<CachedCredential>,
+    slot: usize,
     /// Created only when the body has to wait, so short answers cost nothing.
     wait: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
 }
@@ -321,11 +335,17 @@ where
         // the revocation was acknowledged); a stream that has to wait for more
         // is cut once its credential is revoked.
         match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.credential.usage.received(this.slot, data.len() as u64);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
             Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
             Poll::Pending => {
-                let wait = this
-                    .wait
-                    .get_or_insert_with(|| Box::pin(this.revoked.clone().cancelled_owned()));
+                let wait = this.wait.get_or_insert_with(|| {
+                    Box::pin(this.credential.revoked.clone().cancelled_owned())
+                });
                 match wait.as_mut().poll(cx) {
                     Poll::Ready(()) => {
                         Poll::Ready(Some(Err("stream cut: its credential was revoked".into())))

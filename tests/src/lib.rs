@@ -204,6 +204,7 @@ pub fn sidecar_config_with(identity: IdentityConfig, cp_addr: SocketAddr) -> Sid
             max_staleness: Duration::from_secs(30),
             ack_drain_timeout: Duration::from_secs(5),
             report_interval: Duration::from_millis(200),
+            usage_buffer_records: 100_000,
             call_timeout: Duration::from_secs(5),
             upstream: UpstreamTimeouts {
                 connect: Duration::from_secs(2),

@@ -9,7 +9,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use leash_control_plane::cli::{
     LeakedCommand, LeashctlCli as Cli, LeashctlCommand as Command, PolicyCommand, RevokeCommand,
-    SecretCommand, TokenCommand,
+    SecretCommand, TokenCommand, UsageArgs, UsageCommand, UsageFilter,
 };
 use serde_json::{Value, json};
 
@@ -44,6 +44,7 @@ fn main() -> ExitCode {
             eprintln!("leashctl: {e}");
             ExitCode::from(UNREACHABLE)
         }
+        Err(Failure::Violations) => ExitCode::from(REFUSED),
         Err(Failure::Usage(e)) => {
             eprintln!("leashctl: {e}");
             ExitCode::from(2)
@@ -73,6 +74,8 @@ enum Failure {
     Refused(u16, Value),
     Unreachable(String),
     Usage(String),
+    /// The command worked and found something a script should fail on.
+    Violations,
 }
 
 async fn call(cli: &Cli, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
@@ -399,6 +402,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 .collect();
             Output::new(v, table(&["VERSION", "STATE", "BY", "CREATED"], rows))
         }
+        Command::Usage(args) => return usage(cli, args).await,
         Command::Stripped => {
             let v = call(cli, "GET", "/v1/stripped", None).await?;
             let rows = v["stripped"]
@@ -451,6 +455,11 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             )
         }
     };
+    print(cli, out);
+    Ok(())
+}
+
+fn print(cli: &Cli, out: Output) {
     if cli.json {
         println!(
             "{}",
@@ -458,6 +467,135 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         );
     } else {
         print!("{}", out.text);
+    }
+}
+
+async fn usage(cli: &Cli, args: &UsageArgs) -> Result<(), Failure> {
+    let rows_of = |v: &Value, key: &str, f: &dyn Fn(&Value) -> Vec<String>| -> Vec<Vec<String>> {
+        v[key].as_array().into_iter().flatten().map(f).collect()
+    };
+    match &args.command {
+        None => {
+            let v = call(
+                cli,
+                "GET",
+                &format!("/v1/usage{}", args.filter.query()),
+                None,
+            )
+            .await?;
+            let rows = rows_of(&v, "rows", &|x| {
+                vec![
+                    s(&x["workload"]),
+                    s(&x["upstream"]),
+                    s(&x["credential_id"]),
+                    format!("{} {}", s(&x["method"]), s(&x["status_class"])),
+                    x["requests"].to_string(),
+                    ago(x["last_seen_ms"].as_i64()),
+                ]
+            });
+            let mut text = table(
+                &[
+                    "WORKLOAD",
+                    "UPSTREAM",
+                    "CREDENTIAL",
+                    "REQUEST",
+                    "COUNT",
+                    "LAST USE",
+                ],
+                rows,
+            );
+            text.push_str(&format!(
+                "{} requests; {} dropped by sidecars before delivery\n",
+                v["requests"], v["dropped_requests"]
+            ));
+            print(cli, Output::new(v, text));
+        }
+        Some(UsageCommand::Deps(filter)) => {
+            let v = call(
+                cli,
+                "GET",
+                &format!("/v1/usage/dependencies{}", filter.query()),
+                None,
+            )
+            .await?;
+            let rows = rows_of(&v, "edges", &|x| {
+                vec![
+                    s(&x["workload"]),
+                    s(&x["upstream"]),
+                    s(&x["credential_kind"]),
+                    x["requests"].to_string(),
+                    x["errors"].to_string(),
+                    x["credentials"].to_string(),
+                    ago(x["last_used_ms"].as_i64()),
+                ]
+            });
+            let text = table(
+                &[
+                    "WORKLOAD",
+                    "UPSTREAM",
+                    "KIND",
+                    "REQUESTS",
+                    "ERRORS",
+                    "CREDENTIALS",
+                    "LAST USE",
+                ],
+                rows,
+            );
+            print(cli, Output::new(v, text));
+        }
+        Some(UsageCommand::Unused { since }) => {
+            let q = UsageFilter {
+                since: Some(since.clone()),
+                ..UsageFilter::default()
+            }
+            .query();
+            let v = call(cli, "GET", &format!("/v1/usage/unused-grants{q}"), None).await?;
+            let rows = rows_of(&v, "unused", &|x| {
+                vec![
+                    s(&x["workload"]),
+                    s(&x["upstream"]),
+                    ago(x["last_used_ms"].as_i64()),
+                ]
+            });
+            let text = table(&["WORKLOAD", "UPSTREAM", "LAST USE EVER"], rows);
+            print(cli, Output::new(v, text));
+        }
+        Some(UsageCommand::AfterRevocation) => {
+            let v = call(cli, "GET", "/v1/usage/after-revocation", None).await?;
+            let rows = rows_of(&v, "uses", &|x| {
+                vec![
+                    s(&x["revocation_id"]),
+                    s(&x["workload"]),
+                    s(&x["upstream"]),
+                    s(&x["credential_id"]),
+                    x["requests"].to_string(),
+                    ago(x["last_seen_ms"].as_i64()),
+                    if x["violation"].as_bool() == Some(true) {
+                        "VIOLATION".into()
+                    } else {
+                        "before ack".into()
+                    },
+                ]
+            });
+            let violations = v["violations"].as_u64().unwrap_or(0);
+            let mut text = table(
+                &[
+                    "REVOCATION",
+                    "WORKLOAD",
+                    "UPSTREAM",
+                    "CREDENTIAL",
+                    "REQUESTS",
+                    "LAST USE",
+                    "VERDICT",
+                ],
+                rows,
+            );
+            text.push_str(&format!("{violations} violation(s)\n"));
+            print(cli, Output::new(v, text));
+            if violations > 0 {
+                return Err(Failure::Violations);
+            }
+        }
     }
     Ok(())
 }
