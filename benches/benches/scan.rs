@@ -117,6 +117,7 @@ fn lookups(c: &mut Criterion) {
             routes,
         },
         &timeouts,
+        &leash_proxy::metrics::Metrics::default(),
     )
     .expect("routes");
     c.bench_function("route_by_host_50_routes", |b| {

@@ -1,50 +1,10 @@
 //! Control-plane metrics in Prometheus text format: counters and a
 //! fixed-bucket histogram built on atomics (no lock on any path).
 
+use leash_api::metrics::{self, Histogram, PROPAGATION_BUCKETS};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-/// Upper bounds in seconds; chosen around the "milliseconds" promise.
-const BUCKETS: [f64; 12] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
-];
-
-#[derive(Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.counts[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (bound, n) in BUCKETS.iter().zip(&self.counts) {
-            cumulative += n.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
-    }
-}
-
-#[derive(Default)]
 pub struct Metrics {
     pub credentials_issued: AtomicU64,
     pub issue_denied: AtomicU64,
@@ -56,6 +16,22 @@ pub struct Metrics {
     pub usage_dropped_requests: AtomicU64,
     /// Commit of a revocation → a sidecar's acknowledgement of it.
     pub revocation_propagation: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            credentials_issued: AtomicU64::new(0),
+            issue_denied: AtomicU64::new(0),
+            revocations_committed: AtomicU64::new(0),
+            usage_batches: AtomicU64::new(0),
+            usage_duplicate_batches: AtomicU64::new(0),
+            usage_rejected_batches: AtomicU64::new(0),
+            usage_requests: AtomicU64::new(0),
+            usage_dropped_requests: AtomicU64::new(0),
+            revocation_propagation: Histogram::new(PROPAGATION_BUCKETS),
+        }
+    }
 }
 
 fn counter(out: &mut String, name: &str, help: &str, v: &AtomicU64) {
@@ -125,11 +101,14 @@ impl Metrics {
             out,
             "# HELP leash_cp_revocation_seq Newest committed revocation sequence.\n# TYPE leash_cp_revocation_seq gauge\nleash_cp_revocation_seq {seq}"
         );
-        self.revocation_propagation.render(
+        let name = "leash_cp_revocation_propagation_seconds";
+        metrics::header(
             &mut out,
-            "leash_cp_revocation_propagation_seconds",
+            name,
+            "histogram",
             "Time from committing a revocation to each sidecar's acknowledgement.",
         );
+        self.revocation_propagation.render(&mut out, name, "");
         out
     }
 }

@@ -23,7 +23,7 @@ use leash_api::revocation::RevocationSet;
 use crate::cache::CredentialCache;
 use crate::control::{ControlConfig, ControlLink};
 use crate::egress::{Egress, ProxyBody};
-use crate::metrics::Metrics;
+use crate::metrics::{Gauges, Metrics};
 
 #[derive(Debug, Clone)]
 pub struct SidecarConfig {
@@ -77,7 +77,7 @@ impl Sidecar {
         let admin_addr = admin.local_addr()?;
         let link = ControlLink::new(config.control.clone());
         let cache = CredentialCache::new(link.clone());
-        let metrics = Arc::new(Metrics::default());
+        let metrics = link.metrics.clone();
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
 
@@ -261,16 +261,25 @@ fn admin_response(
                 )
             }
         }
-        "/metrics" => text(
-            StatusCode::OK,
-            metrics.render(
-                link.pending().is_empty(),
-                link.revocations
-                    .applied_seq
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                link.silence(),
-            ),
-        ),
+        "/metrics" => {
+            use std::sync::atomic::Ordering::Relaxed;
+            let gauges = Gauges {
+                ready: link.pending().is_empty(),
+                connected: link.connected(),
+                applied_seq: link.revocations.applied_seq.load(Relaxed),
+                silence_secs: link.silence().as_secs_f64(),
+                usage_reported: link.usage.requests_reported.load(Relaxed),
+                usage_dropped: link.usage.requests_dropped.load(Relaxed),
+                usage_pending_batches: link.usage.pending(),
+                reports_dropped: link.reports_dropped.load(Relaxed),
+            };
+            let mut resp = text(StatusCode::OK, metrics.render(&gauges));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try /healthz, /readyz or /metrics\n".into(),

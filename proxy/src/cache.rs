@@ -97,6 +97,7 @@ impl CredentialCache {
             && Instant::now() < c.refresh_at
             && !c.revoked.is_cancelled()
         {
+            self.link.metrics.cache.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(c.clone());
         }
         // Boxed: the slow path's future (moka's) is large, and keeping it out
@@ -110,14 +111,21 @@ impl CredentialCache {
         &self,
         route: &Arc<EgressRoute>,
     ) -> Result<Arc<CachedCredential>, CredentialError> {
+        let metrics = &self.link.metrics.cache;
         if let Some(c) = self.cache.get(&route.name).await {
+            metrics.hits.fetch_add(1, Ordering::Relaxed);
             if Instant::now() >= c.refresh_at && !c.refreshing.swap(true, Ordering::AcqRel) {
                 let this = self.clone();
                 let route = route.clone();
                 tokio::spawn(async move {
+                    let metrics = &this.link.metrics.cache;
                     match fetch(&this.link, &route).await {
-                        Ok(fresh) => this.cache.insert(route.name.clone(), fresh).await,
+                        Ok(fresh) => {
+                            metrics.refreshes.fetch_add(1, Ordering::Relaxed);
+                            this.cache.insert(route.name.clone(), fresh).await
+                        }
                         Err(e) => {
+                            metrics.fetch_errors.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(upstream = %route.name, error = %e, "credential refresh failed; will retry");
                             // Let the next hit try again.
                             if let Some(c) = this.cache.get(&route.name).await {
@@ -129,8 +137,17 @@ impl CredentialCache {
             }
             return Ok(c);
         }
+        // Counted inside: of concurrent misses only one fetches.
+        let fetch_counted = async {
+            metrics.misses.fetch_add(1, Ordering::Relaxed);
+            let r = fetch(&self.link, route).await;
+            if r.is_err() {
+                metrics.fetch_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            r
+        };
         self.cache
-            .try_get_with(route.name.clone(), fetch(&self.link, route))
+            .try_get_with(route.name.clone(), fetch_counted)
             .await
             .map_err(|e: Arc<CredentialError>| (*e).clone())
     }

@@ -97,6 +97,7 @@ pub struct ControlLink {
     applied_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(Revocation, bool)>>>,
     /// Usage counters and the batches waiting for the control plane.
     pub usage: Arc<Usage>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ControlLink {
@@ -123,6 +124,7 @@ impl ControlLink {
             applied,
             applied_rx: std::sync::Mutex::new(Some(applied_rx)),
             usage: Arc::new(Usage::new(config.usage_buffer_records)),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
             config,
         })
     }
@@ -452,7 +454,7 @@ impl ControlLink {
                         && self.routes.load().policy_version == set.policy_version)
                     {
                         let version = set.policy_version.clone();
-                        let table = RouteTable::build(set, &self.config.upstream)
+                        let table = RouteTable::build(set, &self.config.upstream, &self.metrics)
                             .map_err(|e| ControlError::Session(e.to_string()))?;
                         self.routes.store(Arc::new(table));
                         self.routes_changed.send_modify(|v| *v += 1);
@@ -463,6 +465,7 @@ impl ControlLink {
             }
             if have_state && have_routes && !self.connected.swap(true, Ordering::AcqRel) {
                 self.synced.store(true, Ordering::Release);
+                self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(control_plane = %addr, "control plane session established");
             }
         }

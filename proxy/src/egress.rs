@@ -43,11 +43,8 @@ pub struct Egress {
 impl Egress {
     /// Serves one request. `bound` is the upstream of a named listener.
     pub async fn handle(&self, bound: Option<&str>, req: Request<Incoming>) -> Response<ProxyBody> {
-        match self.forward(bound, req).await {
-            Ok(resp) => {
-                self.metrics.forwarded();
-                resp
-            }
+        match self.forward(bound, req, std::time::Instant::now()).await {
+            Ok(resp) => resp,
             Err(refusal) => {
                 self.metrics.refused(&refusal);
                 tracing::info!(code = refusal.code(), reason = %refusal, "request refused");
@@ -60,6 +57,7 @@ impl Egress {
         &self,
         bound: Option<&str>,
         req: Request<Incoming>,
+        arrived: std::time::Instant,
     ) -> Result<Response<ProxyBody>, Refusal> {
         if req.method() == Method::CONNECT {
             return Err(Refusal::ConnectNotSupported);
@@ -137,8 +135,11 @@ impl Egress {
         tracing::debug!(upstream = %route.name, credential_id = %credential.id, "forwarding");
 
         let at_ms = usage::now_ms();
+        let sent = std::time::Instant::now();
+        route.metrics.injection.observe(sent - arrived);
         let call = route.client.request(Request::from_parts(parts, body));
         let answer = tokio::time::timeout(self.response_timeout, call).await;
+        route.metrics.upstream.observe(sent.elapsed());
         let status = match &answer {
             Ok(Ok(resp)) => Some(resp.status()),
             _ => None,
@@ -162,6 +163,10 @@ impl Egress {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        route
+            .metrics
+            .forwarded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let body = Revocable {
             inner: body,
             credential,

@@ -100,9 +100,12 @@ impl Refusal {
         }
     }
 
-    fn upstream(&self) -> Option<&str> {
+    /// The upstream the request was for, when one was matched.
+    pub fn upstream(&self) -> Option<&str> {
         match self {
+            Self::LeakedSecret { upstream, .. } if upstream.is_empty() => None,
             Self::NotGranted { upstream }
+            | Self::LeakedSecret { upstream, .. }
             | Self::Denied { upstream, .. }
             | Self::CredentialUnavailable { upstream, .. }
             | Self::UpstreamUnreachable { upstream, .. }

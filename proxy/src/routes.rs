@@ -73,6 +73,8 @@ pub struct EgressRoute {
     pub current: arc_swap::ArcSwapOption<crate::cache::CachedCredential>,
     pub inject: InjectHow,
     pub client: UpstreamClient,
+    /// This upstream's counters and latency histograms.
+    pub metrics: Arc<crate::metrics::UpstreamMetrics>,
 }
 
 /// Host → route, plus name → route for named listeners.
@@ -87,7 +89,11 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn build(set: RouteSet, timeouts: &UpstreamTimeouts) -> Result<Self, RouteError> {
+    pub fn build(
+        set: RouteSet,
+        timeouts: &UpstreamTimeouts,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Self, RouteError> {
         let mut table = Self {
             policy_version: set.policy_version,
             loaded: true,
@@ -95,7 +101,7 @@ impl RouteTable {
         };
         for route in set.routes {
             let hosts = route.hosts.clone();
-            let r = Arc::new(build_route(route, timeouts)?);
+            let r = Arc::new(build_route(route, timeouts, metrics)?);
             for host in hosts {
                 match host.strip_prefix('*') {
                     Some(suffix) => table.wildcards.push((suffix.to_owned(), r.clone())),
@@ -159,7 +165,11 @@ fn invalid(route: &Route, reason: impl Into<String>) -> RouteError {
     }
 }
 
-fn build_route(route: Route, timeouts: &UpstreamTimeouts) -> Result<EgressRoute, RouteError> {
+fn build_route(
+    route: Route,
+    timeouts: &UpstreamTimeouts,
+    metrics: &crate::metrics::Metrics,
+) -> Result<EgressRoute, RouteError> {
     let target: http::Uri = route
         .target
         .parse()
@@ -224,10 +234,12 @@ fn build_route(route: Route, timeouts: &UpstreamTimeouts) -> Result<EgressRoute,
 
     let host_header = http::HeaderValue::from_str(authority.as_str())
         .map_err(|_| invalid(&route, "bad target host"))?;
+    let name: Arc<str> = route.upstream.as_str().into();
     Ok(EgressRoute {
         host_header,
         current: arc_swap::ArcSwapOption::empty(),
-        name: route.upstream.as_str().into(),
+        metrics: metrics.upstream(&name),
+        name,
         scan_body_bytes: route.scan_body_bytes.min(65_536) as usize,
         stripped: AtomicU64::new(0),
         granted: route.granted,

@@ -500,3 +500,157 @@ impl Deployment {
         Admin::bootstrap(self.cp.admin_addr, &self.dir.path().join("data"))
     }
 }
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the Prometheus text format (0.0.4) strictly: every line must be a
+/// `# HELP`/`# TYPE` comment or a sample of a declared family, names and
+/// label names must be valid, label values properly quoted and escaped, and
+/// each histogram's buckets cumulative and ending in `+Inf` = `_count`.
+/// Panics with the offending line otherwise.
+pub fn parse_prometheus(text: &str) -> Vec<Sample> {
+    fn name_ok(n: &str, colon: bool) -> bool {
+        let mut chars = n.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+    }
+    let mut types: std::collections::HashMap<String, String> = Default::default();
+    let mut samples = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let bad = |why: &str| -> ! { panic!("line {}: {why}: {line:?}", i + 1) };
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("HELP"), Some(n), Some(_)) if name_ok(n, true) => {}
+                (Some("TYPE"), Some(n), Some(t)) if name_ok(n, true) => {
+                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&t) {
+                        bad("unknown type");
+                    }
+                    if types.insert(n.to_owned(), t.to_owned()).is_some() {
+                        bad("family declared twice");
+                    }
+                }
+                _ => bad("malformed comment"),
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| bad("no value"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| bad("value is not a number")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series, std::collections::BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| bad("unclosed labels"));
+                let mut labels = std::collections::BTreeMap::new();
+                let mut chars = body.chars().peekable();
+                while chars.peek().is_some() {
+                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                    if !name_ok(&key, false) {
+                        bad("bad label name");
+                    }
+                    if chars.next() != Some('"') {
+                        bad("label value not quoted");
+                    }
+                    let mut v = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('\\') => match chars.next() {
+                                Some('n') => v.push('\n'),
+                                Some(c @ ('\\' | '"')) => v.push(c),
+                                _ => bad("bad escape"),
+                            },
+                            Some('"') => break,
+                            Some(c) => v.push(c),
+                            None => bad("unterminated label value"),
+                        }
+                    }
+                    if labels.insert(key, v).is_some() {
+                        bad("label repeated");
+                    }
+                    match chars.next() {
+                        None | Some(',') => {}
+                        _ => bad("junk after a label"),
+                    }
+                }
+                (name, labels)
+            }
+        };
+        if !name_ok(name, true) {
+            bad("bad metric name");
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        if !types.contains_key(family) {
+            bad("sample of a family with no # TYPE before it");
+        }
+        samples.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    // Histograms: cumulative buckets ending in +Inf == _count.
+    for (family, _) in types.iter().filter(|(_, t)| *t == "histogram") {
+        let bucket = format!("{family}_bucket");
+        let mut series: std::collections::BTreeMap<_, Vec<(f64, f64)>> = Default::default();
+        for s in samples.iter().filter(|s| s.name == bucket) {
+            let mut key = s.labels.clone();
+            let le = key.remove("le").expect("bucket without le");
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().expect("le")
+            };
+            series.entry(key).or_default().push((le, s.value));
+        }
+        for (key, buckets) in series {
+            assert!(
+                buckets
+                    .windows(2)
+                    .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+                "{family}{key:?}: buckets not cumulative"
+            );
+            let last = buckets.last().expect("buckets");
+            assert!(last.0.is_infinite(), "{family}{key:?}: no +Inf bucket");
+            let count = samples
+                .iter()
+                .find(|s| s.name == format!("{family}_count") && s.labels == key)
+                .unwrap_or_else(|| panic!("{family}{key:?}: no _count"));
+            assert_eq!(last.1, count.value, "{family}{key:?}: +Inf != _count");
+        }
+    }
+    samples
+}
+
+/// The value of the sample `name` with exactly these labels.
+pub fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let want: std::collections::BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    samples
+        .iter()
+        .find(|s| s.name == name && s.labels == want)
+        .map(|s| s.value)
+}

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use leash_tests::{APP_ID, Deployment, eventually, http_get};
+use leash_tests::{APP_ID, Deployment, eventually, http_get, parse_prometheus, sample};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const SVID_TTL: Duration = Duration::from_secs(600);
@@ -213,17 +213,18 @@ async fn admin_endpoints() {
         .unwrap();
     let _ = d.client.get("http://example.com/", &[]).await.unwrap();
     let metrics = http_get(&format!("http://{admin}/metrics")).await.unwrap();
-    let text = String::from_utf8_lossy(&metrics.body);
-    assert!(
-        text.contains("leash_proxy_requests_total{decision=\"forwarded\",reason=\"\"} 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains(
-            "leash_proxy_requests_total{decision=\"refused\",reason=\"unknown_upstream\"} 1"
-        ),
-        "{text}"
-    );
+    let samples = parse_prometheus(&String::from_utf8_lossy(&metrics.body));
+    let requests = |u, d| {
+        sample(
+            &samples,
+            "leash_proxy_requests_total",
+            &[("upstream", u), ("decision", d)],
+        )
+    };
+    assert_eq!(requests("payments", "forwarded"), Some(1.0));
+    assert_eq!(requests("", "refused"), Some(1.0));
+    let reason = |r| sample(&samples, "leash_proxy_refusals_total", &[("reason", r)]);
+    assert_eq!(reason("unknown_upstream"), Some(1.0));
 
     let jwks = http_get(&format!("http://{}/.well-known/jwks.json", d.cp.admin_addr))
         .await

@@ -3,6 +3,7 @@
 //! Workload API (used by the dev identity provider).
 
 pub mod identity;
+pub mod metrics;
 pub mod policy;
 pub mod process;
 pub mod revocation;
