@@ -28,6 +28,8 @@ const MAX_BODY: usize = 16 * 1024;
 pub struct AdminState {
     pub cp: Arc<ControlPlaneState>,
     pub source: X509Source,
+    /// The effective configuration, without secrets.
+    pub config_dump: Arc<Value>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -52,6 +54,8 @@ pub fn router(state: AdminState) -> Router {
             post(revoke_secret_version),
         )
         .route("/v1/audit", get(audit))
+        .route("/v1/logging", get(get_logging).put(set_logging))
+        .route("/v1/config_dump", get(config_dump))
         .route("/v1/tokens", post(create_token))
         .layer(middleware::from_fn_with_state(state.clone(), audited))
         .layer(DefaultBodyLimit::max(MAX_BODY));
@@ -154,6 +158,17 @@ async fn audited(State(s): State<AdminState>, mut req: Request, next: Next) -> R
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let span = s.cp.otel.as_ref().map(|otel| {
+        crate::telemetry::server_span(
+            otel,
+            format!("leash.admin {method}"),
+            req.headers(),
+            vec![
+                opentelemetry::KeyValue::new("http.request.method", method.clone()),
+                opentelemetry::KeyValue::new("url.path", path.clone()),
+            ],
+        )
+    });
     let caller = auth::authenticate(&s.cp.store, authorization.as_deref()).await;
     let (actor, role, response) = match caller {
         Ok(caller) => {
@@ -191,6 +206,18 @@ async fn audited(State(s): State<AdminState>, mut req: Request, next: Next) -> R
         status: response.status().as_u16(),
         detail,
     };
+    if let Some(cx) = &span {
+        let status = entry.status;
+        crate::telemetry::end(
+            cx,
+            vec![
+                opentelemetry::KeyValue::new("leash.actor", entry.actor.clone()),
+                opentelemetry::KeyValue::new("leash.role", entry.role.clone()),
+                opentelemetry::KeyValue::new("http.response.status_code", i64::from(status)),
+            ],
+            (status >= 500).then(|| entry.detail.clone()),
+        );
+    }
     if let Err(e) = s.cp.store.append_audit(&entry).await {
         // An unaudited call must not look successful.
         tracing::error!(error = %e, "cannot write the audit log");
@@ -585,6 +612,47 @@ async fn usage_after_revocation(
         .map_err(store_error)?;
     let violations = uses.iter().filter(|u| u.violation).count();
     Ok(Json(json!({"violations": violations, "uses": uses})).into_response())
+}
+
+async fn get_logging(Extension(caller): Extension<Caller>) -> Result<Response, ApiError> {
+    require(&caller, Role::Viewer)?;
+    Ok(Json(json!({"filter": leash_api::process::log_filter()})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoggingRequest {
+    filter: String,
+}
+
+async fn set_logging(
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<LoggingRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Admin)?;
+    let Json(req) = body?;
+    let filter = leash_api::process::set_log_filter(&req.filter)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e))?;
+    Ok(with_detail(
+        Json(json!({"filter": filter})).into_response(),
+        format!("log filter set to {filter:?}"),
+    ))
+}
+
+async fn config_dump(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Admin)?;
+    let mut dump = (*s.config_dump).clone();
+    let policy = s.cp.policy.load();
+    dump["policy_version"] = json!(policy.version);
+    dump["upstreams"] = json!(policy.policy.policy.upstreams.len());
+    dump["grants"] = json!(policy.policy.policy.grants.len());
+    dump["revocation_seq"] = json!(s.cp.revocations.snapshot().seq);
+    dump["sessions"] = json!(s.cp.sessions.len());
+    dump["log_filter"] = json!(leash_api::process::log_filter());
+    Ok(Json(dump).into_response())
 }
 
 async fn stripped(

@@ -34,6 +34,8 @@ pub struct ServeConfig {
     pub heartbeat: Duration,
     /// Encrypts brokered secrets; without it, `static` upstreams are denied.
     pub master_key: Option<Arc<crate::secrets::MasterKey>>,
+    /// OpenTelemetry export (None: off).
+    pub otel: Option<leash_api::telemetry::Otel>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +139,11 @@ impl ControlPlane {
             metrics,
             master_key: config.master_key.clone(),
             tokens: crate::oauth2::TokenCache::default(),
+            otel: config.otel.clone(),
         });
+        if let Some(otel) = &config.otel {
+            crate::telemetry::register_observables(otel, &state);
+        }
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut stop = shutdown.subscribe();
@@ -176,9 +182,21 @@ impl ControlPlane {
             }
         });
 
+        let config_dump = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "policy": config.policy,
+            "data_dir": config.data_dir,
+            "issuer": state.issuer.issuer(),
+            "policy_poll_ms": u64::try_from(config.policy_poll.as_millis()).unwrap_or(u64::MAX),
+            "heartbeat_ms": u64::try_from(config.heartbeat.as_millis()).unwrap_or(u64::MAX),
+            "master_key": if config.master_key.is_some() { "configured" } else { "absent" },
+            "otlp": config.otel.is_some(),
+            "listeners": {"sidecar_api": sidecar_addr, "admin": admin_addr},
+        });
         let router = admin::router(AdminState {
             cp: state.clone(),
             source,
+            config_dump: Arc::new(config_dump),
         });
         let mut stop = shutdown.subscribe();
         tasks.spawn(async move {

@@ -18,6 +18,7 @@ pub mod sessions;
 pub mod sidecar_api;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod usage;
 
 pub use leash_api::process::{init_logging, shutdown_signal};

@@ -258,6 +258,53 @@ impl SidecarApi for SidecarService {
         &self,
         request: Request<IssueRequest>,
     ) -> Result<Response<IssueResponse>, Status> {
+        let Some(otel) = &self.state.otel else {
+            return self.issue_inner(request).await;
+        };
+        use opentelemetry::KeyValue;
+        let headers = request.metadata().clone().into_headers();
+        let mut attrs = vec![KeyValue::new(
+            "leash.upstream",
+            request.get_ref().upstream.clone(),
+        )];
+        if let Some(peer) = request.extensions().get::<PeerIdentity>() {
+            attrs.push(KeyValue::new("leash.workload", peer.spiffe_id.to_string()));
+        }
+        let cx = crate::telemetry::server_span(otel, "leash.issue".into(), &headers, attrs);
+        let result = self.issue_inner(request).await;
+        let (attrs, error) = match &result {
+            Ok(r) => match &r.get_ref().result {
+                Some(issue_response::Result::Credential(c)) => (
+                    vec![
+                        KeyValue::new("leash.decision", "issued"),
+                        KeyValue::new("leash.credential_id", c.id.clone()),
+                    ],
+                    None,
+                ),
+                Some(issue_response::Result::Denial(d)) => (
+                    vec![
+                        KeyValue::new("leash.decision", "denied"),
+                        KeyValue::new("leash.denial", d.code.clone()),
+                    ],
+                    None,
+                ),
+                None => (vec![], None),
+            },
+            Err(s) => (
+                vec![KeyValue::new("leash.decision", "error")],
+                Some(s.message().to_owned()),
+            ),
+        };
+        crate::telemetry::end(&cx, attrs, error);
+        result
+    }
+}
+
+impl SidecarService {
+    async fn issue_inner(
+        &self,
+        request: Request<IssueRequest>,
+    ) -> Result<Response<IssueResponse>, Status> {
         let peer = caller(&request)?;
         let upstream_name = &request.get_ref().upstream;
         let snapshot = self.state.policy.load();

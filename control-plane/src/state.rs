@@ -47,6 +47,7 @@ pub struct ControlPlaneState {
     pub metrics: Arc<Metrics>,
     pub master_key: Option<Arc<crate::secrets::MasterKey>>,
     pub tokens: crate::oauth2::TokenCache,
+    pub otel: Option<leash_api::telemetry::Otel>,
 }
 
 impl ControlPlaneState {

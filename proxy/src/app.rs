@@ -30,6 +30,8 @@ pub struct SidecarConfig {
     pub control: ControlConfig,
     pub limits: Limits,
     pub upstream_response_timeout: Duration,
+    /// OpenTelemetry export (None: off).
+    pub otel: Option<leash_api::telemetry::Otel>,
 }
 
 /// Limits on what a workload may send.
@@ -151,6 +153,10 @@ impl Sidecar {
             metrics: metrics.clone(),
             response_timeout: config.upstream_response_timeout,
             max_header_bytes: config.limits.max_header_bytes,
+            otel: config
+                .otel
+                .clone()
+                .map(|o| Arc::new(crate::telemetry::EgressOtel::new(o, &link))),
         });
         let mut named_addrs = Vec::new();
         for (name, listener) in named {
@@ -161,7 +167,7 @@ impl Sidecar {
                 listener,
                 config.limits.clone(),
                 shutdown.subscribe(),
-                move |req| {
+                move |req, _peer| {
                     let svc = svc.clone();
                     let name = name.clone();
                     async move { svc.handle(Some(&name), req).await }
@@ -173,21 +179,28 @@ impl Sidecar {
             egress,
             config.limits.clone(),
             shutdown.subscribe(),
-            move |req| {
+            move |req, _peer| {
                 let svc = svc.clone();
                 async move { svc.handle(None, req).await }
             },
         ));
 
         let admin_link = link.clone();
+        let dump = Arc::new(ConfigDump {
+            config: config.clone(),
+            egress: egress_addr,
+            admin: admin_addr,
+            named: named_addrs.clone(),
+        });
         tasks.spawn(serve_http(
             admin,
             Limits::default(),
             shutdown.subscribe(),
-            move |req| {
+            move |req, peer| {
                 let link = admin_link.clone();
                 let metrics = metrics.clone();
-                async move { admin_response(&link, &metrics, &req) }
+                let dump = dump.clone();
+                async move { admin_response(&link, &metrics, &dump, req, peer).await }
             },
         ));
 
@@ -243,12 +256,163 @@ fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
         .unwrap_or_else(|_| Response::new(ProxyBody::default()))
 }
 
-fn admin_response(
+/// What `/config_dump` shows: the effective configuration and the state
+/// it produced, without any secret.
+struct ConfigDump {
+    config: SidecarConfig,
+    egress: SocketAddr,
+    admin: SocketAddr,
+    named: Vec<(String, SocketAddr)>,
+}
+
+impl ConfigDump {
+    fn render(&self, link: &ControlLink) -> serde_json::Value {
+        use serde_json::json;
+        let c = &self.config;
+        let identity = match &c.control.identity {
+            leash_api::identity::IdentityConfig::WorkloadApi(e) => json!({"workload_api": e}),
+            leash_api::identity::IdentityConfig::Files(f) => json!({"svid_files": {
+                "cert": f.cert, "key": f.key, "bundle": f.bundle,
+            }}),
+            leash_api::identity::IdentityConfig::Shared(_) => json!("shared"),
+        };
+        let table = link.routes.load();
+        let mut routes: Vec<_> = table
+            .routes()
+            .map(|r| {
+                let inject = match &r.inject {
+                    crate::routes::InjectHow::Header { name, .. } => {
+                        json!({"header": name.as_str()})
+                    }
+                    crate::routes::InjectHow::Basic { username } => json!({"basic": username}),
+                    crate::routes::InjectHow::Query { param } => json!({"query": param}),
+                };
+                json!({
+                    "upstream": &*r.name,
+                    "target": format!("{}://{}", r.scheme, r.authority),
+                    "granted": r.granted,
+                    "inject": inject,
+                    "scan_body_bytes": r.scan_body_bytes,
+                    "credential_id": r.current.load().as_ref().map(|c| c.id.clone()),
+                })
+            })
+            .collect();
+        routes.sort_by(|a, b| a["upstream"].as_str().cmp(&b["upstream"].as_str()));
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "workload": link.workload_id().as_str(),
+            "listeners": {
+                "egress": self.egress,
+                "admin": self.admin,
+                "upstream_listeners": self.named.iter().map(|(n, a)| json!({"upstream": n, "addr": a})).collect::<Vec<_>>(),
+            },
+            "identity": identity,
+            "control_plane": {
+                "addresses": c.control.control_planes,
+                "spiffe_id": c.control.control_plane_id,
+                "connected": link.connected(),
+                "max_staleness_ms": ms(c.control.max_staleness),
+                "call_timeout_ms": ms(c.control.call_timeout),
+                "report_interval_ms": ms(c.control.report_interval),
+                "usage_buffer_records": c.control.usage_buffer_records,
+            },
+            "upstream": {
+                "connect_timeout_ms": ms(c.control.upstream.connect),
+                "pool_idle_ms": ms(c.control.upstream.pool_idle),
+                "response_timeout_ms": ms(c.upstream_response_timeout),
+            },
+            "limits": {
+                "max_header_bytes": c.limits.max_header_bytes,
+                "max_headers": c.limits.max_headers,
+                "header_read_timeout_ms": ms(c.limits.header_read_timeout),
+            },
+            "telemetry": {
+                "otlp": c.otel.is_some(),
+                "log_filter": leash_api::process::log_filter(),
+            },
+            "policy_version": table.policy_version,
+            "revocation_seq": link.revocations.applied_seq.load(std::sync::atomic::Ordering::Relaxed),
+            "active_revocations": link.revocations.set.load().len(),
+            "routes": routes,
+        })
+    }
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<ProxyBody> {
+    let mut resp = text(status, format!("{body:#}\n"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// `GET /logging` shows the filter; `POST /logging?level=SPEC` (or the
+/// spec as the body) replaces it.
+async fn logging(req: Request<Incoming>) -> Response<ProxyBody> {
+    use serde_json::json;
+    match *req.method() {
+        http::Method::GET => json_response(
+            StatusCode::OK,
+            &json!({"filter": leash_api::process::log_filter()}),
+        ),
+        http::Method::POST | http::Method::PUT => {
+            let from_query = req.uri().query().and_then(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .find(|(k, _)| k == "level")
+                    .map(|(_, v)| v.into_owned())
+            });
+            let spec = match from_query {
+                Some(s) => s,
+                None => match http_body_util::Limited::new(req.into_body(), 4096)
+                    .collect()
+                    .await
+                {
+                    Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_owned(),
+                    Err(_) => String::new(),
+                },
+            };
+            if spec.is_empty() {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": "bad_request", "message": "give the filter as ?level=debug (RUST_LOG syntax, e.g. info,leash_proxy=debug)"}),
+                );
+            }
+            match leash_api::process::set_log_filter(&spec) {
+                Ok(filter) => json_response(StatusCode::OK, &json!({"filter": filter})),
+                Err(e) => json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": "bad_request", "message": e}),
+                ),
+            }
+        }
+        _ => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"error": "method_not_allowed", "message": "GET or POST /logging"}),
+        ),
+    }
+}
+
+async fn admin_response(
     link: &ControlLink,
     metrics: &Metrics,
-    req: &Request<Incoming>,
+    dump: &ConfigDump,
+    req: Request<Incoming>,
+    peer: SocketAddr,
 ) -> Response<ProxyBody> {
-    match req.uri().path() {
+    let path = req.uri().path();
+    // Changing the log level and reading the configuration are for the
+    // node's operator, even when the admin port is exposed for scraping.
+    if matches!(path, "/logging" | "/config_dump") && !peer.ip().is_loopback() {
+        return json_response(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({"error": "forbidden", "message": format!("{path} is served to localhost only")}),
+        );
+    }
+    match path {
+        "/logging" => logging(req).await,
+        "/config_dump" => json_response(StatusCode::OK, &dump.render(link)),
         "/healthz" | "/live" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" | "/ready" => {
             let pending = link.pending();
@@ -282,7 +446,7 @@ fn admin_response(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz or /metrics\n".into(),
+            "not found: try /healthz, /readyz, /metrics, /config_dump or /logging\n".into(),
         ),
     }
 }
@@ -294,7 +458,7 @@ async fn serve_http<F, Fut>(
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let mut builder = http1::Builder::new();
@@ -306,7 +470,7 @@ async fn serve_http<F, Fut>(
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
     loop {
-        let (tcp, _peer) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -322,7 +486,7 @@ async fn serve_http<F, Fut>(
         let handler = handler.clone();
         let service = service_fn(move |req| {
             let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req).await) }
+            async move { Ok::<_, Infallible>(handler(req, peer).await) }
         });
         let conn = builder.serve_connection(TokioIo::new(tcp), service);
         let conn = graceful.watch(conn);

@@ -150,6 +150,7 @@ impl Cli {
                 header_read_timeout: cli.header_read_timeout,
             },
             upstream_response_timeout: cli.upstream_response_timeout,
+            otel: None,
         };
         Ok(config)
     }

@@ -26,6 +26,7 @@ use crate::leak;
 use crate::metrics::Metrics;
 use crate::refusal::Refusal;
 use crate::routes::{EgressRoute, InjectHow};
+use crate::telemetry::{EgressOtel, TraceInfo};
 use crate::usage;
 use leash_api::v1::{LeakRefusal, SidecarMessage, sidecar_message};
 
@@ -38,17 +39,48 @@ pub struct Egress {
     pub metrics: Arc<Metrics>,
     pub response_timeout: Duration,
     pub max_header_bytes: usize,
+    /// Spans and OTLP metrics, when an OTLP endpoint is configured.
+    pub otel: Option<Arc<EgressOtel>>,
 }
 
 impl Egress {
     /// Serves one request. `bound` is the upstream of a named listener.
     pub async fn handle(&self, bound: Option<&str>, req: Request<Incoming>) -> Response<ProxyBody> {
-        match self.forward(bound, req, std::time::Instant::now()).await {
+        let arrived = std::time::Instant::now();
+        if let Some(otel) = &self.otel {
+            return Box::pin(self.handle_traced(otel, bound, req, arrived)).await;
+        }
+        match self.forward(bound, req, arrived, None).await {
             Ok(resp) => resp,
+            Err(refusal) => self.refuse(refusal),
+        }
+    }
+
+    fn refuse(&self, refusal: Refusal) -> Response<ProxyBody> {
+        self.metrics.refused(&refusal);
+        tracing::info!(code = refusal.code(), reason = %refusal, "request refused");
+        refusal.into_response()
+    }
+
+    /// As `handle`, inside a span that continues the workload's trace.
+    async fn handle_traced(
+        &self,
+        otel: &EgressOtel,
+        bound: Option<&str>,
+        req: Request<Incoming>,
+        arrived: std::time::Instant,
+    ) -> Response<ProxyBody> {
+        let mut info = otel.start(req.headers(), req.method(), &self.link.workload_id());
+        let result = self.forward(bound, req, arrived, Some(&mut info)).await;
+        let upstream_time = info.upstream_time;
+        match result {
+            Ok(resp) => {
+                otel.finish(info, Ok(resp.status()), upstream_time);
+                resp
+            }
             Err(refusal) => {
-                self.metrics.refused(&refusal);
-                tracing::info!(code = refusal.code(), reason = %refusal, "request refused");
-                refusal.into_response()
+                otel.finish(info, Err((refusal.code(), refusal.to_string())), None);
+                self.refuse(refusal)
             }
         }
     }
@@ -58,6 +90,7 @@ impl Egress {
         bound: Option<&str>,
         req: Request<Incoming>,
         arrived: std::time::Instant,
+        mut trace: Option<&mut TraceInfo>,
     ) -> Result<Response<ProxyBody>, Refusal> {
         if req.method() == Method::CONNECT {
             return Err(Refusal::ConnectNotSupported);
@@ -76,6 +109,9 @@ impl Egress {
         // I2: a registered leaked value never leaves, whatever the host.
         self.refuse_leaked(bound, &req)?;
         let route = self.route(bound, &req)?;
+        if let Some(t) = trace.as_deref_mut() {
+            t.upstream = Some(route.name.clone());
+        }
         if let Some(silence) = self.link.stale() {
             return Err(Refusal::Stale {
                 silence_secs: silence.as_secs(),
@@ -133,13 +169,22 @@ impl Egress {
             parts.headers.insert(name.clone(), value.clone());
         }
         tracing::debug!(upstream = %route.name, credential_id = %credential.id, "forwarding");
+        if let Some(t) = trace.as_deref_mut() {
+            t.credential_id = Some(credential.id.clone());
+            // The upstream sees the sidecar's span as the parent.
+            leash_api::telemetry::propagation::inject(&t.cx, &mut parts.headers);
+        }
 
         let at_ms = usage::now_ms();
         let sent = std::time::Instant::now();
         route.metrics.injection.observe(sent - arrived);
         let call = route.client.request(Request::from_parts(parts, body));
         let answer = tokio::time::timeout(self.response_timeout, call).await;
-        route.metrics.upstream.observe(sent.elapsed());
+        let upstream_time = sent.elapsed();
+        route.metrics.upstream.observe(upstream_time);
+        if let Some(t) = trace {
+            t.upstream_time = Some(upstream_time);
+        }
         let status = match &answer {
             Ok(Ok(resp)) => Some(resp.status()),
             _ => None,

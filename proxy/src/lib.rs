@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod refusal;
 pub mod revocation;
 pub mod routes;
+pub mod telemetry;
 pub mod usage;
 
 pub use app::{Limits, Sidecar, SidecarConfig};

@@ -26,7 +26,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = cli.config()?;
+    let mut config = cli.config()?;
+    let otlp = leash_api::telemetry::OtlpConfig::from_env("leash-proxy");
+    config.otel = leash_api::telemetry::Otel::start(&otlp)?;
+    let otel = config.otel.clone();
     let mut named = Vec::new();
     for (name, addr) in cli.upstream_listeners()? {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -45,5 +48,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     sidecar.shutdown(cli.drain_timeout).await;
+    if let Some(otel) = otel {
+        otel.shutdown().await;
+    }
     Ok(())
 }

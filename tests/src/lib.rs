@@ -28,10 +28,7 @@ pub const OTHER_ID: &str = "spiffe://leash.test/ns/other/sa/intruder";
 /// Logs to the test output when `RUST_LOG` is set.
 pub fn init() {
     leash_api::identity::install_crypto_provider();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    leash_api::process::init_test_logging();
 }
 
 /// Polls `check` until it returns `Some`, or fails after `timeout`.
@@ -160,6 +157,18 @@ pub async fn start_control_plane_on(
     data_dir: &Path,
     sidecar_listener: TcpListener,
 ) -> ControlPlane {
+    start_control_plane_full(ids, cp_id, policy, data_dir, sidecar_listener, None).await
+}
+
+/// As `start_control_plane_on`, exporting OpenTelemetry when `otel` is given.
+pub async fn start_control_plane_full(
+    ids: &Identities,
+    cp_id: &str,
+    policy: &Path,
+    data_dir: &Path,
+    sidecar_listener: TcpListener,
+    otel: Option<leash_api::telemetry::Otel>,
+) -> ControlPlane {
     let source = leash_api::identity::x509_source(&ids.endpoint(cp_id), Duration::from_secs(10))
         .await
         .expect("control plane identity");
@@ -171,6 +180,7 @@ pub async fn start_control_plane_on(
             policy_poll: Duration::from_millis(100),
             heartbeat: Duration::from_millis(500),
             master_key: Some(std::sync::Arc::new(test_master_key(data_dir))),
+            otel,
         },
         source,
         sidecar_listener,
@@ -213,6 +223,7 @@ pub fn sidecar_config_with(identity: IdentityConfig, cp_addr: SocketAddr) -> Sid
         },
         limits: Limits::default(),
         upstream_response_timeout: Duration::from_secs(10),
+        otel: None,
     }
 }
 
@@ -653,4 +664,125 @@ pub fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option
         .iter()
         .find(|s| s.name == name && s.labels == want)
         .map(|s| s.value)
+}
+
+/// An OTLP/gRPC collector for tests: the real opentelemetry-proto services,
+/// keeping every export request it receives.
+pub mod otlp {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+        MetricsService, MetricsServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+    use opentelemetry_proto::tonic::metrics::v1::Metric;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+
+    #[derive(Clone, Default)]
+    pub struct Collector {
+        pub traces: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+        pub metrics: Arc<Mutex<Vec<ExportMetricsServiceRequest>>>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            if let Ok(mut t) = self.traces.lock() {
+                t.push(request.into_inner());
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl MetricsService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportMetricsServiceRequest>,
+        ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+            if let Ok(mut m) = self.metrics.lock() {
+                m.push(request.into_inner());
+            }
+            Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+        }
+    }
+
+    impl Collector {
+        /// Serves on 127.0.0.1 (ephemeral port) until the test ends.
+        pub async fn start() -> (Self, SocketAddr) {
+            let listener = super::listener().await;
+            let addr = listener.local_addr().expect("addr");
+            let c = Self::default();
+            let svc = c.clone();
+            tokio::spawn(async move {
+                let _ = tonic::transport::Server::builder()
+                    .add_service(TraceServiceServer::new(svc.clone()))
+                    .add_service(MetricsServiceServer::new(svc))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                    .await;
+            });
+            (c, addr)
+        }
+
+        /// Every span received so far, with its resource's service name.
+        pub fn spans(&self) -> Vec<(String, Span)> {
+            let traces = self.traces.lock().map(|t| t.clone()).unwrap_or_default();
+            let mut out = Vec::new();
+            for req in traces {
+                for rs in req.resource_spans {
+                    let service = rs
+                        .resource
+                        .as_ref()
+                        .and_then(|r| attr(&r.attributes, "service.name"))
+                        .unwrap_or_default();
+                    for ss in rs.scope_spans {
+                        for s in ss.spans {
+                            out.push((service.clone(), s));
+                        }
+                    }
+                }
+            }
+            out
+        }
+
+        /// Every metric received so far (newest export last).
+        pub fn metrics(&self) -> Vec<Metric> {
+            let metrics = self.metrics.lock().map(|m| m.clone()).unwrap_or_default();
+            metrics
+                .into_iter()
+                .flat_map(|r| r.resource_metrics)
+                .flat_map(|rm| rm.scope_metrics)
+                .flat_map(|sm| sm.metrics)
+                .collect()
+        }
+    }
+
+    /// A string (or integer, as text) attribute.
+    pub fn attr(attrs: &[KeyValue], key: &str) -> Option<String> {
+        let v = attrs.iter().find(|kv| kv.key == key)?.value.as_ref()?;
+        match v {
+            AnyValue {
+                value: Some(any_value::Value::StringValue(s)),
+                ..
+            } => Some(s.clone()),
+            AnyValue {
+                value: Some(any_value::Value::IntValue(i)),
+                ..
+            } => Some(i.to_string()),
+            _ => None,
+        }
+    }
 }

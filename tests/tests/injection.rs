@@ -212,6 +212,7 @@ async fn invalid_policy_is_refused_with_the_field() {
             policy_poll: Duration::from_secs(1),
             heartbeat: Duration::from_secs(1),
             master_key: None,
+            otel: None,
         },
         source,
         listener().await,

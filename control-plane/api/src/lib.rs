@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod policy;
 pub mod process;
 pub mod revocation;
+pub mod telemetry;
 pub mod workload_server;
 
 /// The sidecar <-> control plane protocol (`proto/leash.proto`).

@@ -1,18 +1,88 @@
 //! Process plumbing shared by the binaries: logging setup and stop signals.
 
-/// Sets up `tracing` output on stderr: `text` (default) or `json`, filtered
-/// by `RUST_LOG` (default `info`).
-pub fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+use std::sync::{Mutex, OnceLock};
+
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Registry, reload};
+
+/// The process's log filter, changeable at runtime.
+struct LogControl {
+    handle: reload::Handle<EnvFilter, Registry>,
+    current: Mutex<String>,
+}
+
+static LOG_CONTROL: OnceLock<LogControl> = OnceLock::new();
+
+fn initial_filter(default: &str) -> (EnvFilter, String) {
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| default.to_owned());
+    match EnvFilter::try_new(&spec) {
+        Ok(f) => (f, spec),
+        Err(_) => (EnvFilter::new(default), default.to_owned()),
     }
+}
+
+/// Sets up `tracing` output on stderr: `text` (default) or `json`, filtered
+/// by `RUST_LOG` (default `info`); the filter can be changed at runtime with
+/// [`set_log_filter`].
+pub fn init_logging(format: &str) {
+    let (filter, spec) = initial_filter("info");
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = if format == "json" {
+        registry.with(fmt.json()).try_init()
+    } else {
+        registry.with(fmt).try_init()
+    };
+    if installed.is_ok() {
+        let _ = LOG_CONTROL.set(LogControl {
+            handle,
+            current: Mutex::new(spec),
+        });
+    }
+}
+
+/// As [`init_logging`], writing through the test harness's capture (errors
+/// only unless `RUST_LOG` says otherwise).
+pub fn init_test_logging() {
+    let (filter, spec) = initial_filter("error");
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_test_writer();
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .is_ok()
+    {
+        let _ = LOG_CONTROL.set(LogControl {
+            handle,
+            current: Mutex::new(spec),
+        });
+    }
+}
+
+/// The log filter in force (`RUST_LOG` syntax), if this process set up logging.
+pub fn log_filter() -> Option<String> {
+    let c = LOG_CONTROL.get()?;
+    c.current.lock().ok().map(|s| s.clone())
+}
+
+/// Replaces the log filter (`debug`, `info,leash_proxy=trace`, ...).
+pub fn set_log_filter(spec: &str) -> Result<String, String> {
+    let c = LOG_CONTROL
+        .get()
+        .ok_or("logging was not set up by this process")?;
+    let filter = EnvFilter::try_new(spec).map_err(|e| format!("invalid filter {spec:?}: {e}"))?;
+    c.handle.reload(filter).map_err(|e| e.to_string())?;
+    if let Ok(mut current) = c.current.lock() {
+        spec.clone_into(&mut current);
+    }
+    tracing::warn!(filter = spec, "log filter changed at runtime");
+    Ok(spec.to_owned())
 }
 
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).

@@ -88,11 +88,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         policy_poll: Duration::from_secs(2),
         heartbeat: args.heartbeat_interval,
         master_key,
+        otel: leash_api::telemetry::Otel::start(&leash_api::telemetry::OtlpConfig::from_env(
+            "leash-control-plane",
+        ))?,
     };
+    let otel = config.otel.clone();
     let cp = ControlPlane::start(config, source.clone(), sidecar, admin).await?;
     shutdown_signal().await;
     tracing::info!("shutting down");
     cp.shutdown(Duration::from_secs(10)).await;
+    if let Some(otel) = otel {
+        otel.shutdown().await;
+    }
     source.shutdown().await;
     Ok(())
 }
