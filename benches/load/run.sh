@@ -17,6 +17,8 @@
 # openssl; installs nginx-light and wrk with apt when missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=benches/load/lib.sh
+source benches/load/lib.sh
 ROUNDS=${1:-3}
 SECONDS_PER_RUN=${2:-10}
 SCENARIOS=${3:-keepalive newconn 1mib tls rate2k rate10k}
@@ -29,7 +31,8 @@ done
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 echo "==> building release binaries" >&2
-cargo build --release --quiet -p leash-control-plane -p leash-proxy -p leash-benches --bin openloop
+cargo build --release --quiet -p leash-control-plane -p leash-proxy
+cargo build --release --quiet -p leash-benches --bin openloop
 BIN=target/release
 DIR=$(mktemp -d /tmp/lshload.XXXX)
 pids=()
@@ -117,32 +120,8 @@ done
 PEER_PID=$(pgrep -P "$(cat "$DIR/nginx-peer/pid")" | head -1)
 sleep 1
 
-rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TICKS=$(getconf CLK_TCK)
 declare -A idle_rss=( [nginx]=$(rss_kib "$PEER_PID") [sidecar]=$(rss_kib "$SIDECAR_PID") )
 declare -A max_rss=( [nginx]=0 [sidecar]=0 )
-
-# run SCENARIO NAME URL PID CONNS [wrk args] -> appends "rps p50 p99 cpu_per_1k"
-run() {
-  local scenario=$1 name=$2 url=$3 pid=$4 conns=$5; shift 5
-  local before after out rps reqs p50 p99 cpu errors rss
-  before=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0 )
-  out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${SECONDS_PER_RUN}s" --latency "$@" "$url")
-  after=$( [ -n "$pid" ] && cpu_ticks "$pid" || echo 0 )
-  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-  reqs=$(awk '/requests in/ {print $1}' <<<"$out")
-  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
-  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-  errors=$(grep -E 'Non-2xx|Socket errors' <<<"$out" || true)
-  [ -z "$errors" ] || echo "!! $scenario/$name: $errors" >&2
-  cpu=$(awk -v a="$after" -v b="$before" -v t="$TICKS" -v r="$reqs" 'BEGIN { if (r>0) printf "%.4f", (a-b)/t/(r/1000); else print "nan" }')
-  echo "$rps $p50 $p99 $cpu" >>"$DIR/$scenario.$name"
-  if [ -n "$pid" ]; then
-    rss=$(rss_kib "$pid"); [ "$rss" -gt "${max_rss[$name]}" ] && max_rss[$name]=$rss
-  fi
-  echo "   $scenario/$name: $rps req/s, p50 $p50, p99 $p99, ${cpu} CPU-s/1k req" >&2
-}
 
 # run_rate SCENARIO NAME URL PID RATE -> appends "achieved p50 p99 p999 cpu_per_1k errors"
 run_rate() {
@@ -185,8 +164,6 @@ for round in $(seq "$ROUNDS"); do
   for s in $SCENARIOS; do scenario "$s"; done
 done
 
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-col() { awk -v c="$3" '{print $c}' "$DIR/$1.$2" | sed -E 's/us$/e-3/; s/ms$//; s/([0-9.]+)s$/\1e3/' | median; }
 
 echo
 echo "Closed loop, ${SECONDS_PER_RUN}s x $ROUNDS rounds per path, medians; sidecar ready ${ready_ms} ms after start"

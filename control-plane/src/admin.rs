@@ -30,6 +30,51 @@ pub struct AdminState {
     pub source: X509Source,
     /// The effective configuration, without secrets.
     pub config_dump: Arc<Value>,
+    pub limiter: Arc<AuthLimiter>,
+}
+
+/// Counts invalid tokens per client address: past `max` within `window` the
+/// address is refused (429) until the window ends, whatever it presents, so
+/// guessing tokens gets `max` tries a minute.
+pub struct AuthLimiter {
+    max: u32,
+    window: std::time::Duration,
+    failures:
+        std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>>,
+}
+
+impl AuthLimiter {
+    pub fn new(max: u32, window: std::time::Duration) -> Self {
+        Self {
+            max,
+            window,
+            failures: std::sync::Mutex::default(),
+        }
+    }
+
+    /// How long `ip` stays refused, if it is.
+    fn blocked(&self, ip: std::net::IpAddr) -> Option<std::time::Duration> {
+        let failures = self.failures.lock().ok()?;
+        let (since, n) = failures.get(&ip)?;
+        let left = self.window.checked_sub(since.elapsed())?;
+        (*n >= self.max).then_some(left)
+    }
+
+    fn failed(&self, ip: std::net::IpAddr) {
+        let Ok(mut failures) = self.failures.lock() else {
+            return;
+        };
+        // Bounded: forget finished windows when the table grows.
+        if failures.len() > 10_000 {
+            let window = self.window;
+            failures.retain(|_, (since, _)| since.elapsed() < window);
+        }
+        let entry = failures.entry(ip).or_insert((std::time::Instant::now(), 0));
+        if entry.0.elapsed() >= self.window {
+            *entry = (std::time::Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -54,6 +99,7 @@ pub fn router(state: AdminState) -> Router {
             post(revoke_secret_version),
         )
         .route("/v1/audit", get(audit))
+        .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/logging", get(get_logging).put(set_logging))
         .route("/v1/config_dump", get(config_dump))
         .route("/v1/tokens", post(create_token))
@@ -150,7 +196,12 @@ fn require(caller: &Caller, role: Role) -> Result<(), ApiError> {
 
 /// Authenticates every `/v1` call and writes it to the audit log, whatever
 /// the outcome (refused calls included).
-async fn audited(State(s): State<AdminState>, mut req: Request, next: Next) -> Response {
+async fn audited(
+    State(s): State<AdminState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     let authorization = req
@@ -169,7 +220,47 @@ async fn audited(State(s): State<AdminState>, mut req: Request, next: Next) -> R
             ],
         )
     });
-    let caller = auth::authenticate(&s.cp.store, authorization.as_deref()).await;
+    let caller = match s.limiter.blocked(peer.ip()) {
+        None => Ok(auth::authenticate(&s.cp.store, authorization.as_deref()).await),
+        Some(left) => {
+            let mut r = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failures",
+                format!(
+                    "too many invalid tokens from {}; try again in {} s",
+                    peer.ip(),
+                    left.as_secs() + 1
+                ),
+            )
+            .into_response();
+            if let Ok(v) = header::HeaderValue::from_str(&(left.as_secs() + 1).to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            Err(r)
+        }
+    };
+    if matches!(caller, Ok(Err(AuthError::Invalid))) {
+        s.limiter.failed(peer.ip());
+    }
+    let caller = match caller {
+        Ok(c) => c,
+        Err(refused) => {
+            let entry = AuditEntry {
+                at_ms: now_ms(),
+                actor: format!("anonymous@{}", peer.ip()),
+                role: String::new(),
+                action: format!("{method} {path}"),
+                method,
+                path,
+                status: refused.status().as_u16(),
+                detail: "refused: too many invalid tokens".into(),
+            };
+            if let Err(e) = s.cp.store.append_audit(&entry).await {
+                tracing::error!(error = %e, "cannot write the audit log");
+            }
+            return refused;
+        }
+    };
     let (actor, role, response) = match caller {
         Ok(caller) => {
             let (actor, role) = (caller.actor.clone(), caller.role.as_str());
@@ -815,6 +906,18 @@ struct AuditQuery {
 
 fn default_limit() -> i64 {
     100
+}
+
+async fn audit_verify(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Admin)?;
+    let verdict = s.cp.store.verify_audit().await.map_err(store_error)?;
+    if !verdict.ok {
+        tracing::error!(entry = ?verdict.first_bad_id, problem = ?verdict.problem, "the audit log's hash chain is broken");
+    }
+    Ok(Json(verdict).into_response())
 }
 
 async fn audit(

@@ -36,6 +36,8 @@ pub struct ServeConfig {
     pub master_key: Option<Arc<crate::secrets::MasterKey>>,
     /// OpenTelemetry export (None: off).
     pub otel: Option<leash_api::telemetry::Otel>,
+    /// Invalid admin tokens one client address may present per minute.
+    pub admin_auth_failures_per_minute: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,14 +199,21 @@ impl ControlPlane {
             cp: state.clone(),
             source,
             config_dump: Arc::new(config_dump),
+            limiter: Arc::new(admin::AuthLimiter::new(
+                config.admin_auth_failures_per_minute,
+                Duration::from_secs(60),
+            )),
         });
         let mut stop = shutdown.subscribe();
         tasks.spawn(async move {
-            let result = axum::serve(admin_listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await;
+            let result = axum::serve(
+                admin_listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
             if let Err(e) = result {
                 tracing::error!(error = %e, "admin server failed");
             }

@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Serve the sidecar API (gRPC, mTLS) and the admin API (HTTP).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a dev SPIFFE Workload API server backed by an in-memory CA
     /// (for local runs and tests; production uses SPIRE).
     DevIdentity(DevIdentityArgs),
@@ -96,6 +96,10 @@ pub struct ServeArgs {
     /// How long to wait for the first SVID at start.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub identity_timeout: Duration,
+    /// Invalid admin tokens accepted from one client address per minute;
+    /// past that the address gets 429 until the minute is over.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub admin_auth_failures_per_minute: u32,
 }
 
 #[derive(Args)]
@@ -193,11 +197,25 @@ pub enum LeashctlCommand {
     /// by credential, workload, upstream and time; the dependency map;
     /// grants nobody uses; uses after a revocation.
     Usage(UsageArgs),
-    /// The newest audit log entries (admin role).
-    Audit {
-        #[arg(long, default_value_t = 50)]
-        limit: u32,
-    },
+    /// The newest audit log entries (admin role); `audit verify` checks the
+    /// hash chain.
+    Audit(AuditArgs),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: Option<AuditCommand>,
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Walk the audit log's hash chain: exit 0 if every entry is intact,
+    /// 1 naming the first entry that was changed, removed or reordered.
+    Verify,
 }
 
 #[derive(clap::Args)]

@@ -28,11 +28,14 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/0003_leaked.sql")),
     (4, include_str!("migrations/0004_secrets.sql")),
     (5, include_str!("migrations/0005_usage.sql")),
+    (6, include_str!("migrations/0006_audit_chain.sql")),
 ];
 
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Audit entries are chained: one append at a time.
+    audit_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A JWT signing key as stored (the private key is PKCS#8 DER).
@@ -130,7 +133,10 @@ impl Store {
             .max_connections(4)
             .connect_with(opts)
             .await?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            audit_lock: std::sync::Arc::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -471,8 +477,23 @@ impl Store {
             .await?)
     }
 
+    /// Appends an entry chained to the previous one (see `audit_hash`).
     pub async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO audit (at_ms, actor, role, method, path, action, status, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+        // Every append goes through this lock, so the newest entry cannot
+        // change between reading it and inserting the next: one INSERT,
+        // no read-then-write transaction to upgrade.
+        let _one_at_a_time = self.audit_lock.lock().await;
+        let last: Option<(i64, Option<String>)> =
+            sqlx::query_as("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        let (id, prev) = match last {
+            Some((id, hash)) => (id + 1, hash.unwrap_or_default()),
+            None => (1, String::new()),
+        };
+        let hash = audit_hash(&prev, id, e);
+        sqlx::query("INSERT INTO audit (id, at_ms, actor, role, method, path, action, status, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+            .bind(id)
             .bind(e.at_ms)
             .bind(&e.actor)
             .bind(&e.role)
@@ -481,9 +502,69 @@ impl Store {
             .bind(&e.action)
             .bind(i64::from(e.status))
             .bind(&e.detail)
+            .bind(&prev)
+            .bind(&hash)
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Walks the whole audit chain.
+    pub async fn verify_audit(&self) -> Result<AuditVerdict, StoreError> {
+        let rows = sqlx::query("SELECT id, at_ms, actor, role, method, path, action, status, detail, prev_hash, hash FROM audit ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut verdict = AuditVerdict::default();
+        let mut prev: Option<String> = None;
+        let mut last_id = 0;
+        for r in &rows {
+            let id: i64 = r.get("id");
+            let hash: Option<String> = r.get("hash");
+            let Some(hash) = hash else {
+                if prev.is_some() {
+                    verdict.broken(id, "an entry without a hash inside the chain");
+                    return Ok(verdict);
+                }
+                verdict.unchained += 1;
+                last_id = id;
+                continue;
+            };
+            let entry = AuditEntry {
+                at_ms: r.get("at_ms"),
+                actor: r.get("actor"),
+                role: r.get("role"),
+                method: r.get("method"),
+                path: r.get("path"),
+                action: r.get("action"),
+                status: u16::try_from(r.get::<i64, _>("status")).unwrap_or(0),
+                detail: r.get("detail"),
+            };
+            let stored_prev: String = r.get::<Option<String>, _>("prev_hash").unwrap_or_default();
+            if prev.is_none() && (!stored_prev.is_empty() || id != last_id + 1) {
+                verdict.broken(id, "entries are missing before this one");
+                return Ok(verdict);
+            }
+            if let Some(p) = &prev {
+                if id != last_id + 1 {
+                    verdict.broken(id, "entries are missing before this one");
+                    return Ok(verdict);
+                }
+                if &stored_prev != p {
+                    verdict.broken(id, "does not follow the entry before it");
+                    return Ok(verdict);
+                }
+            }
+            if audit_hash(&stored_prev, id, &entry) != hash {
+                verdict.broken(id, "its content does not match its hash");
+                return Ok(verdict);
+            }
+            verdict.chained += 1;
+            prev = Some(hash);
+            last_id = id;
+        }
+        verdict.ok = true;
+        verdict.head = prev;
+        Ok(verdict)
     }
 
     /// The newest `limit` audit entries, newest first.
@@ -757,6 +838,41 @@ pub struct Sighting {
     pub count: i64,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
+}
+
+/// The outcome of walking the audit chain.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AuditVerdict {
+    pub ok: bool,
+    /// Entries whose hash and link check out.
+    pub chained: u64,
+    /// Entries written before the chain existed (oldest first, no hash).
+    pub unchained: u64,
+    /// The first entry that fails, and why.
+    pub first_bad_id: Option<i64>,
+    pub problem: Option<String>,
+    /// Hash of the newest entry: keep it elsewhere to detect truncation.
+    pub head: Option<String>,
+}
+
+impl AuditVerdict {
+    fn broken(&mut self, id: i64, why: &str) {
+        self.first_bad_id = Some(id);
+        self.problem = Some(why.to_owned());
+    }
+}
+
+/// `hex(SHA-256(prev_hash "\n" JSON[id, at_ms, actor, role, method, path,
+/// action, status, detail]))`: unambiguous whatever the fields contain.
+pub fn audit_hash(prev: &str, id: i64, e: &AuditEntry) -> String {
+    let body = serde_json::json!([
+        id, e.at_ms, e.actor, e.role, e.method, e.path, e.action, e.status, e.detail
+    ]);
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(prev.as_bytes());
+    ctx.update(b"\n");
+    ctx.update(body.to_string().as_bytes());
+    hex(ctx.finish().as_ref())
 }
 
 pub fn hex(b: &[u8]) -> String {

@@ -135,6 +135,7 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub at: std::time::Instant,
+    pub path: String,
     pub jti: Option<String>,
     pub sub: Option<String>,
     /// The `x-api-key` header, else `authorization`, as received.
@@ -179,6 +180,7 @@ async fn handle(
     if let Some(observer) = observer {
         let _ = observer.send(Seen {
             at: arrived,
+            path: path.clone(),
             jti: claims.as_ref().ok().map(|c| c.jti.clone()),
             sub: claims.as_ref().ok().map(|c| c.sub.clone()),
             credential,

@@ -32,6 +32,9 @@ pub struct SidecarConfig {
     pub upstream_response_timeout: Duration,
     /// OpenTelemetry export (None: off).
     pub otel: Option<leash_api::telemetry::Otel>,
+    /// Count usage and ship it to the control plane (on by default; off
+    /// only to measure what it costs).
+    pub usage_reporting: bool,
 }
 
 /// Limits on what a workload may send.
@@ -153,6 +156,7 @@ impl Sidecar {
             metrics: metrics.clone(),
             response_timeout: config.upstream_response_timeout,
             max_header_bytes: config.limits.max_header_bytes,
+            usage_reporting: config.usage_reporting,
             otel: config
                 .otel
                 .clone()

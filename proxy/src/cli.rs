@@ -90,6 +90,10 @@ pub struct Cli {
     /// the oldest are dropped and reported as dropped.
     #[arg(long, default_value_t = 100_000)]
     pub usage_buffer_records: usize,
+    /// Count usage and report it to the control plane. Turning it off hides
+    /// this workload's use from responders: meant for measuring its cost.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub usage_reporting: bool,
     /// Log format: text or json. Filter with RUST_LOG (default info).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -151,6 +155,7 @@ impl Cli {
             },
             upstream_response_timeout: cli.upstream_response_timeout,
             otel: None,
+            usage_reporting: cli.usage_reporting,
         };
         Ok(config)
     }

@@ -41,6 +41,7 @@ pub struct Egress {
     pub max_header_bytes: usize,
     /// Spans and OTLP metrics, when an OTLP endpoint is configured.
     pub otel: Option<Arc<EgressOtel>>,
+    pub usage_reporting: bool,
 }
 
 impl Egress {
@@ -175,7 +176,11 @@ impl Egress {
             leash_api::telemetry::propagation::inject(&t.cx, &mut parts.headers);
         }
 
-        let at_ms = usage::now_ms();
+        let at_ms = if self.usage_reporting {
+            usage::now_ms()
+        } else {
+            0
+        };
         let sent = std::time::Instant::now();
         route.metrics.injection.observe(sent - arrived);
         let call = route.client.request(Request::from_parts(parts, body));
@@ -189,8 +194,13 @@ impl Egress {
             Ok(Ok(resp)) => Some(resp.status()),
             _ => None,
         };
-        let slot = usage::slot(method, status);
-        credential.usage.record(slot, at_ms, bytes_sent);
+        let slot = if self.usage_reporting {
+            let slot = usage::slot(method, status);
+            credential.usage.record(slot, at_ms, bytes_sent);
+            slot
+        } else {
+            usage::NO_SLOT
+        };
         let resp = match answer {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
@@ -386,7 +396,9 @@ where
         // is cut once its credential is revoked.
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
+                if let Some(data) = frame.data_ref()
+                    && this.slot != usage::NO_SLOT
+                {
                     this.credential.usage.received(this.slot, data.len() as u64);
                 }
                 Poll::Ready(Some(Ok(frame)))

@@ -25,6 +25,8 @@ pub const METHODS: [&str; 8] = [
 ];
 pub const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
 const SLOTS: usize = METHODS.len() * CLASSES.len();
+/// Marks a request whose usage is not counted (reporting off).
+pub const NO_SLOT: usize = usize::MAX;
 
 /// The counter slot of a method.
 pub fn method_index(m: &Method) -> usize {

@@ -181,6 +181,7 @@ pub async fn start_control_plane_full(
             heartbeat: Duration::from_millis(500),
             master_key: Some(std::sync::Arc::new(test_master_key(data_dir))),
             otel,
+            admin_auth_failures_per_minute: 10,
         },
         source,
         sidecar_listener,
@@ -224,6 +225,7 @@ pub fn sidecar_config_with(identity: IdentityConfig, cp_addr: SocketAddr) -> Sid
         limits: Limits::default(),
         upstream_response_timeout: Duration::from_secs(10),
         otel: None,
+        usage_reporting: true,
     }
 }
 
@@ -785,4 +787,15 @@ pub mod otlp {
             _ => None,
         }
     }
+}
+
+/// Writes `request` as raw bytes to `addr` and returns everything read back
+/// until the peer closes (or 5 s pass).
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
 }

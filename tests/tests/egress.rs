@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use leash_tests::{APP_ID, Deployment, eventually, http_get, parse_prometheus, sample};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use leash_tests::{APP_ID, Deployment, eventually, http_get, parse_prometheus, raw, sample};
 
 const SVID_TTL: Duration = Duration::from_secs(600);
 
@@ -90,14 +89,6 @@ async fn deny_by_default_with_reasons() {
     // Nothing was issued for the refused upstream.
     let issued = d.cp.state.store.credentials_for(APP_ID).await.unwrap();
     assert!(issued.iter().all(|c| c.upstream != "ledger"));
-}
-
-async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -213,6 +213,7 @@ async fn invalid_policy_is_refused_with_the_field() {
             heartbeat: Duration::from_secs(1),
             master_key: None,
             otel: None,
+            admin_auth_failures_per_minute: 10,
         },
         source,
         listener().await,

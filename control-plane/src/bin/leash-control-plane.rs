@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
     init_logging(&cli.log_format);
     leash_api::identity::install_crypto_provider();
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::DevIdentity(args) => dev_identity(args).await,
         Command::MasterKey => {
             println!("{}", MasterKey::generate_base64());
@@ -88,6 +88,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         policy_poll: Duration::from_secs(2),
         heartbeat: args.heartbeat_interval,
         master_key,
+        admin_auth_failures_per_minute: args.admin_auth_failures_per_minute,
         otel: leash_api::telemetry::Otel::start(&leash_api::telemetry::OtlpConfig::from_env(
             "leash-control-plane",
         ))?,

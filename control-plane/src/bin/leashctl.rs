@@ -8,8 +8,9 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use leash_control_plane::cli::{
-    LeakedCommand, LeashctlCli as Cli, LeashctlCommand as Command, PolicyCommand, RevokeCommand,
-    SecretCommand, TokenCommand, UsageArgs, UsageCommand, UsageFilter,
+    AuditArgs, AuditCommand, LeakedCommand, LeashctlCli as Cli, LeashctlCommand as Command,
+    PolicyCommand, RevokeCommand, SecretCommand, TokenCommand, UsageArgs, UsageCommand,
+    UsageFilter,
 };
 use serde_json::{Value, json};
 
@@ -433,7 +434,34 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             .await?;
             Output::new(v.clone(), format!("{}\n", s(&v["token"])))
         }
-        Command::Audit { limit } => {
+        Command::Audit(AuditArgs {
+            command: Some(AuditCommand::Verify),
+            ..
+        }) => {
+            let v = call(cli, "GET", "/v1/audit/verify", None).await?;
+            let text = if v["ok"].as_bool() == Some(true) {
+                format!(
+                    "audit log intact: {} chained entries ({} from before the chain); head {}\n",
+                    v["chained"],
+                    v["unchained"],
+                    s(&v["head"])
+                )
+            } else {
+                format!(
+                    "AUDIT LOG TAMPERED: entry {}: {}\n",
+                    v["first_bad_id"],
+                    s(&v["problem"])
+                )
+            };
+            let intact = v["ok"].as_bool() == Some(true);
+            print(cli, Output::new(v, text));
+            return if intact {
+                Ok(())
+            } else {
+                Err(Failure::Violations)
+            };
+        }
+        Command::Audit(AuditArgs { limit, .. }) => {
             let v = call(cli, "GET", &format!("/v1/audit?limit={limit}"), None).await?;
             let rows = v["entries"]
                 .as_array()

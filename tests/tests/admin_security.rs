@@ -1,0 +1,167 @@
+//! The admin API under attack: token guessing is rate-limited per client
+//! address, and the audit log is a hash chain that shows where it was
+//! tampered with, even by someone who edits the database file directly.
+
+use std::time::Duration;
+
+use leash_tests::*;
+use serde_json::json;
+
+const SVID_TTL: Duration = Duration::from_secs(600);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_tokens_is_rate_limited_per_address() {
+    let d = Deployment::start("10m", SVID_TTL).await;
+    let admin = d.admin();
+    let real = admin.token.clone().unwrap();
+    // The right id with a secret one character off, then random ones.
+    let (id_part, secret) = real.rsplit_once('_').unwrap();
+    let mut near = secret.to_owned();
+    let last = near.pop().unwrap();
+    near.push(if last == 'A' { 'B' } else { 'A' });
+    let near = format!("{id_part}_{near}");
+    assert_eq!(
+        admin
+            .with_token(Some(&near))
+            .get("/v1/sidecars")
+            .await
+            .status,
+        401
+    );
+    for i in 1..10 {
+        let guess = format!("lsh_{i:012x}_guess{i}");
+        let a = admin.with_token(Some(&guess)).get("/v1/sidecars").await;
+        assert_eq!(a.status, 401, "guess {i}");
+    }
+    // The eleventh try from this address is refused before it is checked,
+    // and so is the right token for the rest of the minute.
+    let a = admin
+        .with_token(Some("lsh_000000000000_x"))
+        .get("/v1/sidecars")
+        .await;
+    assert_eq!(a.status, 429);
+    assert_eq!(a.json()["error"], "too_many_failures");
+    let retry: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry));
+    assert_eq!(admin.get("/v1/sidecars").await.status, 429);
+    // A missing token is not a guess: it does not count (and stays 429 now).
+    // Public endpoints are not affected.
+    assert_eq!(
+        http_get(&format!("http://{}/healthz", d.cp.admin_addr))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    // The refusals are in the audit log (read straight from the store).
+    let entries = d.cp.state.store.audit(50).await.unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.status == 429 && e.actor.starts_with("anonymous@127.0.0.1"))
+    );
+    assert_eq!(entries.iter().filter(|e| e.status == 401).count(), 10);
+    // No secret, real or guessed, was written down.
+    let text = format!("{entries:?}");
+    assert!(!text.contains(secret) && !text.contains("guess3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_shows_where_it_was_tampered_with() {
+    let d = Deployment::start("10m", SVID_TTL).await;
+    let admin = d.admin();
+    let r = admin
+        .revoke(json!({"kind": "upstream", "upstream": "ledger", "reason": "drill"}))
+        .await;
+    let id = r["id"].as_str().unwrap();
+    admin
+        .post(
+            &format!("/v1/revocations/{id}/restore"),
+            json!({"reason": "drill over"}),
+        )
+        .await;
+    admin.get("/v1/sidecars").await;
+    admin.get("/v1/revocations").await;
+
+    let v = admin.get("/v1/audit/verify").await.json();
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["chained"].as_u64().unwrap() >= 4, "{v}");
+    assert_eq!(v["unchained"], 0);
+    // Only admins may check (and the check itself is audited).
+    let viewer = admin
+        .post("/v1/tokens", json!({"name": "dash", "role": "viewer"}))
+        .await
+        .json()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        admin
+            .with_token(Some(&viewer))
+            .get("/v1/audit/verify")
+            .await
+            .status,
+        403
+    );
+
+    // Someone with the database file drops the append-only triggers and
+    // rewrites history: the chain breaks exactly there.
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        d.dir.path().join("data/leash.db").display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query("DROP TRIGGER audit_no_update")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit SET detail = 'nothing happened' WHERE id = 2")
+        .execute(&db)
+        .await
+        .unwrap();
+    let v = admin.get("/v1/audit/verify").await.json();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["first_bad_id"], 2);
+    assert!(v["problem"].as_str().unwrap().contains("hash"), "{v}");
+
+    // Recomputing that entry's hash does not help: the next link breaks.
+    let row: (i64, String, String, String, String, String, String, i64, String, String) =
+        sqlx::query_as("SELECT id, CAST(at_ms AS TEXT), actor, role, method, path, action, status, detail, prev_hash FROM audit WHERE id = 2")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    let entry = leash_control_plane::store::AuditEntry {
+        at_ms: row.1.parse().unwrap(),
+        actor: row.2,
+        role: row.3,
+        method: row.4,
+        path: row.5,
+        action: row.6,
+        status: u16::try_from(row.7).unwrap(),
+        detail: row.8,
+    };
+    let forged = leash_control_plane::store::audit_hash(&row.9, 2, &entry);
+    sqlx::query("UPDATE audit SET hash = ? WHERE id = 2")
+        .bind(&forged)
+        .execute(&db)
+        .await
+        .unwrap();
+    let v = admin.get("/v1/audit/verify").await.json();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["first_bad_id"], 3, "{v}");
+
+    // Deleting an entry shows too.
+    sqlx::query("DROP TRIGGER audit_no_delete")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM audit WHERE id = 1")
+        .execute(&db)
+        .await
+        .unwrap();
+    let v = admin.get("/v1/audit/verify").await.json();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["first_bad_id"], 2, "{v}");
+    assert!(v["problem"].as_str().unwrap().contains("missing"), "{v}");
+}
