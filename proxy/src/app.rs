@@ -44,8 +44,16 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most header fields in one request.
     pub max_headers: usize,
-    /// Time allowed to send a complete header block (slowloris bound).
+    /// Time allowed to send a complete header block (slowloris bound); also
+    /// how long a keep-alive connection may sit idle between requests
+    /// (hyper times the wait for the next request's headers from the end of
+    /// the previous response).
     pub header_read_timeout: Duration,
+    /// Workload connections open at once (all egress listeners together);
+    /// one more gets a 503 and is closed.
+    pub max_connections: usize,
+    /// Requests waiting for an upstream answer at once; one more gets 503.
+    pub max_in_flight: usize,
 }
 
 impl Default for Limits {
@@ -54,6 +62,8 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_in_flight: 10_000,
         }
     }
 }
@@ -157,12 +167,16 @@ impl Sidecar {
             response_timeout: config.upstream_response_timeout,
             max_header_bytes: config.limits.max_header_bytes,
             usage_reporting: config.usage_reporting,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            max_in_flight: config.limits.max_in_flight,
             otel: config
                 .otel
                 .clone()
                 .map(|o| Arc::new(crate::telemetry::EgressOtel::new(o, &link))),
         });
         let mut named_addrs = Vec::new();
+        // One budget for every workload-facing listener.
+        let connections = Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections));
         for (name, listener) in named {
             named_addrs.push((name.clone(), listener.local_addr()?));
             let svc = egress_service.clone();
@@ -170,6 +184,7 @@ impl Sidecar {
             tasks.spawn(serve_http(
                 listener,
                 config.limits.clone(),
+                connections.clone(),
                 shutdown.subscribe(),
                 move |req, _peer| {
                     let svc = svc.clone();
@@ -182,6 +197,7 @@ impl Sidecar {
         tasks.spawn(serve_http(
             egress,
             config.limits.clone(),
+            connections,
             shutdown.subscribe(),
             move |req, _peer| {
                 let svc = svc.clone();
@@ -199,6 +215,7 @@ impl Sidecar {
         tasks.spawn(serve_http(
             admin,
             Limits::default(),
+            Arc::new(tokio::sync::Semaphore::new(64)),
             shutdown.subscribe(),
             move |req, peer| {
                 let link = admin_link.clone();
@@ -330,6 +347,8 @@ impl ConfigDump {
                 "max_header_bytes": c.limits.max_header_bytes,
                 "max_headers": c.limits.max_headers,
                 "header_read_timeout_ms": ms(c.limits.header_read_timeout),
+                "max_connections": c.limits.max_connections,
+                "max_in_flight": c.limits.max_in_flight,
             },
             "telemetry": {
                 "otlp": c.otel.is_some(),
@@ -455,10 +474,30 @@ async fn admin_response(
     }
 }
 
+/// Over the connection limit: a 503 that says so, then close (no queue, no hang).
+async fn refuse_connection(mut tcp: tokio::net::TcpStream, limit: usize) {
+    use tokio::io::AsyncWriteExt as _;
+    tracing::warn!(limit, "connection refused: at the connection limit");
+    let body = format!(
+        "{{\"error\":\"overloaded\",\"message\":\"the sidecar is at its limit of {limit} connections; try again shortly\"}}\n"
+    );
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nx-leash-refusal: overloaded\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        tcp.write_all(head.as_bytes()).await?;
+        tcp.write_all(body.as_bytes()).await?;
+        tcp.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+}
+
 /// Accepts HTTP/1.1 connections until `stop`, then drains them.
 async fn serve_http<F, Fut>(
     listener: TcpListener,
     limits: Limits,
+    connections: Arc<tokio::sync::Semaphore>,
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
@@ -487,6 +526,10 @@ async fn serve_http<F, Fut>(
             () = leash_api::process::stopped(&mut stop) => break,
         };
         let _ = tcp.set_nodelay(true);
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_connection(tcp, limits.max_connections));
+            continue;
+        };
         let handler = handler.clone();
         let service = service_fn(move |req| {
             let handler = handler.clone();
@@ -498,6 +541,7 @@ async fn serve_http<F, Fut>(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);

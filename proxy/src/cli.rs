@@ -70,6 +70,12 @@ pub struct Cli {
     /// Time a client has to send a complete header block.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
+    /// Workload connections open at once; one more gets 503 and is closed.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Requests waiting for an upstream answer at once; one more gets 503.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_in_flight: usize,
     /// Upstream TCP connect timeout.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub upstream_connect_timeout: Duration,
@@ -152,6 +158,8 @@ impl Cli {
                 max_header_bytes: cli.max_header_bytes,
                 max_headers: cli.max_headers,
                 header_read_timeout: cli.header_read_timeout,
+                max_connections: cli.max_connections.max(1),
+                max_in_flight: cli.max_in_flight.max(1),
             },
             upstream_response_timeout: cli.upstream_response_timeout,
             otel: None,

@@ -42,12 +42,35 @@ pub struct Egress {
     /// Spans and OTLP metrics, when an OTLP endpoint is configured.
     pub otel: Option<Arc<EgressOtel>>,
     pub usage_reporting: bool,
+    /// Requests being proxied now, and the most allowed at once.
+    pub in_flight: std::sync::atomic::AtomicUsize,
+    pub max_in_flight: usize,
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Egress {
     /// Serves one request. `bound` is the upstream of a named listener.
     pub async fn handle(&self, bound: Option<&str>, req: Request<Incoming>) -> Response<ProxyBody> {
         let arrived = std::time::Instant::now();
+        // Load shedding: past the limit, a clear 503 at once, not a queue.
+        let n = self
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _in_flight = InFlight(&self.in_flight);
+        if n >= self.max_in_flight {
+            return self.refuse(Refusal::Overloaded {
+                what: "requests in flight",
+                limit: self.max_in_flight,
+            });
+        }
         if let Some(otel) = &self.otel {
             return Box::pin(self.handle_traced(otel, bound, req, arrived)).await;
         }
@@ -210,9 +233,10 @@ impl Egress {
                 });
             }
             Err(_) => {
-                return Err(Refusal::UpstreamUnreachable {
+                return Err(Refusal::UpstreamTimeout {
                     upstream: route.name.to_string(),
-                    reason: format!("no response within {:?}", self.response_timeout),
+                    timeout_ms: u64::try_from(self.response_timeout.as_millis())
+                        .unwrap_or(u64::MAX),
                 });
             }
         };

@@ -12,7 +12,7 @@ use leash_api::metrics::{Histogram, LATENCY_BUCKETS, escape, header, single};
 
 use crate::refusal::Refusal;
 
-pub const CODES: [&str; 18] = [
+pub const CODES: [&str; 20] = [
     "unknown_upstream",
     "no_host",
     "not_granted",
@@ -31,6 +31,8 @@ pub const CODES: [&str; 18] = [
     "revoked",
     "stale_revocation_state",
     "leaked_secret",
+    "upstream_timeout",
+    "overloaded",
 ];
 
 /// Per upstream (labels come from policy names only, never from what a

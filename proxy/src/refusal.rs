@@ -57,6 +57,10 @@ pub enum Refusal {
     },
     #[error("request header block is larger than the {limit} bytes this sidecar accepts")]
     HeadersTooLarge { limit: usize },
+    #[error("upstream {upstream:?} did not answer within {timeout_ms} ms")]
+    UpstreamTimeout { upstream: String, timeout_ms: u64 },
+    #[error("the sidecar is at its limit of {limit} {what}; try again shortly")]
+    Overloaded { what: &'static str, limit: usize },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
 }
@@ -77,6 +81,8 @@ impl Refusal {
             | Self::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -94,6 +100,8 @@ impl Refusal {
             Self::UpstreamUnreachable { .. } => "upstream_unreachable",
             Self::BadRequest(_) => "bad_request",
             Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::Overloaded { .. } => "overloaded",
             Self::Revoked { code, .. } => code,
             Self::Stale { .. } => "stale_revocation_state",
             Self::LeakedSecret { .. } => "leaked_secret",
@@ -109,6 +117,7 @@ impl Refusal {
             | Self::Denied { upstream, .. }
             | Self::CredentialUnavailable { upstream, .. }
             | Self::UpstreamUnreachable { upstream, .. }
+            | Self::UpstreamTimeout { upstream, .. }
             | Self::Revoked { upstream, .. } => Some(upstream),
             _ => None,
         }

@@ -1,0 +1,246 @@
+//! Limits and timeouts: each has a default (see `Limits::default` and
+//! `leash-proxy --help`) and a test here with a small value that proves it
+//! holds, and that the answer is a clear status with a reason, not a hang.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use leash_proxy::Sidecar;
+use leash_tests::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const SVID_TTL: Duration = Duration::from_secs(600);
+
+/// An upstream that waits `delay` before answering `200 slow`, or, with
+/// `reset`, closes every connection as soon as it is accepted.
+async fn odd_upstream(delay: Duration, reset: bool) -> SocketAddr {
+    let l = listener().await;
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                return;
+            };
+            if reset {
+                let _ = tcp.set_zero_linger();
+                drop(tcp);
+                continue;
+            }
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"slow\n")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// payments (the example upstream), slow (answers after 2 s) and flaky
+/// (resets every connection), all granted.
+async fn deployment() -> Deployment {
+    let slow = odd_upstream(Duration::from_secs(2), false).await;
+    let flaky = odd_upstream(Duration::ZERO, true).await;
+    Deployment::start_with(
+        move |up| {
+            format!(
+                r#"version: 1
+upstreams:
+  - name: payments
+    hosts: [payments.leash.test]
+    target: http://{up}
+    credential: {{ kind: jwt, ttl: 10m }}
+  - name: slow
+    hosts: [slow.leash.test]
+    target: http://{slow}
+    credential: {{ kind: jwt, ttl: 10m }}
+  - name: flaky
+    hosts: [flaky.leash.test]
+    target: http://{flaky}
+    credential: {{ kind: jwt, ttl: 10m }}
+grants:
+  - workload: {APP_ID}
+    upstreams: [payments, slow, flaky]
+"#
+            )
+        },
+        SVID_TTL,
+        None,
+    )
+    .await
+}
+
+async fn sidecar_with(
+    d: &Deployment,
+    tune: impl FnOnce(&mut leash_proxy::SidecarConfig),
+) -> Sidecar {
+    let mut config = sidecar_config(d.ids.endpoint(APP_ID), d.cp.sidecar_addr);
+    tune(&mut config);
+    let s = start_sidecar(config).await;
+    wait_ready(s.admin_addr).await;
+    s
+}
+
+/// Reads until the peer closes; returns what came and how long it took.
+async fn read_until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> (String, Duration) {
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+    (
+        String::from_utf8_lossy(&out).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_count_and_request_line_limits() {
+    let d = deployment().await;
+    let proxy = d.sidecar.egress_addr;
+    let mut many =
+        String::from("GET http://payments.leash.test/ HTTP/1.1\r\nHost: payments.leash.test\r\n");
+    for i in 0..101 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("Connection: close\r\n\r\n");
+    let a = raw(proxy, many.as_bytes()).await;
+    assert!(a.starts_with("HTTP/1.1 431"), "101 headers: {a}");
+    // The request line counts toward the header block limit (64 KiB).
+    let long = format!(
+        "GET http://payments.leash.test/{} HTTP/1.1\r\nHost: payments.leash.test\r\nConnection: close\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let a = raw(proxy, long.as_bytes()).await;
+    assert!(
+        a.starts_with("HTTP/1.1 431") || a.starts_with("HTTP/1.1 414"),
+        "70 KiB request line: {}",
+        a.lines().next().unwrap_or("")
+    );
+    // Under both limits: fine.
+    let ok = d
+        .client
+        .get("http://payments.leash.test/whoami", &[("x-a", "1")])
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_idle_connections_are_closed() {
+    let d = deployment().await;
+    let s = sidecar_with(&d, |c| {
+        c.limits.header_read_timeout = Duration::from_millis(800)
+    })
+    .await;
+
+    // Slowloris: half a header block, then nothing.
+    let mut slow = tokio::net::TcpStream::connect(s.egress_addr).await.unwrap();
+    slow.write_all(b"GET http://payments.leash.test/ HTTP/1.1\r\nHost: pay")
+        .await
+        .unwrap();
+    let (_, took) = read_until_closed(&mut slow, Duration::from_secs(5)).await;
+    assert!(
+        took < Duration::from_secs(3),
+        "closed after the header timeout, took {took:?}"
+    );
+
+    // Idle keep-alive: one request, then silence.
+    let mut idle = tokio::net::TcpStream::connect(s.egress_addr).await.unwrap();
+    idle.write_all(
+        b"GET http://payments.leash.test/whoami HTTP/1.1\r\nHost: payments.leash.test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (answer, took) = read_until_closed(&mut idle, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        took < Duration::from_secs(3),
+        "idle connection closed, took {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_resetting_upstreams_get_clear_answers() {
+    let d = deployment().await;
+    let s = sidecar_with(&d, |c| {
+        c.upstream_response_timeout = Duration::from_millis(500)
+    })
+    .await;
+    let client = ProxyClient::new(s.egress_addr);
+    let started = Instant::now();
+    let a = client.get("http://slow.leash.test/", &[]).await.unwrap();
+    assert_eq!(a.status, 504);
+    assert_eq!(a.json()["error"], "upstream_timeout");
+    assert_eq!(a.json()["upstream"], "slow");
+    assert!(started.elapsed() < Duration::from_millis(1900));
+    let a = client.get("http://flaky.leash.test/", &[]).await.unwrap();
+    assert_eq!(a.status, 502);
+    assert_eq!(a.json()["error"], "upstream_unreachable");
+    assert!(!String::from_utf8_lossy(&a.body).contains("Bearer"));
+    // Others are unaffected.
+    let a = client
+        .get("http://payments.leash.test/whoami", &[])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_requests_past_the_limit_are_shed() {
+    let d = deployment().await;
+    let s = sidecar_with(&d, |c| c.limits.max_in_flight = 1).await;
+    let client = std::sync::Arc::new(ProxyClient::new(s.egress_addr));
+    let c = client.clone();
+    let first = tokio::spawn(async move { c.get("http://slow.leash.test/", &[]).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let shed = client
+        .get("http://payments.leash.test/whoami", &[])
+        .await
+        .unwrap();
+    assert_eq!(shed.status, 503);
+    assert_eq!(shed.json()["error"], "overloaded");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "shed at once, not queued"
+    );
+    assert_eq!(first.await.unwrap().status, 200);
+    let a = client
+        .get("http://payments.leash.test/whoami", &[])
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "room again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_get_a_503_and_are_closed() {
+    let d = deployment().await;
+    let s = sidecar_with(&d, |c| c.limits.max_connections = 2).await;
+    let held1 = tokio::net::TcpStream::connect(s.egress_addr).await.unwrap();
+    let held2 = tokio::net::TcpStream::connect(s.egress_addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut third = tokio::net::TcpStream::connect(s.egress_addr).await.unwrap();
+    let (answer, took) = read_until_closed(&mut third, Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("\"overloaded\""), "{answer}");
+    assert!(took < Duration::from_secs(1));
+    drop((held1, held2));
+    let client = ProxyClient::new(s.egress_addr);
+    let a = eventually(Duration::from_secs(5), "a slot frees up", || {
+        let client = &client;
+        async move {
+            let a = client
+                .get("http://payments.leash.test/whoami", &[])
+                .await
+                .ok()?;
+            (a.status == 200).then_some(a)
+        }
+    })
+    .await;
+    assert_eq!(a.status, 200);
+}
