@@ -2,85 +2,13 @@
 //! control plane (invariant I5): real processes, real leashctl, and a real
 //! sidecar that keeps enforcing it across the restart.
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
+use common::*;
 use hyper_util::rt::TokioIo;
-
-const CP_ID: &str = "spiffe://leash.test/leash/control-plane";
-const APP_ID: &str = "spiffe://leash.test/ns/demo/sa/client";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-fn spawn(args: &[&str], log: &Path) -> Proc {
-    let log = std::fs::File::create(log).unwrap();
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_leash-control-plane"))
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
-
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn get(addr: SocketAddr, url: &str) -> Option<(u16, serde_json::Value)> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    let uri: http::Uri = url.parse().ok()?;
-    let host = uri.authority()?.to_string();
-    let req = http::Request::get(uri)
-        .header("host", host)
-        .body(Empty::<Bytes>::new())
-        .ok()?;
-    let resp = send.send_request(req).await.ok()?;
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
-    Some((status, serde_json::from_slice(&body).unwrap_or_default()))
-}
-
-fn leashctl(admin: SocketAddr, token: Option<&str>, args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leashctl"));
-    cmd.arg("--addr")
-        .arg(format!("http://{admin}"))
-        .env_remove("LEASH_TOKEN");
-    if let Some(t) = token {
-        cmd.arg("--token").arg(t);
-    }
-    let out = cmd.args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_survives_sigkill_and_stays_enforced() {

@@ -314,7 +314,7 @@ impl ConfigDump {
                     "granted": r.granted,
                     "inject": inject,
                     "scan_body_bytes": r.scan_body_bytes,
-                    "credential_id": r.current.load().as_ref().map(|c| c.id.clone()),
+                    "credential_id": r.current.load().as_ref().map(|c| c.id.to_string()),
                 })
             })
             .collect();

@@ -19,7 +19,7 @@ use crate::routes::{EgressRoute, InjectHow};
 
 /// The credential as it will be injected.
 pub struct CachedCredential {
-    pub id: String,
+    pub id: Arc<str>,
     pub upstream: Arc<str>,
     pub value: InjectValue,
     /// Cancelled when the credential is revoked: streams opened with it are cut.
@@ -216,7 +216,7 @@ async fn fetch(
     tracing::debug!(credential_id = %cred.id, upstream = %route.name, ?remaining, "credential cached");
     Ok(Arc::new(CachedCredential {
         usage: link.usage.cell(&cred.id, &route.name, &cred.kind),
-        id: cred.id,
+        id: cred.id.into(),
         upstream: route.name.clone(),
         value,
         revoked: CancellationToken::new(),

@@ -98,6 +98,7 @@ pub struct ControlLink {
     /// Usage counters and the batches waiting for the control plane.
     pub usage: Arc<Usage>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    workload_arc: std::sync::Mutex<Arc<str>>,
 }
 
 impl ControlLink {
@@ -125,6 +126,7 @@ impl ControlLink {
             applied_rx: std::sync::Mutex::new(Some(applied_rx)),
             usage: Arc::new(Usage::new(config.usage_buffer_records)),
             metrics: Arc::new(crate::metrics::Metrics::default()),
+            workload_arc: std::sync::Mutex::new(Arc::from("")),
             config,
         })
     }
@@ -194,6 +196,19 @@ impl ControlLink {
     /// The workload's SPIFFE ID ("" until the identity is acquired).
     pub fn workload_id(&self) -> arc_swap::Guard<Arc<String>> {
         self.workload_id.load()
+    }
+
+    /// The same, shared (for span attributes).
+    pub fn workload_arc(&self) -> Arc<str> {
+        let id = self.workload_id.load();
+        let mut cached = self
+            .workload_arc
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if &**cached != id.as_str() {
+            *cached = Arc::from(id.as_str());
+        }
+        cached.clone()
     }
 
     /// DER of the current SVID's leaf certificate (diagnostics and tests).

@@ -94,7 +94,7 @@ impl Egress {
         req: Request<Incoming>,
         arrived: std::time::Instant,
     ) -> Response<ProxyBody> {
-        let mut info = otel.start(req.headers(), req.method(), &self.link.workload_id());
+        let mut info = otel.start(req.headers(), req.method(), self.link.workload_arc());
         let result = self.forward(bound, req, arrived, Some(&mut info)).await;
         let upstream_time = info.upstream_time;
         match result {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use leash_api::telemetry::Otel;
 use opentelemetry::metrics::Histogram;
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, KeyValue, Value};
 
 use crate::control::ControlLink;
 
@@ -26,7 +26,7 @@ pub struct EgressOtel {
 pub struct TraceInfo {
     pub cx: Context,
     pub upstream: Option<Arc<str>>,
-    pub credential_id: Option<String>,
+    pub credential_id: Option<Arc<str>>,
     pub upstream_time: Option<Duration>,
 }
 
@@ -50,17 +50,24 @@ impl EgressOtel {
         &self,
         headers: &http::HeaderMap,
         method: &http::Method,
-        workload: &str,
+        workload: Arc<str>,
     ) -> TraceInfo {
         let parent = leash_api::telemetry::propagation::extract(headers);
+        let method = match *method {
+            http::Method::GET => Value::from("GET"),
+            http::Method::POST => Value::from("POST"),
+            http::Method::PUT => Value::from("PUT"),
+            http::Method::DELETE => Value::from("DELETE"),
+            _ => Value::from(method.as_str().to_owned()),
+        };
         let span = self
             .otel
             .tracer
             .span_builder("leash.proxy")
             .with_kind(SpanKind::Client)
             .with_attributes([
-                KeyValue::new("leash.workload", workload.to_owned()),
-                KeyValue::new("http.request.method", method.as_str().to_owned()),
+                KeyValue::new("leash.workload", workload),
+                KeyValue::new("http.request.method", method),
             ])
             .start_with_context(&self.otel.tracer, &parent);
         TraceInfo {
@@ -80,7 +87,7 @@ impl EgressOtel {
     ) {
         let span = info.cx.span();
         if let Some(u) = &info.upstream {
-            span.set_attribute(KeyValue::new("leash.upstream", u.to_string()));
+            span.set_attribute(KeyValue::new("leash.upstream", u.clone()));
         }
         if let Some(id) = info.credential_id {
             span.set_attribute(KeyValue::new("leash.credential_id", id));
@@ -98,7 +105,7 @@ impl EgressOtel {
                 if let (Some(t), Some(u)) = (upstream_time, &info.upstream) {
                     self.upstream_duration.record(
                         t.as_secs_f64(),
-                        &[KeyValue::new("leash.upstream", u.to_string())],
+                        &[KeyValue::new("leash.upstream", u.clone())],
                     );
                 }
             }

@@ -210,35 +210,40 @@ impl RevocationSet {
 }
 
 /// Workload matchers with their revocation ids: exact SPIFFE IDs in a hash
-/// map (one lookup), path prefixes in a list (there are few).
+/// map (one lookup), path prefixes in a list (there are few). Several
+/// revocations may name the same workload; restoring one leaves the others.
 #[derive(Debug, Default, Clone)]
 struct Matchers {
-    exact: HashMap<Arc<str>, Arc<str>>,
+    exact: HashMap<Arc<str>, Vec<Arc<str>>>,
     prefixes: Vec<(Arc<WorkloadMatcher>, Arc<str>)>,
 }
 
 impl Matchers {
     fn add(&mut self, m: WorkloadMatcher, id: Arc<str>) {
         match m {
-            WorkloadMatcher::Exact(w) => {
-                self.exact.insert(w.into(), id);
-            }
+            WorkloadMatcher::Exact(w) => self.exact.entry(w.into()).or_default().push(id),
             prefix @ WorkloadMatcher::Prefix(_) => self.prefixes.push((Arc::new(prefix), id)),
         }
     }
 
     fn remove(&mut self, id: &str) {
-        self.exact.retain(|_, i| &**i != id);
+        self.exact.retain(|_, ids| {
+            ids.retain(|i| &**i != id);
+            !ids.is_empty()
+        });
         self.prefixes.retain(|(_, i)| &**i != id);
     }
 
     fn find(&self, workload: &str) -> Option<&Arc<str>> {
-        self.exact.get(workload).or_else(|| {
-            self.prefixes
-                .iter()
-                .find(|(m, _)| m.matches(workload))
-                .map(|(_, id)| id)
-        })
+        self.exact
+            .get(workload)
+            .and_then(|ids| ids.first())
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|(m, _)| m.matches(workload))
+                    .map(|(_, id)| id)
+            })
     }
 }
 
@@ -327,6 +332,25 @@ mod tests {
         let restored = set.with_change(rev("2", "grant", "spiffe://td/a", "pay", ""), true);
         assert!(restored.check("spiffe://td/a", "pay").is_none());
         assert_eq!(restored.len(), 3);
+    }
+
+    /// Found by the property test: two revocations of the same workload,
+    /// one restored, left the workload unrevoked (the index kept one id).
+    #[test]
+    fn restoring_one_of_two_revocations_of_a_workload_keeps_the_other() {
+        let w = "spiffe://td/ns/b/sa/one";
+        let set = RevocationSet::new([
+            rev("a", "workload", w, "", ""),
+            rev("b", "workload", w, "", ""),
+            rev("c", "grant", w, "pay", ""),
+            rev("d", "grant", w, "pay", ""),
+        ]);
+        let set = set.with_change(rev("b", "workload", w, "", ""), true);
+        assert_eq!(set.check(w, "other").map(|r| r.id.as_str()), Some("a"));
+        let set = set.with_change(rev("a", "workload", w, "", ""), true);
+        assert!(set.check(w, "other").is_none());
+        let set = set.with_change(rev("d", "grant", w, "pay", ""), true);
+        assert_eq!(set.check(w, "pay").map(|r| r.id.as_str()), Some("c"));
     }
 }
 

@@ -177,13 +177,16 @@ pub mod propagation {
         }
     }
 
+    static PROPAGATOR: std::sync::LazyLock<TraceContextPropagator> =
+        std::sync::LazyLock::new(TraceContextPropagator::new);
+
     /// The caller's trace context (`traceparent`, `tracestate`), if any.
     pub fn extract(headers: &HeaderMap) -> Context {
-        TraceContextPropagator::new().extract(&Headers(headers))
+        PROPAGATOR.extract(&Headers(headers))
     }
 
     /// Writes `cx` as `traceparent`/`tracestate`, replacing the caller's.
     pub fn inject(cx: &Context, headers: &mut HeaderMap) {
-        TraceContextPropagator::new().inject_context(cx, &mut HeadersMut(headers));
+        PROPAGATOR.inject_context(cx, &mut HeadersMut(headers));
     }
 }
