@@ -403,3 +403,38 @@ async fn uses_after_a_revocation_are_shown_and_violations_flagged() {
     assert!(hit["last_seen_ms"].as_i64() > hit["acknowledged_at_ms"].as_i64());
     let _ = stop.send(true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sidecar_picks_up_where_it_left_off() {
+    let d = Deployment::start_with(policy, SVID_TTL, None).await;
+    let admin = d.admin();
+    let Deployment {
+        cp, ids, sidecar, ..
+    } = d;
+    let client = ProxyClient::new(sidecar.egress_addr);
+    let mut sent = send(&client, "payments.leash.test", 6).await;
+    let r = admin
+        .revoke(
+            json!({"kind": "grant", "workload": APP_ID, "upstream": "ledger", "reason": "drill"}),
+        )
+        .await;
+    admin.wait_acknowledged(r["id"].as_str().unwrap(), 1).await;
+    // A graceful stop ships the last usage; the new process starts from a
+    // snapshot and enforces the revocation from its first request.
+    sidecar.shutdown(Duration::from_secs(5)).await;
+    let again = start_sidecar(sidecar_config(ids.endpoint(APP_ID), cp.sidecar_addr)).await;
+    wait_ready(again.admin_addr).await;
+    let client = ProxyClient::new(again.egress_addr);
+    let a = client.get("http://ledger.leash.test/", &[]).await.unwrap();
+    assert_eq!(a.json()["error"], "revoked_grant");
+    sent += send(&client, "payments.leash.test", 4).await;
+    eventually(
+        Duration::from_secs(10),
+        "usage of both processes stored",
+        || {
+            let admin = admin.clone();
+            async move { (usage(&admin, "").await["requests"] == sent as u64).then_some(()) }
+        },
+    )
+    .await;
+}
