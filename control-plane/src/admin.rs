@@ -310,8 +310,15 @@ async fn audited(
         );
     }
     if let Err(e) = s.cp.store.append_audit(&entry).await {
-        // An unaudited call must not look successful.
-        tracing::error!(error = %e, "cannot write the audit log");
+        s.cp.metrics
+            .audit_write_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(error = %e, action = %entry.action, actor = %entry.actor, "cannot write the audit log");
+        // A read still answers (a full or read-only store must not blind
+        // responders); a change must not look successful unaudited.
+        if entry.method == "GET" || entry.method == "HEAD" {
+            return response;
+        }
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "audit_unavailable",

@@ -14,6 +14,7 @@ pub struct Metrics {
     pub usage_rejected_batches: AtomicU64,
     pub usage_requests: AtomicU64,
     pub usage_dropped_requests: AtomicU64,
+    pub audit_write_failures: AtomicU64,
     /// Commit of a revocation → a sidecar's acknowledgement of it.
     pub revocation_propagation: Histogram,
 }
@@ -29,6 +30,7 @@ impl Default for Metrics {
             usage_rejected_batches: AtomicU64::new(0),
             usage_requests: AtomicU64::new(0),
             usage_dropped_requests: AtomicU64::new(0),
+            audit_write_failures: AtomicU64::new(0),
             revocation_propagation: Histogram::new(PROPAGATION_BUCKETS),
         }
     }
@@ -62,6 +64,12 @@ impl Metrics {
             "leash_cp_revocations_committed_total",
             "Revocations and restores committed.",
             &self.revocations_committed,
+        );
+        counter(
+            &mut out,
+            "leash_cp_audit_write_failures_total",
+            "Admin calls whose audit entry could not be written (reads were still answered, changes refused).",
+            &self.audit_write_failures,
         );
         counter(
             &mut out,

@@ -265,3 +265,132 @@ async fn workload_api_restart_and_svid_rotation_under_load() {
     s.shutdown(Duration::from_secs(2)).await;
     drop(identity);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_clearly_and_corrupts_nothing() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tmp = tempfile::Builder::new()
+        .prefix("lsh")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let d = tmp.path();
+    let _identity = start_identity(d, "10m", "identity.log").await;
+    let (upstream, _) = counting_upstream().await;
+    write_policy(d, upstream);
+    let (sidecar_api, admin) = (free_port(), free_port());
+    let args = serve_args(d, sidecar_api, admin);
+    // The disk fills up: no file of the store may grow past 1 MiB (writes
+    // past it fail with EFBIG, as on a full disk; SIGXFSZ is ignored, as a
+    // process on a full disk gets no signal).
+    let log = std::fs::File::create(d.join("cp-full.log")).unwrap();
+    let mut full = std::process::Command::new("sh");
+    full.arg("-c")
+        .arg("trap '' XFSZ; exec prlimit --fsize=1048576 \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_leash-control-plane"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    let mut cp = Proc(full.spawn().unwrap());
+    wait_ready(admin).await;
+    let token = std::fs::read_to_string(d.join("data/admin-token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let s = sidecar(
+        d,
+        sidecar_api,
+        &["--max-staleness", "60s", "--report-interval", "200ms"],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(s.egress_addr, URL).await.map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "sidecar never forwarded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Revoke and restore until the store refuses.
+    let mut committed = Vec::new();
+    let refusal = loop {
+        assert!(committed.len() < 2000, "the store never filled up");
+        let (code, out, err) = leashctl(
+            admin,
+            Some(&token),
+            &[
+                "--json",
+                "revoke",
+                "grant",
+                "--workload",
+                APP_ID,
+                "--upstream",
+                "ledger",
+                "--reason",
+                &"x".repeat(1000),
+            ],
+        );
+        if code != 0 {
+            break (code, err);
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let id = v["id"].as_str().unwrap().to_owned();
+        let (code, _, err) = leashctl(admin, Some(&token), &["restore", &id, "--reason", "fill"]);
+        committed.push(id);
+        if code != 0 {
+            break (code, err);
+        }
+    };
+    eprintln!(
+        "store full after {} revocations: {}",
+        committed.len(),
+        refusal.1.trim()
+    );
+    // A clear error, not a hang or a crash.
+    assert_eq!(refusal.0, 3, "{}", refusal.1);
+    assert!(
+        refusal.1.contains("store refused the write")
+            || refusal.1.contains("audit log is not writable"),
+        "{}",
+        refusal.1
+    );
+    // Reads keep working, and show everything that was committed.
+    let (code, out, err) = leashctl(admin, Some(&token), &["--json", "revocations", "--all"]);
+    assert_eq!(code, 0, "{err}");
+    for id in &committed {
+        assert!(out.contains(id.as_str()), "{id} missing from the listing");
+    }
+    assert!(
+        get(admin, &format!("http://{admin}/readyz"))
+            .await
+            .is_some()
+    );
+    // Sidecars keep serving with the credentials they hold.
+    assert_eq!(get(s.egress_addr, URL).await.map(|r| r.0), Some(200));
+
+    // Killed on the full disk, restarted with room: nothing corrupted,
+    // nothing committed lost, writes work again.
+    cp.0.kill().unwrap();
+    cp.0.wait().unwrap();
+    let pool =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", d.join("data/leash.db").display()))
+            .await
+            .unwrap();
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(check, "ok");
+    pool.close().await;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _cp = spawn(&args, &d.join("cp-after.log"));
+    wait_ready(admin).await;
+    let (code, out, _) = leashctl(admin, Some(&token), &["--json", "revocations", "--all"]);
+    assert_eq!(code, 0);
+    for id in &committed {
+        assert!(out.contains(id.as_str()), "{id} lost");
+    }
+    let (code, _, err) = leashctl(admin, Some(&token), &["audit", "verify"]);
+    assert_eq!(code, 0, "audit chain intact: {err}");
+    let id = revoke_ledger_grant(admin, &token, "room again");
+    acknowledged_by(admin, &token, &id, 1).await;
+    s.shutdown(Duration::from_secs(2)).await;
+}

@@ -253,7 +253,12 @@ impl Sidecar {
             tracing::warn!("drain timed out; closing remaining connections");
             self.tasks.abort_all();
         }
-        let left = drain.saturating_sub(started.elapsed());
+        // Connected: wait for the acknowledgement. Cut off: give a
+        // reconnect a moment, not the whole drain time.
+        let mut left = drain.saturating_sub(started.elapsed());
+        if !self.link.connected() {
+            left = left.min(Duration::from_secs(1));
+        }
         if !self.link.usage.flush(left).await {
             tracing::warn!(
                 batches = self.link.usage.pending(),
