@@ -390,7 +390,21 @@ async fn a_full_disk_refuses_writes_clearly_and_corrupts_nothing() {
     }
     let (code, _, err) = leashctl(admin, Some(&token), &["audit", "verify"]);
     assert_eq!(code, 0, "audit chain intact: {err}");
-    let id = revoke_ledger_grant(admin, &token, "room again");
-    acknowledged_by(admin, &token, &id, 1).await;
+    // (The last grant revocation may still be active: revoke the upstream.)
+    let (code, out, err) = leashctl(
+        admin,
+        Some(&token),
+        &[
+            "--json",
+            "revoke",
+            "upstream",
+            "ledger",
+            "--reason",
+            "room again",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    acknowledged_by(admin, &token, v["id"].as_str().unwrap(), 1).await;
     s.shutdown(Duration::from_secs(2)).await;
 }
