@@ -229,7 +229,7 @@ impl Egress {
             Ok(Err(e)) => {
                 return Err(Refusal::UpstreamUnreachable {
                     upstream: route.name.to_string(),
-                    reason: describe_client_error(&e),
+                    reason: e.to_string(),
                 });
             }
             Err(_) => {
@@ -699,20 +699,4 @@ fn upstream_uri(
         .path_and_query(path_and_query)
         .build()
         .map_err(|_| Refusal::BadRequest("invalid request target"))
-}
-
-fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
-    use std::error::Error as _;
-    let mut msg = if e.is_connect() {
-        "connection failed".to_owned()
-    } else {
-        "request failed".to_owned()
-    };
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
-    }
-    msg
 }

@@ -14,6 +14,7 @@ pub mod refusal;
 pub mod revocation;
 pub mod routes;
 pub mod telemetry;
+pub mod upstream;
 pub mod usage;
 
 pub use app::{Limits, Sidecar, SidecarConfig};

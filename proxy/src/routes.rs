@@ -13,14 +13,12 @@ use std::time::Duration;
 
 use http::HeaderName;
 use http::uri::{Authority, Scheme};
-use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use leash_api::v1::{Route, RouteSet, injection};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, crate::egress::UpstreamBody>;
+pub use crate::upstream::UpstreamClient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -72,7 +70,7 @@ pub struct EgressRoute {
     /// hot path is one atomic load while it is fresh.
     pub current: arc_swap::ArcSwapOption<crate::cache::CachedCredential>,
     pub inject: InjectHow,
-    pub client: UpstreamClient,
+    pub client: Arc<UpstreamClient>,
     /// This upstream's counters and latency histograms.
     pub metrics: Arc<crate::metrics::UpstreamMetrics>,
 }
@@ -226,11 +224,13 @@ fn build_route(
         builder.with_server_name_resolver(FixedServerNameResolver::new(name))
     };
     let connector = builder.enable_http1().wrap_connector(http);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(timeouts.pool_idle)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector);
+    let base = http::Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()
+        .map_err(|e| invalid(&route, format!("bad target: {e}")))?;
+    let client = UpstreamClient::new(connector, base, timeouts.pool_idle);
 
     let host_header = http::HeaderValue::from_str(authority.as_str())
         .map_err(|_| invalid(&route, "bad target host"))?;

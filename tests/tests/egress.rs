@@ -266,3 +266,95 @@ async fn request_body_streams_through() {
         "streamed, not buffered into a length"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled_and_replaced_when_the_upstream_closes_them() {
+    // An upstream that closes every connection after one answer.
+    let closer = leash_tests::listener().await;
+    let closer_addr = closer.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = closer.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(tcp),
+                        hyper::service::service_fn(|_req| async {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"once\n")),
+                            ))
+                        }),
+                    ),
+            );
+        }
+    });
+    let d = Deployment::start_with(
+        move |up| {
+            format!(
+                "{}  - name: closer\n    hosts: [closer.leash.test]\n    target: http://{closer_addr}\n    credential: {{ kind: jwt, ttl: 5m }}\ngrants:\n  - workload: {APP_ID}\n    upstreams: [payments, closer]\n",
+                leash_tests::standard_policy(up, "5m")
+                    .split("grants:")
+                    .next()
+                    .unwrap()
+            )
+        },
+        SVID_TTL,
+        None,
+    )
+    .await;
+    // Keep-alive upstream: sequential requests share one connection.
+    for _ in 0..20 {
+        let a = d
+            .client
+            .get("http://payments.leash.test/whoami", &[])
+            .await
+            .unwrap();
+        assert_eq!(a.status, 200);
+    }
+    let routes = d.sidecar.link.routes.load();
+    let payments = routes.by_name("payments").unwrap();
+    assert_eq!(
+        payments.client.idle_connections(),
+        1,
+        "one connection, reused"
+    );
+    // Concurrent requests open more, and all come back.
+    let mut all = Vec::new();
+    for _ in 0..8 {
+        let c = leash_tests::ProxyClient::new(d.sidecar.egress_addr);
+        all.push(tokio::spawn(async move {
+            c.get("http://payments.leash.test/whoami", &[])
+                .await
+                .unwrap()
+                .status
+        }));
+    }
+    for t in all {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let idle = payments.client.idle_connections();
+    assert!((1..=8).contains(&idle), "{idle}");
+    // An upstream that closes after each answer: every request still
+    // succeeds, each on a fresh connection.
+    for i in 0..20 {
+        let a = d
+            .client
+            .get("http://closer.leash.test/", &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            a.status,
+            200,
+            "request {i}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::Relaxed),
+        20,
+        "one connection per request"
+    );
+}

@@ -1,0 +1,199 @@
+//! The connection pool to one upstream: HTTP/1.1 connections (plain or
+//! TLS, made by hyper-rustls's connector) over `hyper::client::conn::http1`,
+//! kept alive and reused most-recently-used first.
+//!
+//! A connection goes back to the pool when its response body has been read
+//! to the end, by the body itself: no task is spawned per request to watch
+//! it. A body dropped early takes its connection with it (closed). A request
+//! that an idle connection could not take (the upstream closed it meanwhile)
+//! is retried on another connection, which is safe because hyper hands the
+//! request back only when none of it was written.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower::ServiceExt as _;
+
+use crate::egress::UpstreamBody;
+
+type Sender = SendRequest<UpstreamBody>;
+
+/// Idle connections kept per upstream; more are closed when returned.
+const MAX_IDLE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("request failed: {0}")]
+    Request(#[from] hyper::Error),
+}
+
+pub struct UpstreamClient {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority` of the target.
+    target: Uri,
+    idle: Mutex<Vec<(Sender, Instant)>>,
+    idle_timeout: Duration,
+    this: Weak<UpstreamClient>,
+}
+
+impl UpstreamClient {
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        target: Uri,
+        idle_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|this| Self {
+            connector,
+            target,
+            idle: Mutex::new(Vec::new()),
+            idle_timeout,
+            this: this.clone(),
+        })
+    }
+
+    /// Sends `req` on a pooled connection, or a new one.
+    pub async fn request(
+        &self,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        while let Some(mut sender) = self.checkout() {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.wrap(resp, sender)),
+                Err(mut e) => match e.take_message() {
+                    // Never written: try another connection.
+                    Some(back) => req = back,
+                    None => return Err(UpstreamError::Request(e.into_error())),
+                },
+            }
+        }
+        let mut sender = self.connect().await?;
+        let resp = sender.send_request(req).await?;
+        Ok(self.wrap(resp, sender))
+    }
+
+    fn checkout(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((sender, since)) = idle.pop() {
+            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push((sender, Instant::now()));
+        }
+    }
+
+    async fn connect(&self) -> Result<Sender, UpstreamError> {
+        let io = self
+            .connector
+            .clone()
+            .oneshot(self.target.clone())
+            .await
+            .map_err(|e| UpstreamError::Connect(chain(&*e)))?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Connect(chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn wrap(&self, resp: Response<Incoming>, sender: Sender) -> Response<PooledBody> {
+        let (parts, inner) = resp.into_parts();
+        let mut body = PooledBody {
+            inner,
+            back: Some((sender, self.this.clone())),
+        };
+        if http_body::Body::is_end_stream(&body.inner) {
+            body.release();
+        }
+        Response::from_parts(parts, body)
+    }
+
+    /// Idle connections now (tests and diagnostics).
+    pub fn idle_connections(&self) -> usize {
+        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// A response body that returns its connection to the pool when read to
+/// the end.
+pub struct PooledBody {
+    inner: Incoming,
+    back: Option<(Sender, Weak<UpstreamClient>)>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((sender, pool)) = self.back.take()
+            && let Some(pool) = pool.upgrade()
+        {
+            pool.checkin(sender);
+        }
+    }
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.inner).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            // An error: the connection is not reusable.
+            Poll::Ready(Some(Err(_))) => this.back = None,
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
