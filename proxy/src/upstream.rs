@@ -41,7 +41,8 @@ pub struct UpstreamClient {
     connector: HttpsConnector<HttpConnector>,
     /// `scheme://authority` of the target.
     target: Uri,
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    /// Oldest first; checked out from the back (most recently used).
+    idle: Mutex<std::collections::VecDeque<(Sender, Instant)>>,
     idle_timeout: Duration,
     this: Weak<UpstreamClient>,
 }
@@ -55,7 +56,7 @@ impl UpstreamClient {
         Arc::new_cyclic(|this| Self {
             connector,
             target,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(std::collections::VecDeque::new()),
             idle_timeout,
             this: this.clone(),
         })
@@ -86,7 +87,7 @@ impl UpstreamClient {
 
     fn checkout(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((sender, since)) = idle.pop() {
+        while let Some((sender, since)) = idle.pop_back() {
             if !sender.is_closed() && since.elapsed() < self.idle_timeout {
                 return Some(sender);
             }
@@ -99,8 +100,16 @@ impl UpstreamClient {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // Close what has idled too long or was closed by the upstream
+        // (dropping a sender closes its connection).
+        while idle
+            .front()
+            .is_some_and(|(s, since)| s.is_closed() || since.elapsed() >= self.idle_timeout)
+        {
+            idle.pop_front();
+        }
         if idle.len() < MAX_IDLE {
-            idle.push((sender, Instant::now()));
+            idle.push_back((sender, Instant::now()));
         }
     }
 
