@@ -163,6 +163,12 @@ impl From<RevokeError> for ApiError {
     }
 }
 
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        RevokeError::from(e).into()
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
         let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -646,10 +652,6 @@ fn usage_query(q: UsageParams) -> Result<crate::usage::Filter, ApiError> {
     q.filter()
 }
 
-fn store_error(e: crate::store::StoreError) -> ApiError {
-    RevokeError::from(e).into()
-}
-
 async fn usage(
     State(s): State<AdminState>,
     Extension(caller): Extension<Caller>,
@@ -657,9 +659,7 @@ async fn usage(
 ) -> Result<Response, ApiError> {
     require(&caller, Role::Viewer)?;
     let filter = usage_query(q)?;
-    let summary = crate::usage::summary(&s.cp.store, &filter)
-        .await
-        .map_err(store_error)?;
+    let summary = crate::usage::summary(&s.cp.store, &filter).await?;
     Ok(Json(summary).into_response())
 }
 
@@ -670,9 +670,7 @@ async fn usage_dependencies(
 ) -> Result<Response, ApiError> {
     require(&caller, Role::Viewer)?;
     let filter = usage_query(q)?;
-    let edges = crate::usage::dependencies(&s.cp.store, &filter)
-        .await
-        .map_err(store_error)?;
+    let edges = crate::usage::dependencies(&s.cp.store, &filter).await?;
     Ok(Json(json!({"edges": edges})).into_response())
 }
 
@@ -691,9 +689,7 @@ async fn usage_unused_grants(
         ));
     };
     let policy = s.cp.policy.load();
-    let unused = crate::usage::unused_grants(&s.cp.store, &policy.policy, since_ms)
-        .await
-        .map_err(store_error)?;
+    let unused = crate::usage::unused_grants(&s.cp.store, &policy.policy, since_ms).await?;
     Ok(
         Json(json!({"since_ms": since_ms, "policy_version": policy.version, "unused": unused}))
             .into_response(),
@@ -705,9 +701,7 @@ async fn usage_after_revocation(
     Extension(caller): Extension<Caller>,
 ) -> Result<Response, ApiError> {
     require(&caller, Role::Viewer)?;
-    let uses = crate::usage::after_revocation(&s.cp.store)
-        .await
-        .map_err(store_error)?;
+    let uses = crate::usage::after_revocation(&s.cp.store).await?;
     let violations = uses.iter().filter(|u| u.violation).count();
     Ok(Json(json!({"violations": violations, "uses": uses})).into_response())
 }
@@ -920,7 +914,7 @@ async fn audit_verify(
     Extension(caller): Extension<Caller>,
 ) -> Result<Response, ApiError> {
     require(&caller, Role::Admin)?;
-    let verdict = s.cp.store.verify_audit().await.map_err(store_error)?;
+    let verdict = s.cp.store.verify_audit().await?;
     if !verdict.ok {
         tracing::error!(entry = ?verdict.first_bad_id, problem = ?verdict.problem, "the audit log's hash chain is broken");
     }

@@ -529,16 +529,7 @@ impl Store {
                 last_id = id;
                 continue;
             };
-            let entry = AuditEntry {
-                at_ms: r.get("at_ms"),
-                actor: r.get("actor"),
-                role: r.get("role"),
-                method: r.get("method"),
-                path: r.get("path"),
-                action: r.get("action"),
-                status: u16::try_from(r.get::<i64, _>("status")).unwrap_or(0),
-                detail: r.get("detail"),
-            };
+            let entry = audit_from_row(r);
             let stored_prev: String = r.get::<Option<String>, _>("prev_hash").unwrap_or_default();
             if prev.is_none() && (!stored_prev.is_empty() || id != last_id + 1) {
                 verdict.broken(id, "entries are missing before this one");
@@ -573,19 +564,7 @@ impl Store {
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| AuditEntry {
-                at_ms: r.get("at_ms"),
-                actor: r.get("actor"),
-                role: r.get("role"),
-                method: r.get("method"),
-                path: r.get("path"),
-                action: r.get("action"),
-                status: u16::try_from(r.get::<i64, _>("status")).unwrap_or(0),
-                detail: r.get("detail"),
-            })
-            .collect())
+        Ok(rows.iter().map(audit_from_row).collect())
     }
 
     /// The key of leaked-value fingerprints, created on first use.
@@ -838,6 +817,19 @@ pub struct Sighting {
     pub count: i64,
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
+}
+
+fn audit_from_row(r: &sqlx::sqlite::SqliteRow) -> AuditEntry {
+    AuditEntry {
+        at_ms: r.get("at_ms"),
+        actor: r.get("actor"),
+        role: r.get("role"),
+        method: r.get("method"),
+        path: r.get("path"),
+        action: r.get("action"),
+        status: u16::try_from(r.get::<i64, _>("status")).unwrap_or(0),
+        detail: r.get("detail"),
+    }
 }
 
 /// The outcome of walking the audit chain.

@@ -15,10 +15,7 @@ use crate::store::{Store, StoreError, now_ms};
 /// Usage is stored in buckets of this width (of the batch's first use).
 pub const BUCKET_MS: i64 = 60_000;
 
-const METHODS: [&str; 8] = [
-    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "OTHER",
-];
-const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+use leash_api::usage::{METHODS, STATUS_CLASSES as CLASSES};
 const MAX_FIELD: usize = 512;
 
 #[derive(Debug, PartialEq, Eq)]

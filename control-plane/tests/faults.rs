@@ -127,36 +127,79 @@ fn usage_requests(admin: std::net::SocketAddr, token: &str) -> (u64, u64) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn control_plane_sigkill_under_load_loses_nothing() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let tmp = tempfile::Builder::new()
-        .prefix("lsh")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let d = tmp.path();
-    let _identity = start_identity(d, "10m", "identity.log").await;
-    let (upstream, received) = counting_upstream().await;
-    write_policy(d, upstream);
-    let (sidecar_api, admin) = (free_port(), free_port());
-    let args = serve_args(d, sidecar_api, admin);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut cp = spawn(&args, &d.join("cp1.log"));
-    wait_ready(admin).await;
-    let token = std::fs::read_to_string(d.join("data/admin-token"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let flags = ["--max-staleness", "60s", "--report-interval", "200ms"];
-    let s1 = sidecar(d, sidecar_api, &flags).await;
-    let s2 = sidecar(d, sidecar_api, &flags).await;
-    for s in [&s1, &s2] {
+/// Identity provider, upstream and policy in a temp dir, and the addresses
+/// and flags of a control plane there (started by each test its own way).
+struct Env {
+    tmp: tempfile::TempDir,
+    identity: Proc,
+    received: Arc<AtomicU64>,
+    sidecar_api: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    args: Vec<String>,
+}
+
+impl Env {
+    async fn new(svid_ttl: &str) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tmp = tempfile::Builder::new()
+            .prefix("lsh")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let identity = start_identity(tmp.path(), svid_ttl, "identity1.log").await;
+        let (upstream, received) = counting_upstream().await;
+        write_policy(tmp.path(), upstream);
+        let (sidecar_api, admin) = (free_port(), free_port());
+        let args = serve_args(tmp.path(), sidecar_api, admin);
+        Self {
+            tmp,
+            identity,
+            received,
+            sidecar_api,
+            admin,
+            args,
+        }
+    }
+
+    fn dir(&self) -> &std::path::Path {
+        self.tmp.path()
+    }
+
+    /// Starts the control plane and waits until it is ready.
+    async fn control_plane(&self, log: &str) -> Proc {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let cp = spawn(&args, &self.dir().join(log));
+        wait_ready(self.admin).await;
+        cp
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.dir().join("data/admin-token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// A sidecar with `flags`, once it forwards.
+    async fn sidecar(&self, flags: &[&str]) -> leash_proxy::Sidecar {
+        let s = sidecar(self.dir(), self.sidecar_api, flags).await;
         let deadline = Instant::now() + Duration::from_secs(20);
         while get(s.egress_addr, URL).await.map(|r| r.0) != Some(200) {
             assert!(Instant::now() < deadline, "sidecar never forwarded");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        s
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_sigkill_under_load_loses_nothing() {
+    let env = Env::new("10m").await;
+    let (admin, received) = (env.admin, env.received.clone());
+    let mut cp = env.control_plane("cp1.log").await;
+    let token = env.token();
+    let flags = ["--max-staleness", "60s", "--report-interval", "200ms"];
+    let s1 = env.sidecar(&flags).await;
+    let s2 = env.sidecar(&flags).await;
 
     let load = traffic(&[s1.egress_addr, s2.egress_addr]);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -166,8 +209,7 @@ async fn control_plane_sigkill_under_load_loses_nothing() {
     cp.0.kill().unwrap();
     cp.0.wait().unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    cp = spawn(&args, &d.join("cp2.log"));
-    wait_ready(admin).await;
+    cp = env.control_plane("cp2.log").await;
     // Both sidecars are back: they acknowledge the old revocation again
     // (restoring any proof lost with the crash) and the new one.
     acknowledged_by(admin, &token, &first, 2).await;
@@ -207,31 +249,12 @@ async fn control_plane_sigkill_under_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_api_restart_and_svid_rotation_under_load() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let tmp = tempfile::Builder::new()
-        .prefix("lsh")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let d = tmp.path();
     // SVIDs of 4 s are re-issued every 2 s: several rotations under load.
-    let mut identity = start_identity(d, "4s", "identity1.log").await;
-    let (upstream, _) = counting_upstream().await;
-    write_policy(d, upstream);
-    let (sidecar_api, admin) = (free_port(), free_port());
-    let args = serve_args(d, sidecar_api, admin);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _cp = spawn(&args, &d.join("cp.log"));
-    wait_ready(admin).await;
-    let token = std::fs::read_to_string(d.join("data/admin-token"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let s = sidecar(d, sidecar_api, &["--max-staleness", "60s"]).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while get(s.egress_addr, URL).await.map(|r| r.0) != Some(200) {
-        assert!(Instant::now() < deadline, "sidecar never forwarded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut env = Env::new("4s").await;
+    let (admin, d) = (env.admin, env.dir().to_owned());
+    let _cp = env.control_plane("cp.log").await;
+    let token = env.token();
+    let s = env.sidecar(&["--max-staleness", "60s"]).await;
     let first_leaf = s.link.svid_leaf().unwrap();
     let load = traffic(&[s.egress_addr]);
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -239,10 +262,10 @@ async fn workload_api_restart_and_svid_rotation_under_load() {
     assert_ne!(rotated, first_leaf, "the SVID rotated under load");
 
     // The Workload API goes away and comes back with a new CA.
-    identity.0.kill().unwrap();
-    identity.0.wait().unwrap();
+    env.identity.0.kill().unwrap();
+    env.identity.0.wait().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    identity = start_identity(d, "4s", "identity2.log").await;
+    env.identity = start_identity(&d, "4s", "identity2.log").await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while s.link.svid_leaf().unwrap() == rotated {
         assert!(
@@ -263,22 +286,12 @@ async fn workload_api_restart_and_svid_rotation_under_load() {
         .unwrap();
     assert_eq!(r.1["error"], "revoked_grant");
     s.shutdown(Duration::from_secs(2)).await;
-    drop(identity);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_writes_clearly_and_corrupts_nothing() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let tmp = tempfile::Builder::new()
-        .prefix("lsh")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let d = tmp.path();
-    let _identity = start_identity(d, "10m", "identity.log").await;
-    let (upstream, _) = counting_upstream().await;
-    write_policy(d, upstream);
-    let (sidecar_api, admin) = (free_port(), free_port());
-    let args = serve_args(d, sidecar_api, admin);
+    let env = Env::new("10m").await;
+    let (d, admin, args) = (env.dir(), env.admin, &env.args);
     // The disk fills up: no file of the store may grow past 1 MiB (writes
     // past it fail with EFBIG, as on a full disk; SIGXFSZ is ignored, as a
     // process on a full disk gets no signal).
@@ -288,26 +301,15 @@ async fn a_full_disk_refuses_writes_clearly_and_corrupts_nothing() {
         .arg("trap '' XFSZ; exec prlimit --fsize=1048576 \"$@\"")
         .arg("sh")
         .arg(env!("CARGO_BIN_EXE_leash-control-plane"))
-        .args(&args)
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(log);
     let mut cp = Proc(full.spawn().unwrap());
     wait_ready(admin).await;
-    let token = std::fs::read_to_string(d.join("data/admin-token"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let s = sidecar(
-        d,
-        sidecar_api,
-        &["--max-staleness", "60s", "--report-interval", "200ms"],
-    )
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while get(s.egress_addr, URL).await.map(|r| r.0) != Some(200) {
-        assert!(Instant::now() < deadline, "sidecar never forwarded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let token = env.token();
+    let s = env
+        .sidecar(&["--max-staleness", "60s", "--report-interval", "200ms"])
+        .await;
 
     // Revoke and restore until the store refuses.
     let mut committed = Vec::new();
@@ -380,9 +382,7 @@ async fn a_full_disk_refuses_writes_clearly_and_corrupts_nothing() {
         .unwrap();
     assert_eq!(check, "ok");
     pool.close().await;
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _cp = spawn(&args, &d.join("cp-after.log"));
-    wait_ready(admin).await;
+    let _cp = env.control_plane("cp-after.log").await;
     let (code, out, _) = leashctl(admin, Some(&token), &["--json", "revocations", "--all"]);
     assert_eq!(code, 0);
     for id in &committed {

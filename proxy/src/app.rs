@@ -163,7 +163,6 @@ impl Sidecar {
         let egress_service = Arc::new(Egress {
             link: link.clone(),
             cache,
-            metrics: metrics.clone(),
             response_timeout: config.upstream_response_timeout,
             max_header_bytes: config.limits.max_header_bytes,
             usage_reporting: config.usage_reporting,
@@ -327,7 +326,7 @@ impl ConfigDump {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         json!({
             "version": env!("CARGO_PKG_VERSION"),
-            "workload": link.workload_id().as_str(),
+            "workload": link.workload_id().to_string(),
             "listeners": {
                 "egress": self.egress,
                 "admin": self.admin,

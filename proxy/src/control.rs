@@ -78,7 +78,7 @@ pub struct ControlLink {
     connected: AtomicBool,
     identity: ArcSwapOption<Identity>,
     /// The workload's SPIFFE ID, for revocation checks on the hot path.
-    workload_id: ArcSwap<String>,
+    workload_id: ArcSwap<Arc<str>>,
     /// Milliseconds since `epoch` when the control plane was last heard.
     last_heard_ms: AtomicU64,
     epoch: Instant,
@@ -98,7 +98,6 @@ pub struct ControlLink {
     /// Usage counters and the batches waiting for the control plane.
     pub usage: Arc<Usage>,
     pub metrics: Arc<crate::metrics::Metrics>,
-    workload_arc: std::sync::Mutex<Arc<str>>,
 }
 
 impl ControlLink {
@@ -113,7 +112,7 @@ impl ControlLink {
             synced: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             identity: ArcSwapOption::empty(),
-            workload_id: ArcSwap::from_pointee(String::new()),
+            workload_id: ArcSwap::from_pointee(Arc::from("")),
             last_heard_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             store_id: std::sync::Mutex::new(String::new()),
@@ -126,7 +125,6 @@ impl ControlLink {
             applied_rx: std::sync::Mutex::new(Some(applied_rx)),
             usage: Arc::new(Usage::new(config.usage_buffer_records)),
             metrics: Arc::new(crate::metrics::Metrics::default()),
-            workload_arc: std::sync::Mutex::new(Arc::from("")),
             config,
         })
     }
@@ -194,21 +192,13 @@ impl ControlLink {
     }
 
     /// The workload's SPIFFE ID ("" until the identity is acquired).
-    pub fn workload_id(&self) -> arc_swap::Guard<Arc<String>> {
+    pub fn workload_id(&self) -> arc_swap::Guard<Arc<Arc<str>>> {
         self.workload_id.load()
     }
 
-    /// The same, shared (for span attributes).
+    /// The same, as an owned handle (for span attributes).
     pub fn workload_arc(&self) -> Arc<str> {
-        let id = self.workload_id.load();
-        let mut cached = self
-            .workload_arc
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if &**cached != id.as_str() {
-            *cached = Arc::from(id.as_str());
-        }
-        cached.clone()
+        Arc::clone(&self.workload_id.load())
     }
 
     /// DER of the current SVID's leaf certificate (diagnostics and tests).
@@ -342,22 +332,11 @@ impl ControlLink {
         let mut reports = self.reports_rx.lock().await;
         let mut strip_tick = tokio::time::interval(self.config.report_interval);
         // Every batch not yet acknowledged is (re)sent on a new session.
-        let mut usage_sent = 0;
-        let mut usage_sent_at = Instant::now();
-        let send_usage = |after: &mut u64, at: &mut Instant| {
-            let batches = self.usage.pending_after(*after);
-            if let Some(last) = batches.last() {
-                *after = last.batch_seq;
-                *at = Instant::now();
-            }
-            batches
+        let mut usage = UsageSent {
+            upto: 0,
+            at: Instant::now(),
         };
-        for batch in send_usage(&mut usage_sent, &mut usage_sent_at) {
-            let msg = SidecarMessage {
-                msg: Some(sidecar_message::Msg::Usage(batch)),
-            };
-            tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
-        }
+        self.send_usage(&tx, &mut usage).await?;
         loop {
             // Heartbeats come every few seconds; silence this long means the
             // connection is dead even if TCP has not noticed.
@@ -368,21 +347,15 @@ impl ControlLink {
                     continue;
                 }
                 () = self.usage.queued.notified() => {
-                    for batch in send_usage(&mut usage_sent, &mut usage_sent_at) {
-                        let msg = SidecarMessage { msg: Some(sidecar_message::Msg::Usage(batch)) };
-                        tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
-                    }
+                    self.send_usage(&tx, &mut usage).await?;
                     continue;
                 }
                 _ = strip_tick.tick() => {
                     // Sent and never acknowledged (the control plane could
                     // not store them): send again; it ignores what it has.
-                    if self.usage.pending() > 0 && usage_sent_at.elapsed() > self.config.report_interval * 6 {
-                        usage_sent = 0;
-                        for batch in send_usage(&mut usage_sent, &mut usage_sent_at) {
-                            let msg = SidecarMessage { msg: Some(sidecar_message::Msg::Usage(batch)) };
-                            tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
-                        }
+                    if self.usage.pending() > 0 && usage.at.elapsed() > self.config.report_interval * 6 {
+                        usage.upto = 0;
+                        self.send_usage(&tx, &mut usage).await?;
                     }
                     for (upstream, count) in self.routes.load().take_strip_counts() {
                         let msg = SidecarMessage {
@@ -486,6 +459,23 @@ impl ControlLink {
         }
     }
 
+    /// Sends the usage batches queued after `sent.upto`.
+    async fn send_usage(
+        &self,
+        tx: &mpsc::Sender<SidecarMessage>,
+        sent: &mut UsageSent,
+    ) -> Result<(), ControlError> {
+        for batch in self.usage.pending_after(sent.upto) {
+            sent.upto = batch.batch_seq;
+            sent.at = Instant::now();
+            let msg = SidecarMessage {
+                msg: Some(sidecar_message::Msg::Usage(batch)),
+            };
+            tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
+        }
+        Ok(())
+    }
+
     /// Publishes a new revocation state, waits for requests checked against
     /// the old one, then acknowledges.
     async fn apply(
@@ -525,7 +515,7 @@ impl ControlLink {
                     let source = identity.source.clone();
                     if let Ok(svid) = source.svid() {
                         self.workload_id
-                            .store(Arc::new(svid.spiffe_id().to_string()));
+                            .store(Arc::new(svid.spiffe_id().to_string().into()));
                     }
                     self.identity.store(Some(Arc::new(identity)));
                     self.identity_ready.store(true, Ordering::Release);
@@ -592,6 +582,12 @@ impl ControlLink {
             .keep_alive_while_idle(true);
         Ok(endpoint.connect_with_connector_lazy(connect))
     }
+}
+
+/// The newest usage batch sent on this session, and when.
+struct UsageSent {
+    upto: u64,
+    at: Instant,
 }
 
 /// ±20% so that many sidecars do not retry in step.

@@ -23,7 +23,6 @@ use hyper::body::Incoming;
 use crate::cache::{CachedCredential, CredentialCache, CredentialError, InjectValue};
 use crate::control::ControlLink;
 use crate::leak;
-use crate::metrics::Metrics;
 use crate::refusal::Refusal;
 use crate::routes::{EgressRoute, InjectHow};
 use crate::telemetry::{EgressOtel, TraceInfo};
@@ -36,7 +35,6 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 pub struct Egress {
     pub link: Arc<ControlLink>,
     pub cache: CredentialCache,
-    pub metrics: Arc<Metrics>,
     pub response_timeout: Duration,
     pub max_header_bytes: usize,
     /// Spans and OTLP metrics, when an OTLP endpoint is configured.
@@ -81,7 +79,7 @@ impl Egress {
     }
 
     fn refuse(&self, refusal: Refusal) -> Response<ProxyBody> {
-        self.metrics.refused(&refusal);
+        self.link.metrics.refused(&refusal);
         tracing::info!(code = refusal.code(), reason = %refusal, "request refused");
         refusal.into_response()
     }
@@ -96,14 +94,13 @@ impl Egress {
     ) -> Response<ProxyBody> {
         let mut info = otel.start(req.headers(), req.method(), self.link.workload_arc());
         let result = self.forward(bound, req, arrived, Some(&mut info)).await;
-        let upstream_time = info.upstream_time;
         match result {
             Ok(resp) => {
-                otel.finish(info, Ok(resp.status()), upstream_time);
+                otel.finish(info, Ok(resp.status()));
                 resp
             }
             Err(refusal) => {
-                otel.finish(info, Err((refusal.code(), refusal.to_string())), None);
+                otel.finish(info, Err((refusal.code(), refusal.to_string())));
                 self.refuse(refusal)
             }
         }

@@ -83,7 +83,6 @@ impl EgressOtel {
         &self,
         info: TraceInfo,
         outcome: Result<http::StatusCode, (&'static str, String)>,
-        upstream_time: Option<Duration>,
     ) {
         let span = info.cx.span();
         if let Some(u) = &info.upstream {
@@ -102,7 +101,7 @@ impl EgressOtel {
                 if status.is_server_error() {
                     span.set_status(Status::error(status.to_string()));
                 }
-                if let (Some(t), Some(u)) = (upstream_time, &info.upstream) {
+                if let (Some(t), Some(u)) = (info.upstream_time, &info.upstream) {
                     self.upstream_duration.record(
                         t.as_secs_f64(),
                         &[KeyValue::new("leash.upstream", u.clone())],

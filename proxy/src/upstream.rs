@@ -33,7 +33,7 @@ const MAX_IDLE: usize = 256;
 pub enum UpstreamError {
     #[error("connection failed: {0}")]
     Connect(String),
-    #[error("request failed: {0}")]
+    #[error("request failed: {}", chain(.0))]
     Request(#[from] hyper::Error),
 }
 

@@ -20,10 +20,7 @@ use http::{Method, StatusCode};
 use leash_api::v1::{UsageBatch, UsageRecord};
 use tokio::sync::Notify;
 
-pub const METHODS: [&str; 8] = [
-    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "OTHER",
-];
-pub const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+pub use leash_api::usage::{METHODS, STATUS_CLASSES as CLASSES};
 const SLOTS: usize = METHODS.len() * CLASSES.len();
 /// Marks a request whose usage is not counted (reporting off).
 pub const NO_SLOT: usize = usize::MAX;

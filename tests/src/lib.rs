@@ -799,3 +799,50 @@ pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// How a [`canned_upstream`] behaves.
+#[derive(Clone, Copy)]
+pub enum Canned {
+    /// Answer every request after `delay`, keeping connections alive or not.
+    Answer { delay: Duration, keep_alive: bool },
+    /// Reset every connection as soon as it is accepted.
+    Reset,
+}
+
+/// A test upstream on 127.0.0.1 giving `answer()` to every request; returns
+/// its address and the number of connections it has accepted.
+pub async fn canned_upstream<F>(
+    how: Canned,
+    answer: F,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>)
+where
+    F: Fn() -> http::Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+{
+    let l = listener().await;
+    let addr = l.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Canned::Answer { delay, keep_alive } = how else {
+                let _ = tcp.set_zero_linger();
+                continue;
+            };
+            let answer = answer.clone();
+            let svc = hyper::service::service_fn(move |_req| {
+                let answer = answer.clone();
+                async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(answer())
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .keep_alive(keep_alive)
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    (addr, accepted)
+}

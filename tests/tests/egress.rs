@@ -270,27 +270,16 @@ async fn request_body_streams_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_pooled_and_replaced_when_the_upstream_closes_them() {
     // An upstream that closes every connection after one answer.
-    let closer = leash_tests::listener().await;
-    let closer_addr = closer.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = closer.accept().await {
-            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .keep_alive(false)
-                    .serve_connection(
-                        hyper_util::rt::TokioIo::new(tcp),
-                        hyper::service::service_fn(|_req| async {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from_static(b"once\n")),
-                            ))
-                        }),
-                    ),
-            );
-        }
-    });
+    let closes = leash_tests::Canned::Answer {
+        delay: Duration::ZERO,
+        keep_alive: false,
+    };
+    let (closer_addr, accepted) = leash_tests::canned_upstream(closes, || {
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"once\n",
+        )))
+    })
+    .await;
     let d = Deployment::start_with(
         move |up| {
             format!(

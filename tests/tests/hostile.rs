@@ -142,35 +142,19 @@ async fn connection_header_tricks_do_not_drop_the_injected_credential() {
 
 /// An upstream that answers every request with a redirect to `to`.
 async fn redirecting_upstream(to: String) -> SocketAddr {
-    use http_body_util::Full;
-    let l = listener().await;
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = l.accept().await else {
-                return;
-            };
-            let to = to.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    let to = to.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            http::Response::builder()
-                                .status(302)
-                                .header("location", to)
-                                .body(Full::new(bytes::Bytes::new()))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    let how = Canned::Answer {
+        delay: Duration::ZERO,
+        keep_alive: true,
+    };
+    canned_upstream(how, move || {
+        http::Response::builder()
+            .status(302)
+            .header("location", to.as_str())
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    })
+    .await
+    .0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

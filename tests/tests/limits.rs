@@ -12,34 +12,23 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 const SVID_TTL: Duration = Duration::from_secs(600);
 
 /// An upstream that waits `delay` before answering `200 slow`, or, with
-/// `reset`, closes every connection as soon as it is accepted.
+/// `reset`, resets every connection as soon as it is accepted.
 async fn odd_upstream(delay: Duration, reset: bool) -> SocketAddr {
-    let l = listener().await;
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = l.accept().await else {
-                return;
-            };
-            if reset {
-                let _ = tcp.set_zero_linger();
-                drop(tcp);
-                continue;
-            }
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| async move {
-                    tokio::time::sleep(delay).await;
-                    Ok::<_, std::convert::Infallible>(http::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from_static(b"slow\n")),
-                    ))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
+    let how = if reset {
+        Canned::Reset
+    } else {
+        Canned::Answer {
+            delay,
+            keep_alive: true,
         }
-    });
-    addr
+    };
+    canned_upstream(how, || {
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"slow\n",
+        )))
+    })
+    .await
+    .0
 }
 
 /// payments (the example upstream), slow (answers after 2 s) and flaky

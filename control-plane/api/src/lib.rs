@@ -22,6 +22,16 @@ pub mod workload {
     tonic::include_proto!("_");
 }
 
+/// The vocabulary of usage records (`UsageRecord.method`, `.status_class`),
+/// shared by the sidecar that counts and the control plane that checks.
+pub mod usage {
+    pub const METHODS: [&str; 8] = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "OTHER",
+    ];
+    /// `error`: the upstream gave no answer.
+    pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+}
+
 /// The gRPC metadata key every Workload API client must send (value `true`);
 /// servers reject calls without it, as SPIRE does.
 pub const WORKLOAD_API_HEADER: &str = "workload.spiffe.io";
