@@ -151,6 +151,8 @@ async fn handle(
 ) -> Response<Full<Bytes>> {
     let arrived = std::time::Instant::now();
     let path = req.uri().path().to_owned();
+    // The request target as it was on the request line.
+    let target = req.uri().to_string();
     let query = req.uri().query().unwrap_or("").to_owned();
     let headers: serde_json::Map<String, serde_json::Value> = req
         .headers()
@@ -191,6 +193,7 @@ async fn handle(
             StatusCode::OK,
             serde_json::json!({
                 "path": path,
+                "target": target,
                 "query": query,
                 "headers": headers,
                 "body_bytes": body_len,

@@ -175,7 +175,7 @@ impl Egress {
             UpstreamBody::Direct(body)
         };
         strip_hop_by_hop(&mut parts.headers);
-        if strip_workload_credentials(&mut parts.headers, &route.inject) {
+        if inject_credential(&mut parts.headers, &route.inject, &credential.value) {
             route
                 .stripped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -185,10 +185,6 @@ impl Egress {
         parts
             .headers
             .insert(header::HOST, route.host_header.clone());
-        if let (Some(name), InjectValue::Header(value)) = (route.inject.header(), &credential.value)
-        {
-            parts.headers.insert(name.clone(), value.clone());
-        }
         tracing::debug!(upstream = %route.name, credential_id = %credential.id, "forwarding");
         if let Some(t) = trace.as_deref_mut() {
             t.credential_id = Some(credential.id.clone());
@@ -476,7 +472,7 @@ fn request_host(req: &Request<Incoming>) -> Option<&str> {
     Some(host[..end].trim_end_matches('.'))
 }
 
-const HOP_BY_HOP: [HeaderName; 7] = [
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -489,34 +485,63 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Removes connection-level headers, including any that `Connection` names.
 /// (`Transfer-Encoding` is handled by hyper's codec on each side.)
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) headers usually finds none: no hashing then.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // One pass over the (few) headers notes which hop-by-hop ones are there
+    // (usually none, or an upstream's `Connection: keep-alive`): only those
+    // are then looked up and removed.
+    let mut present = 0u8;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
+    // HOP_BY_HOP[0] is `Connection`: what it names goes too, unless it is
+    // one of the hop-by-hop headers removed below anyway.
+    if present & 1 != 0 {
+        let mut named = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.as_bytes().split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.is_empty()
+                    || HOP_BY_HOP
+                        .iter()
+                        .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token) {
+                    named.push(name);
+                }
+            }
+        }
         for name in named {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
-/// A managed upstream only ever sees Leash's credential: whatever the
-/// workload put where the credential goes is removed. Returns whether there
+/// Puts Leash's credential where the route says. A managed upstream only
+/// ever sees Leash's credential: whatever the workload put there, and any
+/// `Authorization` of its own, is replaced or removed. Returns whether there
 /// was anything (the workload still holds a secret of its own).
-fn strip_workload_credentials(headers: &mut HeaderMap, inject: &InjectHow) -> bool {
-    let mut stripped = headers.remove(header::AUTHORIZATION).is_some();
-    if let Some(name) = inject.header() {
+fn inject_credential(headers: &mut HeaderMap, inject: &InjectHow, value: &InjectValue) -> bool {
+    let mut stripped = false;
+    let target = inject.header();
+    if let (Some(name), InjectValue::Header(value)) = (target, value) {
+        // `insert` replaces every value the workload sent under that name.
+        stripped |= headers.insert(name.clone(), value.clone()).is_some();
+    } else if let Some(name) = target {
         stripped |= headers.remove(name).is_some();
+    }
+    if target != Some(&header::AUTHORIZATION) {
+        stripped |= headers.remove(header::AUTHORIZATION).is_some();
     }
     stripped
 }
@@ -651,6 +676,8 @@ impl http_body::Body for UpstreamBody {
     }
 }
 
+/// The request target sent upstream: the workload's path and query, with
+/// the credential added to the query when the route injects it there.
 fn upstream_uri(
     route: &EgressRoute,
     uri: &Uri,
@@ -690,10 +717,83 @@ fn upstream_uri(
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     };
-    Uri::builder()
-        .scheme(route.scheme.clone())
-        .authority(route.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| Refusal::BadRequest("invalid request target"))
+    // Origin-form (RFC 9112 §3.2.1): the connection already goes to the
+    // route's target, and hyper writes the request target as given.
+    Ok(Uri::from(path_and_query))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_what_connection_names_are_removed() {
+        let mut h = headers(&[
+            ("connection", "Keep-Alive, X-Private"),
+            ("connection", " x-other ,close"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("x-other", "2"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic eA=="),
+            ("x-kept", "3"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept", "content-type"]);
+
+        // An answer with only `Connection: keep-alive` keeps everything else.
+        let mut h = headers(&[("connection", "keep-alive"), ("content-length", "3")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::CONTENT_LENGTH));
+    }
+
+    #[test]
+    fn the_injected_credential_replaces_the_workloads() {
+        let value = InjectValue::Header("Bearer leash".parse().unwrap());
+        let bearer = InjectHow::Basic {
+            username: "u".into(),
+        };
+        let mut h = headers(&[("authorization", "Bearer own"), ("authorization", "x")]);
+        assert!(inject_credential(&mut h, &bearer, &value));
+        let all: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
+        assert_eq!(all, ["Bearer leash"]);
+
+        let api_key = InjectHow::Header {
+            name: HeaderName::from_static("x-api-key"),
+            prefix: String::new(),
+            suffix: String::new(),
+        };
+        let mut h = headers(&[("authorization", "Bearer own")]);
+        assert!(inject_credential(&mut h, &api_key, &value));
+        assert!(h.get(header::AUTHORIZATION).is_none());
+        assert_eq!(h["x-api-key"], "Bearer leash");
+        let mut h = headers(&[("accept", "*/*")]);
+        assert!(!inject_credential(&mut h, &api_key, &value));
+
+        let query = InjectHow::Query {
+            param: "key".into(),
+        };
+        let mut h = headers(&[("authorization", "Bearer own")]);
+        assert!(inject_credential(
+            &mut h,
+            &query,
+            &InjectValue::Query(Bytes::from_static(b"k"))
+        ));
+        assert!(h.is_empty());
+    }
 }

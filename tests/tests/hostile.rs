@@ -90,6 +90,9 @@ async fn the_request_target_decides_the_route_and_host_is_rewritten() {
     let echo = a.json();
     assert_eq!(echo["headers"]["host"], d.upstream.to_string());
     assert_eq!(echo["verified_sub"], APP_ID);
+    // The upstream is an origin server, not a proxy: it gets origin-form,
+    // whatever form the workload used.
+    assert_eq!(echo["target"], "/echo");
     // Absolute URL names an unknown host, Host names payments: refused; the
     // Host header cannot pull the credential to an unnamed target.
     let before = paths_seen(&d);
