@@ -22,7 +22,7 @@ use leash_api::revocation::RevocationSet;
 
 use crate::cache::CredentialCache;
 use crate::control::{ControlConfig, ControlLink};
-use crate::egress::{Egress, ProxyBody};
+use crate::egress::{Egress, ProxyBody, ResponseTimer};
 use crate::metrics::{Gauges, Metrics};
 
 #[derive(Debug, Clone)]
@@ -185,10 +185,10 @@ impl Sidecar {
                 config.limits.clone(),
                 connections.clone(),
                 shutdown.subscribe(),
-                move |req, _peer| {
+                move |req, _peer, timer| {
                     let svc = svc.clone();
                     let name = name.clone();
-                    async move { svc.handle(Some(&name), req).await }
+                    async move { svc.handle(Some(&name), req, &timer).await }
                 },
             ));
         }
@@ -198,9 +198,9 @@ impl Sidecar {
             config.limits.clone(),
             connections,
             shutdown.subscribe(),
-            move |req, _peer| {
+            move |req, _peer, timer| {
                 let svc = svc.clone();
-                async move { svc.handle(None, req).await }
+                async move { svc.handle(None, req, &timer).await }
             },
         ));
 
@@ -216,7 +216,7 @@ impl Sidecar {
             Limits::default(),
             Arc::new(tokio::sync::Semaphore::new(64)),
             shutdown.subscribe(),
-            move |req, peer| {
+            move |req, peer, _timer| {
                 let link = admin_link.clone();
                 let metrics = metrics.clone();
                 let dump = dump.clone();
@@ -505,7 +505,7 @@ async fn serve_http<F, Fut>(
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, SocketAddr, Arc<ResponseTimer>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let mut builder = http1::Builder::new();
@@ -535,9 +535,12 @@ async fn serve_http<F, Fut>(
             continue;
         };
         let handler = handler.clone();
+        // One per connection: its requests come one after another.
+        let timer = Arc::new(ResponseTimer::default());
         let service = service_fn(move |req| {
             let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req, peer).await) }
+            let timer = timer.clone();
+            async move { Ok::<_, Infallible>(handler(req, peer, timer).await) }
         });
         let conn = builder.serve_connection(TokioIo::new(tcp), service);
         let conn = graceful.watch(conn);

@@ -55,8 +55,14 @@ impl Drop for InFlight<'_> {
 }
 
 impl Egress {
-    /// Serves one request. `bound` is the upstream of a named listener.
-    pub async fn handle(&self, bound: Option<&str>, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// Serves one request. `bound` is the upstream of a named listener;
+    /// `timer` is the response timer of the workload connection it came on.
+    pub async fn handle(
+        &self,
+        bound: Option<&str>,
+        req: Request<Incoming>,
+        timer: &ResponseTimer,
+    ) -> Response<ProxyBody> {
         let arrived = std::time::Instant::now();
         // Load shedding: past the limit, a clear 503 at once, not a queue.
         let n = self
@@ -70,9 +76,9 @@ impl Egress {
             });
         }
         if let Some(otel) = &self.otel {
-            return Box::pin(self.handle_traced(otel, bound, req, arrived)).await;
+            return Box::pin(self.handle_traced(otel, bound, req, arrived, timer)).await;
         }
-        match self.forward(bound, req, arrived, None).await {
+        match self.forward(bound, req, arrived, timer, None).await {
             Ok(resp) => resp,
             Err(refusal) => self.refuse(refusal),
         }
@@ -91,9 +97,12 @@ impl Egress {
         bound: Option<&str>,
         req: Request<Incoming>,
         arrived: std::time::Instant,
+        timer: &ResponseTimer,
     ) -> Response<ProxyBody> {
         let mut info = otel.start(req.headers(), req.method(), self.link.workload_arc());
-        let result = self.forward(bound, req, arrived, Some(&mut info)).await;
+        let result = self
+            .forward(bound, req, arrived, timer, Some(&mut info))
+            .await;
         match result {
             Ok(resp) => {
                 otel.finish(info, Ok(resp.status()));
@@ -111,6 +120,7 @@ impl Egress {
         bound: Option<&str>,
         req: Request<Incoming>,
         arrived: std::time::Instant,
+        timer: &ResponseTimer,
         mut trace: Option<&mut TraceInfo>,
     ) -> Result<Response<ProxyBody>, Refusal> {
         if req.method() == Method::CONNECT {
@@ -199,8 +209,9 @@ impl Egress {
         };
         let sent = std::time::Instant::now();
         route.metrics.injection.observe(sent - arrived);
-        let call = route.client.request(Request::from_parts(parts, body));
-        let answer = tokio::time::timeout(self.response_timeout, call).await;
+        timer.arm(sent + self.response_timeout);
+        let call = std::pin::pin!(route.client.request(Request::from_parts(parts, body)));
+        let answer = Deadline { call, timer }.await;
         let upstream_time = sent.elapsed();
         route.metrics.upstream.observe(upstream_time);
         if let Some(t) = trace {
@@ -368,6 +379,53 @@ impl Egress {
     }
 }
 
+/// The upstream response timer of one workload connection. Its requests
+/// come one after another, so one timer entry serves them all: re-arming a
+/// registered timer for a later deadline is a compare-and-swap in tokio,
+/// where a timeout per request inserts into and removes from the timer
+/// wheel every time.
+#[derive(Default)]
+pub struct ResponseTimer(std::sync::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>);
+
+impl ResponseTimer {
+    fn arm(&self, deadline: std::time::Instant) {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let mut sleep = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match sleep.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(deadline),
+            None => *sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+
+    /// Whether the deadline last armed has passed (registers the waker).
+    fn poll_expired(&self, cx: &mut Context<'_>) -> bool {
+        let mut sleep = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        sleep
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
+    }
+}
+
+/// `call`, or `Err(())` once its connection's response timer expires.
+struct Deadline<'a, F> {
+    call: F,
+    timer: &'a ResponseTimer,
+}
+
+impl<F: std::future::Future + Unpin> std::future::Future for Deadline<'_, F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Poll::Ready(out) = Pin::new(&mut self.call).poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        if self.timer.poll_expired(cx) {
+            return Poll::Ready(Err(()));
+        }
+        Poll::Pending
+    }
+}
+
 fn revoked(r: &Revocation, upstream: &str) -> Refusal {
     let kind = RevocationKind::parse(&r.kind);
     let what = match kind {
@@ -482,6 +540,35 @@ static HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// Where `name` is in [`HOP_BY_HOP`] (a match on the lowercase name: cheaper
+/// than comparing with each entry).
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    hop_by_hop_lowercase(name.as_str().as_bytes())
+}
+
+/// As [`hop_by_hop_index`], for a `Connection` token in any case.
+fn hop_by_hop_token(token: &[u8]) -> Option<usize> {
+    let mut lower = [0u8; 19];
+    let buf = lower.get_mut(..token.len())?;
+    for (d, s) in buf.iter_mut().zip(token) {
+        *d = s.to_ascii_lowercase();
+    }
+    hop_by_hop_lowercase(buf)
+}
+
+fn hop_by_hop_lowercase(name: &[u8]) -> Option<usize> {
+    Some(match name {
+        b"connection" => 0,
+        b"keep-alive" => 1,
+        b"proxy-connection" => 2,
+        b"proxy-authorization" => 3,
+        b"te" => 4,
+        b"trailer" => 5,
+        b"upgrade" => 6,
+        _ => return None,
+    })
+}
+
 /// Removes connection-level headers, including any that `Connection` names.
 /// (`Transfer-Encoding` is handled by hyper's codec on each side.)
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -490,7 +577,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // are then looked up and removed.
     let mut present = 0u8;
     for k in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+        if let Some(i) = hop_by_hop_index(k) {
             present |= 1 << i;
         }
     }
@@ -501,20 +588,24 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // one of the hop-by-hop headers removed below anyway.
     if present & 1 != 0 {
         let mut named = Vec::new();
+        let mut close = false;
         for value in headers.get_all(header::CONNECTION) {
             for token in value.as_bytes().split(|b| *b == b',') {
                 let token = token.trim_ascii();
-                if token.is_empty()
-                    || HOP_BY_HOP
-                        .iter()
-                        .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
-                {
+                // The common tokens (`keep-alive`, `close`) are checked
+                // without building a header name (which allocates).
+                if token.is_empty() || hop_by_hop_token(token).is_some() {
                     continue;
                 }
-                if let Ok(name) = HeaderName::from_bytes(token) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if let Ok(name) = HeaderName::from_bytes(token) {
                     named.push(name);
                 }
             }
+        }
+        if close {
+            headers.remove("close");
         }
         for name in named {
             headers.remove(name);
@@ -738,11 +829,25 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_index_matches_the_list() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+        }
+        assert_eq!(hop_by_hop_index(&header::CONTENT_LENGTH), None);
+        assert_eq!(hop_by_hop_index(&HeaderName::from_static("x-te")), None);
+        assert_eq!(hop_by_hop_token(b"Keep-Alive"), Some(1));
+        assert_eq!(hop_by_hop_token(b"PROXY-AUTHORIZATION"), Some(3));
+        assert_eq!(hop_by_hop_token(b"proxy-authorization-x"), None);
+        assert_eq!(hop_by_hop_token(b"close"), None);
+    }
+
+    #[test]
     fn hop_by_hop_headers_and_what_connection_names_are_removed() {
         let mut h = headers(&[
             ("connection", "Keep-Alive, X-Private"),
             ("connection", " x-other ,close"),
             ("keep-alive", "timeout=5"),
+            ("close", "a header named by a connection option"),
             ("x-private", "1"),
             ("x-other", "2"),
             ("te", "trailers"),
@@ -752,8 +857,9 @@ mod tests {
             ("content-type", "text/plain"),
         ]);
         strip_hop_by_hop(&mut h);
-        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
-        assert_eq!(left, ["x-kept", "content-type"]);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-kept"]);
 
         // An answer with only `Connection: keep-alive` keeps everything else.
         let mut h = headers(&[("connection", "keep-alive"), ("content-length", "3")]);

@@ -179,6 +179,52 @@ async fn slow_and_resetting_upstreams_get_clear_answers() {
     assert_eq!(a.status, 200);
 }
 
+/// The response timer is one per workload connection, re-armed for each
+/// request: on one kept-alive connection every slow request still times out
+/// after the limit (not before, not never), and the requests after a
+/// timeout, or after an idle spell longer than the limit, are not cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_timeout_holds_for_each_request_on_a_kept_alive_connection() {
+    let d = deployment().await;
+    let limit = Duration::from_millis(500);
+    let s = sidecar_with(&d, |c| c.upstream_response_timeout = limit).await;
+    let stream = tokio::net::TcpStream::connect(s.egress_addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(conn);
+    let mut get = async |host: &str| {
+        let req = http::Request::get(format!("http://{host}/whoami"))
+            .header(http::header::HOST, host)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let started = Instant::now();
+        sender.ready().await.expect("connection kept alive");
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        (status, started.elapsed())
+    };
+    for round in 0..2 {
+        let (status, _) = get("payments.leash.test").await;
+        assert_eq!(status, 200, "round {round}: fast request before");
+        let (status, took) = get("slow.leash.test").await;
+        assert_eq!(status, 504, "round {round}: slow request");
+        assert!(
+            took >= limit - Duration::from_millis(50) && took < Duration::from_millis(1900),
+            "round {round}: timed out after {took:?}, limit {limit:?}"
+        );
+        let (status, _) = get("payments.leash.test").await;
+        assert_eq!(status, 200, "round {round}: fast request after a timeout");
+        // Idle past the deadline armed by the last request.
+        tokio::time::sleep(limit + Duration::from_millis(200)).await;
+    }
+    assert!(!connection.is_finished(), "one connection throughout");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_requests_past_the_limit_are_shed() {
     let d = deployment().await;
