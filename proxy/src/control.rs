@@ -155,14 +155,24 @@ impl ControlLink {
 
     /// Time since the control plane was last heard from.
     pub fn silence(&self) -> Duration {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.silence_at(Instant::now())
+    }
+
+    fn silence_at(&self, now: Instant) -> Duration {
+        let now = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX);
         Duration::from_millis(now.saturating_sub(self.last_heard_ms.load(Ordering::Acquire)))
     }
 
     /// Past `max_staleness` without news: the revocation state can no longer
     /// be trusted to be current (invariant I3).
     pub fn stale(&self) -> Option<Duration> {
-        let silence = self.silence();
+        self.stale_at(Instant::now())
+    }
+
+    /// As [`Self::stale`], at `now` (a request's arrival: no second clock read).
+    pub fn stale_at(&self, now: Instant) -> Option<Duration> {
+        let silence = self.silence_at(now);
         (self.synced() && silence > self.config.max_staleness).then_some(silence)
     }
 

@@ -143,7 +143,7 @@ impl Egress {
         if let Some(t) = trace.as_deref_mut() {
             t.upstream = Some(route.name.clone());
         }
-        if let Some(silence) = self.link.stale() {
+        if let Some(silence) = self.link.stale_at(arrived) {
             return Err(Refusal::Stale {
                 silence_secs: silence.as_secs(),
                 max_secs: self.link.max_staleness().as_secs(),
@@ -586,10 +586,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // HOP_BY_HOP[0] is `Connection`: what it names goes too, unless it is
     // one of the hop-by-hop headers removed below anyway.
-    if present & 1 != 0 {
+    if present & 1 != 0
+        && let http::header::Entry::Occupied(connection) = headers.entry(header::CONNECTION)
+    {
+        // Taken out with one lookup; the removal loop below skips it.
+        present &= !1;
+        let (_, values) = connection.remove_entry_mult();
         let mut named = Vec::new();
         let mut close = false;
-        for value in headers.get_all(header::CONNECTION) {
+        for value in values {
             for token in value.as_bytes().split(|b| *b == b',') {
                 let token = token.trim_ascii();
                 // The common tokens (`keep-alive`, `close`) are checked
