@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -45,9 +46,9 @@ pub struct Limits {
     /// Most header fields in one request.
     pub max_headers: usize,
     /// Time allowed to send a complete header block (slowloris bound); also
-    /// how long a keep-alive connection may sit idle between requests
-    /// (hyper times the wait for the next request's headers from the end of
-    /// the previous response).
+    /// how long a keep-alive connection may sit idle between requests (the
+    /// wait for the next request's headers is timed from the end of the
+    /// previous response). See `HeadWatch`.
     pub header_read_timeout: Duration,
     /// Workload connections open at once (all egress listeners together);
     /// one more gets a 503 and is closed.
@@ -497,6 +498,80 @@ async fn refuse_connection(mut tcp: tokio::net::TcpStream, limit: usize) {
     let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
 }
 
+/// Times the wait for each request's header block on one connection: from
+/// the connection's start, and from the end of each response, to the
+/// complete head of the next request (the slowloris bound, and the idle
+/// limit of a kept-alive connection). One timer per connection, looked at
+/// when it fires and re-armed from the state then, where hyper's own header
+/// timeout allocates and registers a timer for every request.
+struct HeadWatch {
+    /// `Some(since)` while waiting for a header block.
+    waiting_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl HeadWatch {
+    fn new() -> Self {
+        Self {
+            waiting_since: std::sync::Mutex::new(Some(tokio::time::Instant::now())),
+        }
+    }
+
+    fn set(&self, state: Option<tokio::time::Instant>) {
+        *self.waiting_since.lock().unwrap_or_else(|p| p.into_inner()) = state;
+    }
+
+    /// A header block is complete: no limit while the request is served.
+    fn busy(&self) {
+        self.set(None);
+    }
+
+    /// Called when the timer fires: `None` once a header block has been
+    /// awaited for `timeout`, else when to look again.
+    fn next_deadline(&self, timeout: Duration) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let since = *self.waiting_since.lock().unwrap_or_else(|p| p.into_inner());
+        match since {
+            Some(since) if now >= since + timeout => None,
+            Some(since) => Some(since + timeout),
+            // Busy: nothing can expire before a full timeout from now.
+            None => Some(now + timeout),
+        }
+    }
+}
+
+/// A response body that starts its connection's wait for the next header
+/// block once it is done with (hyper drops it when written out).
+struct Watched<B> {
+    inner: B,
+    watch: Arc<HeadWatch>,
+}
+
+impl<B> Drop for Watched<B> {
+    fn drop(&mut self) {
+        self.watch.set(Some(tokio::time::Instant::now()));
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Watched<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Accepts HTTP/1.1 connections until `stop`, then drains them.
 async fn serve_http<F, Fut>(
     listener: TcpListener,
@@ -510,8 +585,8 @@ async fn serve_http<F, Fut>(
 {
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // Timed per connection by `HeadWatch` instead.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers)
         .keep_alive(true);
@@ -535,18 +610,53 @@ async fn serve_http<F, Fut>(
             continue;
         };
         let handler = handler.clone();
-        // One per connection: its requests come one after another.
+        // One of each per connection: its requests come one after another.
         let timer = Arc::new(ResponseTimer::default());
+        let watch = Arc::new(HeadWatch::new());
+        let service_watch = watch.clone();
         let service = service_fn(move |req| {
+            // Called by hyper once the header block is complete.
+            service_watch.busy();
             let handler = handler.clone();
             let timer = timer.clone();
-            async move { Ok::<_, Infallible>(handler(req, peer, timer).await) }
+            let watch = service_watch.clone();
+            async move {
+                let resp = handler(req, peer, timer).await;
+                Ok::<_, Infallible>(resp.map(|inner| Watched { inner, watch }))
+            }
         });
         let conn = builder.serve_connection(TokioIo::new(tcp), service);
         let conn = graceful.watch(conn);
+        let timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            let mut conn = std::pin::pin!(conn);
+            let mut sleep = std::pin::pin!(tokio::time::sleep(timeout));
+            let mut registered = false;
+            let finished = std::future::poll_fn(|cx| {
+                if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(Some(result));
+                }
+                // The timer is looked at only once it has fired (an atomic
+                // load), not polled at every wake-up of the connection.
+                if registered && !sleep.is_elapsed() {
+                    return Poll::Pending;
+                }
+                while sleep.as_mut().poll(cx).is_ready() {
+                    match watch.next_deadline(timeout) {
+                        Some(next) => sleep.as_mut().reset(next),
+                        None => return Poll::Ready(None),
+                    }
+                }
+                registered = true;
+                Poll::Pending
+            })
+            .await;
+            match finished {
+                Some(Ok(())) => {}
+                Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+                // Dropping the connection closes it, as hyper does on its
+                // own header timeout: no answer to a request never complete.
+                None => tracing::debug!(?peer, "header read timeout: connection closed"),
             }
             drop(permit);
         });

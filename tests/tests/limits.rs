@@ -134,7 +134,7 @@ async fn slow_headers_and_idle_connections_are_closed() {
         .unwrap();
     let (_, took) = read_until_closed(&mut slow, Duration::from_secs(5)).await;
     assert!(
-        took < Duration::from_secs(3),
+        took >= Duration::from_millis(700) && took < Duration::from_secs(3),
         "closed after the header timeout, took {took:?}"
     );
 
@@ -150,6 +150,54 @@ async fn slow_headers_and_idle_connections_are_closed() {
     assert!(
         took < Duration::from_secs(3),
         "idle connection closed, took {took:?}"
+    );
+}
+
+/// The header timeout times only the wait for a header block: a connection
+/// that keeps sending requests, or waits on a slow upstream for longer than
+/// the timeout, stays open; once idle it is closed after the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_timeout_counts_only_the_wait_for_headers() {
+    let d = deployment().await;
+    let timeout = Duration::from_millis(800);
+    let s = sidecar_with(&d, |c| c.limits.header_read_timeout = timeout).await;
+    let stream = tokio::net::TcpStream::connect(s.egress_addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(conn);
+    let mut get = async |host: &str| {
+        let req = http::Request::get(format!("http://{host}/whoami"))
+            .header(http::header::HOST, host)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        sender.ready().await.expect("connection still open");
+        let resp = sender.send_request(req).await.expect("answered");
+        let status = resp.status().as_u16();
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        status
+    };
+    // Requests 300 ms apart for 2.4 s: three times the timeout in all.
+    for _ in 0..8 {
+        assert_eq!(get("payments.leash.test").await, 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The slow upstream answers after 2 s: serving is not waiting for headers.
+    assert_eq!(get("slow.leash.test").await, 200);
+    assert_eq!(get("payments.leash.test").await, 200);
+    // Idle now: closed after the timeout.
+    let idle = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("idle connection closed");
+    let took = idle.elapsed();
+    assert!(closed.is_ok());
+    assert!(
+        took >= timeout - Duration::from_millis(100) && took < Duration::from_secs(3),
+        "idle connection closed after {took:?}"
     );
 }
 
