@@ -76,6 +76,35 @@ async fn sidecar_with(
     s
 }
 
+type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// One kept-alive client connection to `addr`, and the task driving it
+/// (finished once the connection is closed).
+async fn kept_alive(addr: SocketAddr) -> (Sender, tokio::task::JoinHandle<hyper::Result<()>>) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+/// `GET http://{host}/whoami` on that connection: status and time taken.
+async fn get_on(sender: &mut Sender, host: &str) -> (u16, Duration) {
+    let req = http::Request::get(format!("http://{host}/whoami"))
+        .header(http::header::HOST, host)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let started = Instant::now();
+    sender.ready().await.expect("connection still open");
+    let resp = sender.send_request(req).await.expect("answered");
+    let status = resp.status().as_u16();
+    http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap();
+    (status, started.elapsed())
+}
+
 /// Reads until the peer closes; returns what came and how long it took.
 async fn read_until_closed(s: &mut tokio::net::TcpStream, within: Duration) -> (String, Duration) {
     let started = Instant::now();
@@ -161,25 +190,8 @@ async fn the_header_timeout_counts_only_the_wait_for_headers() {
     let d = deployment().await;
     let timeout = Duration::from_millis(800);
     let s = sidecar_with(&d, |c| c.limits.header_read_timeout = timeout).await;
-    let stream = tokio::net::TcpStream::connect(s.egress_addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(conn);
-    let mut get = async |host: &str| {
-        let req = http::Request::get(format!("http://{host}/whoami"))
-            .header(http::header::HOST, host)
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        sender.ready().await.expect("connection still open");
-        let resp = sender.send_request(req).await.expect("answered");
-        let status = resp.status().as_u16();
-        http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .unwrap();
-        status
-    };
+    let (mut sender, connection) = kept_alive(s.egress_addr).await;
+    let mut get = async |host: &str| get_on(&mut sender, host).await.0;
     // Requests 300 ms apart for 2.4 s: three times the timeout in all.
     for _ in 0..8 {
         assert_eq!(get("payments.leash.test").await, 200);
@@ -236,26 +248,8 @@ async fn the_response_timeout_holds_for_each_request_on_a_kept_alive_connection(
     let d = deployment().await;
     let limit = Duration::from_millis(500);
     let s = sidecar_with(&d, |c| c.upstream_response_timeout = limit).await;
-    let stream = tokio::net::TcpStream::connect(s.egress_addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(conn);
-    let mut get = async |host: &str| {
-        let req = http::Request::get(format!("http://{host}/whoami"))
-            .header(http::header::HOST, host)
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let started = Instant::now();
-        sender.ready().await.expect("connection kept alive");
-        let resp = sender.send_request(req).await.unwrap();
-        let status = resp.status().as_u16();
-        http_body_util::BodyExt::collect(resp.into_body())
-            .await
-            .unwrap();
-        (status, started.elapsed())
-    };
+    let (mut sender, connection) = kept_alive(s.egress_addr).await;
+    let mut get = async |host: &str| get_on(&mut sender, host).await;
     for round in 0..2 {
         let (status, _) = get("payments.leash.test").await;
         assert_eq!(status, 200, "round {round}: fast request before");
