@@ -3,6 +3,26 @@
 # SECONDS_PER_RUN and the associative array max_rss.
 
 TICKS=$(getconf CLK_TCK)
+
+# Installs nginx-light and wrk with apt when missing; sets NGINX.
+need_nginx_wrk() {
+  local tool
+  for tool in nginx wrk; do
+    if ! command -v "$tool" >/dev/null && ! [ -x "/usr/sbin/$tool" ]; then
+      echo "==> installing nginx-light and wrk" >&2; apt-get install -y -qq nginx-light wrk >/dev/null; break
+    fi
+  done
+  NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+}
+
+# scratch PREFIX: a fresh directory in DIR; every process in pids is
+# stopped on exit.
+scratch() {
+  DIR=$(mktemp -d "/tmp/$1.XXXX")
+  pids=()
+  trap cleanup EXIT
+}
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
