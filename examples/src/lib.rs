@@ -142,7 +142,9 @@ pub struct Seen {
     pub credential: Option<String>,
 }
 
-pub type Observer = tokio::sync::mpsc::UnboundedSender<Seen>;
+/// Where the requests seen are recorded, in order, before each is answered
+/// (so a caller that has its answer finds its request here).
+pub type Observer = Arc<std::sync::Mutex<Vec<Seen>>>;
 
 async fn handle(
     verifier: Arc<Verifier>,
@@ -180,13 +182,16 @@ async fn handle(
         None => Err("no bearer token".to_owned()),
     };
     if let Some(observer) = observer {
-        let _ = observer.send(Seen {
-            at: arrived,
-            path: path.clone(),
-            jti: claims.as_ref().ok().map(|c| c.jti.clone()),
-            sub: claims.as_ref().ok().map(|c| c.sub.clone()),
-            credential,
-        });
+        observer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Seen {
+                at: arrived,
+                path: path.clone(),
+                jti: claims.as_ref().ok().map(|c| c.jti.clone()),
+                sub: claims.as_ref().ok().map(|c| c.sub.clone()),
+                credential,
+            });
     }
     if path == "/echo" {
         return json(

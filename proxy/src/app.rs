@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -22,6 +21,7 @@ use tokio::task::JoinSet;
 use leash_api::revocation::RevocationSet;
 
 use crate::cache::CredentialCache;
+use crate::conn::{HeadWatch, RequestBody, Watched};
 use crate::control::{ControlConfig, ControlLink};
 use crate::egress::{Egress, ProxyBody, ResponseTimer};
 use crate::metrics::{Gauges, Metrics};
@@ -378,7 +378,7 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Proxy
 
 /// `GET /logging` shows the filter; `POST /logging?level=SPEC` (or the
 /// spec as the body) replaces it.
-async fn logging(req: Request<Incoming>) -> Response<ProxyBody> {
+async fn logging(req: Request<RequestBody>) -> Response<ProxyBody> {
     use serde_json::json;
     match *req.method() {
         http::Method::GET => json_response(
@@ -426,7 +426,7 @@ async fn admin_response(
     link: &ControlLink,
     metrics: &Metrics,
     dump: &ConfigDump,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Response<ProxyBody> {
     let path = req.uri().path();
@@ -498,80 +498,6 @@ async fn refuse_connection(mut tcp: tokio::net::TcpStream, limit: usize) {
     let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
 }
 
-/// Times the wait for each request's header block on one connection: from
-/// the connection's start, and from the end of each response, to the
-/// complete head of the next request (the slowloris bound, and the idle
-/// limit of a kept-alive connection). One timer per connection, looked at
-/// when it fires and re-armed from the state then, where hyper's own header
-/// timeout allocates and registers a timer for every request.
-struct HeadWatch {
-    /// `Some(since)` while waiting for a header block.
-    waiting_since: std::sync::Mutex<Option<tokio::time::Instant>>,
-}
-
-impl HeadWatch {
-    fn new() -> Self {
-        Self {
-            waiting_since: std::sync::Mutex::new(Some(tokio::time::Instant::now())),
-        }
-    }
-
-    fn set(&self, state: Option<tokio::time::Instant>) {
-        *self.waiting_since.lock().unwrap_or_else(|p| p.into_inner()) = state;
-    }
-
-    /// A header block is complete: no limit while the request is served.
-    fn busy(&self) {
-        self.set(None);
-    }
-
-    /// Called when the timer fires: `None` once a header block has been
-    /// awaited for `timeout`, else when to look again.
-    fn next_deadline(&self, timeout: Duration) -> Option<tokio::time::Instant> {
-        let now = tokio::time::Instant::now();
-        let since = *self.waiting_since.lock().unwrap_or_else(|p| p.into_inner());
-        match since {
-            Some(since) if now >= since + timeout => None,
-            Some(since) => Some(since + timeout),
-            // Busy: nothing can expire before a full timeout from now.
-            None => Some(now + timeout),
-        }
-    }
-}
-
-/// A response body that starts its connection's wait for the next header
-/// block once it is done with (hyper drops it when written out).
-struct Watched<B> {
-    inner: B,
-    watch: Arc<HeadWatch>,
-}
-
-impl<B> Drop for Watched<B> {
-    fn drop(&mut self) {
-        self.watch.set(Some(tokio::time::Instant::now()));
-    }
-}
-
-impl<B: http_body::Body + Unpin> http_body::Body for Watched<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// Accepts HTTP/1.1 connections until `stop`, then drains them.
 async fn serve_http<F, Fut>(
     listener: TcpListener,
@@ -580,7 +506,11 @@ async fn serve_http<F, Fut>(
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
-    F: Fn(Request<Incoming>, SocketAddr, Arc<ResponseTimer>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<RequestBody>, SocketAddr, Arc<ResponseTimer>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     Fut: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let mut builder = http1::Builder::new();
@@ -614,15 +544,16 @@ async fn serve_http<F, Fut>(
         let timer = Arc::new(ResponseTimer::default());
         let watch = Arc::new(HeadWatch::new());
         let service_watch = watch.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |req: Request<hyper::body::Incoming>| {
             // Called by hyper once the header block is complete.
-            service_watch.busy();
+            let request = service_watch.request_started();
+            let req = req.map(|body| Watched::new(body, service_watch.clone(), request));
             let handler = handler.clone();
             let timer = timer.clone();
             let watch = service_watch.clone();
             async move {
                 let resp = handler(req, peer, timer).await;
-                Ok::<_, Infallible>(resp.map(|inner| Watched { inner, watch }))
+                Ok::<_, Infallible>(resp.map(|body| Watched::new(body, watch, request)))
             }
         });
         let conn = builder.serve_connection(TokioIo::new(tcp), service);
@@ -641,8 +572,13 @@ async fn serve_http<F, Fut>(
                 if registered && !sleep.is_elapsed() {
                     return Poll::Pending;
                 }
-                while sleep.as_mut().poll(cx).is_ready() {
-                    match watch.next_deadline(timeout) {
+                // Unconstrained: a sleep polled with the task's budget spent
+                // answers Pending without registering, and would never fire.
+                while std::pin::pin!(tokio::task::coop::unconstrained(sleep.as_mut()))
+                    .poll(cx)
+                    .is_ready()
+                {
+                    match watch.next_deadline(tokio::time::Instant::now(), timeout) {
                         Some(next) => sleep.as_mut().reset(next),
                         None => return Poll::Ready(None),
                     }

@@ -18,9 +18,9 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt as _;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::body::Incoming;
 
 use crate::cache::{CachedCredential, CredentialCache, CredentialError, InjectValue};
+use crate::conn::RequestBody;
 use crate::control::ControlLink;
 use crate::leak;
 use crate::refusal::Refusal;
@@ -60,7 +60,7 @@ impl Egress {
     pub async fn handle(
         &self,
         bound: Option<&str>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         timer: &ResponseTimer,
     ) -> Response<ProxyBody> {
         let arrived = std::time::Instant::now();
@@ -95,7 +95,7 @@ impl Egress {
         &self,
         otel: &EgressOtel,
         bound: Option<&str>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         arrived: std::time::Instant,
         timer: &ResponseTimer,
     ) -> Response<ProxyBody> {
@@ -118,7 +118,7 @@ impl Egress {
     async fn forward(
         &self,
         bound: Option<&str>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         arrived: std::time::Instant,
         timer: &ResponseTimer,
         mut trace: Option<&mut TraceInfo>,
@@ -190,7 +190,7 @@ impl Egress {
                 .stripped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        parts.uri = upstream_uri(&route, &parts.uri, &credential)?;
+        parts.uri = upstream_uri(&route, &parts.method, &parts.uri, &credential)?;
         parts.version = Version::HTTP_11;
         parts
             .headers
@@ -261,7 +261,11 @@ impl Egress {
 
     /// Refuses (and reports at once) a request carrying a leaked value in
     /// its headers or query.
-    fn refuse_leaked(&self, bound: Option<&str>, req: &Request<Incoming>) -> Result<(), Refusal> {
+    fn refuse_leaked(
+        &self,
+        bound: Option<&str>,
+        req: &Request<RequestBody>,
+    ) -> Result<(), Refusal> {
         let set = self.link.revocations.set.load();
         if !set.has_leaked() {
             return Ok(());
@@ -351,7 +355,7 @@ impl Egress {
     fn route(
         &self,
         bound: Option<&str>,
-        req: &Request<Incoming>,
+        req: &Request<RequestBody>,
     ) -> Result<Arc<EgressRoute>, Refusal> {
         let table = self.link.routes.load();
         if !table.loaded {
@@ -504,7 +508,7 @@ where
 
 /// Size of the request line and header block as sent (near enough: the
 /// method/version framing is a few bytes either way).
-fn header_block_len(req: &Request<Incoming>) -> usize {
+fn header_block_len(req: &Request<RequestBody>) -> usize {
     let uri = req.uri();
     let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
         + uri.authority().map_or(0, |a| a.as_str().len())
@@ -516,7 +520,7 @@ fn header_block_len(req: &Request<Incoming>) -> usize {
 }
 
 /// The host of an absolute-form request (forward proxy), else of `Host`.
-fn request_host(req: &Request<Incoming>) -> Option<&str> {
+fn request_host(req: &Request<RequestBody>) -> Option<&str> {
     if let Some(host) = req.uri().host() {
         return Some(host.trim_end_matches('.'));
     }
@@ -644,7 +648,7 @@ fn inject_credential(headers: &mut HeaderMap, inject: &InjectHow, value: &Inject
 
 /// Reads frames until `limit` bytes of body (or its end) have arrived.
 async fn read_prefix(
-    mut body: Incoming,
+    mut body: RequestBody,
     limit: usize,
 ) -> Result<(Vec<Bytes>, PrefixRest), Refusal> {
     let mut prefix = Vec::new();
@@ -677,7 +681,7 @@ async fn read_prefix(
 
 /// The body after its scanned prefix.
 pub struct PrefixRest {
-    rest: Incoming,
+    rest: RequestBody,
     trailers: Option<http_body::Frame<Bytes>>,
 }
 
@@ -698,10 +702,10 @@ impl PrefixRest {
 /// The body sent upstream: the workload's as it streams in, or, when the
 /// start was read for scanning, that start followed by the rest.
 pub enum UpstreamBody {
-    Direct(Incoming),
+    Direct(RequestBody),
     Prefixed {
         frames: std::collections::VecDeque<http_body::Frame<Bytes>>,
-        rest: Incoming,
+        rest: RequestBody,
         rest_done: bool,
     },
 }
@@ -776,46 +780,70 @@ impl http_body::Body for UpstreamBody {
 /// the credential added to the query when the route injects it there.
 fn upstream_uri(
     route: &EgressRoute,
+    method: &Method,
     uri: &Uri,
     credential: &CachedCredential,
 ) -> Result<Uri, Refusal> {
-    let path_and_query = match (&route.inject, &credential.value) {
-        (InjectHow::Query { param }, InjectValue::Query(value)) => {
-            let mut pq = String::with_capacity(uri.path().len() + value.len() + param.len() + 64);
-            pq.push_str(if uri.path().is_empty() {
-                "/"
-            } else {
-                uri.path()
-            });
-            pq.push('?');
-            if let Some(query) = uri.query() {
-                for pair in query.split('&').filter(|p| !p.is_empty()) {
-                    let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-                    if key != param {
-                        pq.push_str(pair);
-                        pq.push('&');
-                    }
-                }
-            }
-            pq.push_str(param);
-            pq.push('=');
-            // Percent-encoded ASCII by construction.
-            pq.push_str(
-                std::str::from_utf8(value)
-                    .map_err(|_| Refusal::BadRequest("credential encoding"))?,
-            );
-            let bytes = Bytes::from_owner(zeroize::Zeroizing::new(pq.into_bytes()));
-            http::uri::PathAndQuery::from_maybe_shared(bytes)
-                .map_err(|_| Refusal::BadRequest("invalid path"))?
+    let query = match (&route.inject, &credential.value) {
+        (InjectHow::Query { param }, InjectValue::Query(value)) => Some((param.as_str(), value)),
+        _ => None,
+    };
+    request_target(method, uri, query)
+}
+
+/// Origin-form (RFC 9112 §3.2.1): the connection already goes to the
+/// route's target, and hyper writes the request target as given. `query`
+/// is the parameter and (percent-encoded) value to set in the query.
+fn request_target(
+    method: &Method,
+    uri: &Uri,
+    query: Option<(&str, &Bytes)>,
+) -> Result<Uri, Refusal> {
+    // OPTIONS to the server as a whole (asterisk-form) stays so. An
+    // absolute-form target with an empty path, which RFC 9112 §3.2.4 would
+    // also send as `*`, parses the same as `/` and is sent as `/`.
+    let whole_server = *method == Method::OPTIONS && uri.path() == "*";
+    if whole_server {
+        if query.is_some() {
+            return Err(Refusal::BadRequest(
+                "OPTIONS * has no query to carry this route's credential: send OPTIONS to a path",
+            ));
         }
-        _ => uri
+        return Ok(Uri::from_static("*"));
+    }
+    let Some((param, value)) = query else {
+        let pq = uri
             .path_and_query()
             .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        return Ok(Uri::from(pq));
     };
-    // Origin-form (RFC 9112 §3.2.1): the connection already goes to the
-    // route's target, and hyper writes the request target as given.
-    Ok(Uri::from(path_and_query))
+    let mut pq = String::with_capacity(uri.path().len() + value.len() + param.len() + 64);
+    pq.push_str(if uri.path().is_empty() {
+        "/"
+    } else {
+        uri.path()
+    });
+    pq.push('?');
+    if let Some(query) = uri.query() {
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+            if key != param {
+                pq.push_str(pair);
+                pq.push('&');
+            }
+        }
+    }
+    pq.push_str(param);
+    pq.push('=');
+    // Percent-encoded ASCII by construction.
+    pq.push_str(
+        std::str::from_utf8(value).map_err(|_| Refusal::BadRequest("credential encoding"))?,
+    );
+    let bytes = Bytes::from_owner(zeroize::Zeroizing::new(pq.into_bytes()));
+    let pq = http::uri::PathAndQuery::from_maybe_shared(bytes)
+        .map_err(|_| Refusal::BadRequest("invalid path"))?;
+    Ok(Uri::from(pq))
 }
 
 #[cfg(test)]
@@ -906,5 +934,36 @@ mod tests {
             &InjectValue::Query(Bytes::from_static(b"k"))
         ));
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn the_request_target_is_origin_form() {
+        let target = |method: Method, uri: &str, query: Option<(&str, &Bytes)>| {
+            request_target(&method, &uri.parse().unwrap(), query).map(|u| u.to_string())
+        };
+        let key = Bytes::from_static(b"s%20k");
+        let q = Some(("key", &key));
+        assert_eq!(
+            target(Method::GET, "http://h:1/a?b=1", None).unwrap(),
+            "/a?b=1"
+        );
+        assert_eq!(target(Method::GET, "http://h", None).unwrap(), "/");
+        assert_eq!(target(Method::GET, "/a", None).unwrap(), "/a");
+        assert_eq!(
+            target(Method::GET, "http://h/a?key=own&b=1&key=2", q).unwrap(),
+            "/a?b=1&key=s%20k"
+        );
+        assert_eq!(target(Method::GET, "http://h", q).unwrap(), "/?key=s%20k");
+        // OPTIONS to the whole server stays `*`, and cannot carry a query.
+        assert_eq!(target(Method::OPTIONS, "*", None).unwrap(), "*");
+        assert_eq!(target(Method::OPTIONS, "http://h/", None).unwrap(), "/");
+        assert!(matches!(
+            target(Method::OPTIONS, "*", q),
+            Err(Refusal::BadRequest(_))
+        ));
+        assert_eq!(
+            target(Method::OPTIONS, "http://h/", q).unwrap(),
+            "/?key=s%20k"
+        );
     }
 }

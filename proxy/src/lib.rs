@@ -6,6 +6,7 @@
 pub mod app;
 pub mod cache;
 pub mod cli;
+pub mod conn;
 pub mod control;
 pub mod egress;
 pub mod leak;

@@ -327,21 +327,12 @@ impl Deployment {
         let upstream = up_listener.local_addr().expect("addr");
         let policy = write_policy(dir.path(), &policy(upstream));
         let cp = start_control_plane(&ids, CP_ID, &policy, &dir.path().join("data")).await;
-        let (observer, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = seen.clone();
-        tokio::spawn(async move {
-            while let Some(s) = seen_rx.recv().await {
-                if let Ok(mut v) = sink.lock() {
-                    v.push(s);
-                }
-            }
-        });
+        let seen = leash_examples::Observer::default();
         tokio::spawn(leash_examples::serve_observed(
             up_listener,
             upstream_config(cp.admin_addr),
             upstream_tls,
-            Some(observer),
+            Some(seen.clone()),
         ));
         let sidecar = start_sidecar(sidecar_config(ids.endpoint(APP_ID), cp.sidecar_addr)).await;
         let client = ProxyClient::new(sidecar.egress_addr);

@@ -3,8 +3,11 @@
 //! holds, and that the answer is a clear status with a reason, not a hang.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use http_body_util::BodyExt as _;
 use leash_proxy::Sidecar;
 use leash_tests::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -31,12 +34,53 @@ async fn odd_upstream(delay: Duration, reset: bool) -> SocketAddr {
     .0
 }
 
+/// An upstream that answers `200 early` at once and reads the request body
+/// afterwards; returns its address and the body bytes it has read.
+async fn early_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = listener().await;
+    let addr = l.local_addr().unwrap();
+    let read = Arc::new(AtomicUsize::new(0));
+    let count = read.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let count = count.clone();
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let count = count.clone();
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(frame)) = body.frame().await {
+                            if let Some(data) = frame.data_ref() {
+                                count.fetch_add(data.len(), Ordering::SeqCst);
+                            }
+                        }
+                    });
+                    let early = http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"early\n"),
+                    ));
+                    async { Ok::<_, std::convert::Infallible>(early) }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    (addr, read)
+}
+
 /// payments (the example upstream), slow (answers after 2 s) and flaky
 /// (resets every connection), all granted.
 async fn deployment() -> Deployment {
+    deployment_and_early().await.0
+}
+
+/// The same, with early (answers before reading the body: `early_upstream`).
+async fn deployment_and_early() -> (Deployment, Arc<AtomicUsize>) {
     let slow = odd_upstream(Duration::from_secs(2), false).await;
     let flaky = odd_upstream(Duration::ZERO, true).await;
-    Deployment::start_with(
+    let (early, early_read) = early_upstream().await;
+    let d = Deployment::start_with(
         move |up| {
             format!(
                 r#"version: 1
@@ -53,16 +97,21 @@ upstreams:
     hosts: [flaky.leash.test]
     target: http://{flaky}
     credential: {{ kind: jwt, ttl: 10m }}
+  - name: early
+    hosts: [early.leash.test]
+    target: http://{early}
+    credential: {{ kind: jwt, ttl: 10m }}
 grants:
   - workload: {APP_ID}
-    upstreams: [payments, slow, flaky]
+    upstreams: [payments, slow, flaky, early]
 "#
             )
         },
         SVID_TTL,
         None,
     )
-    .await
+    .await;
+    (d, early_read)
 }
 
 async fn sidecar_with(
@@ -211,6 +260,71 @@ async fn the_header_timeout_counts_only_the_wait_for_headers() {
         took >= timeout - Duration::from_millis(100) && took < Duration::from_secs(3),
         "idle connection closed after {took:?}"
     );
+}
+
+/// Reads from `s` until what has come ends with `end`.
+async fn read_through(s: &mut (impl tokio::io::AsyncRead + Unpin), end: &str) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(end.as_bytes()) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("answered in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed early, after: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A request body still being uploaded after the upstream has answered is
+/// not a wait for headers: it arrives in full however much longer than the
+/// header timeout it takes, and the connection then carries the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_answered_early_is_not_cut_by_the_header_timeout() {
+    let (d, upstream_read) = deployment_and_early().await;
+    let s = sidecar_with(&d, |c| {
+        c.limits.header_read_timeout = Duration::from_millis(300)
+    })
+    .await;
+    const CHUNK: usize = 4096;
+    const CHUNKS: usize = 12;
+    let tcp = tokio::net::TcpStream::connect(s.egress_addr).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    wr.write_all(
+        format!(
+            "POST http://early.leash.test/upload HTTP/1.1\r\nHost: early.leash.test\r\nContent-Length: {}\r\n\r\n",
+            CHUNK * CHUNKS
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let answer = read_through(&mut rd, "early\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // 1.2 s of upload after the answer: four times the header timeout.
+    for i in 0..CHUNKS {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        wr.write_all(&[b'x'; CHUNK])
+            .await
+            .unwrap_or_else(|e| panic!("chunk {i}: {e}"));
+    }
+    eventually(Duration::from_secs(3), "the whole body upstream", || {
+        let read = upstream_read.load(Ordering::SeqCst);
+        async move { (read == CHUNK * CHUNKS).then_some(()) }
+    })
+    .await;
+    wr.write_all(
+        b"GET http://payments.leash.test/whoami HTTP/1.1\r\nHost: payments.leash.test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let next = read_through(&mut rd, "}\n").await;
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -376,6 +376,10 @@ async fn uses_after_a_revocation_are_shown_and_violations_flagged() {
         async move { link.connected().then_some(()) }
     })
     .await;
+    // It acknowledges like any sidecar (a use is judged against the
+    // workload's latest acknowledgement), and uses the credential after.
+    admin.wait_acknowledged(&id, 2).await;
+    tokio::time::sleep(Duration::from_millis(2)).await;
     let cell = rogue.usage.cell(&old, &Arc::from("payments"), "jwt");
     cell.record(
         leash_proxy::usage::slot(0, Some(http::StatusCode::OK)),
