@@ -68,8 +68,9 @@ pub struct Cli {
     #[arg(long, default_value_t = 100)]
     pub max_headers: usize,
     /// Time a client has to send a complete header block, counted from the
-    /// connection's start or the end of the previous answer (so it is also
-    /// how long a kept-alive connection may sit idle).
+    /// connection's start or from when the previous request is done (its
+    /// body read, its answer written), so it is also how long a kept-alive
+    /// connection may sit idle.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
     /// Workload connections open at once; one more gets 503 and is closed.
