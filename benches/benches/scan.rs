@@ -1,11 +1,14 @@
 //! The per-request cost of the leaked-value scan (headers and query of a
-//! typical request) as the registry grows from 10 to 10,000 fingerprints.
+//! typical request) as the registry grows from 10 to 10,000 fingerprints,
+//! and of the other per-request steps: route by host, revocation check,
+//! credential-cache hit and header rewriting (hop-by-hop removal and
+//! credential injection).
 //!
 //!   cargo bench -p leash-benches --bench scan
 
 use std::hint::black_box;
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use leash_api::revocation::{FingerprintKey, RevocationSet, fingerprint, fingerprint_bytes};
 use leash_api::v1::Revocation;
@@ -75,8 +78,9 @@ fn scan(c: &mut Criterion) {
     });
 }
 
-/// The other per-request lookups: route by host and the revocation check,
-/// with 10 and 10,000 active revocations.
+/// The other per-request steps: route by host, the revocation check with 10
+/// and 10,000 active revocations, the credential-cache hit and the header
+/// rewriting.
 fn lookups(c: &mut Criterion) {
     use leash_api::v1::{Injection, Route, RouteSet};
     let routes: Vec<Route> = (0..50)
@@ -122,6 +126,64 @@ fn lookups(c: &mut Criterion) {
     .expect("routes");
     c.bench_function("route_by_host_50_routes", |b| {
         b.iter(|| table.by_host(black_box("api37.example.com")).is_some())
+    });
+
+    // The credential-cache hit every request after a route's first takes:
+    // the route's current credential, checked fresh and not revoked.
+    let route = table.by_host("api37.example.com").expect("route").clone();
+    let link = leash_proxy::control::ControlLink::new(leash_proxy::ControlConfig {
+        // Never connected: a hit does not involve the control plane.
+        identity: leash_api::identity::IdentityConfig::WorkloadApi("unix:///nonexistent".into()),
+        control_planes: Vec::new(),
+        control_plane_id: "spiffe://leash.test/control-plane".into(),
+        max_staleness: std::time::Duration::from_secs(60),
+        call_timeout: std::time::Duration::from_secs(1),
+        upstream: timeouts.clone(),
+        ack_drain_timeout: std::time::Duration::from_secs(1),
+        report_interval: std::time::Duration::from_secs(5),
+        usage_buffer_records: 1_000,
+    });
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let credential = leash_proxy::cache::CachedCredential::from_issued(
+        &link,
+        &route,
+        leash_api::v1::Credential {
+            id: "3f2a9c1e-credential".into(),
+            upstream: "up37".into(),
+            kind: "jwt".into(),
+            secret: b"eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ1cDM3In0.c2lnbmF0dXJl".to_vec(),
+            issued_at_unix_ms: now_ms,
+            expires_at_unix_ms: now_ms + 600_000,
+        },
+    )
+    .expect("credential");
+    route.current.store(Some(credential.clone()));
+    let cache = leash_proxy::cache::CredentialCache::new(link);
+    c.bench_function("credential_cache_hit", |b| {
+        b.iter(|| {
+            // Ready at the first poll on a hit.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let get = std::pin::pin!(cache.get(black_box(&route)));
+            matches!(
+                std::future::Future::poll(get, &mut cx),
+                std::task::Poll::Ready(Ok(_))
+            )
+        })
+    });
+
+    // A typical request's headers made into the upstream's: hop-by-hop
+    // ones removed, the workload's own `Authorization` replaced.
+    let mut headers = typical_headers();
+    headers.insert("connection", HeaderValue::from_static("keep-alive"));
+    c.bench_function("upstream_headers_typical_request", |b| {
+        b.iter_batched_ref(
+            || headers.clone(),
+            |h| leash_proxy::egress::upstream_headers(h, &route.inject, &credential.value),
+            BatchSize::SmallInput,
+        )
     });
 
     let mut group = c.benchmark_group("revocation_check");

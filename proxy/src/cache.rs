@@ -186,44 +186,56 @@ async fn fetch(
         ControlError::Denied { code, message } => CredentialError::Denied { code, message },
         other => CredentialError::Unavailable(other.to_string()),
     })?;
-    let secret = zeroize::Zeroizing::new(cred.secret);
-    let value = render(&route.inject, &secret).ok_or_else(|| {
-        CredentialError::Unavailable("credential is not valid in a header".into())
-    })?;
+    CachedCredential::from_issued(link, route, cred)
+}
 
-    // Times come as Unix milliseconds; map them onto the monotonic clock.
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    let lifetime = Duration::from_millis(
-        u64::try_from(cred.expires_at_unix_ms - cred.issued_at_unix_ms).unwrap_or(0),
-    );
-    let remaining =
-        Duration::from_millis(u64::try_from(cred.expires_at_unix_ms - now_ms).unwrap_or(0));
-    // Stop using a credential a little before it expires (10% of its life, at
-    // most 5 s) so that a request in flight does not arrive with an expired one,
-    // and start refreshing at 75% of its life.
-    let margin = (lifetime / 10).min(Duration::from_secs(5));
-    let now = Instant::now();
-    let use_until = now + remaining.saturating_sub(margin);
-    let refresh_at = now + remaining.saturating_sub(lifetime / 4);
-    if use_until <= now {
-        return Err(CredentialError::Unavailable(
-            "credential arrived already expired (clock skew?)".into(),
-        ));
+impl CachedCredential {
+    /// Renders a credential the control plane issued for `route` into its
+    /// injected form, with the times it is refreshed at and used until.
+    pub fn from_issued(
+        link: &ControlLink,
+        route: &EgressRoute,
+        cred: leash_api::v1::Credential,
+    ) -> Result<Arc<Self>, CredentialError> {
+        let secret = zeroize::Zeroizing::new(cred.secret);
+        let value = render(&route.inject, &secret).ok_or_else(|| {
+            CredentialError::Unavailable("credential is not valid in a header".into())
+        })?;
+
+        // Times come as Unix milliseconds; map them onto the monotonic clock.
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let lifetime = Duration::from_millis(
+            u64::try_from(cred.expires_at_unix_ms - cred.issued_at_unix_ms).unwrap_or(0),
+        );
+        let remaining =
+            Duration::from_millis(u64::try_from(cred.expires_at_unix_ms - now_ms).unwrap_or(0));
+        // Stop using a credential a little before it expires (10% of its life, at
+        // most 5 s) so that a request in flight does not arrive with an expired one,
+        // and start refreshing at 75% of its life.
+        let margin = (lifetime / 10).min(Duration::from_secs(5));
+        let now = Instant::now();
+        let use_until = now + remaining.saturating_sub(margin);
+        let refresh_at = now + remaining.saturating_sub(lifetime / 4);
+        if use_until <= now {
+            return Err(CredentialError::Unavailable(
+                "credential arrived already expired (clock skew?)".into(),
+            ));
+        }
+        tracing::debug!(credential_id = %cred.id, upstream = %route.name, ?remaining, "credential cached");
+        Ok(Arc::new(CachedCredential {
+            usage: link.usage.cell(&cred.id, &route.name, &cred.kind),
+            id: cred.id.into(),
+            upstream: route.name.clone(),
+            value,
+            revoked: CancellationToken::new(),
+            refresh_at,
+            use_until,
+            refreshing: AtomicBool::new(false),
+        }))
     }
-    tracing::debug!(credential_id = %cred.id, upstream = %route.name, ?remaining, "credential cached");
-    Ok(Arc::new(CachedCredential {
-        usage: link.usage.cell(&cred.id, &route.name, &cred.kind),
-        id: cred.id.into(),
-        upstream: route.name.clone(),
-        value,
-        revoked: CancellationToken::new(),
-        refresh_at,
-        use_until,
-        refreshing: AtomicBool::new(false),
-    }))
 }
 
 /// Builds the injected bytes once, in a buffer that is zeroized on drop.

@@ -184,8 +184,7 @@ impl Egress {
         } else {
             UpstreamBody::Direct(body)
         };
-        strip_hop_by_hop(&mut parts.headers);
-        if inject_credential(&mut parts.headers, &route.inject, &credential.value) {
+        if upstream_headers(&mut parts.headers, &route.inject, &credential.value) {
             route
                 .stripped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -571,6 +570,14 @@ fn hop_by_hop_lowercase(name: &[u8]) -> Option<usize> {
         b"upgrade" => 6,
         _ => return None,
     })
+}
+
+/// The workload's headers made into the upstream's: connection-level ones
+/// removed, the credential injected (see `inject_credential`). Returns
+/// whether the workload had sent a credential of its own.
+pub fn upstream_headers(headers: &mut HeaderMap, inject: &InjectHow, value: &InjectValue) -> bool {
+    strip_hop_by_hop(headers);
+    inject_credential(headers, inject, value)
 }
 
 /// Removes connection-level headers, including any that `Connection` names.
