@@ -69,8 +69,9 @@ pub struct Cli {
     pub max_headers: usize,
     /// Time a client has to send a complete header block, counted from the
     /// connection's start or from when the previous request is done (its
-    /// body read, its answer written), so it is also how long a kept-alive
-    /// connection may sit idle.
+    /// body read, its answer handed to the connection's write buffer), so it
+    /// is also how long a kept-alive connection may sit idle. As with hyper's
+    /// own timer, an answer's tail a client has not read by then is dropped.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
     /// Workload connections open at once; one more gets 503 and is closed.

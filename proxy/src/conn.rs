@@ -83,13 +83,15 @@ impl HeadWatch {
     }
 }
 
-/// A body that tells its connection's [`HeadWatch`] when it is done with
-/// (read to the end or dropped early; hyper drops a response body once the
-/// last of it is written to the connection's buffer).
+/// A body that tells its connection's [`HeadWatch`] when it is done with:
+/// read to the end, or dropped before (hyper drops a response body once the
+/// last of it is in the connection's write buffer; a request body read to
+/// its end may be kept by an upstream connection that stopped reading).
 pub struct Watched<B> {
     inner: B,
     watch: Arc<HeadWatch>,
     request: u64,
+    done: bool,
 }
 
 impl<B> Watched<B> {
@@ -98,13 +100,21 @@ impl<B> Watched<B> {
             inner,
             watch,
             request,
+            done: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.watch.body_done(self.request);
         }
     }
 }
 
 impl<B> Drop for Watched<B> {
     fn drop(&mut self) {
-        self.watch.body_done(self.request);
+        self.finish();
     }
 }
 
@@ -116,7 +126,13 @@ impl<B: http_body::Body + Unpin> http_body::Body for Watched<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => self.finish(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(),
+            _ => {}
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

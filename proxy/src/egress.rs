@@ -57,7 +57,7 @@ impl Drop for InFlight<'_> {
 impl Egress {
     /// Serves one request. `bound` is the upstream of a named listener;
     /// `timer` is the response timer of the workload connection it came on.
-    pub async fn handle(
+    pub(crate) async fn handle(
         &self,
         bound: Option<&str>,
         req: Request<RequestBody>,
@@ -809,7 +809,12 @@ fn request_target(
     // OPTIONS to the server as a whole (asterisk-form) stays so. An
     // absolute-form target with an empty path, which RFC 9112 §3.2.4 would
     // also send as `*`, parses the same as `/` and is sent as `/`.
-    let whole_server = *method == Method::OPTIONS && uri.path() == "*";
+    let whole_server = uri.path() == "*";
+    if whole_server && *method != Method::OPTIONS {
+        return Err(Refusal::BadRequest(
+            "the request target * is for OPTIONS only",
+        ));
+    }
     if whole_server {
         if query.is_some() {
             return Err(Refusal::BadRequest(
@@ -963,6 +968,14 @@ mod tests {
         assert_eq!(target(Method::GET, "http://h", q).unwrap(), "/?key=s%20k");
         // OPTIONS to the whole server stays `*`, and cannot carry a query.
         assert_eq!(target(Method::OPTIONS, "*", None).unwrap(), "*");
+        assert!(matches!(
+            target(Method::GET, "*", None),
+            Err(Refusal::BadRequest(_))
+        ));
+        assert!(matches!(
+            target(Method::GET, "*", q),
+            Err(Refusal::BadRequest(_))
+        ));
         assert_eq!(target(Method::OPTIONS, "http://h/", None).unwrap(), "/");
         assert!(matches!(
             target(Method::OPTIONS, "*", q),

@@ -284,26 +284,23 @@ async fn read_through(s: &mut (impl tokio::io::AsyncRead + Unpin), end: &str) ->
 /// A request body still being uploaded after the upstream has answered is
 /// not a wait for headers: it arrives in full however much longer than the
 /// header timeout it takes, and the connection then carries the next request.
+/// Once that one is done with too (its body read, its answer written), the
+/// connection is idle and closed after the timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_answered_early_is_not_cut_by_the_header_timeout() {
     let (d, upstream_read) = deployment_and_early().await;
-    let s = sidecar_with(&d, |c| {
-        c.limits.header_read_timeout = Duration::from_millis(300)
-    })
-    .await;
+    let timeout = Duration::from_millis(300);
+    let s = sidecar_with(&d, |c| c.limits.header_read_timeout = timeout).await;
     const CHUNK: usize = 4096;
     const CHUNKS: usize = 12;
+    let post = |len: usize| {
+        format!(
+            "POST http://early.leash.test/upload HTTP/1.1\r\nHost: early.leash.test\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
     let tcp = tokio::net::TcpStream::connect(s.egress_addr).await.unwrap();
     let (mut rd, mut wr) = tcp.into_split();
-    wr.write_all(
-        format!(
-            "POST http://early.leash.test/upload HTTP/1.1\r\nHost: early.leash.test\r\nContent-Length: {}\r\n\r\n",
-            CHUNK * CHUNKS
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    wr.write_all(post(CHUNK * CHUNKS).as_bytes()).await.unwrap();
     let answer = read_through(&mut rd, "early\n").await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // 1.2 s of upload after the answer: four times the header timeout.
@@ -313,18 +310,28 @@ async fn an_upload_answered_early_is_not_cut_by_the_header_timeout() {
             .await
             .unwrap_or_else(|e| panic!("chunk {i}: {e}"));
     }
-    eventually(Duration::from_secs(3), "the whole body upstream", || {
+    // The next request right behind it, with a body of its own.
+    wr.write_all(format!("{}hello", post(5)).as_bytes())
+        .await
+        .unwrap();
+    let next = read_through(&mut rd, "early\n").await;
+    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+    eventually(Duration::from_secs(3), "both bodies upstream", || {
         let read = upstream_read.load(Ordering::SeqCst);
-        async move { (read == CHUNK * CHUNKS).then_some(()) }
+        async move { (read == CHUNK * CHUNKS + 5).then_some(()) }
     })
     .await;
-    wr.write_all(
-        b"GET http://payments.leash.test/whoami HTTP/1.1\r\nHost: payments.leash.test\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let next = read_through(&mut rd, "}\n").await;
-    assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+    // Both requests done with: idle, and closed after the timeout.
+    let idle = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut rest)).await;
+    let took = idle.elapsed();
+    assert!(closed.is_ok(), "idle connection not closed");
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(
+        took < Duration::from_secs(3),
+        "idle connection closed after {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
