@@ -127,10 +127,8 @@ impl<B: http_body::Body + Unpin> http_body::Body for Watched<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
         let frame = Pin::new(&mut self.inner).poll_frame(cx);
-        match &frame {
-            Poll::Ready(None) => self.finish(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.finish(),
-            _ => {}
+        if ended(&self.inner, &frame) {
+            self.finish();
         }
         frame
     }
@@ -141,6 +139,21 @@ impl<B: http_body::Body + Unpin> http_body::Body for Watched<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// What polling a body for a frame gives.
+type Polled<B> = Poll<
+    Option<Result<http_body::Frame<<B as http_body::Body>::Data>, <B as http_body::Body>::Error>>,
+>;
+
+/// Whether `frame`, just polled from `body`, was its end: no more frames,
+/// or a last frame after which the body says it has ended.
+pub(crate) fn ended<B: http_body::Body>(body: &B, frame: &Polled<B>) -> bool {
+    match frame {
+        Poll::Ready(None) => true,
+        Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+        _ => false,
     }
 }
 

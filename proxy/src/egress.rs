@@ -809,19 +809,16 @@ fn request_target(
     // OPTIONS to the server as a whole (asterisk-form) stays so. An
     // absolute-form target with an empty path, which RFC 9112 §3.2.4 would
     // also send as `*`, parses the same as `/` and is sent as `/`.
-    let whole_server = uri.path() == "*";
-    if whole_server && *method != Method::OPTIONS {
-        return Err(Refusal::BadRequest(
-            "the request target * is for OPTIONS only",
-        ));
-    }
-    if whole_server {
-        if query.is_some() {
-            return Err(Refusal::BadRequest(
+    if uri.path() == "*" {
+        return match (method, query) {
+            (&Method::OPTIONS, None) => Ok(Uri::from_static("*")),
+            (&Method::OPTIONS, Some(_)) => Err(Refusal::BadRequest(
                 "OPTIONS * has no query to carry this route's credential: send OPTIONS to a path",
-            ));
-        }
-        return Ok(Uri::from_static("*"));
+            )),
+            _ => Err(Refusal::BadRequest(
+                "the request target * is for OPTIONS only",
+            )),
+        };
     }
     let Some((param, value)) = query else {
         let pq = uri

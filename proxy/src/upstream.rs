@@ -188,12 +188,11 @@ impl http_body::Body for PooledBody {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        match &frame {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+        if crate::conn::ended(&this.inner, &frame) {
+            this.release();
+        } else if let Poll::Ready(Some(Err(_))) = frame {
             // An error: the connection is not reusable.
-            Poll::Ready(Some(Err(_))) => this.back = None,
-            _ => {}
+            this.back = None;
         }
         frame
     }
