@@ -178,7 +178,6 @@ async fn run(sessions: usize, revocations: usize) -> anyhow::Result<Row> {
             connect: Duration::from_secs(1),
             pool_idle: Duration::from_secs(1),
         },
-        ack_drain_timeout: Duration::from_secs(5),
         report_interval: Duration::from_secs(5),
         usage_buffer_records: 100_000,
     };

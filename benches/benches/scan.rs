@@ -25,6 +25,7 @@ fn registry(n: usize) -> RevocationSet {
         )),
         ..Default::default()
     }))
+    .expect("valid revocations")
 }
 
 /// What an API client typically sends through the sidecar.
@@ -139,7 +140,6 @@ fn lookups(c: &mut Criterion) {
         max_staleness: std::time::Duration::from_secs(60),
         call_timeout: std::time::Duration::from_secs(1),
         upstream: timeouts.clone(),
-        ack_drain_timeout: std::time::Duration::from_secs(1),
         report_interval: std::time::Duration::from_secs(5),
         usage_buffer_records: 1_000,
     });
@@ -199,7 +199,8 @@ fn lookups(c: &mut Criterion) {
             workload: format!("spiffe://leash.test/ns/other{i}/sa/x"),
             upstream: "up1".into(),
             ..Default::default()
-        }));
+        }))
+        .expect("valid revocations");
         group.bench_with_input(BenchmarkId::from_parameter(n), &set, |b, set| {
             b.iter(|| {
                 set.check(

@@ -174,7 +174,11 @@ impl ControlPlane {
         tasks.spawn(async move {
             let result = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(20)))
-                .add_service(SidecarApiServer::new(service))
+                .add_service(
+                    SidecarApiServer::new(service)
+                        .max_decoding_message_size(leash_api::MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(leash_api::MAX_MESSAGE_BYTES),
+                )
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })

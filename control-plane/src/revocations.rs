@@ -89,7 +89,8 @@ impl RevocationLog {
         let fingerprint_key = FingerprintKey(store.fingerprint_key().await?);
         let seq = store.current_seq().await?;
         let active = store.revocations(true).await?;
-        let set = RevocationSet::new(active.into_iter().map(|r| r.revocation));
+        let set = RevocationSet::new(active.into_iter().map(|r| r.revocation))
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (changes, _) = broadcast::channel(4096);
         Ok(Self {
             store,
@@ -286,8 +287,14 @@ impl RevocationLog {
         revocation: Revocation,
     ) -> Result<StoredRevocation, RevokeError> {
         let by = revocation.revoked_by.clone();
+        // Compiled before the commit: what sidecars could not enforce is
+        // never committed.
+        let set = current
+            .set
+            .with_change(revocation.clone(), false)
+            .map_err(|e| RevokeError::Invalid(e.to_string()))?;
         let seq = self.store.insert_revocation(&revocation).await?;
-        self.publish(&current, seq, revocation.clone(), false);
+        self.publish(set, seq, revocation.clone(), false);
         tracing::info!(
             revocation_id = %revocation.id,
             kind = %revocation.kind,
@@ -328,7 +335,11 @@ impl RevocationLog {
             .await?
             .ok_or_else(|| RevokeError::Conflict(format!("revocation {id} is already restored")))?;
         let current = self.state.load_full();
-        self.publish(&current, seq, stored.revocation.clone(), true);
+        let set = current
+            .set
+            .with_change(stored.revocation.clone(), true)
+            .map_err(|e| RevokeError::Invalid(e.to_string()))?;
+        self.publish(set, seq, stored.revocation.clone(), true);
         tracing::info!(revocation_id = %id, seq, by, "revocation restored");
         self.store
             .revocation(id)
@@ -337,8 +348,7 @@ impl RevocationLog {
     }
 
     /// Called with the write lock held, right after the commit.
-    fn publish(&self, current: &Snapshot, seq: u64, revocation: Revocation, restored: bool) {
-        let set = current.set.with_change(revocation.clone(), restored);
+    fn publish(&self, set: RevocationSet, seq: u64, revocation: Revocation, restored: bool) {
         self.state.store(Arc::new(Snapshot { seq, set }));
         self.metrics
             .revocations_committed

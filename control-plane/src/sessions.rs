@@ -107,6 +107,43 @@ fn msg(m: control_message::Msg) -> Result<ControlMessage, Status> {
     Ok(ControlMessage { msg: Some(m) })
 }
 
+/// The snapshot at `seq` cut into parts that each encode to less than
+/// [`leash_api::SNAPSHOT_PART_BYTES`] (a single revocation is at most a few
+/// KiB: its fields are bounded when it is created). Always at least one part.
+pub fn snapshot_parts<'a>(
+    store_id: &str,
+    seq: u64,
+    fingerprint_key: &[u8],
+    active: impl Iterator<Item = &'a leash_api::v1::Revocation>,
+) -> Vec<Snapshot> {
+    use prost::Message as _;
+    let part = || Snapshot {
+        store_id: store_id.to_owned(),
+        seq,
+        active: Vec::new(),
+        fingerprint_key: fingerprint_key.to_vec(),
+        more: true,
+    };
+    let mut parts = vec![part()];
+    let mut size = 0;
+    for r in active {
+        // Field tag and length prefix: a few bytes more than the message.
+        let len = r.encoded_len() + 8;
+        if size + len > leash_api::SNAPSHOT_PART_BYTES && size > 0 {
+            parts.push(part());
+            size = 0;
+        }
+        size += len;
+        if let Some(last) = parts.last_mut() {
+            last.active.push(r.clone());
+        }
+    }
+    if let Some(last) = parts.last_mut() {
+        last.more = false;
+    }
+    parts
+}
+
 impl SessionDriver {
     pub async fn run(
         self,
@@ -186,13 +223,14 @@ impl SessionDriver {
             }
             self.catch_up(hello.last_applied_seq, &send).await?
         } else {
-            send(control_message::Msg::Snapshot(Snapshot {
-                store_id: log.store_id.clone(),
-                seq: snapshot.seq,
-                active: snapshot.set.active().cloned().collect(),
-                fingerprint_key: log.fingerprint_key.0.to_vec(),
-            }))
-            .await?;
+            for part in snapshot_parts(
+                &log.store_id,
+                snapshot.seq,
+                &log.fingerprint_key.0,
+                snapshot.set.active(),
+            ) {
+                send(control_message::Msg::Snapshot(part)).await?;
+            }
             snapshot.seq
         };
         let mut policy = self.state.policy_changed.subscribe();
@@ -231,7 +269,11 @@ impl SessionDriver {
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
                 _ = heartbeat.tick() => {
-                    send(control_message::Msg::Heartbeat(Heartbeat { seq: sent, sent_at_ms: now_ms() })).await?;
+                    send(control_message::Msg::Heartbeat(Heartbeat {
+                        seq: sent,
+                        sent_at_ms: now_ms(),
+                        interval_ms: u64::try_from(self.heartbeat.as_millis()).unwrap_or(u64::MAX),
+                    })).await?;
                 }
                 changed = policy.changed() => {
                     if changed.is_err() {

@@ -19,6 +19,8 @@ pub enum StoreError {
     },
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("stored data cannot be used: {0}")]
+    Corrupt(String),
 }
 
 /// Schema migrations, applied in order; each runs once.

@@ -18,8 +18,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use leash_api::revocation::RevocationSet;
-
 use crate::cache::CredentialCache;
 use crate::conn::{HeadWatch, RequestBody, Watched};
 use crate::control::{ControlConfig, ControlLink};
@@ -129,33 +127,36 @@ impl Sidecar {
             }
         });
 
-        // Revocations hit cached credentials: drop them and cut their streams.
-        if let Some(mut applied) = link.take_applied() {
+        // Revocations cut credentials when they are applied (before the
+        // acknowledgement, see `RevocationState::enforce`); this only frees
+        // the cache slots they held, so that the next request fetches anew.
+        {
+            let mut applied = link.applied();
             let purge = cache.clone();
-            let workload = link.clone();
+            let routes = link.clone();
             let mut stop = shutdown.subscribe();
             tasks.spawn(async move {
                 loop {
-                    let (revocation, restored) = tokio::select! {
-                        next = applied.recv() => match next { Some(c) => c, None => return },
+                    tokio::select! {
+                        changed = applied.changed() => if changed.is_err() { return },
                         _ = stop.wait_for(|s| *s) => return,
-                    };
-                    if restored {
-                        continue;
                     }
-                    let me = workload.workload_id().to_string();
-                    let single = RevocationSet::new([revocation.clone()]);
-                    let hit = |c: &crate::cache::CachedCredential| {
-                        single.credential_revoked(&c.id) || single.check(&me, &c.upstream).is_some()
-                    };
-                    let n = purge.purge(hit).await;
-                    for route in workload.routes.load().routes() {
-                        if route.current.load().as_deref().is_some_and(hit) {
+                    let n = purge.drop_cut().await;
+                    for route in routes.routes.load().routes() {
+                        if route
+                            .current
+                            .load()
+                            .as_ref()
+                            .is_some_and(|c| c.revoked.is_cancelled())
+                        {
                             route.current.store(None);
                         }
                     }
                     if n > 0 {
-                        tracing::info!(revocation_id = %revocation.id, credentials = n, "purged revoked credentials");
+                        tracing::debug!(
+                            credentials = n,
+                            "dropped revoked credentials from the cache"
+                        );
                     }
                 }
             });

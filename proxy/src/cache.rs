@@ -112,7 +112,12 @@ impl CredentialCache {
         route: &Arc<EgressRoute>,
     ) -> Result<Arc<CachedCredential>, CredentialError> {
         let metrics = &self.link.metrics.cache;
-        if let Some(c) = self.cache.get(&route.name).await {
+        if let Some(c) = self.cache.get(&route.name).await
+            && c.revoked.is_cancelled()
+        {
+            // Cut by a revocation (perhaps one since restored): never used again.
+            self.cache.invalidate(&route.name).await;
+        } else if let Some(c) = self.cache.get(&route.name).await {
             metrics.hits.fetch_add(1, Ordering::Relaxed);
             if Instant::now() >= c.refresh_at && !c.refreshing.swap(true, Ordering::AcqRel) {
                 let this = self.clone();
@@ -163,13 +168,13 @@ impl CredentialCache {
         self.cache.invalidate(&route.name).await;
     }
 
-    /// Drops and marks revoked every cached credential `hit` selects, which
-    /// cuts the streams opened with them. Returns how many were hit.
-    pub async fn purge(&self, hit: impl Fn(&CachedCredential) -> bool) -> usize {
+    /// Drops every cached credential that a revocation cut (they are
+    /// already refused at every commit; this frees the cache slot so the
+    /// next request fetches anew). Returns how many.
+    pub async fn drop_cut(&self) -> usize {
         let mut n = 0;
         for (key, cred) in self.cache.iter() {
-            if hit(&cred) {
-                cred.revoked.cancel();
+            if cred.revoked.is_cancelled() {
                 self.cache.invalidate(&*key).await;
                 n += 1;
             }
@@ -225,7 +230,7 @@ impl CachedCredential {
             ));
         }
         tracing::debug!(credential_id = %cred.id, upstream = %route.name, ?remaining, "credential cached");
-        Ok(Arc::new(CachedCredential {
+        let credential = Arc::new(CachedCredential {
             usage: link.usage.cell(&cred.id, &route.name, &cred.kind),
             id: cred.id.into(),
             upstream: route.name.clone(),
@@ -234,7 +239,20 @@ impl CachedCredential {
             refresh_at,
             use_until,
             refreshing: AtomicBool::new(false),
-        }))
+        });
+        // Tracked until its last stream ends, whatever the cache does with it.
+        link.revocations.live.register(&credential);
+        // Fetched while a revocation covering it was being applied: the
+        // revocation's cut may have run before the registration above.
+        let set = link.revocations.set.load();
+        if set.credential_revoked(&credential.id)
+            || set
+                .check(&link.workload_id(), &credential.upstream)
+                .is_some()
+        {
+            credential.revoked.cancel();
+        }
+        Ok(credential)
     }
 }
 

@@ -149,7 +149,6 @@ impl Cli {
                 control_planes: cli.control_plane.clone(),
                 control_plane_id: cli.control_plane_id.clone(),
                 max_staleness: cli.max_staleness,
-                ack_drain_timeout: Duration::from_secs(5),
                 report_interval: cli.report_interval,
                 usage_buffer_records: cli.usage_buffer_records,
                 call_timeout: Duration::from_secs(5),

@@ -13,7 +13,7 @@ use leash_api::identity::{Identity, IdentityConfig};
 use leash_api::revocation::{FingerprintKey, RevocationSet};
 use leash_api::v1::sidecar_api_client::SidecarApiClient;
 use leash_api::v1::{
-    Ack, ControlMessage, Credential, Hello, IssueRequest, Revocation, SidecarMessage, StripReport,
+    Ack, ControlMessage, Credential, Hello, IssueRequest, SidecarMessage, Snapshot, StripReport,
     control_message, issue_response, sidecar_message,
 };
 use rustls::pki_types::ServerName;
@@ -56,9 +56,6 @@ pub struct ControlConfig {
     pub max_staleness: Duration,
     pub call_timeout: Duration,
     pub upstream: UpstreamTimeouts,
-    /// Longest an acknowledgement waits for requests checked against the
-    /// previous revocation state to finish sending.
-    pub ack_drain_timeout: Duration,
     /// How often usage and stripped-credential counts are reported.
     pub report_interval: Duration,
     /// Usage records kept while the control plane is away; beyond this the
@@ -92,9 +89,8 @@ pub struct ControlLink {
     reports: mpsc::Sender<SidecarMessage>,
     reports_rx: tokio::sync::Mutex<mpsc::Receiver<SidecarMessage>>,
     pub reports_dropped: AtomicU64,
-    /// Each applied revocation, for purging credentials and cutting streams.
-    applied: mpsc::UnboundedSender<(Revocation, bool)>,
-    applied_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(Revocation, bool)>>>,
+    /// Bumped after each applied revocation change or snapshot.
+    applied: watch::Sender<u64>,
     /// Usage counters and the batches waiting for the control plane.
     pub usage: Arc<Usage>,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -102,7 +98,6 @@ pub struct ControlLink {
 
 impl ControlLink {
     pub fn new(config: ControlConfig) -> Arc<Self> {
-        let (applied, applied_rx) = mpsc::unbounded_channel();
         let (reports, reports_rx) = mpsc::channel(4096);
         Arc::new(Self {
             client: ArcSwapOption::empty(),
@@ -121,8 +116,7 @@ impl ControlLink {
             reports,
             reports_rx: tokio::sync::Mutex::new(reports_rx),
             reports_dropped: AtomicU64::new(0),
-            applied,
-            applied_rx: std::sync::Mutex::new(Some(applied_rx)),
+            applied: watch::channel(0).0,
             usage: Arc::new(Usage::new(config.usage_buffer_records)),
             metrics: Arc::new(crate::metrics::Metrics::default()),
             config,
@@ -136,9 +130,9 @@ impl ControlLink {
         }
     }
 
-    /// The stream of applied revocation changes (taken once, by the app).
-    pub fn take_applied(&self) -> Option<mpsc::UnboundedReceiver<(Revocation, bool)>> {
-        self.applied_rx.lock().ok()?.take()
+    /// Changes whenever a revocation change or snapshot has been applied.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     pub fn identity_ready(&self) -> bool {
@@ -286,7 +280,9 @@ impl ControlLink {
             let started = Instant::now();
             let result = match self.channel(source.clone(), addr) {
                 Ok(channel) => {
-                    let client = SidecarApiClient::new(channel);
+                    let client = SidecarApiClient::new(channel)
+                        .max_decoding_message_size(leash_api::MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(leash_api::MAX_MESSAGE_BYTES);
                     self.client.store(Some(Arc::new(client.clone())));
                     self.run_session(client, addr).await
                 }
@@ -347,11 +343,23 @@ impl ControlLink {
             at: Instant::now(),
         };
         self.send_usage(&tx, &mut usage).await?;
+        // Silence: a control plane whose connection stays open but that
+        // sends nothing is left for the next address. One deadline, moved
+        // only by what arrives (heartbeats come every interval; three missed
+        // ones, or `max_staleness` before the first says how often they come).
+        let mut silence_limit = self.config.max_staleness;
+        let silence = tokio::time::sleep(silence_limit);
+        tokio::pin!(silence);
+        // A snapshot arriving in parts, applied once complete.
+        let mut partial: Option<Snapshot> = None;
         loop {
-            // Heartbeats come every few seconds; silence this long means the
-            // connection is dead even if TCP has not noticed.
             let next = tokio::select! {
-                next = tokio::time::timeout(self.config.max_staleness, inbound.message()) => next,
+                next = inbound.message() => next,
+                () = &mut silence => {
+                    return Err(ControlError::Session(format!(
+                        "nothing heard for {silence_limit:?}; trying the next control plane"
+                    )));
+                }
                 Some(report) = reports.recv() => {
                     tx.send(report).await.map_err(|_| ControlError::NotConnected)?;
                     continue;
@@ -376,30 +384,35 @@ impl ControlLink {
                     continue;
                 }
             };
-            let next = next
-                .map_err(|_| ControlError::Session("no message within max_staleness".into()))?
-                .map_err(|s| ControlError::Session(format!("{}: {}", s.code(), s.message())))?;
+            let next =
+                next.map_err(|s| ControlError::Session(format!("{}: {}", s.code(), s.message())))?;
             let Some(ControlMessage { msg: Some(msg) }) = next else {
                 return Ok(());
             };
             self.heard();
+            silence
+                .as_mut()
+                .reset(tokio::time::Instant::now() + silence_limit);
             match msg {
-                control_message::Msg::Snapshot(snapshot) => {
+                control_message::Msg::Snapshot(part) => {
+                    let Some(snapshot) = gather(&mut partial, part)? else {
+                        continue;
+                    };
                     if let Ok(mut id) = self.store_id.lock() {
                         id.clone_from(&snapshot.store_id);
                     }
                     if let Some(key) = FingerprintKey::from_slice(&snapshot.fingerprint_key) {
                         self.fingerprint_key.store(Some(Arc::new(key)));
                     }
-                    let set = RevocationSet::new(snapshot.active);
+                    let set = RevocationSet::new(snapshot.active).map_err(|e| {
+                        tracing::error!(error = %e, "revocation snapshot refused; resyncing");
+                        ControlError::Session(e.to_string())
+                    })?;
                     tracing::info!(
                         seq = snapshot.seq,
                         active = set.len(),
                         "revocation snapshot applied"
                     );
-                    for r in set.active() {
-                        let _ = self.applied.send((r.clone(), false));
-                    }
                     self.apply(set, snapshot.seq, &tx).await?;
                     self.revocations
                         .snapshots_applied
@@ -422,7 +435,11 @@ impl ControlLink {
                         .revocations
                         .set
                         .load()
-                        .with_change(revocation.clone(), event.restored);
+                        .with_change(revocation.clone(), event.restored)
+                        .map_err(|e| {
+                            tracing::error!(seq = event.seq, error = %e, "revocation change refused; resyncing");
+                            ControlError::Session(e.to_string())
+                        })?;
                     tracing::info!(
                         seq = event.seq,
                         revocation_id = %revocation.id,
@@ -430,7 +447,6 @@ impl ControlLink {
                         restored = event.restored,
                         "revocation change applied"
                     );
-                    let _ = self.applied.send((revocation, event.restored));
                     self.apply(set, event.seq, &tx).await?;
                     self.revocations
                         .changes_applied
@@ -439,11 +455,20 @@ impl ControlLink {
                 }
                 control_message::Msg::Heartbeat(hb) => {
                     let applied = self.revocations.applied_seq.load(Ordering::Acquire);
-                    if hb.seq > applied && have_state {
+                    if hb.seq > applied {
                         return Err(ControlError::Session(format!(
                             "control plane is at {} but {applied} was applied; resyncing",
                             hb.seq
                         )));
+                    }
+                    // Resumed with nothing missed: the state is current.
+                    have_state = true;
+                    if hb.interval_ms > 0 {
+                        silence_limit = (Duration::from_millis(hb.interval_ms) * 3)
+                            .min(self.config.max_staleness);
+                        silence
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + silence_limit);
                     }
                 }
                 control_message::Msg::UsageAck(ack) => self.usage.ack(ack.batch_seq),
@@ -486,26 +511,20 @@ impl ControlLink {
         Ok(())
     }
 
-    /// Publishes a new revocation state, waits for requests checked against
-    /// the old one, then acknowledges.
+    /// Enforces a new revocation state (see `RevocationState::enforce`),
+    /// then acknowledges: the acknowledgement means enforced (I7).
     async fn apply(
         &self,
         set: RevocationSet,
         seq: u64,
         tx: &mpsc::Sender<SidecarMessage>,
     ) -> Result<(), ControlError> {
-        self.revocations.set.store(Arc::new(set));
-        if !self
-            .revocations
-            .gate
-            .advance_and_drain(self.config.ack_drain_timeout)
-            .await
-        {
-            tracing::warn!(
-                seq,
-                "requests checked before this change are still sending; acknowledging anyway"
-            );
+        let workload = self.workload_arc();
+        let cut = self.revocations.enforce(set, &workload).await;
+        if cut > 0 {
+            tracing::info!(seq, credentials = cut, "revoked credentials cut");
         }
+        self.applied.send_modify(|v| *v += 1);
         self.revocations.applied_seq.store(seq, Ordering::Release);
         let ack = SidecarMessage {
             msg: Some(sidecar_message::Msg::Ack(Ack { seq })),
@@ -592,6 +611,34 @@ impl ControlLink {
             .keep_alive_while_idle(true);
         Ok(endpoint.connect_with_connector_lazy(connect))
     }
+}
+
+/// Adds a snapshot part to what has arrived of it; returns the snapshot
+/// once its last part is in. Parts of another snapshot than the one being
+/// gathered end the session (the control plane restarts it on reconnect).
+fn gather(
+    partial: &mut Option<Snapshot>,
+    part: Snapshot,
+) -> Result<Option<Snapshot>, ControlError> {
+    let more = part.more;
+    let whole = match partial.take() {
+        None => part,
+        Some(mut so_far) => {
+            if so_far.store_id != part.store_id || so_far.seq != part.seq {
+                return Err(ControlError::Session(format!(
+                    "snapshot part for {}@{} while gathering {}@{}",
+                    part.store_id, part.seq, so_far.store_id, so_far.seq
+                )));
+            }
+            so_far.active.extend(part.active);
+            so_far
+        }
+    };
+    if more {
+        *partial = Some(whole);
+        return Ok(None);
+    }
+    Ok(Some(whole))
 }
 
 /// The newest usage batch sent on this session, and when.

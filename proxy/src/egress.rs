@@ -1,7 +1,11 @@
 //! The request path. Reads top to bottom as the pipeline it is:
-//! route → deny by default → grant check → credential → sanitize → inject →
-//! forward → strip hop-by-hop from the answer. Every refusal is a
-//! [`Refusal`], turned into a response in one place.
+//! leak scan → route → deny by default → staleness → grant → revocation →
+//! credential → body prefix scan → sanitize → inject → commit (the last
+//! revocation, staleness and leak check, in the same synchronous step as the
+//! hand-off to the upstream connection) → forward → strip hop-by-hop from the
+//! answer. Bodies stream both ways and are cut when a revocation covers their
+//! credential. Every refusal is a [`Refusal`], turned into a response in one
+//! place.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -9,9 +13,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use leash_api::revocation::RevocationKind;
+use leash_api::revocation::{RevocationKind, RevocationSet};
 use leash_api::v1::Revocation;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
@@ -24,8 +28,10 @@ use crate::conn::RequestBody;
 use crate::control::ControlLink;
 use crate::leak;
 use crate::refusal::Refusal;
+use crate::revocation::InflightGuard;
 use crate::routes::{EgressRoute, InjectHow};
 use crate::telemetry::{EgressOtel, TraceInfo};
+use crate::upstream::UpstreamError;
 use crate::usage;
 use leash_api::v1::{LeakRefusal, SidecarMessage, sidecar_message};
 
@@ -133,12 +139,11 @@ impl Egress {
                 limit: self.max_header_bytes,
             });
         }
-        // Registered before the revocation state is read, and held until the
-        // upstream answers: an acknowledged revocation has no request checked
-        // against the older state still on its way (see `InflightGate`).
-        let _inflight = self.link.revocations.gate.enter();
         // I2: a registered leaked value never leaves, whatever the host.
-        self.refuse_leaked(bound, &req)?;
+        // The set scanned against is kept: if it changes before the commit,
+        // the outgoing request is scanned again against the new one.
+        let scanned = self.link.revocations.set.load_full();
+        self.refuse_leaked(bound, &req, &scanned)?;
         let route = self.route(bound, &req)?;
         if let Some(t) = trace.as_deref_mut() {
             t.upstream = Some(route.name.clone());
@@ -154,24 +159,14 @@ impl Egress {
                 upstream: route.name.to_string(),
             });
         }
-        let revocations = self.link.revocations.set.load();
-        if let Some(r) = revocations.check(&self.link.workload_id(), &route.name) {
-            return Err(revoked(r, &route.name));
-        }
+        // A first check on arrival, for a fast refusal; the one that decides
+        // is the commit's (see `commit`).
+        self.admit_route(&route, &scanned, arrived)?;
         let mut credential = self.credential(&route).await?;
-        if revocations.credential_revoked(&credential.id) {
+        if credential_cut(&credential, &self.link.revocations.set.load()) {
             // Only that instance is revoked, not the grant: use a fresh one.
             self.cache.invalidate(&route).await;
             credential = self.credential(&route).await?;
-            if revocations.credential_revoked(&credential.id) {
-                return Err(Refusal::Revoked {
-                    code: "revoked_credential",
-                    what: format!("credential {}", credential.id),
-                    revocation_id: String::new(),
-                    reason: "the control plane issued a revoked credential again".into(),
-                    upstream: route.name.to_string(),
-                });
-            }
         }
 
         let (mut parts, body) = req.into_parts();
@@ -179,10 +174,10 @@ impl Egress {
         let bytes_sent = http_body::Body::size_hint(&body).exact().unwrap_or(0);
         let body = if route.scan_body_bytes > 0 {
             let (prefix, body) = Box::pin(read_prefix(body, route.scan_body_bytes)).await?;
-            self.refuse_leaked_body(&route, &parts, &prefix)?;
-            body.with_prefix(prefix)
+            self.refuse_leaked_body(&route, &parts, &prefix, &scanned)?;
+            body.with_prefix(prefix, &credential)
         } else {
-            UpstreamBody::Direct(body)
+            UpstreamBody::direct(body, &credential)
         };
         if upstream_headers(&mut parts.headers, &route.inject, &credential.value) {
             route
@@ -209,13 +204,42 @@ impl Egress {
         let sent = std::time::Instant::now();
         route.metrics.injection.observe(sent - arrived);
         timer.arm(sent + self.response_timeout);
-        let call = std::pin::pin!(route.client.request(Request::from_parts(parts, body)));
-        let answer = Deadline { call, timer }.await;
+        let mut req = Request::from_parts(parts, body);
+        let mut renewed = false;
+        let answer = loop {
+            let answer = {
+                let commit = |r: &Request<UpstreamBody>| {
+                    self.commit(bound, &route, &credential, &scanned, r)
+                };
+                let call = std::pin::pin!(route.client.request(req, commit));
+                Deadline { call, timer }.await
+            };
+            match answer {
+                // Only the credential instance was revoked on the way (a
+                // rotated secret version, one leaked JWT), not the grant:
+                // the request goes once more with a fresh one.
+                Ok(Err(UpstreamError::Refused(refusal, back)))
+                    if !renewed && refusal.code() == "revoked_credential" =>
+                {
+                    renewed = true;
+                    self.cache.invalidate(&route).await;
+                    credential = self.credential(&route).await?;
+                    req = *back;
+                    reinject(&mut req, &route, &credential)?;
+                }
+                other => break other,
+            }
+        };
         let upstream_time = sent.elapsed();
         route.metrics.upstream.observe(upstream_time);
         if let Some(t) = trace {
             t.upstream_time = Some(upstream_time);
         }
+        let answer = match answer {
+            // Refused at its commit: nothing was sent, so nothing was used.
+            Ok(Err(UpstreamError::Refused(refusal, _))) => return Err(refusal),
+            other => other,
+        };
         let status = match &answer {
             Ok(Ok(resp)) => Some(resp.status()),
             _ => None,
@@ -229,6 +253,10 @@ impl Egress {
         };
         let resp = match answer {
             Ok(Ok(resp)) => resp,
+            // The upload was cut because a revocation covered it.
+            Ok(Err(_)) if credential.revoked.is_cancelled() => {
+                return Err(self.cut_refusal(&route, &credential));
+            }
             Ok(Err(e)) => {
                 return Err(Refusal::UpstreamUnreachable {
                     upstream: route.name.to_string(),
@@ -264,15 +292,15 @@ impl Egress {
         &self,
         bound: Option<&str>,
         req: &Request<RequestBody>,
+        set: &RevocationSet,
     ) -> Result<(), Refusal> {
-        let set = self.link.revocations.set.load();
         if !set.has_leaked() {
             return Ok(());
         }
         let Some(key) = self.link.fingerprint_key.load_full() else {
             return Ok(());
         };
-        match leak::scan_request(&set, &key, req.headers(), req.uri().query()) {
+        match leak::scan_request(set, &key, req.headers(), req.uri().query()) {
             None => Ok(()),
             Some(hit) => {
                 let host = request_host(req).unwrap_or_default().to_owned();
@@ -296,15 +324,18 @@ impl Egress {
         route: &EgressRoute,
         parts: &http::request::Parts,
         prefix: &[Bytes],
+        set: &RevocationSet,
     ) -> Result<(), Refusal> {
-        let set = self.link.revocations.set.load();
+        if !set.has_leaked() {
+            return Ok(());
+        }
         let Some(key) = self.link.fingerprint_key.load_full() else {
             return Ok(());
         };
         let joined = zeroize::Zeroizing::new(prefix.concat());
         // Frames may overshoot the limit; what is scanned is exactly the limit.
         let scanned = &joined[..joined.len().min(route.scan_body_bytes)];
-        match leak::scan_body(&set, &key, scanned) {
+        match leak::scan_body(set, &key, scanned) {
             None => Ok(()),
             Some(hit) => {
                 let host = parts.uri.host().unwrap_or_default().to_owned();
@@ -334,6 +365,102 @@ impl Egress {
             upstream,
             host,
         }
+    }
+
+    /// The check that decides (I1, I3, I7): run by the upstream pool at the
+    /// moment the request is handed to a connection, after its body prefix
+    /// was read, its connection made and its credential fetched, inside the
+    /// revocation gate and with no `.await` until the hand-off. The guard
+    /// it returns is held until the request is on the connection.
+    fn commit(
+        &self,
+        bound: Option<&str>,
+        route: &EgressRoute,
+        credential: &CachedCredential,
+        scanned: &Arc<RevocationSet>,
+        req: &Request<UpstreamBody>,
+    ) -> Result<InflightGuard<'_>, Refusal> {
+        let guard = self.link.revocations.gate.enter();
+        let set = self.link.revocations.set.load();
+        self.admit_route(route, &set, std::time::Instant::now())?;
+        if credential_cut(credential, &set) {
+            return Err(self.cut_refusal(route, credential));
+        }
+        // Leaked values registered since the request was scanned: scan what
+        // is about to leave.
+        if !Arc::ptr_eq(&set, scanned) && set.has_leaked() {
+            self.refuse_leaked_outgoing(bound, route, req, &set)?;
+        }
+        Ok(guard)
+    }
+
+    /// Staleness (I3) and revocations of the workload, its grant or the
+    /// upstream (I1), at `now`.
+    fn admit_route(
+        &self,
+        route: &EgressRoute,
+        set: &RevocationSet,
+        now: std::time::Instant,
+    ) -> Result<(), Refusal> {
+        if let Some(silence) = self.link.stale_at(now) {
+            return Err(Refusal::Stale {
+                silence_secs: silence.as_secs(),
+                max_secs: self.link.max_staleness().as_secs(),
+            });
+        }
+        if let Some(r) = set.check(&self.link.workload_id(), &route.name) {
+            return Err(revoked(r, &route.name));
+        }
+        Ok(())
+    }
+
+    /// Why a credential that was cut (or is revoked) cannot be used.
+    fn cut_refusal(&self, route: &EgressRoute, credential: &CachedCredential) -> Refusal {
+        let set = self.link.revocations.set.load();
+        if let Some(r) = set.check(&self.link.workload_id(), &route.name) {
+            return revoked(r, &route.name);
+        }
+        let revocation = set
+            .active()
+            .find(|r| r.kind == "credential" && r.credential_id == *credential.id);
+        Refusal::Revoked {
+            code: "revoked_credential",
+            what: format!("credential {}", credential.id),
+            revocation_id: revocation.map(|r| r.id.clone()).unwrap_or_default(),
+            reason: revocation.map_or_else(
+                || "a revocation cut this credential while the request was on its way".into(),
+                |r| r.reason.clone(),
+            ),
+            upstream: route.name.to_string(),
+        }
+    }
+
+    /// The leak scan of a request as it will leave (headers as rewritten,
+    /// the origin-form target, the scanned body prefix).
+    fn refuse_leaked_outgoing(
+        &self,
+        bound: Option<&str>,
+        route: &EgressRoute,
+        req: &Request<UpstreamBody>,
+        set: &RevocationSet,
+    ) -> Result<(), Refusal> {
+        let Some(key) = self.link.fingerprint_key.load_full() else {
+            return Ok(());
+        };
+        let host = route.host_header.to_str().unwrap_or_default().to_owned();
+        let upstream = bound.unwrap_or(&route.name).to_owned();
+        if let Some(hit) = leak::scan_request(set, &key, req.headers(), req.uri().query()) {
+            return Err(self.leaked(hit, upstream, host));
+        }
+        let prefix = req.body().prefix();
+        if !prefix.is_empty() {
+            let joined = zeroize::Zeroizing::new(prefix.concat());
+            let scanned = &joined[..joined.len().min(route.scan_body_bytes)];
+            if let Some(hit) = leak::scan_body(set, &key, scanned) {
+                return Err(self.leaked(hit, upstream, host));
+            }
+        }
+        Ok(())
     }
 
     async fn credential(&self, route: &Arc<EgressRoute>) -> Result<Arc<CachedCredential>, Refusal> {
@@ -427,6 +554,26 @@ impl<F: std::future::Future + Unpin> std::future::Future for Deadline<'_, F> {
         }
         Poll::Pending
     }
+}
+
+/// Puts `credential` into a request built for another one (see `forward`).
+fn reinject(
+    req: &mut Request<UpstreamBody>,
+    route: &EgressRoute,
+    credential: &CachedCredential,
+) -> Result<(), Refusal> {
+    inject_credential(req.headers_mut(), &route.inject, &credential.value);
+    let uri = upstream_uri(route, req.method(), req.uri(), credential)?;
+    *req.uri_mut() = uri;
+    let body = req.body_mut();
+    body.revoked = credential.revoked.clone();
+    body.wait = None;
+    Ok(())
+}
+
+/// Whether `credential` was cut by a revocation or is revoked in `set`.
+fn credential_cut(credential: &CachedCredential, set: &RevocationSet) -> bool {
+    credential.revoked.is_cancelled() || set.credential_revoked(&credential.id)
 }
 
 fn revoked(r: &Revocation, upstream: &str) -> Refusal {
@@ -693,95 +840,122 @@ pub struct PrefixRest {
 }
 
 impl PrefixRest {
-    fn with_prefix(self, prefix: Vec<Bytes>) -> UpstreamBody {
+    fn with_prefix(self, prefix: Vec<Bytes>, credential: &CachedCredential) -> UpstreamBody {
         let mut frames: std::collections::VecDeque<_> =
             prefix.into_iter().map(http_body::Frame::data).collect();
         let done = self.trailers.is_some();
         frames.extend(self.trailers);
-        UpstreamBody::Prefixed {
+        UpstreamBody {
             frames,
             rest: self.rest,
             rest_done: done,
+            revoked: credential.revoked.clone(),
+            wait: None,
         }
     }
 }
 
-/// The body sent upstream: the workload's as it streams in, or, when the
-/// start was read for scanning, that start followed by the rest.
-pub enum UpstreamBody {
-    Direct(RequestBody),
-    Prefixed {
-        frames: std::collections::VecDeque<http_body::Frame<Bytes>>,
-        rest: RequestBody,
-        rest_done: bool,
-    },
+/// The body sent upstream: the scanned start of the workload's body (if
+/// any was read), then the rest as it streams in. An upload still arriving
+/// when its credential is revoked is cut: the upstream never receives a
+/// complete request after the acknowledgement.
+pub struct UpstreamBody {
+    frames: std::collections::VecDeque<http_body::Frame<Bytes>>,
+    rest: RequestBody,
+    rest_done: bool,
+    revoked: CancellationToken,
+    /// Created only when the body has to wait, so short bodies cost nothing.
+    wait: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+impl UpstreamBody {
+    fn direct(body: RequestBody, credential: &CachedCredential) -> Self {
+        Self {
+            frames: std::collections::VecDeque::new(),
+            rest: body,
+            rest_done: false,
+            revoked: credential.revoked.clone(),
+            wait: None,
+        }
+    }
+
+    /// The scanned start of the body still to be sent (all of it before
+    /// the request is handed to a connection).
+    fn prefix(&self) -> Vec<&[u8]> {
+        self.frames
+            .iter()
+            .filter_map(|f| f.data_ref().map(|d| &d[..]))
+            .collect()
+    }
 }
 
 impl http_body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            UpstreamBody::Direct(b) => Pin::new(b).poll_frame(cx),
-            UpstreamBody::Prefixed {
-                frames,
-                rest,
-                rest_done,
-            } => {
-                if let Some(f) = frames.pop_front() {
-                    return Poll::Ready(Some(Ok(f)));
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.revoked.is_cancelled() {
+            return Poll::Ready(Some(Err(UPLOAD_CUT.into())));
+        }
+        if let Some(f) = this.frames.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        if this.rest_done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.rest).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => {
+                let revoked = &this.revoked;
+                let wait = this
+                    .wait
+                    .get_or_insert_with(|| Box::pin(revoked.clone().cancelled_owned()));
+                match wait.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(UPLOAD_CUT.into()))),
+                    Poll::Pending => Poll::Pending,
                 }
-                if *rest_done {
-                    return Poll::Ready(None);
-                }
-                Pin::new(rest).poll_frame(cx)
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Direct(b) => b.is_end_stream(),
-            UpstreamBody::Prefixed {
-                frames,
-                rest,
-                rest_done,
-            } => frames.is_empty() && (*rest_done || rest.is_end_stream()),
-        }
+        self.frames.is_empty() && (self.rest_done || self.rest.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        match self {
-            UpstreamBody::Direct(b) => b.size_hint(),
-            UpstreamBody::Prefixed {
-                frames,
-                rest,
-                rest_done,
-            } => {
-                let buffered: u64 = frames
-                    .iter()
-                    .filter_map(|f| f.data_ref())
-                    .map(|d| d.len() as u64)
-                    .sum();
-                let rest = if *rest_done {
-                    http_body::SizeHint::with_exact(0)
-                } else {
-                    rest.size_hint()
-                };
-                let mut hint = http_body::SizeHint::new();
-                hint.set_lower(rest.lower() + buffered);
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper + buffered);
-                }
-                hint
-            }
+        let buffered: u64 = self
+            .frames
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+            .sum();
+        let rest = if self.rest_done {
+            http_body::SizeHint::with_exact(0)
+        } else {
+            self.rest.size_hint()
+        };
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(rest.lower() + buffered);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + buffered);
         }
+        hint
     }
 }
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("buffered_frames", &self.frames.len())
+            .finish_non_exhaustive()
+    }
+}
+
+const UPLOAD_CUT: &str = "upload cut: its credential was revoked";
 
 /// The request target sent upstream: the workload's path and query, with
 /// the credential added to the query when the route injects it there.

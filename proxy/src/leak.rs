@@ -196,6 +196,7 @@ mod tests {
             fingerprint: fingerprint_bytes(fingerprint(&KEY, LEAKED.as_bytes())),
             ..Default::default()
         }])
+        .unwrap()
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -1,14 +1,30 @@
-//! The sidecar's revocation state and the in-flight gate that makes an
-//! acknowledgement mean something: when the sidecar acknowledges a change,
-//! every request checked against the state before it has finished sending.
+//! The sidecar's revocation state, the credentials it has ever handed out
+//! that are still in use, and the commit gate that makes an acknowledgement
+//! mean enforced (invariant I7).
+//!
+//! A request is checked against the revocation state twice: on arrival (a
+//! fast refusal) and again at its *commit*, the synchronous moment its head
+//! is handed to an upstream connection, after its body prefix was read, its
+//! connection made and its credential fetched. Only that second check
+//! decides, and it runs inside the gate, with no `.await` between the check
+//! and the hand-off. Applying a change publishes the new state, cuts every
+//! live credential it covers, then waits for the commits that read the old
+//! state: a few microseconds, since no commit can wait on anything. So when
+//! the acknowledgement is sent, every request the change covers was either
+//! handed to its upstream before, or will be refused at its commit; no
+//! timeout turns waiting into acknowledging, and a workload that holds its
+//! body back holds nothing of the gate.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use leash_api::revocation::RevocationSet;
 
-/// Counts requests in flight per state generation (two slots suffice because
+use crate::cache::CachedCredential;
+
+/// Counts commits in progress per state generation (two slots suffice:
 /// changes are applied one at a time, each waiting for the previous slot to
 /// drain).
 #[derive(Default)]
@@ -17,8 +33,9 @@ pub struct InflightGate {
     inflight: [AtomicUsize; 2],
 }
 
-/// Held by a request from its revocation check until its upstream request
-/// has been sent (the upstream's response head arrived) or failed.
+/// Held by a commit from its last revocation check until its request has
+/// been handed to the upstream connection (or refused). Never held across
+/// an `.await`.
 pub struct InflightGuard<'a> {
     gate: &'a InflightGate,
     slot: usize,
@@ -31,15 +48,15 @@ impl Drop for InflightGuard<'_> {
 }
 
 impl InflightGate {
-    /// Registers a request; call before reading the revocation state.
+    /// Registers a commit; call before reading the revocation state.
     pub fn enter(&self) -> InflightGuard<'_> {
         loop {
             let generation = self.generation.load(Ordering::SeqCst);
             let slot = (generation & 1) as usize;
             self.inflight[slot].fetch_add(1, Ordering::SeqCst);
             // A change was published between the two loads: register again in
-            // the new slot so the change's drain does not wait on us forever
-            // and we read the new state.
+            // the new slot so the change's drain does not wait on us and we
+            // read the new state.
             if self.generation.load(Ordering::SeqCst) == generation {
                 return InflightGuard { gate: self, slot };
             }
@@ -47,19 +64,67 @@ impl InflightGate {
         }
     }
 
-    /// Call after publishing a new state: waits (at most `bound`) until every
-    /// request registered before it is done. Returns whether it drained.
-    pub async fn advance_and_drain(&self, bound: Duration) -> bool {
+    /// Call after publishing a new state: returns once every commit that
+    /// may have read the previous state has handed off or been refused.
+    /// Commits hold the gate only for a synchronous check and hand-off, so
+    /// this takes microseconds; it has no timeout because none is needed.
+    pub async fn advance_and_drain(&self) {
         let old = self.generation.fetch_add(1, Ordering::SeqCst);
         let slot = (old & 1) as usize;
-        let deadline = Instant::now() + bound;
+        let mut spins = 0u32;
         while self.inflight[slot].load(Ordering::SeqCst) != 0 {
-            if Instant::now() >= deadline {
-                return false;
+            spins += 1;
+            if spins < 64 {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_micros(100)).await;
             }
-            tokio::time::sleep(Duration::from_micros(200)).await;
         }
-        true
+    }
+}
+
+/// Every credential instance the sidecar has fetched that something still
+/// holds: the cache, a route's fast path, a request on its way, or a stream
+/// (request or response body) still flowing. A revocation cuts them all,
+/// whatever the cache did with them meanwhile (refreshed, evicted).
+#[derive(Default)]
+pub struct LiveCredentials {
+    held: Mutex<Vec<Weak<CachedCredential>>>,
+}
+
+impl LiveCredentials {
+    pub fn register(&self, credential: &Arc<CachedCredential>) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        // Amortised pruning: the list is at most twice what is alive.
+        if held.len() >= 16 && held.len().is_power_of_two() {
+            held.retain(|w| w.strong_count() > 0);
+        }
+        held.push(Arc::downgrade(credential));
+    }
+
+    /// Marks revoked every live credential `covered` selects, which cuts the
+    /// streams opened with it. Returns how many.
+    pub fn cut(&self, covered: impl Fn(&CachedCredential) -> bool) -> usize {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|w| w.strong_count() > 0);
+        let mut n = 0;
+        for c in held.iter().filter_map(Weak::upgrade) {
+            if !c.revoked.is_cancelled() && covered(&c) {
+                c.revoked.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Credential instances alive now (diagnostics and tests).
+    pub fn len(&self) -> usize {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.iter().filter(|w| w.strong_count() > 0).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -68,9 +133,25 @@ impl InflightGate {
 pub struct RevocationState {
     pub set: ArcSwap<RevocationSet>,
     pub gate: InflightGate,
+    pub live: LiveCredentials,
     /// The last sequence applied, reported back to the control plane.
     pub applied_seq: AtomicU64,
     /// Snapshots and single changes applied since start.
     pub snapshots_applied: AtomicU64,
     pub changes_applied: AtomicU64,
+}
+
+impl RevocationState {
+    /// Publishes `set` and cuts every live credential it covers for
+    /// `workload`, then waits for the commits that read the previous state.
+    /// When this returns, the change is enforced (I7).
+    pub async fn enforce(&self, set: RevocationSet, workload: &str) -> usize {
+        let set = Arc::new(set);
+        self.set.store(set.clone());
+        let cut = self
+            .live
+            .cut(|c| set.credential_revoked(&c.id) || set.check(workload, &c.upstream).is_some());
+        self.gate.advance_and_drain().await;
+        cut
+    }
 }

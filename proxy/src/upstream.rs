@@ -8,6 +8,10 @@
 //! that an idle connection could not take (the upstream closed it meanwhile)
 //! is retried on another connection, which is safe because hyper hands the
 //! request back only when none of it was written.
+//!
+//! Every hand-off of a request to a connection is preceded, with no
+//! `.await` in between, by the caller's *commit* check (the last revocation
+//! and staleness check, see `revocation`): a retry is checked again.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -35,6 +39,10 @@ pub enum UpstreamError {
     Connect(String),
     #[error("request failed: {}", chain(.0))]
     Request(#[from] hyper::Error),
+    /// The commit check refused the request: nothing of it was sent, and
+    /// it is handed back (a caller may retry it with another credential).
+    #[error("{0}")]
+    Refused(crate::refusal::Refusal, Box<Request<UpstreamBody>>),
 }
 
 pub struct UpstreamClient {
@@ -62,16 +70,28 @@ impl UpstreamClient {
         })
     }
 
-    /// Sends `req` on a pooled connection, or a new one.
-    pub async fn request(
+    /// Sends `req` on a pooled connection, or a new one. `commit` runs
+    /// right before each hand-off to a connection (the guard it returns is
+    /// dropped once the request is on the connection's queue); its refusal
+    /// ends the call with nothing sent.
+    pub async fn request<G>(
         &self,
         mut req: Request<UpstreamBody>,
+        mut commit: impl FnMut(&Request<UpstreamBody>) -> Result<G, crate::refusal::Refusal>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         while let Some(mut sender) = self.checkout() {
             if sender.ready().await.is_err() {
                 continue;
             }
-            match sender.try_send_request(req).await {
+            let sent = {
+                let _committed = match commit(&req) {
+                    Ok(guard) => guard,
+                    Err(refusal) => return Err(UpstreamError::Refused(refusal, Box::new(req))),
+                };
+                // Queued on the connection synchronously, under the guard.
+                sender.try_send_request(req)
+            };
+            match sent.await {
                 Ok(resp) => return Ok(self.wrap(resp, sender)),
                 Err(mut e) => match e.take_message() {
                     // Never written: try another connection.
@@ -81,7 +101,14 @@ impl UpstreamClient {
             }
         }
         let mut sender = self.connect().await?;
-        let resp = sender.send_request(req).await?;
+        let sent = {
+            let _committed = match commit(&req) {
+                Ok(guard) => guard,
+                Err(refusal) => return Err(UpstreamError::Refused(refusal, Box::new(req))),
+            };
+            sender.send_request(req)
+        };
+        let resp = sent.await?;
         Ok(self.wrap(resp, sender))
     }
 

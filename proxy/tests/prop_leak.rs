@@ -17,6 +17,7 @@ fn registered(value: &str) -> RevocationSet {
         fingerprint: fingerprint_bytes(fingerprint(&KEY, value.as_bytes())),
         ..Default::default()
     }])
+    .unwrap()
 }
 
 fn secret() -> impl Strategy<Value = String> {

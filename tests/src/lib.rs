@@ -213,7 +213,6 @@ pub fn sidecar_config_with(identity: IdentityConfig, cp_addr: SocketAddr) -> Sid
             control_planes: vec![cp_addr.to_string()],
             control_plane_id: CP_ID.into(),
             max_staleness: Duration::from_secs(30),
-            ack_drain_timeout: Duration::from_secs(5),
             report_interval: Duration::from_millis(200),
             usage_buffer_records: 100_000,
             call_timeout: Duration::from_secs(5),

@@ -34,4 +34,13 @@ pub mod usage {
 
 /// The gRPC metadata key every Workload API client must send (value `true`);
 /// servers reject calls without it, as SPIRE does.
+/// Largest gRPC message either side of the sidecar API accepts or sends,
+/// set explicitly on both ends (tonic's default is 4 MiB for decoding and
+/// unbounded for encoding). Nothing legitimate comes near it: snapshots are
+/// sent in parts of [`SNAPSHOT_PART_BYTES`].
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Encoded size a snapshot part stays under.
+pub const SNAPSHOT_PART_BYTES: usize = 512 * 1024;
+
 pub const WORKLOAD_API_HEADER: &str = "workload.spiffe.io";

@@ -76,46 +76,72 @@ pub struct RevocationSet {
     leaked: HashMap<u128, Arc<str>>,
 }
 
+/// A revocation the set cannot enforce as sent. The enforcement point never
+/// enforces less than it was sent: the whole set (or change) is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("revocation {id:?} cannot be enforced: {reason}")]
+pub struct InvalidRevocation {
+    pub id: String,
+    pub reason: String,
+}
+
 impl RevocationSet {
-    pub fn new(active: impl IntoIterator<Item = Revocation>) -> Self {
+    /// Compiles `active`; fails on the first revocation it could not enforce
+    /// (an unknown kind, a matcher it cannot parse, a malformed fingerprint).
+    pub fn new(active: impl IntoIterator<Item = Revocation>) -> Result<Self, InvalidRevocation> {
         let mut set = Self::default();
         for r in active {
-            set.add(Arc::new(r));
+            set.add(Arc::new(r))?;
         }
-        set
+        Ok(set)
     }
 
-    fn add(&mut self, r: Arc<Revocation>) {
+    fn add(&mut self, r: Arc<Revocation>) -> Result<(), InvalidRevocation> {
+        let invalid = |reason: String| InvalidRevocation {
+            id: r.id.clone(),
+            reason,
+        };
         let id: Arc<str> = r.id.as_str().into();
+        let matcher = || {
+            WorkloadMatcher::parse(&r.workload)
+                .map_err(|e| invalid(format!("workload matcher {:?}: {e}", r.workload)))
+        };
         match RevocationKind::parse(&r.kind) {
-            Some(RevocationKind::Credential) => {
+            Some(RevocationKind::Credential) if !r.credential_id.is_empty() => {
                 self.credentials.insert(r.credential_id.as_str().into());
             }
-            Some(RevocationKind::Upstream) => {
+            Some(RevocationKind::Upstream) if !r.upstream.is_empty() => {
                 self.upstreams.insert(r.upstream.as_str().into());
             }
-            Some(RevocationKind::Workload) => {
-                if let Ok(m) = WorkloadMatcher::parse(&r.workload) {
-                    self.workloads.add(m, id.clone());
-                }
-            }
-            Some(RevocationKind::Grant) => {
-                if let Ok(m) = WorkloadMatcher::parse(&r.workload) {
-                    self.grants
-                        .entry(r.upstream.as_str().into())
-                        .or_default()
-                        .add(m, id.clone());
-                }
+            Some(RevocationKind::Workload) => self.workloads.add(matcher()?, id.clone()),
+            Some(RevocationKind::Grant) if !r.upstream.is_empty() => {
+                let m = matcher()?;
+                self.grants
+                    .entry(r.upstream.as_str().into())
+                    .or_default()
+                    .add(m, id.clone());
             }
             Some(RevocationKind::Leaked) => {
-                if let Some(fp) = fingerprint_from_bytes(&r.fingerprint) {
-                    self.leaked.insert(fp, id.clone());
-                }
+                let fp = fingerprint_from_bytes(&r.fingerprint).ok_or_else(|| {
+                    invalid(format!(
+                        "fingerprint of {} bytes (16 expected)",
+                        r.fingerprint.len()
+                    ))
+                })?;
+                self.leaked.insert(fp, id.clone());
             }
-            // An unknown kind from a newer control plane: nothing to match on.
-            None => {}
+            Some(kind) => {
+                return Err(invalid(format!(
+                    "a {} revocation without what it names",
+                    kind.as_str()
+                )));
+            }
+            // An unknown kind (a newer control plane): what it forbids is
+            // unknown, so it cannot be enforced partially.
+            None => return Err(invalid(format!("unknown kind {:?}", r.kind))),
         }
         self.active.insert(id, r);
+        Ok(())
     }
 
     fn remove(&mut self, id: &str) {
@@ -152,15 +178,17 @@ impl RevocationSet {
     }
 
     /// A copy with `revocation` added (or, if `restored`, removed).
-    pub fn with_change(&self, revocation: Revocation, restored: bool) -> Self {
+    pub fn with_change(
+        &self,
+        revocation: Revocation,
+        restored: bool,
+    ) -> Result<Self, InvalidRevocation> {
         let mut next = self.clone();
-        if restored {
-            next.remove(&revocation.id);
-        } else {
-            next.remove(&revocation.id);
-            next.add(Arc::new(revocation));
+        next.remove(&revocation.id);
+        if !restored {
+            next.add(Arc::new(revocation))?;
         }
-        next
+        Ok(next)
     }
 
     pub fn len(&self) -> usize {
@@ -309,7 +337,8 @@ mod tests {
             rev("2", "grant", "spiffe://td/a", "pay", ""),
             rev("3", "workload", "spiffe://td/ns/bad/*", "", ""),
             rev("4", "upstream", "", "ledger", ""),
-        ]);
+        ])
+        .unwrap();
         assert!(set.credential_revoked("cred-1"));
         assert!(!set.credential_revoked("cred-2"));
         assert_eq!(
@@ -329,7 +358,9 @@ mod tests {
             Some("4")
         );
 
-        let restored = set.with_change(rev("2", "grant", "spiffe://td/a", "pay", ""), true);
+        let restored = set
+            .with_change(rev("2", "grant", "spiffe://td/a", "pay", ""), true)
+            .unwrap();
         assert!(restored.check("spiffe://td/a", "pay").is_none());
         assert_eq!(restored.len(), 3);
     }
@@ -344,13 +375,49 @@ mod tests {
             rev("b", "workload", w, "", ""),
             rev("c", "grant", w, "pay", ""),
             rev("d", "grant", w, "pay", ""),
-        ]);
-        let set = set.with_change(rev("b", "workload", w, "", ""), true);
+        ])
+        .unwrap();
+        let set = set
+            .with_change(rev("b", "workload", w, "", ""), true)
+            .unwrap();
         assert_eq!(set.check(w, "other").map(|r| r.id.as_str()), Some("a"));
-        let set = set.with_change(rev("a", "workload", w, "", ""), true);
+        let set = set
+            .with_change(rev("a", "workload", w, "", ""), true)
+            .unwrap();
         assert!(set.check(w, "other").is_none());
-        let set = set.with_change(rev("d", "grant", w, "pay", ""), true);
+        let set = set
+            .with_change(rev("d", "grant", w, "pay", ""), true)
+            .unwrap();
         assert_eq!(set.check(w, "pay").map(|r| r.id.as_str()), Some("c"));
+    }
+
+    /// The enforcement point never enforces less than it was sent: what it
+    /// cannot parse fails the whole set, and a failed change leaves the
+    /// previous set as it was.
+    #[test]
+    fn what_cannot_be_enforced_is_refused_not_dropped() {
+        let bad = [
+            rev("x", "quarantine", "spiffe://td/a", "", ""),
+            rev("x", "workload", "not-a-spiffe-id", "", ""),
+            rev("x", "grant", "spiffe://td/a*", "pay", ""),
+            rev("x", "grant", "spiffe://td/a", "", ""),
+            rev("x", "credential", "", "", ""),
+            rev("x", "upstream", "", "", ""),
+            Revocation {
+                id: "x".into(),
+                kind: "leaked".into(),
+                fingerprint: vec![1, 2, 3],
+                ..Default::default()
+            },
+        ];
+        let good = rev("1", "workload", "spiffe://td/a", "", "");
+        for r in bad {
+            let err = RevocationSet::new([good.clone(), r.clone()]).unwrap_err();
+            assert_eq!(err.id, "x", "{r:?}");
+            let set = RevocationSet::new([good.clone()]).unwrap();
+            assert!(set.with_change(r, false).is_err());
+            assert!(set.check("spiffe://td/a", "pay").is_some());
+        }
     }
 }
 
@@ -367,7 +434,8 @@ mod leaked_tests {
             kind: "leaked".into(),
             fingerprint: fingerprint_bytes(fp),
             ..Default::default()
-        }]);
+        }])
+        .unwrap();
         assert!(set.has_leaked());
         assert_eq!(set.leaked(fp).map(|s| &**s), Some("rev-leak"));
         assert!(

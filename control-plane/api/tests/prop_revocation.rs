@@ -69,7 +69,7 @@ proptest! {
         3 => revocation().prop_map(Op::Revoke),
         1 => (0..20usize).prop_map(Op::Restore),
     ], 0..40)) {
-        let mut set = RevocationSet::new([]);
+        let mut set = RevocationSet::new([]).unwrap();
         let mut model: BTreeMap<String, Revocation> = BTreeMap::new();
         let mut ids = Vec::new();
         for (i, op) in ops.into_iter().enumerate() {
@@ -78,12 +78,12 @@ proptest! {
                     r.id = format!("rev-{i}");
                     ids.push(r.id.clone());
                     model.insert(r.id.clone(), r.clone());
-                    set = set.with_change(r, false);
+                    set = set.with_change(r, false).unwrap();
                 }
                 Op::Restore(k) => {
                     let Some(id) = ids.get(k % ids.len().max(1)).cloned() else { continue };
                     if let Some(r) = model.remove(&id) {
-                        set = set.with_change(r, true);
+                        set = set.with_change(r, true).unwrap();
                     }
                 }
             }
