@@ -57,7 +57,10 @@ fn typical_headers() -> HeaderMap {
 
 fn scan(c: &mut Criterion) {
     let headers = typical_headers();
-    let query = Some("page=2&per_page=50&sort=created_at");
+    let uri: http::Uri =
+        "/v1/payments/charges/ch_3MtwBwLkdIwHu7ix28a3tqPa?page=2&per_page=50&sort=created_at"
+            .parse()
+            .expect("uri");
     let mut group = c.benchmark_group("leak_scan_request");
     for n in [10usize, 10_000] {
         let set = registry(n);
@@ -67,7 +70,7 @@ fn scan(c: &mut Criterion) {
                     black_box(set),
                     &KEY,
                     black_box(&headers),
-                    black_box(query),
+                    black_box(&uri),
                 )
             })
         });

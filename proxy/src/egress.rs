@@ -272,7 +272,7 @@ impl Egress {
         let Some(key) = self.link.fingerprint_key.load_full() else {
             return Ok(());
         };
-        match leak::scan_request(&set, &key, req.headers(), req.uri().query()) {
+        match leak::scan_request(&set, &key, req.headers(), req.uri()) {
             None => Ok(()),
             Some(hit) => {
                 let host = request_host(req).unwrap_or_default().to_owned();
@@ -302,9 +302,8 @@ impl Egress {
             return Ok(());
         };
         let joined = zeroize::Zeroizing::new(prefix.concat());
-        // Frames may overshoot the limit; what is scanned is exactly the limit.
-        let scanned = &joined[..joined.len().min(route.scan_body_bytes)];
-        match leak::scan_body(&set, &key, scanned) {
+        // Frames may overshoot the limit; scan_body scans at most the limit.
+        match leak::scan_body(&set, &key, &parts.headers, &joined, route.scan_body_bytes) {
             None => Ok(()),
             Some(hit) => {
                 let host = parts.uri.host().unwrap_or_default().to_owned();
