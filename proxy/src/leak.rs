@@ -153,13 +153,13 @@ impl<'a> Scanner<'a> {
     /// The field whole, then its runs.
     fn field(&self, value: &[u8]) -> Option<String> {
         let value = value.trim_ascii();
-        self.check(value).or_else(|| self.runs(value))
+        self.check(value).or_else(|| self.runs(value, |_| true))
     }
 
     /// Every run of 1 to [`MAX_RUN_TOKENS`] adjacent tokens with their
     /// separators, with and without trailing `=` padding; not the whole
     /// field (the caller checked it).
-    fn runs(&self, value: &[u8]) -> Option<String> {
+    fn runs(&self, value: &[u8], wanted: impl Fn(&[u8]) -> bool) -> Option<String> {
         // Starts of the last MAX_RUN_TOKENS tokens, as a ring.
         let mut starts = [0usize; MAX_RUN_TOKENS];
         let mut seen = 0usize;
@@ -184,7 +184,8 @@ impl<'a> Scanner<'a> {
                     break;
                 }
                 for e in ends.into_iter().flatten() {
-                    if (s == 0 && e == value.len()) || e - s > MAX_RUN_LEN {
+                    if (s == 0 && e == value.len()) || e - s > MAX_RUN_LEN || !wanted(&value[s..e])
+                    {
                         continue;
                     }
                     if let Some(hit) = self.check(&value[s..e]) {
@@ -306,27 +307,33 @@ impl<'a> Scanner<'a> {
         None
     }
 
-    /// The body window: as a field; form- or token-decoded; JSON-unescaped.
+    /// The body window: as a field (JSON-unescaped too if it holds a
+    /// backslash); then form- or token-decoded.
     fn body_window(&self, window: &[u8], form: bool) -> Option<String> {
-        self.field(window)
-            .or_else(|| {
-                if !window.iter().any(|b| *b == b'%' || *b == b'+') {
-                    None
-                } else if form {
-                    self.pairs(window).map(|(id, _)| id)
-                } else {
-                    window
-                        .split(|b| is_separator(*b))
-                        .filter(|t| t.len() >= MIN_LEAKED_LEN)
-                        .find_map(|t| self.field(&percent_decode(t, true)?))
-                }
+        let whole = window.trim_ascii();
+        let fields = if whole.contains(&b'\\') {
+            // Unescaping keeps every run without a backslash as a run (the
+            // only escape holding a separator, `\"`, yields that separator),
+            // so of the raw runs only those with a backslash need a lookup.
+            self.field(&json_unescape(whole)).or_else(|| {
+                self.check(whole)
+                    .or_else(|| self.runs(whole, |run| run.contains(&b'\\')))
             })
-            .or_else(|| {
-                if !window.contains(&b'\\') {
-                    return None;
-                }
-                self.field(&json_unescape(window))
-            })
+        } else {
+            self.field(whole)
+        };
+        fields.or_else(|| {
+            if !window.iter().any(|b| *b == b'%' || *b == b'+') {
+                None
+            } else if form {
+                self.pairs(window).map(|(id, _)| id)
+            } else {
+                window
+                    .split(|b| is_separator(*b))
+                    .filter(|t| t.len() >= MIN_LEAKED_LEN)
+                    .find_map(|t| self.field(&percent_decode(t, true)?))
+            }
+        })
     }
 
     fn body(&self, headers: &HeaderMap, prefix: &[u8], limit: usize) -> Option<LeakHit> {
@@ -864,6 +871,30 @@ mod tests {
         let emoji = "key\u{1F600}secret";
         let set3 = set_of(&[emoji]);
         assert!(body_at(&set3, &json, br#"{"k":"key\ud83d\ude00secret"}"#).is_some());
+
+        // A value holding a literal backslash escape is found raw, and the
+        // raw runs without a backslash are not looked up twice.
+        let literal = r"C:\new\table-ab";
+        let set4 = set_of(&[literal]);
+        assert!(body_at(&set4, &[], format!("path={literal}; x=1").as_bytes()).is_some());
+        let mut escaped = br#"{"a":"\u0041""#.to_vec();
+        for i in 0..50 {
+            escaped.extend_from_slice(format!(r#","key{i:04}":"value{i:04}""#).as_bytes());
+        }
+        escaped.push(b'}');
+        let scanner = Scanner::new(&set, &KEY);
+        assert!(scanner.body_window(&escaped, false).is_none());
+        let both = scanner.fingerprints.get();
+        let scanner = Scanner::new(&set, &KEY);
+        assert!(scanner.field(&json_unescape(&escaped)).is_none());
+        let unescaped = scanner.fingerprints.get();
+        // The raw window whole, and at most the runs (with padding) that
+        // hold the one token with a backslash.
+        let with_backslash = MAX_RUN_TOKENS * (MAX_RUN_TOKENS + 1);
+        assert!(
+            unescaped > 200 && both <= unescaped + 1 + with_backslash,
+            "{both} {unescaped}"
+        );
 
         let form = [("content-type", "application/x-www-form-urlencoded")];
         assert_eq!(
