@@ -1,8 +1,8 @@
-//! The per-request cost of the leaked-value scan (headers and query of a
-//! typical request) as the registry grows from 10 to 10,000 fingerprints,
-//! and of the other per-request steps: route by host, revocation check,
-//! credential-cache hit and header rewriting (hop-by-hop removal and
-//! credential injection).
+//! The per-request cost of the leaked-value scan (path, query and headers
+//! of a typical request; a 1 KiB JSON body) as the registry grows from 10
+//! to 10,000 fingerprints, and of the other per-request steps: route by
+//! host, revocation check, credential-cache hit and header rewriting
+//! (hop-by-hop removal and credential injection).
 //!
 //!   cargo bench -p leash-benches --bench scan
 
@@ -56,9 +56,31 @@ fn typical_headers() -> HeaderMap {
     h
 }
 
+/// A payment-creation request body: 1 KiB of JSON.
+fn typical_json_body() -> Vec<u8> {
+    let mut body = String::from(
+        r#"{"amount":2000,"currency":"gbp","customer":"cus_NffrFeUfNV2Hib","description":"Order #1042 \u2014 2 items","payment_method":"pm_1MqLiJLkdIwHu7ixUEgbFdYF","confirm":true,"capture_method":"automatic","metadata":{"order_id":"1042","cart":"c_7f3c2a9e1b4d","channel":"web","campaign":"spring-sale"},"shipping":{"name":"Jenny Rosen","address":{"line1":"1 Main Street","city":"London","postal_code":"EC1A 1AA","country":"GB"}},"return_url":"https:\/\/shop.example.com\/orders\/1042\/done","items":["#,
+    );
+    let mut i = 0;
+    while body.len() < 1000 {
+        body.push_str(&format!(
+            r#"{{"sku":"SKU-{i:04}","qty":{},"price":{}}},"#,
+            i % 3 + 1,
+            499 + i * 100
+        ));
+        i += 1;
+    }
+    body.pop();
+    body.push_str("]}");
+    body.into_bytes()
+}
+
 fn scan(c: &mut Criterion) {
     let headers = typical_headers();
-    let query = Some("page=2&per_page=50&sort=created_at");
+    let uri: http::Uri =
+        "/v1/payments/charges/ch_3MtwBwLkdIwHu7ix28a3tqPa?page=2&per_page=50&sort=created_at"
+            .parse()
+            .expect("uri");
     let mut group = c.benchmark_group("leak_scan_request");
     for n in [10usize, 10_000] {
         let set = registry(n);
@@ -68,7 +90,31 @@ fn scan(c: &mut Criterion) {
                     black_box(set),
                     &KEY,
                     black_box(&headers),
-                    black_box(query),
+                    black_box(&uri),
+                )
+            })
+        });
+    }
+    group.finish();
+
+    // A 1 KiB JSON body, as a route with `scan_body_bytes` sends it.
+    let body = typical_json_body();
+    let mut body_headers = HeaderMap::new();
+    body_headers.insert(
+        "content-type",
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    let mut group = c.benchmark_group("leak_scan_body");
+    for n in [10usize, 10_000] {
+        let set = registry(n);
+        group.bench_with_input(BenchmarkId::new("json_1KiB", n), &set, |b, set| {
+            b.iter(|| {
+                leash_proxy::leak::scan_body(
+                    black_box(set),
+                    &KEY,
+                    black_box(&body_headers),
+                    black_box(&body),
+                    4096,
                 )
             })
         });

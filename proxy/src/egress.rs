@@ -300,7 +300,7 @@ impl Egress {
         let Some(key) = self.link.fingerprint_key.load_full() else {
             return Ok(());
         };
-        match leak::scan_request(set, &key, req.headers(), req.uri().query()) {
+        match leak::scan_request(set, &key, req.headers(), req.uri()) {
             None => Ok(()),
             Some(hit) => {
                 let host = request_host(req).unwrap_or_default().to_owned();
@@ -333,9 +333,8 @@ impl Egress {
             return Ok(());
         };
         let joined = zeroize::Zeroizing::new(prefix.concat());
-        // Frames may overshoot the limit; what is scanned is exactly the limit.
-        let scanned = &joined[..joined.len().min(route.scan_body_bytes)];
-        match leak::scan_body(set, &key, scanned) {
+        // Frames may overshoot the limit; scan_body scans at most the limit.
+        match leak::scan_body(set, &key, &parts.headers, &joined, route.scan_body_bytes) {
             None => Ok(()),
             Some(hit) => {
                 let host = parts.uri.host().unwrap_or_default().to_owned();
@@ -449,14 +448,14 @@ impl Egress {
         };
         let host = route.host_header.to_str().unwrap_or_default().to_owned();
         let upstream = bound.unwrap_or(&route.name).to_owned();
-        if let Some(hit) = leak::scan_request(set, &key, req.headers(), req.uri().query()) {
+        if let Some(hit) = leak::scan_request(set, &key, req.headers(), req.uri()) {
             return Err(self.leaked(hit, upstream, host));
         }
         let prefix = req.body().prefix();
         if !prefix.is_empty() {
             let joined = zeroize::Zeroizing::new(prefix.concat());
-            let scanned = &joined[..joined.len().min(route.scan_body_bytes)];
-            if let Some(hit) = leak::scan_body(set, &key, scanned) {
+            let hit = leak::scan_body(set, &key, req.headers(), &joined, route.scan_body_bytes);
+            if let Some(hit) = hit {
                 return Err(self.leaked(hit, upstream, host));
             }
         }
@@ -801,6 +800,10 @@ fn inject_credential(headers: &mut HeaderMap, inject: &InjectHow, value: &Inject
 }
 
 /// Reads frames until `limit` bytes of body (or its end) have arrived.
+/// Leading whitespace does not count against the limit (it would push a
+/// value out of the scanned window), up to this much of it.
+const MAX_LEADING_WHITESPACE: usize = 64 * 1024;
+
 async fn read_prefix(
     mut body: RequestBody,
     limit: usize,
@@ -808,12 +811,25 @@ async fn read_prefix(
     let mut prefix = Vec::new();
     let mut trailers = None;
     let mut seen = 0;
-    while seen < limit {
+    // Whitespace before the first other byte, while nothing else came yet.
+    let mut leading = 0;
+    let mut started = false;
+    while seen - leading < limit {
+        if !started && leading >= MAX_LEADING_WHITESPACE {
+            return Err(Refusal::BadRequest(
+                "the request body starts with more whitespace than the leaked-value scan reads (64 KiB)",
+            ));
+        }
         match body.frame().await {
             None => break,
             Some(Err(_)) => return Err(Refusal::BadRequest("request body ended abruptly")),
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
+                    if !started {
+                        let ws = data.iter().take_while(|b| b.is_ascii_whitespace()).count();
+                        leading += ws;
+                        started = ws < data.len();
+                    }
                     seen += data.len();
                     prefix.push(data);
                 }

@@ -268,6 +268,17 @@ impl ProxyClient {
 
     /// `url` is absolute (`http://host/path`); headers are added as given.
     pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> anyhow::Result<Answer> {
+        self.send("GET", url, headers, Bytes::new()).await
+    }
+
+    /// As `get`, with any method and a body (sent with its length).
+    pub async fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> anyhow::Result<Answer> {
         // A forward proxy gets the absolute URL as the request target, as
         // clients honouring HTTP_PROXY send it; hyper's connection API writes
         // the URI as given.
@@ -276,15 +287,18 @@ impl ProxyClient {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        let mut req = http::Request::get(uri.clone()).header(
-            http::header::HOST,
-            uri.authority().map(|a| a.as_str()).unwrap_or(""),
-        );
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(uri.clone())
+            .header(
+                http::header::HOST,
+                uri.authority().map(|a| a.as_str()).unwrap_or(""),
+            );
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let resp = sender
-            .send_request(req.body(Full::new(Bytes::new()))?)
+            .send_request(req.body(Full::new(body))?)
             .await
             .context("send")?;
         Answer::read(resp).await

@@ -314,3 +314,199 @@ async fn registration_validates_and_never_stores_the_value() {
         }
     }
 }
+
+/// Every carrier × encoding in the README's table, through the real sidecar:
+/// refused before anything reaches the upstream. And the hostile shapes (a
+/// 10,000-segment path, a gzip bomb, a body behind 5,000 bytes of spaces)
+/// get a clear answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_carrier_and_encoding_is_refused() {
+    use std::io::Write as _;
+    let d = Deployment::start_with(policy, SVID_TTL, None).await;
+    let admin = d.admin();
+    // A second value with separators inside it.
+    const WITH_COLON: &str = "deploy:pa55-w0rd;leak";
+    for value in [LEAKED, WITH_COLON] {
+        let r = admin
+            .post("/v1/leaked", json!({"value": value, "reason": "r"}))
+            .await;
+        assert_eq!(r.status, 201);
+        admin
+            .wait_acknowledged(r.json()["id"].as_str().unwrap(), 1)
+            .await;
+    }
+    let pct = |v: &str| -> String { v.bytes().map(|b| format!("%{b:02X}")).collect() };
+    let gzip = |v: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(v).unwrap();
+        e.finish().unwrap()
+    };
+    let unpadded =
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(format!("user:{LEAKED}"));
+    let json_escaped = format!("{{\"token\":\"{}\"}}", LEAKED.replace('_', "\\u005f"));
+    let form = format!("a=1&token={}", pct(LEAKED));
+    let spaced = format!("{}{{\"token\":\"{LEAKED}\"}}", " ".repeat(5000));
+    let pay = "http://payments.leash.test";
+    let up = "http://uploads.leash.test/echo";
+    type Case = (
+        &'static str,
+        String,
+        Vec<(&'static str, String)>,
+        Vec<u8>,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "GET",
+            format!("{pay}/hooks/{LEAKED}"),
+            vec![],
+            vec![],
+            "path",
+        ),
+        (
+            "GET",
+            format!("{pay}/bot{LEAKED}/send"),
+            vec![],
+            vec![],
+            "path",
+        ),
+        (
+            "GET",
+            format!("{pay}/hooks/{}", pct(LEAKED)),
+            vec![],
+            vec![],
+            "path",
+        ),
+        (
+            "GET",
+            format!("{pay}/x?{LEAKED}=1"),
+            vec![],
+            vec![],
+            "query-name",
+        ),
+        (
+            "GET",
+            format!("{pay}/x?k={}", pct(LEAKED)),
+            vec![],
+            vec![],
+            "query:k",
+        ),
+        (
+            "GET",
+            format!("{pay}/x"),
+            vec![("cookie", format!("a=1; k={}", pct(LEAKED)))],
+            vec![],
+            "header:cookie",
+        ),
+        (
+            "GET",
+            format!("{pay}/x"),
+            vec![("x-token", pct(LEAKED))],
+            vec![],
+            "header:x-token",
+        ),
+        (
+            "GET",
+            format!("{pay}/x"),
+            vec![("authorization", format!("Basic {unpadded}"))],
+            vec![],
+            "header:authorization",
+        ),
+        (
+            "GET",
+            format!("{pay}/x"),
+            vec![("x-creds", format!("a={WITH_COLON}, b=2"))],
+            vec![],
+            "header:x-creds",
+        ),
+        (
+            "GET",
+            format!("{pay}/x?c={WITH_COLON}&d=1"),
+            vec![],
+            vec![],
+            "query:c",
+        ),
+        (
+            "POST",
+            up.into(),
+            vec![("content-type", "application/json".into())],
+            json_escaped.into_bytes(),
+            "body",
+        ),
+        (
+            "POST",
+            up.into(),
+            vec![("content-type", "application/x-www-form-urlencoded".into())],
+            form.into_bytes(),
+            "body",
+        ),
+        (
+            "POST",
+            up.into(),
+            vec![("content-encoding", "gzip".into())],
+            gzip(format!("{{\"t\":\"{LEAKED}\"}}").as_bytes()),
+            "body:gzip",
+        ),
+        ("POST", up.into(), vec![], spaced.into_bytes(), "body"),
+    ];
+    for (method, url, headers, body, location) in &cases {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let a = d
+            .client
+            .send(method, url, &h, bytes::Bytes::from(body.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            a.status,
+            403,
+            "{method} {url} {headers:?}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        let v = a.json();
+        assert_eq!(v["error"], "leaked_secret");
+        assert_eq!(v["location"], *location, "{url} {headers:?}");
+    }
+    assert_eq!(
+        d.seen.lock().unwrap().len(),
+        0,
+        "nothing reached the upstream"
+    );
+
+    // Hostile shapes: clear answers, nothing leaked, bounded work.
+    let long_path = format!("{pay}{}", "/a".repeat(10_000));
+    let a = d.client.get(&long_path, &[]).await.unwrap();
+    assert!(
+        a.status == 431 || a.status == 200 || a.status == 404,
+        "{}",
+        a.status
+    );
+    let bomb = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..50 {
+            e.write_all(&zeros).unwrap();
+        }
+        e.finish().unwrap()
+    };
+    let a = d
+        .client
+        .send(
+            "POST",
+            up,
+            &[("content-encoding", "gzip")],
+            bytes::Bytes::from(bomb),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        a.status, 200,
+        "a clean compressed body is forwarded as sent"
+    );
+    let a = d
+        .client
+        .send("POST", up, &[], bytes::Bytes::from(" ".repeat(70 * 1024)))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 400, "more leading whitespace than the scan reads");
+    assert_eq!(a.json()["error"], "bad_request");
+}
