@@ -783,6 +783,7 @@ fn secret_error(e: crate::secrets::SecretError) -> ApiError {
         ),
         E::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid", m),
         E::Missing(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+        E::CurrentRevoked { .. } => ApiError::new(StatusCode::CONFLICT, "revoked", e.to_string()),
         E::Store(e) => RevokeError::from(e).into(),
     }
 }
@@ -858,9 +859,11 @@ async fn list_secret_versions(
             .secret_versions(&upstream)
             .await
             .map_err(RevokeError::from)?;
+    // The newest version is the current one; if it is revoked the upstream
+    // has no usable secret until a new version is put.
     let current = versions
-        .iter()
-        .find(|v| v.revoked_at_ms.is_none())
+        .first()
+        .filter(|v| v.revoked_at_ms.is_none())
         .map(|v| v.version);
     let list: Vec<Value> = versions
         .iter()
@@ -874,7 +877,17 @@ async fn list_secret_versions(
             })
         })
         .collect();
-    Ok(Json(json!({"upstream": upstream, "versions": list})).into_response())
+    let state = match (versions.first(), current) {
+        (None, _) => "no secret stored",
+        (Some(_), Some(_)) => "ok",
+        (Some(_), None) => {
+            "the newest version is revoked: no secret is leased (sidecars answer 503 credential_unavailable) until a new version is put"
+        }
+    };
+    Ok(
+        Json(json!({"upstream": upstream, "current": current, "state": state, "versions": list}))
+            .into_response(),
+    )
 }
 
 async fn revoke_secret_version(

@@ -23,6 +23,10 @@ pub enum SecretError {
     Invalid(String),
     #[error("no secret stored for upstream {0:?}")]
     Missing(String),
+    #[error(
+        "the current secret version {version} of upstream {upstream:?} is revoked and no newer one was put; put a new version (older versions are never used again)"
+    )]
+    CurrentRevoked { upstream: String, version: i64 },
     #[error("secret version {version} of {upstream:?} cannot be decrypted (wrong master key?)")]
     Decrypt { upstream: String, version: i64 },
     #[error(transparent)]
@@ -144,7 +148,8 @@ pub async fn put(
     Ok(version)
 }
 
-/// The current (newest, unrevoked) version, decrypted.
+/// The current version (the newest one), decrypted; an error if it is
+/// revoked: an older version is never silently used again.
 pub async fn current(
     store: &Store,
     key: &MasterKey,
@@ -154,6 +159,12 @@ pub async fn current(
         .current_secret_version(upstream)
         .await?
         .ok_or_else(|| SecretError::Missing(upstream.to_owned()))?;
+    if v.revoked_at_ms.is_some() {
+        return Err(SecretError::CurrentRevoked {
+            upstream: upstream.to_owned(),
+            version: v.version,
+        });
+    }
     let plain = key.open(&v).ok_or(SecretError::Decrypt {
         upstream: upstream.to_owned(),
         version: v.version,

@@ -61,6 +61,12 @@ impl SidecarService {
                 "no_secret",
                 format!("no secret is stored for upstream {:?}", upstream.name),
             ))),
+            // No usable secret until a new version is put: the sidecar
+            // answers 503 credential_unavailable with this message.
+            Err(e @ crate::secrets::SecretError::CurrentRevoked { .. }) => {
+                tracing::warn!(upstream = %upstream.name, error = %e, "no current secret");
+                Err(Err(Status::unavailable(e.to_string())))
+            }
             Err(e) => {
                 tracing::error!(upstream = %upstream.name, error = %e, "cannot read a brokered secret");
                 Err(Err(Status::unavailable("secret store unavailable")))

@@ -716,15 +716,13 @@ impl Store {
             .collect())
     }
 
+    /// The newest version, revoked or not: revoking it never makes an older
+    /// one current again (a new version must be put).
     pub async fn current_secret_version(
         &self,
         upstream: &str,
     ) -> Result<Option<SecretVersion>, StoreError> {
-        Ok(self
-            .secret_versions(upstream)
-            .await?
-            .into_iter()
-            .find(|v| v.revoked_at_ms.is_none()))
+        Ok(self.secret_versions(upstream).await?.into_iter().next())
     }
 
     /// Marks a version revoked; false if it does not exist or already was.

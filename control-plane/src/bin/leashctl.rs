@@ -401,7 +401,11 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                     ]
                 })
                 .collect();
-            Output::new(v, table(&["VERSION", "STATE", "BY", "CREATED"], rows))
+            let mut text = table(&["VERSION", "STATE", "BY", "CREATED"], rows);
+            if v["current"].is_null() {
+                text.push_str(&format!("\n{}: {}\n", upstream, s(&v["state"])));
+            }
+            Output::new(v, text)
         }
         Command::Usage(args) => return usage(cli, args).await,
         Command::Stripped => {
