@@ -763,7 +763,18 @@ async fn stripped(
             json!({"workload": workload, "upstream": upstream, "count": count, "first_seen_ms": first, "last_seen_ms": last})
         })
         .collect();
-    Ok(Json(json!({"stripped": rows})).into_response())
+    let echoed: Vec<Value> = s
+        .cp
+        .store
+        .echoes()
+        .await
+        .map_err(RevokeError::from)?
+        .into_iter()
+        .map(|(workload, upstream, header, count, last)| {
+            json!({"workload": workload, "upstream": upstream, "header": header, "count": count, "last_seen_ms": last})
+        })
+        .collect();
+    Ok(Json(json!({"stripped": rows, "echoed": echoed})).into_response())
 }
 
 #[derive(Deserialize)]

@@ -293,6 +293,16 @@ impl SessionDriver {
                                     tracing::warn!(error = %e, "cannot record stripped credentials");
                                 }
                             }
+                            Some(sidecar_message::Msg::Echoed(report)) if report.header.len() > 256 || report.upstream.len() > 256 => {
+                                tracing::warn!(workload = %info.spiffe_id, "echo report with an oversized name ignored");
+                            }
+                            Some(sidecar_message::Msg::Echoed(report)) => {
+                                tracing::warn!(workload = %info.spiffe_id, upstream = %report.upstream, header = %report.header, count = report.count, "an upstream sent the injected credential back; the sidecar removed it");
+                                let store = self.state.revocations.store();
+                                if let Err(e) = store.record_echo(&info.spiffe_id, &report.upstream, &report.header, report.count, now_ms()).await {
+                                    tracing::warn!(error = %e, "cannot record an echoed credential");
+                                }
+                            }
                             Some(sidecar_message::Msg::Usage(batch)) => {
                                 if let Some(ack) = self.usage(info, hello, &batch).await {
                                     send(control_message::Msg::UsageAck(ack)).await?;

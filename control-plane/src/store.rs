@@ -31,6 +31,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("migrations/0004_secrets.sql")),
     (5, include_str!("migrations/0005_usage.sql")),
     (6, include_str!("migrations/0006_audit_chain.sql")),
+    (7, include_str!("migrations/0007_echoes.sql")),
 ];
 
 #[derive(Clone)]
@@ -646,6 +647,50 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    pub async fn record_echo(
+        &self,
+        workload: &str,
+        upstream: &str,
+        header: &str,
+        count: u64,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO echoed_credentials (workload, upstream, header, count, first_seen_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (workload, upstream, header) DO UPDATE SET count = count + excluded.count, last_seen_ms = excluded.last_seen_ms",
+        )
+        .bind(workload)
+        .bind(upstream)
+        .bind(header)
+        .bind(i64::try_from(count).unwrap_or(i64::MAX))
+        .bind(at_ms)
+        .bind(at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// (workload, upstream, header, count, last seen), most recent first.
+    pub async fn echoes(&self) -> Result<Vec<(String, String, String, i64, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT workload, upstream, header, count, last_seen_ms FROM echoed_credentials ORDER BY last_seen_ms DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get("workload"),
+                    r.get("upstream"),
+                    r.get("header"),
+                    r.get("count"),
+                    r.get("last_seen_ms"),
+                )
+            })
+            .collect())
     }
 
     /// (workload, upstream, count, first seen, last seen), most recent first.

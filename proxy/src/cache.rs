@@ -22,6 +22,10 @@ pub struct CachedCredential {
     pub id: Arc<str>,
     pub upstream: Arc<str>,
     pub value: InjectValue,
+    /// The forms in which the credential could come back in a response
+    /// header (the raw secret, percent-encoded, Basic's base64), looked for
+    /// in every response and removed (zeroized on drop).
+    pub echo_forms: Vec<Bytes>,
     /// Cancelled when the credential is revoked: streams opened with it are cut.
     pub revoked: CancellationToken,
     /// What was forwarded with it.
@@ -206,6 +210,7 @@ impl CachedCredential {
         let value = render(&route.inject, &secret).ok_or_else(|| {
             CredentialError::Unavailable("credential is not valid in a header".into())
         })?;
+        let echo_forms = echo_forms(&secret, &value);
 
         // Times come as Unix milliseconds; map them onto the monotonic clock.
         let now_ms = SystemTime::now()
@@ -235,6 +240,7 @@ impl CachedCredential {
             id: cred.id.into(),
             upstream: route.name.clone(),
             value,
+            echo_forms,
             revoked: CancellationToken::new(),
             refresh_at,
             use_until,
@@ -254,6 +260,27 @@ impl CachedCredential {
         }
         Ok(credential)
     }
+}
+
+/// Shortest secret looked for in responses: shorter ones would match by chance.
+const MIN_ECHO_LEN: usize = 8;
+
+fn echo_forms(secret: &[u8], value: &InjectValue) -> Vec<Bytes> {
+    let owned = |b: &[u8]| Bytes::from_owner(zeroize::Zeroizing::new(b.to_vec()));
+    let mut forms = Vec::new();
+    if secret.len() >= MIN_ECHO_LEN {
+        forms.push(owned(secret));
+    }
+    match value {
+        InjectValue::Query(encoded) if encoded.as_ref() != secret => forms.push(encoded.clone()),
+        InjectValue::Header(v) => {
+            if let Some(b64) = v.as_bytes().strip_prefix(b"Basic ") {
+                forms.push(owned(b64));
+            }
+        }
+        InjectValue::Query(_) => {}
+    }
+    forms
 }
 
 /// Builds the injected bytes once, in a buffer that is zeroized on drop.

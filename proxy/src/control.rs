@@ -13,8 +13,8 @@ use leash_api::identity::{Identity, IdentityConfig};
 use leash_api::revocation::{FingerprintKey, RevocationSet};
 use leash_api::v1::sidecar_api_client::SidecarApiClient;
 use leash_api::v1::{
-    Ack, ControlMessage, Credential, Hello, IssueRequest, SidecarMessage, Snapshot, StripReport,
-    control_message, issue_response, sidecar_message,
+    Ack, ControlMessage, Credential, EchoReport, Hello, IssueRequest, SidecarMessage, Snapshot,
+    StripReport, control_message, issue_response, sidecar_message,
 };
 use rustls::pki_types::ServerName;
 use spiffe::X509Source;
@@ -375,9 +375,16 @@ impl ControlLink {
                         usage.upto = 0;
                         self.send_usage(&tx, &mut usage).await?;
                     }
-                    for (upstream, count) in self.routes.load().take_strip_counts() {
+                    let routes = self.routes.load();
+                    for (upstream, count) in routes.take_strip_counts() {
                         let msg = SidecarMessage {
                             msg: Some(sidecar_message::Msg::Stripped(StripReport { upstream, count })),
+                        };
+                        tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
+                    }
+                    for (upstream, header, count) in routes.take_echo_counts() {
+                        let msg = SidecarMessage {
+                            msg: Some(sidecar_message::Msg::Echoed(EchoReport { upstream, header, count })),
                         };
                         tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
                     }

@@ -159,6 +159,14 @@ impl Egress {
                 upstream: route.name.to_string(),
             });
         }
+        // TRACE (and IIS's TRACK) reflect the request, injected credential
+        // included, back to the workload.
+        if let Some(method) = reflecting(req.method()) {
+            return Err(Refusal::TraceRefused {
+                method,
+                upstream: route.name.to_string(),
+            });
+        }
         // A first check on arrival, for a fast refusal; the one that decides
         // is the commit's (see `commit`).
         self.admit_route(&route, &scanned, arrived)?;
@@ -179,12 +187,14 @@ impl Egress {
         } else {
             UpstreamBody::direct(body, &credential)
         };
-        if upstream_headers(&mut parts.headers, &route.inject, &credential.value) {
+        let own_header = upstream_headers(&mut parts.headers, &route.inject, &credential.value);
+        let (uri, own_param) = upstream_uri(&route, &parts.method, &parts.uri, &credential)?;
+        parts.uri = uri;
+        if own_header || own_param {
             route
                 .stripped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        parts.uri = upstream_uri(&route, &parts.method, &parts.uri, &credential)?;
         parts.version = Version::HTTP_11;
         parts
             .headers
@@ -273,6 +283,9 @@ impl Egress {
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        // The credential never comes back to the workload (an echo, a
+        // `Location` keeping a query token).
+        remove_echoes(&mut parts.headers, &credential, &route);
         route
             .metrics
             .forwarded
@@ -562,7 +575,7 @@ fn reinject(
     credential: &CachedCredential,
 ) -> Result<(), Refusal> {
     inject_credential(req.headers_mut(), &route.inject, &credential.value);
-    let uri = upstream_uri(route, req.method(), req.uri(), credential)?;
+    let (uri, _) = upstream_uri(route, req.method(), req.uri(), credential)?;
     *req.uri_mut() = uri;
     let body = req.body_mut();
     body.revoked = credential.revoked.clone();
@@ -974,13 +987,14 @@ impl std::fmt::Debug for UpstreamBody {
 const UPLOAD_CUT: &str = "upload cut: its credential was revoked";
 
 /// The request target sent upstream: the workload's path and query, with
-/// the credential added to the query when the route injects it there.
+/// the credential added to the query when the route injects it there. Also
+/// says whether the workload had put a parameter of that name itself.
 fn upstream_uri(
     route: &EgressRoute,
     method: &Method,
     uri: &Uri,
     credential: &CachedCredential,
-) -> Result<Uri, Refusal> {
+) -> Result<(Uri, bool), Refusal> {
     let query = match (&route.inject, &credential.value) {
         (InjectHow::Query { param }, InjectValue::Query(value)) => Some((param.as_str(), value)),
         _ => None,
@@ -990,18 +1004,20 @@ fn upstream_uri(
 
 /// Origin-form (RFC 9112 §3.2.1): the connection already goes to the
 /// route's target, and hyper writes the request target as given. `query`
-/// is the parameter and (percent-encoded) value to set in the query.
+/// is the parameter and (percent-encoded) value to set in the query; any
+/// parameter the workload sent whose *decoded* name is the same (`access%5Ftoken`,
+/// one after a `;`) is removed, and the second value says there was one.
 fn request_target(
     method: &Method,
     uri: &Uri,
     query: Option<(&str, &Bytes)>,
-) -> Result<Uri, Refusal> {
+) -> Result<(Uri, bool), Refusal> {
     // OPTIONS to the server as a whole (asterisk-form) stays so. An
     // absolute-form target with an empty path, which RFC 9112 §3.2.4 would
     // also send as `*`, parses the same as `/` and is sent as `/`.
     if uri.path() == "*" {
         return match (method, query) {
-            (&Method::OPTIONS, None) => Ok(Uri::from_static("*")),
+            (&Method::OPTIONS, None) => Ok((Uri::from_static("*"), false)),
             (&Method::OPTIONS, Some(_)) => Err(Refusal::BadRequest(
                 "OPTIONS * has no query to carry this route's credential: send OPTIONS to a path",
             )),
@@ -1015,7 +1031,7 @@ fn request_target(
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        return Ok(Uri::from(pq));
+        return Ok((Uri::from(pq), false));
     };
     let mut pq = String::with_capacity(uri.path().len() + value.len() + param.len() + 64);
     pq.push_str(if uri.path().is_empty() {
@@ -1024,11 +1040,27 @@ fn request_target(
         uri.path()
     });
     pq.push('?');
+    let mut own = false;
     if let Some(query) = uri.query() {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-            if key != param {
-                pq.push_str(pair);
+            // Some servers also split on `;`: each part is looked at.
+            let mut kept = String::new();
+            for part in pair.split(';') {
+                let key = part.split_once('=').map_or(part, |(k, _)| k);
+                let decoded: String = form_urlencoded::parse(key.as_bytes())
+                    .map(|(k, _)| k)
+                    .collect();
+                if decoded == param {
+                    own = true;
+                } else {
+                    if !kept.is_empty() {
+                        kept.push(';');
+                    }
+                    kept.push_str(part);
+                }
+            }
+            if !kept.is_empty() {
+                pq.push_str(&kept);
                 pq.push('&');
             }
         }
@@ -1042,7 +1074,47 @@ fn request_target(
     let bytes = Bytes::from_owner(zeroize::Zeroizing::new(pq.into_bytes()));
     let pq = http::uri::PathAndQuery::from_maybe_shared(bytes)
         .map_err(|_| Refusal::BadRequest("invalid path"))?;
-    Ok(Uri::from(pq))
+    Ok((Uri::from(pq), own))
+}
+
+/// Removes every response header whose value carries the injected
+/// credential in one of its forms, and counts it for the control plane.
+fn remove_echoes(headers: &mut HeaderMap, credential: &CachedCredential, route: &EgressRoute) {
+    if credential.echo_forms.is_empty() {
+        return;
+    }
+    let mut echoed: Vec<HeaderName> = Vec::new();
+    for (name, value) in headers.iter() {
+        let v = value.as_bytes();
+        if credential
+            .echo_forms
+            .iter()
+            .any(|form| form.len() <= v.len() && memchr::memmem::find(v, form).is_some())
+            && !echoed.contains(name)
+        {
+            echoed.push(name.clone());
+        }
+    }
+    if echoed.is_empty() {
+        return;
+    }
+    let mut counts = route.echoed.lock().unwrap_or_else(|p| p.into_inner());
+    for name in echoed {
+        headers.remove(&name);
+        *counts.entry(name.as_str().to_owned()).or_default() += 1;
+        tracing::warn!(upstream = %route.name, header = %name, credential_id = %credential.id, "the upstream sent the injected credential back; header removed");
+    }
+}
+
+/// The name of a method that reflects the request back, if it is one.
+fn reflecting(method: &Method) -> Option<&'static str> {
+    if method == Method::TRACE {
+        Some("TRACE")
+    } else if method.as_str().eq_ignore_ascii_case("TRACK") {
+        Some("TRACK")
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -1138,7 +1210,7 @@ mod tests {
     #[test]
     fn the_request_target_is_origin_form() {
         let target = |method: Method, uri: &str, query: Option<(&str, &Bytes)>| {
-            request_target(&method, &uri.parse().unwrap(), query).map(|u| u.to_string())
+            request_target(&method, &uri.parse().unwrap(), query).map(|(u, _)| u.to_string())
         };
         let key = Bytes::from_static(b"s%20k");
         let q = Some(("key", &key));
@@ -1172,5 +1244,19 @@ mod tests {
             target(Method::OPTIONS, "http://h/", q).unwrap(),
             "/?key=s%20k"
         );
+        // The workload's own parameter of that name, however it is encoded
+        // or separated, is removed (and reported as stripped).
+        for own in [
+            "http://h/a?k%65y=own&b=1",
+            "http://h/a?b=1;key=own",
+            "http://h/a?b=1&%6B%65%79=own",
+        ] {
+            let (uri, stripped) = request_target(&Method::GET, &own.parse().unwrap(), q).unwrap();
+            assert!(stripped, "{own}");
+            assert!(!uri.to_string().contains("own"), "{own} -> {uri}");
+        }
+        let (_, stripped) =
+            request_target(&Method::GET, &"http://h/a?b=1&keys=x".parse().unwrap(), q).unwrap();
+        assert!(!stripped);
     }
 }

@@ -25,6 +25,13 @@ pub enum Refusal {
         "CONNECT tunnels are not supported: call the upstream with a plain http:// URL through this proxy so that Leash can add the credential and originate TLS"
     )]
     ConnectNotSupported,
+    #[error(
+        "{method} is refused to managed upstream {upstream:?}: it echoes the request, with the injected credential, back to the workload"
+    )]
+    TraceRefused {
+        method: &'static str,
+        upstream: String,
+    },
     #[error("the sidecar has no workload identity yet (SPIFFE Workload API not reachable)")]
     IdentityUnavailable,
     #[error("the sidecar has not reached the control plane yet; policy is unknown")]
@@ -75,7 +82,7 @@ impl Refusal {
             | Self::LeakedSecret { .. } => StatusCode::FORBIDDEN,
             Self::Stale { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoHost | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
+            Self::ConnectNotSupported | Self::TraceRefused { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::IdentityUnavailable
             | Self::ControlPlaneUnavailable
             | Self::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -94,6 +101,7 @@ impl Refusal {
             Self::NotGranted { .. } => "not_granted",
             Self::Denied { .. } => "denied_by_control_plane",
             Self::ConnectNotSupported => "connect_not_supported",
+            Self::TraceRefused { .. } => "trace_refused",
             Self::IdentityUnavailable => "identity_unavailable",
             Self::ControlPlaneUnavailable => "control_plane_unavailable",
             Self::CredentialUnavailable { .. } => "credential_unavailable",
@@ -118,6 +126,7 @@ impl Refusal {
             | Self::CredentialUnavailable { upstream, .. }
             | Self::UpstreamUnreachable { upstream, .. }
             | Self::UpstreamTimeout { upstream, .. }
+            | Self::TraceRefused { upstream, .. }
             | Self::Revoked { upstream, .. } => Some(upstream),
             _ => None,
         }
@@ -149,7 +158,7 @@ impl Refusal {
             .status(self.status())
             .header(header::CONTENT_TYPE, "application/json")
             .header("x-leash-refusal", self.code());
-        if matches!(self, Self::ConnectNotSupported) {
+        if matches!(self, Self::ConnectNotSupported | Self::TraceRefused { .. }) {
             builder = builder.header(
                 header::ALLOW,
                 "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",

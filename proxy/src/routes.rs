@@ -61,6 +61,9 @@ pub struct EgressRoute {
     /// Credentials the workload sent itself and the sidecar stripped, since
     /// the last report.
     pub stripped: AtomicU64,
+    /// Response headers that carried the injected credential back (removed
+    /// before the workload saw them), by header name, since the last report.
+    pub echoed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     pub granted: bool,
     pub scheme: Scheme,
     /// `host:port` of the target; also sent as `Host`.
@@ -147,6 +150,19 @@ impl RouteTable {
                 (n > 0).then(|| (r.name.to_string(), n))
             })
             .collect()
+    }
+
+    /// Takes (and resets) the counts of credentials echoed back, as
+    /// (upstream, header, count).
+    pub fn take_echo_counts(&self) -> Vec<(String, String, u64)> {
+        let mut out = Vec::new();
+        for r in self.by_name.values() {
+            let mut echoed = r.echoed.lock().unwrap_or_else(|p| p.into_inner());
+            for (header, n) in echoed.drain() {
+                out.push((r.name.to_string(), header, n));
+            }
+        }
+        out
     }
 }
 
@@ -242,6 +258,7 @@ fn build_route(
         name,
         scan_body_bytes: route.scan_body_bytes.min(65_536) as usize,
         stripped: AtomicU64::new(0),
+        echoed: std::sync::Mutex::default(),
         granted: route.granted,
         scheme,
         authority,

@@ -423,10 +423,29 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                     ]
                 })
                 .collect();
-            Output::new(
-                v,
-                table(&["WORKLOAD", "UPSTREAM", "COUNT", "LAST SEEN"], rows),
-            )
+            let mut text = table(&["WORKLOAD", "UPSTREAM", "COUNT", "LAST SEEN"], rows);
+            let echoed: Vec<Vec<String>> = v["echoed"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| {
+                    vec![
+                        s(&x["workload"]),
+                        s(&x["upstream"]),
+                        s(&x["header"]),
+                        x["count"].to_string(),
+                        ago(x["last_seen_ms"].as_i64()),
+                    ]
+                })
+                .collect();
+            if !echoed.is_empty() {
+                text.push_str("\nInjected credentials sent back by upstreams (removed before the workload saw them):\n");
+                text.push_str(&table(
+                    &["WORKLOAD", "UPSTREAM", "HEADER", "COUNT", "LAST SEEN"],
+                    echoed,
+                ));
+            }
+            Output::new(v, text)
         }
         Command::Tokens(TokenCommand::Create { name, role }) => {
             let v = call(
