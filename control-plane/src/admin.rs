@@ -393,10 +393,24 @@ async fn revoke(
     require(&caller, Role::Responder)?;
     let Json(req) = body?;
     let policy = s.cp.policy.load();
-    let stored =
+    let stored = if let Some((upstream, version)) = (req.kind == "credential")
+        .then(|| crate::secrets::parse_lease_id(&req.credential_id))
+        .flatten()
+    {
+        // A static lease is a secret version: revoking it revokes the version.
+        s.cp.revocations
+            .revoke_secret_version(&upstream, version, &req.reason, &caller.actor)
+            .await?
+    } else {
+        if req.kind == "credential" && req.credential_id.starts_with("oauth2:") {
+            // Dropped before the commit: the sidecars that refetch after the
+            // revocation get a freshly exchanged token, never this one.
+            s.cp.tokens.forget(&req.credential_id);
+        }
         s.cp.revocations
             .revoke(req, &caller.actor, &policy.policy)
-            .await?;
+            .await?
+    };
     let detail = format!(
         "revoked {} {} seq {}: {}",
         stored.revocation.kind, stored.revocation.id, stored.revoke_seq, stored.revocation.reason

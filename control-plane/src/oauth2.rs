@@ -83,6 +83,25 @@ impl TokenCache {
         })
     }
 
+    /// Drops the cached token whose lease id is `id` (it was revoked): the
+    /// next lease exchanges anew. A slot busy with an exchange already holds
+    /// (or is getting) another token.
+    pub fn forget(&self, id: &str) -> bool {
+        let tokens = self
+            .tokens
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for slot in tokens.values() {
+            if let Ok(mut cached) = slot.try_lock()
+                && cached.as_ref().is_some_and(|t| t.id == id)
+            {
+                *cached = None;
+                return true;
+            }
+        }
+        false
+    }
+
     /// A token valid for a while yet: the cached one, or a fresh exchange.
     pub async fn get(&self, x: &Exchange<'_>) -> Result<AccessToken, TokenError> {
         let slot = {

@@ -176,3 +176,9 @@ pub async fn current(
 pub fn lease_id(upstream: &str, version: i64) -> String {
     format!("static:{upstream}:v{version}")
 }
+
+/// The (upstream, version) a static lease id names.
+pub fn parse_lease_id(id: &str) -> Option<(String, i64)> {
+    let (upstream, version) = id.strip_prefix("static:")?.rsplit_once(":v")?;
+    Some((upstream.to_owned(), version.parse().ok()?))
+}

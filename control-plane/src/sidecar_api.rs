@@ -74,6 +74,35 @@ impl SidecarService {
         }
     }
 
+    /// Records a credential before it is handed out: every credential in use
+    /// is on file (id, workload, upstream, kind, issue and expiry; never the
+    /// value), so that it can be revoked by id and its use accounted for.
+    async fn record(
+        &self,
+        id: &str,
+        upstream: &leash_api::policy::Upstream,
+        peer: &PeerIdentity,
+        issued_at_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<(), Status> {
+        let record = CredentialRecord {
+            id: id.to_owned(),
+            workload: peer.spiffe_id.to_string(),
+            upstream: upstream.name.clone(),
+            kind: upstream.credential.kind.as_str().to_owned(),
+            issued_at_ms,
+            expires_at_ms,
+        };
+        self.state
+            .store
+            .record_credential(&record)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot record issued credential");
+                Status::unavailable("credential store unavailable")
+            })
+    }
+
     /// Leases the current version of a brokered secret for the policy's TTL.
     async fn lease_static(
         &self,
@@ -87,6 +116,9 @@ impl SidecarService {
         let issued_at_ms = now_ms();
         let ttl_ms = i64::try_from(upstream.credential.ttl.as_millis()).unwrap_or(i64::MAX);
         let id = crate::secrets::lease_id(&upstream.name, version);
+        let expires_at_ms = issued_at_ms.saturating_add(ttl_ms);
+        self.record(&id, upstream, peer, issued_at_ms, expires_at_ms)
+            .await?;
         self.state
             .metrics
             .credentials_issued
@@ -99,7 +131,7 @@ impl SidecarService {
                 kind: upstream.credential.kind.as_str().to_owned(),
                 secret: secret.to_vec(),
                 issued_at_unix_ms: issued_at_ms,
-                expires_at_unix_ms: issued_at_ms.saturating_add(ttl_ms),
+                expires_at_unix_ms: expires_at_ms,
             })),
         }))
     }
@@ -135,6 +167,8 @@ impl SidecarService {
         let expires = token
             .use_until_unix_ms
             .min(issued_at_ms.saturating_add(ttl_ms));
+        self.record(&token.id, upstream, peer, issued_at_ms, expires)
+            .await?;
         self.state
             .metrics
             .credentials_issued
@@ -381,23 +415,8 @@ impl SidecarService {
                 exp: expires_at_ms / 1000,
             })
             .map_err(|e| Status::internal(e.to_string()))?;
-        let record = CredentialRecord {
-            id: id.clone(),
-            workload: peer.spiffe_id.to_string(),
-            upstream: upstream.name.clone(),
-            kind: upstream.credential.kind.as_str().to_owned(),
-            issued_at_ms,
-            expires_at_ms,
-        };
-        // Recorded before it is handed out: every credential in use is on file.
-        self.state
-            .store
-            .record_credential(&record)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "cannot record issued credential");
-                Status::unavailable("credential store unavailable")
-            })?;
+        self.record(&id, upstream, &peer, issued_at_ms, expires_at_ms)
+            .await?;
         self.state
             .metrics
             .credentials_issued
@@ -413,7 +432,7 @@ impl SidecarService {
             result: Some(issue_response::Result::Credential(Credential {
                 id,
                 upstream: upstream.name.clone(),
-                kind: record.kind,
+                kind: upstream.credential.kind.as_str().to_owned(),
                 secret: token.into_bytes(),
                 issued_at_unix_ms: issued_at_ms,
                 expires_at_unix_ms: expires_at_ms,

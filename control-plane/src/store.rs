@@ -199,8 +199,14 @@ impl Store {
         Ok(())
     }
 
+    /// Records an issued credential (never its value). A lease handed out
+    /// again under the same id (a static secret version, a cached OAuth2
+    /// token) keeps its first record, with the latest expiry.
     pub async fn record_credential(&self, c: &CredentialRecord) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO credentials (id, workload, upstream, kind, issued_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?)")
+        sqlx::query(
+            "INSERT INTO credentials (id, workload, upstream, kind, issued_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET expires_at_ms = MAX(expires_at_ms, excluded.expires_at_ms)",
+        )
             .bind(&c.id)
             .bind(&c.workload)
             .bind(&c.upstream)

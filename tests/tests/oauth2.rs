@@ -207,4 +207,46 @@ grants:
             "{token} used after it expired"
         );
     }
+
+    // An OAuth2 lease is on file like a JWT and revocable by its id: the
+    // control plane drops the cached token and exchanges anew.
+    let a = get().await;
+    assert_eq!(a.status, 200);
+    let old_token = a.json()["headers"]["authorization"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id = d
+        .sidecar
+        .link
+        .routes
+        .load()
+        .by_name("crm")
+        .unwrap()
+        .current
+        .load_full()
+        .unwrap()
+        .id
+        .to_string();
+    assert!(id.starts_with("oauth2:crm:"), "{id}");
+    let r = admin
+        .post(
+            "/v1/revocations",
+            json!({"kind": "credential", "credential_id": id, "reason": "token logged by a proxy"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    admin
+        .wait_acknowledged(r.json()["id"].as_str().unwrap(), 1)
+        .await;
+    let a = get().await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let new_token = a.json()["headers"]["authorization"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(
+        new_token, old_token,
+        "a fresh exchange after the revocation"
+    );
 }

@@ -230,13 +230,14 @@ async fn revoking_the_current_version_never_falls_back() {
         .await
         .unwrap();
     assert_eq!(a.json()["headers"]["x-api-key"], V2);
+    // Revoked by its lease id, as any credential: that is the version.
     let r = admin
         .post(
-            "/v1/secrets/vault-api/versions/2/revoke",
-            json!({"reason": "exposed"}),
+            "/v1/revocations",
+            json!({"kind": "credential", "credential_id": "static:vault-api:v2", "reason": "exposed"}),
         )
         .await;
-    assert_eq!(r.status, 201);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     admin
         .wait_acknowledged(r.json()["id"].as_str().unwrap(), 1)
         .await;
