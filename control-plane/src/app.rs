@@ -233,6 +233,26 @@ impl ControlPlane {
             }
         });
 
+        // The enforced set stays bounded: revocations of credentials that
+        // have expired everywhere are dropped from it (and from snapshots).
+        let mut stop = shutdown.subscribe();
+        let prune = state.clone();
+        tasks.spawn(async move {
+            loop {
+                if let Err(e) = prune
+                    .revocations
+                    .prune_expired(crate::store::now_ms())
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot prune revocations of expired credentials");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(60)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
+
         let mut stop = shutdown.subscribe();
         let keys = state.clone();
         tasks.spawn(async move {

@@ -83,6 +83,10 @@ pub struct RevocationLog {
     metrics: Arc<Metrics>,
 }
 
+/// How long past its expiry a revoked credential stays enforced (clock
+/// skew between hosts, a sidecar's lease ending late).
+pub const EXPIRED_MARGIN: std::time::Duration = std::time::Duration::from_secs(300);
+
 impl RevocationLog {
     pub async fn open(store: Store, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
         let store_id = store.store_id().await?;
@@ -105,6 +109,47 @@ impl RevocationLog {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.state.load_full()
+    }
+
+    /// Drops from the enforced set the credential revocations whose
+    /// credential expired more than [`EXPIRED_MARGIN`] before `now_ms`, so
+    /// that the set (and every new sidecar's snapshot) stays bounded by the
+    /// credentials still alive, not by every credential ever revoked. Sidecars
+    /// already holding them keep them until their next snapshot: harmless.
+    /// Returns how many were dropped.
+    pub async fn prune_expired(&self, now_ms: i64) -> Result<usize, StoreError> {
+        let margin = i64::try_from(EXPIRED_MARGIN.as_millis()).unwrap_or(i64::MAX);
+        let expired = self
+            .store
+            .expired_credential_revocations(now_ms.saturating_sub(margin))
+            .await?;
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let _write = self.write.lock().await;
+        let current = self.state.load_full();
+        let expired: std::collections::HashSet<&str> = expired.iter().map(String::as_str).collect();
+        let before = current.set.len();
+        let set = RevocationSet::new(
+            current
+                .set
+                .active()
+                .filter(|r| !expired.contains(r.id.as_str()))
+                .cloned(),
+        )
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let dropped = before - set.len();
+        if dropped > 0 {
+            self.state.store(Arc::new(Snapshot {
+                seq: current.seq,
+                set,
+            }));
+            tracing::info!(
+                dropped,
+                "revocations of expired credentials no longer enforced"
+            );
+        }
+        Ok(dropped)
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {

@@ -349,6 +349,22 @@ impl Store {
         Ok(rows.iter().map(revocation_from_row).collect())
     }
 
+    /// Active credential revocations whose credential expired before
+    /// `before_ms`: no sidecar can use it any more, so enforcing them is
+    /// dead weight (the record stays, for the audit trail and `usage`).
+    pub async fn expired_credential_revocations(
+        &self,
+        before_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT r.id FROM revocations r JOIN credentials c ON c.id = r.credential_id \
+             WHERE r.kind = 'credential' AND r.restore_seq IS NULL AND c.expires_at_ms < ?",
+        )
+        .bind(before_ms)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// The newest sequence committed (0 if none).
     pub async fn current_seq(&self) -> Result<u64, StoreError> {
         let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM revocation_events")

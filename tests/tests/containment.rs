@@ -179,7 +179,7 @@ struct Setup {
     cp: leash_control_plane::app::ControlPlane,
     sidecar: leash_proxy::Sidecar,
     rec: Arc<Recorder>,
-    _ids: Identities,
+    ids: Identities,
 }
 
 impl Setup {
@@ -194,7 +194,7 @@ impl Setup {
             cp,
             sidecar,
             rec,
-            _ids: ids,
+            ids,
         }
     }
 
@@ -593,4 +593,58 @@ async fn a_snapshot_of_200k_revocations_loads() {
         .unwrap();
     assert_eq!(a.status, 200);
     sidecar.shutdown(Duration::from_secs(2)).await;
+}
+
+/// The enforced set stays bounded: a credential revocation is dropped from
+/// it (and from every new sidecar's snapshot) once the credential expired
+/// everywhere, past a margin; never before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_of_expired_credentials_leave_the_enforced_set() {
+    let s = Setup::start("5m").await;
+    let client = ProxyClient::new(s.sidecar.egress_addr);
+    assert_eq!(
+        client
+            .get("http://payments.leash.test/a", &[])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let old = s.rec.seen.lock().unwrap()[0].jti.clone();
+    let r = s
+        .admin()
+        .revoke(json!({"kind": "credential", "credential_id": old, "reason": "r"}))
+        .await;
+    s.acked_at(r["id"].as_str().unwrap()).await;
+    let log = &s.cp.state.revocations;
+    assert_eq!(
+        log.prune_expired(now_ms()).await.unwrap(),
+        0,
+        "not expired yet"
+    );
+    assert_eq!(
+        log.prune_expired(now_ms() + 5 * 60_000 + 1_000)
+            .await
+            .unwrap(),
+        0,
+        "expired, but within the margin"
+    );
+    let later = now_ms()
+        + 5 * 60_000
+        + leash_control_plane::revocations::EXPIRED_MARGIN.as_millis() as i64
+        + 1_000;
+    assert_eq!(log.prune_expired(later).await.unwrap(), 1);
+    assert_eq!(log.snapshot().set.len(), 0);
+    // A new sidecar's snapshot no longer carries it.
+    let fresh = start_sidecar(sidecar_config(s.ids.endpoint(APP_ID), s.cp.sidecar_addr)).await;
+    wait_ready(fresh.admin_addr).await;
+    assert_eq!(fresh.link.revocations.set.load().len(), 0);
+    // The record is kept.
+    let kept = s
+        .admin()
+        .get(&format!("/v1/revocations/{}", r["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(kept.status, 200);
+    fresh.shutdown(Duration::from_secs(2)).await;
+    s.sidecar.shutdown(Duration::from_secs(2)).await;
 }
