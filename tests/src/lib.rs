@@ -793,6 +793,35 @@ pub mod otlp {
     }
 }
 
+/// A CA (written to `dir/upstream-ca.pem`) and a server certificate for
+/// `payments.internal` and 127.0.0.1, as an upstream's TLS acceptor.
+pub fn upstream_pki(dir: &Path) -> tokio_rustls::TlsAcceptor {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose,
+        SanType,
+    };
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+    std::fs::write(dir.join("upstream-ca.pem"), ca.pem()).expect("write CA");
+    let mut params = CertificateParams::new(vec!["payments.internal".to_owned()]).expect("params");
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &ca).expect("cert");
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
 /// Writes `request` as raw bytes to `addr` and returns everything read back
 /// until the peer closes (or 5 s pass).
 pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {

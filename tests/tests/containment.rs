@@ -39,11 +39,14 @@ struct Seen {
     complete_ms: Option<i64>,
 }
 
-#[derive(Default)]
 struct Recorder {
     seen: Mutex<Vec<Seen>>,
-    /// Stream chunks sent after which the stream's receiver was still there.
+    /// Streams whose receiver is still there.
     streams_open: AtomicUsize,
+    /// While true, TLS handshakes on the TLS listener wait (a slow upstream).
+    hold_handshakes: tokio::sync::watch::Sender<bool>,
+    /// TCP connections accepted on the TLS listener.
+    tls_accepted: AtomicUsize,
 }
 
 fn jti(authorization: Option<&http::HeaderValue>) -> String {
@@ -61,75 +64,108 @@ fn jti(authorization: Option<&http::HeaderValue>) -> String {
         .unwrap_or_default()
 }
 
-/// An upstream that records each request's head and completion; `/stream`
-/// answers with a body that sends a chunk every 20 ms for as long as
-/// someone reads it.
-async fn recording_upstream() -> (SocketAddr, Arc<Recorder>) {
-    let l = listener().await;
-    let addr = l.local_addr().unwrap();
-    let rec = Arc::new(Recorder::default());
+/// An upstream that records each request's head and completion, on a plain
+/// listener and on a TLS one (certificate from `upstream_pki`) whose
+/// handshakes can be held; `/stream` answers with a body that sends a chunk
+/// every 20 ms for as long as someone reads it.
+async fn recording_upstream(
+    tls: tokio_rustls::TlsAcceptor,
+) -> (SocketAddr, SocketAddr, Arc<Recorder>) {
+    let plain = listener().await;
+    let secure = listener().await;
+    let addrs = (plain.local_addr().unwrap(), secure.local_addr().unwrap());
+    let rec = Arc::new(Recorder {
+        seen: Mutex::default(),
+        streams_open: AtomicUsize::new(0),
+        hold_handshakes: tokio::sync::watch::channel(false).0,
+        tls_accepted: AtomicUsize::new(0),
+    });
     let r = rec.clone();
     tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let rec = r.clone();
-            let svc =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let rec = rec.clone();
-                    async move {
-                        let path = req.uri().path().to_owned();
-                        let index = {
-                            let mut seen = rec.seen.lock().unwrap();
-                            seen.push(Seen {
-                                path: path.clone(),
-                                jti: jti(req.headers().get(http::header::AUTHORIZATION)),
-                                head_ms: now_ms(),
-                                complete_ms: None,
-                            });
-                            seen.len() - 1
-                        };
-                        let complete = req.into_body().collect().await.is_ok();
-                        if complete {
-                            rec.seen.lock().unwrap()[index].complete_ms = Some(now_ms());
-                        }
-                        let body: BoxBody<Bytes, Infallible> = if path == "/stream" {
-                            let (tx, rx) =
-                                tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
-                            let rec = rec.clone();
-                            tokio::spawn(async move {
-                                rec.streams_open.fetch_add(1, Ordering::SeqCst);
-                                while tx
-                                    .send(Ok(Frame::data(Bytes::from_static(b"tick\n"))))
-                                    .await
-                                    .is_ok()
-                                {
-                                    tokio::time::sleep(Duration::from_millis(20)).await;
-                                }
-                                rec.streams_open.fetch_sub(1, Ordering::SeqCst);
-                            });
-                            BoxBody::new(StreamBody::new(
-                                tokio_stream::wrappers::ReceiverStream::new(rx),
-                            ))
-                        } else {
-                            BoxBody::new(Full::new(Bytes::from_static(b"{\"ok\":true}")))
-                        };
-                        Ok::<_, Infallible>(http::Response::new(body))
-                    }
-                });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc),
-            );
+        while let Ok((tcp, _)) = plain.accept().await {
+            tokio::spawn(serve_recorded(hyper_util::rt::TokioIo::new(tcp), r.clone()));
         }
     });
-    (addr, rec)
+    let r = rec.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = secure.accept().await {
+            r.tls_accepted.fetch_add(1, Ordering::SeqCst);
+            let (r, tls) = (r.clone(), tls.clone());
+            tokio::spawn(async move {
+                let mut hold = r.hold_handshakes.subscribe();
+                let _ = hold.wait_for(|h| !*h).await;
+                if let Ok(stream) = tls.accept(tcp).await {
+                    serve_recorded(hyper_util::rt::TokioIo::new(stream), r).await;
+                }
+            });
+        }
+    });
+    (addrs.0, addrs.1, rec)
+}
+
+async fn serve_recorded<I>(io: I, rec: Arc<Recorder>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let rec = rec.clone();
+        async move {
+            let path = req.uri().path().to_owned();
+            let index = {
+                let mut seen = rec.seen.lock().unwrap();
+                seen.push(Seen {
+                    path: path.clone(),
+                    jti: jti(req.headers().get(http::header::AUTHORIZATION)),
+                    head_ms: now_ms(),
+                    complete_ms: None,
+                });
+                seen.len() - 1
+            };
+            let complete = req.into_body().collect().await.is_ok();
+            if complete {
+                rec.seen.lock().unwrap()[index].complete_ms = Some(now_ms());
+            }
+            let body: BoxBody<Bytes, Infallible> = if path == "/stream" {
+                let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+                let rec = rec.clone();
+                tokio::spawn(async move {
+                    rec.streams_open.fetch_add(1, Ordering::SeqCst);
+                    while tx
+                        .send(Ok(Frame::data(Bytes::from_static(b"tick\n"))))
+                        .await
+                        .is_ok()
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    rec.streams_open.fetch_sub(1, Ordering::SeqCst);
+                });
+                BoxBody::new(StreamBody::new(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                ))
+            } else {
+                BoxBody::new(Full::new(Bytes::from_static(b"{\"ok\":true}")))
+            };
+            Ok::<_, Infallible>(http::Response::new(body))
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, svc)
+        .await;
 }
 
 /// `payments` forwards bodies as they stream; `uploads` reads the first
-/// bytes of each body to scan them before anything is sent.
-fn policy(up: SocketAddr, ttl: &str) -> String {
+/// bytes of each body to scan them before anything is sent; `slowtls` is
+/// the TLS listener, whose handshakes can be held.
+fn policy(up: SocketAddr, tls: SocketAddr, ca: &std::path::Path, ttl: &str) -> String {
+    let ca = ca.display();
     format!(
         r#"version: 1
 upstreams:
+  - name: slowtls
+    hosts: [slowtls.leash.test]
+    target: https://{tls}
+    tls: {{ ca_file: {ca}, ca_only: true, server_name: payments.internal }}
+    credential: {{ kind: jwt, ttl: {ttl}, audience: payments }}
   - name: payments
     hosts: [payments.leash.test]
     target: http://{up}
@@ -141,7 +177,7 @@ upstreams:
     scan_body_bytes: 64
 grants:
   - workload: {APP_ID}
-    upstreams: [payments, uploads]
+    upstreams: [payments, uploads, slowtls]
 "#
     )
 }
@@ -160,8 +196,9 @@ impl Base {
         init();
         let dir = short_tempdir();
         let ids = Identities::start(dir.path(), SVID_TTL, &[CP_ID, APP_ID]);
-        let (up, rec) = recording_upstream().await;
-        let policy = write_policy(dir.path(), &policy(up, ttl));
+        let (up, tls, rec) = recording_upstream(upstream_pki(dir.path())).await;
+        let ca = dir.path().join("upstream-ca.pem");
+        let policy = write_policy(dir.path(), &policy(up, tls, &ca, ttl));
         let cp = start_control_plane(&ids, CP_ID, &policy, &dir.path().join("data")).await;
         Self {
             dir,
@@ -308,9 +345,10 @@ async fn open_stream(proxy: SocketAddr) -> tokio::task::JoinHandle<Result<usize,
 }
 
 /// The adversarial workload: 1,000 requests in flight (bodies held back on
-/// a scanned route and on a streamed one, open response streams), a
-/// revocation of the workload in the middle, then every held body sent
-/// after the acknowledgement. Nothing reaches the upstream after it.
+/// a scanned route and on a streamed one, requests stuck in the upstream's
+/// TLS handshake, open response streams), a revocation of the workload in
+/// the middle, then every held body sent and every handshake completed after
+/// the acknowledgement. Nothing reaches the upstream after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_reaches_the_upstream_after_the_acknowledgement() {
     let s = Setup::start("5m").await;
@@ -328,9 +366,20 @@ async fn nothing_reaches_the_upstream_after_the_acknowledgement() {
     for _ in 0..100 {
         streams.push(open_stream(proxy).await);
     }
+    // Requests stuck in the upstream's TLS handshake.
+    s.rec.hold_handshakes.send_replace(true);
+    let mut slow = Vec::new();
+    for i in 0..100 {
+        let client = ProxyClient::new(proxy);
+        slow.push(tokio::spawn(async move {
+            client
+                .get(&format!("http://slowtls.leash.test/slow-{i}"), &[])
+                .await
+        }));
+    }
     let mut scanned = Vec::new();
     let mut streamed = Vec::new();
-    for i in 0..450 {
+    for i in 0..400 {
         scanned.push(held(proxy, "uploads.leash.test", &format!("/held-scan-{i}"), 2).await);
         streamed.push(
             held(
@@ -356,9 +405,13 @@ async fn nothing_reaches_the_upstream_after_the_acknowledgement() {
                 .iter()
                 .filter(|x| x.path.starts_with("/held-stream-"))
                 .count();
-            (n == 450).then_some(())
+            (n == 400).then_some(())
         },
     )
+    .await;
+    eventually(Duration::from_secs(20), "handshakes started", || async {
+        (s.rec.tls_accepted.load(Ordering::SeqCst) >= 100).then_some(())
+    })
     .await;
 
     let r = s
@@ -367,6 +420,13 @@ async fn nothing_reaches_the_upstream_after_the_acknowledgement() {
         .await;
     let acked = s.acked_at(r["id"].as_str().unwrap()).await;
 
+    // The handshakes complete after the acknowledgement: refused at commit.
+    s.rec.hold_handshakes.send_replace(false);
+    for r in slow {
+        let a = r.await.unwrap().unwrap();
+        assert_eq!(a.status, 403, "{}", String::from_utf8_lossy(&a.body));
+        assert_eq!(a.json()["error"], "revoked_workload");
+    }
     // Every stream is cut, and the upstream stops being read.
     for st in streams {
         let ended = tokio::time::timeout(Duration::from_secs(5), st)
@@ -391,7 +451,7 @@ async fn nothing_reaches_the_upstream_after_the_acknowledgement() {
             );
         }
     }
-    assert_eq!(refused, 900, "every held request refused as revoked");
+    assert_eq!(refused, 800, "every held request refused as revoked");
     tokio::time::sleep(Duration::from_millis(300)).await;
     s.assert_nothing_after(acked, None);
     let scanned_seen = s
@@ -405,6 +465,18 @@ async fn nothing_reaches_the_upstream_after_the_acknowledgement() {
     assert_eq!(
         scanned_seen, 0,
         "a held scanned request reached the upstream"
+    );
+    let slow_seen = s
+        .rec
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|x| x.path.starts_with("/slow-"))
+        .count();
+    assert_eq!(
+        slow_seen, 0,
+        "a request stuck in a TLS handshake reached the upstream"
     );
     assert_eq!(s.after_revocation_violations().await, 0);
     s.sidecar.shutdown(Duration::from_secs(2)).await;

@@ -2,14 +2,10 @@
 //! the control plane's handling of an invalid policy.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use leash_tests::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
 
 const SVID_TTL: Duration = Duration::from_secs(600);
 
@@ -93,29 +89,6 @@ async fn header_basic_and_query_injection() {
     assert!(!query.contains("mine"));
     let token = query.rsplit_once("access_token=").unwrap().1;
     assert_eq!(d.verify(token).await.unwrap().sub, APP_ID);
-}
-
-/// A CA and a server certificate for `payments.internal`.
-fn upstream_pki(dir: &std::path::Path) -> tokio_rustls::TlsAcceptor {
-    let mut ca_params = CertificateParams::default();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    std::fs::write(dir.join("upstream-ca.pem"), ca.pem()).unwrap();
-    let mut params = CertificateParams::new(vec!["payments.internal".to_owned()]).unwrap();
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress([127, 0, 0, 1].into()));
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca).unwrap();
-    let config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
