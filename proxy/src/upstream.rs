@@ -86,7 +86,11 @@ impl UpstreamClient {
             let sent = {
                 let _committed = match commit(&req) {
                     Ok(guard) => guard,
-                    Err(refusal) => return Err(UpstreamError::Refused(refusal, Box::new(req))),
+                    Err(refusal) => {
+                        // Nothing was written: the connection stays usable.
+                        self.checkin(sender);
+                        return Err(UpstreamError::Refused(refusal, Box::new(req)));
+                    }
                 };
                 // Queued on the connection synchronously, under the guard.
                 sender.try_send_request(req)
