@@ -30,51 +30,7 @@ pub struct AdminState {
     pub source: X509Source,
     /// The effective configuration, without secrets.
     pub config_dump: Arc<Value>,
-    pub limiter: Arc<AuthLimiter>,
-}
-
-/// Counts invalid tokens per client address: past `max` within `window` the
-/// address is refused (429) until the window ends, whatever it presents, so
-/// guessing tokens gets `max` tries a minute.
-pub struct AuthLimiter {
-    max: u32,
-    window: std::time::Duration,
-    failures:
-        std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>>,
-}
-
-impl AuthLimiter {
-    pub fn new(max: u32, window: std::time::Duration) -> Self {
-        Self {
-            max,
-            window,
-            failures: std::sync::Mutex::default(),
-        }
-    }
-
-    /// How long `ip` stays refused, if it is.
-    fn blocked(&self, ip: std::net::IpAddr) -> Option<std::time::Duration> {
-        let failures = self.failures.lock().ok()?;
-        let (since, n) = failures.get(&ip)?;
-        let left = self.window.checked_sub(since.elapsed())?;
-        (*n >= self.max).then_some(left)
-    }
-
-    fn failed(&self, ip: std::net::IpAddr) {
-        let Ok(mut failures) = self.failures.lock() else {
-            return;
-        };
-        // Bounded: forget finished windows when the table grows.
-        if failures.len() > 10_000 {
-            let window = self.window;
-            failures.retain(|_, (since, _)| since.elapsed() < window);
-        }
-        let entry = failures.entry(ip).or_insert((std::time::Instant::now(), 0));
-        if entry.0.elapsed() >= self.window {
-            *entry = (std::time::Instant::now(), 0);
-        }
-        entry.1 += 1;
-    }
+    pub limiter: Arc<crate::unauthenticated::FailureLimiter>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -226,65 +182,67 @@ async fn audited(
             ],
         )
     });
-    let caller = match s.limiter.blocked(peer.ip()) {
-        None => Ok(auth::authenticate(&s.cp.store, authorization.as_deref()).await),
-        Some(left) => {
-            let mut r = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_failures",
-                format!(
-                    "too many invalid tokens from {}; try again in {} s",
-                    peer.ip(),
-                    left.as_secs() + 1
-                ),
-            )
-            .into_response();
-            if let Ok(v) = header::HeaderValue::from_str(&(left.as_secs() + 1).to_string()) {
-                r.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            Err(r)
-        }
-    };
-    if matches!(caller, Ok(Err(AuthError::Invalid))) {
-        s.limiter.failed(peer.ip());
-    }
-    let caller = match caller {
-        Ok(c) => c,
-        Err(refused) => {
-            let entry = AuditEntry {
-                at_ms: now_ms(),
-                actor: format!("anonymous@{}", peer.ip()),
-                role: String::new(),
-                action: format!("{method} {path}"),
-                method,
-                path,
-                status: refused.status().as_u16(),
-                detail: "refused: too many invalid tokens".into(),
-            };
-            if let Err(e) = s.cp.store.append_audit(&entry).await {
-                tracing::error!(error = %e, "cannot write the audit log");
-            }
-            return refused;
-        }
-    };
-    let (actor, role, response) = match caller {
+    // A valid token is checked first and never refused by the limiter;
+    // calls without one count against their address and are audited as
+    // one bounded summary per address and interval, not a row each.
+    let (actor, role, response) = match auth::authenticate(&s.cp.store, authorization.as_deref())
+        .await
+    {
         Ok(caller) => {
             let (actor, role) = (caller.actor.clone(), caller.role.as_str());
             req.extensions_mut().insert(caller);
             (actor, role, next.run(req).await)
         }
-        Err(e) => {
-            let (status, code) = match e {
-                AuthError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
-                AuthError::Missing | AuthError::Invalid => {
-                    (StatusCode::UNAUTHORIZED, "unauthenticated")
+        Err(e @ (AuthError::Missing | AuthError::Invalid)) => {
+            let refused = match s.limiter.failed(peer.ip()) {
+                Some(left) => {
+                    let secs = left.as_secs() + 1;
+                    let mut r = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_failures",
+                        format!(
+                            "too many calls without a valid token from {}; try again in {secs} s",
+                            peer.ip()
+                        ),
+                    )
+                    .into_response();
+                    if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+                        r.headers_mut().insert(header::RETRY_AFTER, v);
+                    }
+                    r
+                }
+                None => {
+                    let mut r =
+                        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
+                            .into_response();
+                    r.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        header::HeaderValue::from_static("Bearer"),
+                    );
+                    r
                 }
             };
-            let mut r = ApiError::new(status, code, e.to_string()).into_response();
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
+            s.cp.refused
+                .record(peer.ip(), &method, &path, refused.status().as_u16());
+            if let Some(cx) = &span {
+                crate::telemetry::end(
+                    cx,
+                    vec![opentelemetry::KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(refused.status().as_u16()),
+                    )],
+                    None,
+                );
+            }
+            return refused;
+        }
+        Err(e @ AuthError::Store(_)) => {
+            let r = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                e.to_string(),
+            )
+            .into_response();
             ("anonymous".to_owned(), "", r)
         }
     };
@@ -293,6 +251,10 @@ async fn audited(
         .get::<AuditDetail>()
         .map(|d| d.0.clone())
         .unwrap_or_default();
+    let (method, path) = (
+        crate::unauthenticated::audit_method(&method),
+        crate::unauthenticated::audit_path(&path),
+    );
     let entry = AuditEntry {
         at_ms: now_ms(),
         actor,

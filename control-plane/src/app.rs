@@ -100,6 +100,9 @@ pub struct ControlPlane {
     tasks: JoinSet<()>,
 }
 
+/// How often refused admin calls are summarised into the audit log.
+pub const REFUSED_AUDIT_INTERVAL: Duration = Duration::from_secs(60);
+
 impl ControlPlane {
     pub async fn start(
         config: ServeConfig,
@@ -142,6 +145,7 @@ impl ControlPlane {
             master_key: config.master_key.clone(),
             tokens: crate::oauth2::TokenCache::default(),
             otel: config.otel.clone(),
+            refused: crate::unauthenticated::RefusedCalls::default(),
         });
         if let Some(otel) = &config.otel {
             crate::telemetry::register_observables(otel, &state);
@@ -203,7 +207,7 @@ impl ControlPlane {
             cp: state.clone(),
             source,
             config_dump: Arc::new(config_dump),
-            limiter: Arc::new(admin::AuthLimiter::new(
+            limiter: Arc::new(crate::unauthenticated::FailureLimiter::new(
                 config.admin_auth_failures_per_minute,
                 Duration::from_secs(60),
             )),
@@ -230,6 +234,25 @@ impl ControlPlane {
             tokio::select! {
                 () = watcher.watch_policy(poll) => {}
                 _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+
+        // Refused admin calls go to the audit log as one summary per
+        // address and minute (and what is pending at shutdown, below).
+        let mut stop = shutdown.subscribe();
+        let refused = state.clone();
+        tasks.spawn(async move {
+            loop {
+                let stopped = tokio::select! {
+                    () = tokio::time::sleep(REFUSED_AUDIT_INTERVAL) => false,
+                    _ = stop.wait_for(|s| *s) => true,
+                };
+                if let Err(e) = refused.refused.flush(&refused.store).await {
+                    tracing::warn!(error = %e, "cannot write the summary of refused admin calls");
+                }
+                if stopped {
+                    return;
+                }
             }
         });
 

@@ -19,6 +19,7 @@ pub mod sidecar_api;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod unauthenticated;
 pub mod usage;
 
 pub use leash_api::process::{init_logging, shutdown_signal};

@@ -48,6 +48,9 @@ pub struct ControlPlaneState {
     pub master_key: Option<Arc<crate::secrets::MasterKey>>,
     pub tokens: crate::oauth2::TokenCache,
     pub otel: Option<leash_api::telemetry::Otel>,
+    /// Admin-API calls refused for want of a valid token, summarised into
+    /// the audit log once a minute.
+    pub refused: crate::unauthenticated::RefusedCalls,
 }
 
 impl ControlPlaneState {

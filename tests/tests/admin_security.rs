@@ -10,7 +10,7 @@ use serde_json::json;
 const SVID_TTL: Duration = Duration::from_secs(600);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn guessing_tokens_is_rate_limited_per_address() {
+async fn calls_without_a_valid_token_are_limited_per_address_and_never_lock_out_a_valid_one() {
     let d = Deployment::start("10m", SVID_TTL).await;
     let admin = d.admin();
     let real = admin.token.clone().unwrap();
@@ -20,8 +20,9 @@ async fn guessing_tokens_is_rate_limited_per_address() {
     let last = near.pop().unwrap();
     near.push(if last == 'A' { 'B' } else { 'A' });
     let near = format!("{id_part}_{near}");
-    // A call without a token is not a guess: any number of them is a 401.
-    for _ in 0..15 {
+    // Ten calls without a valid token a minute (the test setting): calls
+    // with no token count as much as guesses.
+    for _ in 0..5 {
         assert_eq!(admin.with_token(None).get("/v1/sidecars").await.status, 401);
     }
     assert_eq!(
@@ -32,22 +33,21 @@ async fn guessing_tokens_is_rate_limited_per_address() {
             .status,
         401
     );
-    for i in 1..10 {
+    for i in 1..5 {
         let guess = format!("lsh_{i:012x}_guess{i}");
         let a = admin.with_token(Some(&guess)).get("/v1/sidecars").await;
         assert_eq!(a.status, 401, "guess {i}");
     }
-    // The eleventh try from this address is refused before it is checked,
-    // and so is the right token for the rest of the minute.
-    let a = admin
-        .with_token(Some("lsh_000000000000_x"))
-        .get("/v1/sidecars")
-        .await;
-    assert_eq!(a.status, 429);
-    assert_eq!(a.json()["error"], "too_many_failures");
-    let retry: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=60).contains(&retry));
-    assert_eq!(admin.get("/v1/sidecars").await.status, 429);
+    for token in [None, Some("lsh_000000000000_x")] {
+        let a = admin.with_token(token).get("/v1/sidecars").await;
+        assert_eq!(a.status, 429);
+        assert_eq!(a.json()["error"], "too_many_failures");
+        let retry: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry));
+    }
+    // A valid token from the same address (a responder behind the same NAT
+    // or ingress) is never refused.
+    assert_eq!(admin.get("/v1/sidecars").await.status, 200);
     // Public endpoints are not affected.
     assert_eq!(
         http_get(&format!("http://{}/healthz", d.cp.admin_addr))
@@ -56,17 +56,84 @@ async fn guessing_tokens_is_rate_limited_per_address() {
             .status,
         200
     );
-    // The refusals are in the audit log (read straight from the store).
-    let entries = d.cp.state.store.audit(50).await.unwrap();
-    assert!(
-        entries
-            .iter()
-            .any(|e| e.status == 429 && e.actor.starts_with("anonymous@127.0.0.1"))
+    // The refusals are in the audit log as one summary row for the address.
+    assert_eq!(
+        d.cp.state.refused.flush(&d.cp.state.store).await.unwrap(),
+        1
     );
-    assert_eq!(entries.iter().filter(|e| e.status == 401).count(), 25);
+    let entries = d.cp.state.store.audit(50).await.unwrap();
+    let summary: Vec<_> = entries
+        .iter()
+        .filter(|e| e.actor == "anonymous@127.0.0.1")
+        .collect();
+    assert_eq!(summary.len(), 1, "{entries:?}");
+    assert_eq!(summary[0].status, 429);
+    assert_eq!(summary[0].action, "refused 12 calls without a valid token");
+    assert!(
+        summary[0]
+            .detail
+            .starts_with("10 unauthenticated (401), 2 limited (429)")
+    );
     // No secret, real or guessed, was written down.
     let text = format!("{entries:?}");
     assert!(!text.contains(secret) && !text.contains("guess3"));
+}
+
+/// A flood of calls without a token, with 60 KiB paths, grows the store by
+/// no more than the bound the README states: one bounded summary row per
+/// address and minute, not a row (with the path twice) per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unauthenticated_calls_cannot_fill_the_disk() {
+    let d = Deployment::start("10m", SVID_TTL).await;
+    let data = d.dir.path().join("data");
+    let size = || {
+        ["leash.db", "leash.db-wal"]
+            .iter()
+            .map(|f| std::fs::metadata(data.join(f)).map_or(0, |m| m.len()))
+            .sum::<u64>()
+    };
+    d.cp.state.refused.flush(&d.cp.state.store).await.unwrap();
+    let before = size();
+    let path = format!("/v1/revocations/{}", "x".repeat(60 * 1024));
+    let addr = d.cp.admin_addr;
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let path = path.clone();
+        tasks.push(tokio::spawn(async move {
+            let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http();
+            let mut statuses = [0u32; 2];
+            for _ in 0..125 {
+                let resp = client
+                    .get(format!("http://{addr}{path}").parse().unwrap())
+                    .await
+                    .unwrap();
+                match resp.status().as_u16() {
+                    401 => statuses[0] += 1,
+                    429 => statuses[1] += 1,
+                    other => panic!("unexpected {other}"),
+                }
+            }
+            statuses
+        }));
+    }
+    let mut limited = 0;
+    for t in tasks {
+        limited += t.await.unwrap()[1];
+    }
+    assert!(limited >= 1_990, "all but the allowance limited: {limited}");
+    // Responders are not locked out meanwhile.
+    assert_eq!(d.admin().get("/v1/sidecars").await.status, 200);
+    assert_eq!(
+        d.cp.state.refused.flush(&d.cp.state.store).await.unwrap(),
+        1
+    );
+    let grown = size().saturating_sub(before);
+    // One summary row (~1 KiB) and the responder's call, not 2,000 × 120 KiB.
+    assert!(grown < 64 * 1024, "the store grew by {grown} bytes");
+    let entries = d.cp.state.store.audit(5).await.unwrap();
+    assert!(entries.iter().all(|e| e.path.len() <= 260), "paths are cut");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
