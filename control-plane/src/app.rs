@@ -38,6 +38,8 @@ pub struct ServeConfig {
     pub otel: Option<leash_api::telemetry::Otel>,
     /// Invalid admin tokens one client address may present per minute.
     pub admin_auth_failures_per_minute: u32,
+    /// Caps and timeouts of both listeners.
+    pub limits: crate::listeners::ListenerLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +174,12 @@ impl ControlPlane {
             .trust_domain_policy(spiffe_rustls::LocalOnly(trust_domain))
             .with_alpn_protocols([b"h2"])
             .build()?;
-        let incoming = crate::mtls::incoming(sidecar_listener, Arc::new(tls), shutdown.subscribe());
+        let incoming = crate::mtls::incoming(
+            sidecar_listener,
+            Arc::new(tls),
+            &config.limits,
+            shutdown.subscribe(),
+        );
         let service = SidecarService::new(state.clone(), config.heartbeat, shutdown.subscribe());
         let mut stop = shutdown.subscribe();
         tasks.spawn(async move {
@@ -212,20 +219,12 @@ impl ControlPlane {
                 Duration::from_secs(60),
             )),
         });
-        let mut stop = shutdown.subscribe();
-        tasks.spawn(async move {
-            let result = axum::serve(
-                admin_listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "admin server failed");
-            }
-        });
+        tasks.spawn(crate::listeners::serve_admin(
+            admin_listener,
+            router,
+            config.limits.clone(),
+            shutdown.subscribe(),
+        ));
 
         let mut stop = shutdown.subscribe();
         let watcher = state.clone();

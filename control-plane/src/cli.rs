@@ -100,6 +100,8 @@ pub struct ServeArgs {
     /// past that the address gets 429 until the minute is over.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub admin_auth_failures_per_minute: u32,
+    #[command(flatten)]
+    pub limits: crate::listeners::ListenerLimits,
 }
 
 #[derive(Args)]

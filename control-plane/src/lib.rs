@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cli;
 pub mod devid;
 pub mod jwt;
+pub mod listeners;
 pub mod metrics;
 pub mod mtls;
 pub mod oauth2;

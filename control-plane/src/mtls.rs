@@ -16,10 +16,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
-/// Handshakes that take longer are dropped, so a slow or silent client
-/// cannot hold a slot.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The caller as proven by its certificate: the only source of identity the
 /// control plane trusts.
 #[derive(Debug, Clone)]
@@ -32,6 +28,8 @@ pub struct PeerIdentity {
 pub struct PeerStream {
     inner: TlsStream<TcpStream>,
     peer: PeerIdentity,
+    /// Its place under `--sidecar-max-connections`, freed when it closes.
+    _slot: crate::listeners::Admitted,
 }
 
 impl Connected for PeerStream {
@@ -85,13 +83,27 @@ impl AsyncWrite for PeerStream {
 /// Accepts TCP connections, completes the TLS handshake off the accept loop,
 /// and yields the verified connections. Failed handshakes are logged (at
 /// debug: a port scan should not flood the log) and dropped.
+///
+/// Bounded (see `ListenerLimits`): handshakes in progress in all and per
+/// address, the time a handshake may take, and verified connections open;
+/// a connection past a cap is closed at once.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    limits: &crate::listeners::ListenerLimits,
     mut stop: watch::Receiver<bool>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<PeerStream>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let handshakes = crate::listeners::ConnectionCaps::new(
+        limits.sidecar_max_handshakes,
+        limits.sidecar_max_handshakes_per_address,
+    );
+    let connections = crate::listeners::ConnectionCaps::new(
+        limits.sidecar_max_connections,
+        limits.sidecar_max_connections,
+    );
+    let handshake_timeout = limits.sidecar_handshake_timeout;
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -107,12 +119,19 @@ pub fn incoming(
                     continue;
                 }
             };
+            let (Some(slot), Some(handshaking)) =
+                (connections.admit(addr.ip()), handshakes.admit(addr.ip()))
+            else {
+                tracing::debug!(peer = %addr, "sidecar connection refused: at a connection or handshake cap");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let conn_tx = tx.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
+                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+                drop(handshaking);
+                let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::info!(peer = %addr, error = %e, "sidecar TLS handshake refused");
@@ -134,6 +153,7 @@ pub fn incoming(
                         spiffe_id: spiffe_id.into(),
                         addr,
                     },
+                    _slot: slot,
                 };
                 let _ = conn_tx.send(Ok(stream)).await;
             });

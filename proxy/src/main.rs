@@ -27,6 +27,16 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = cli.config()?;
+    // The connection caps (`--max-connections`) need descriptors to be real.
+    if let Some(n) = leash_api::process::raise_open_files_limit()
+        && (n as usize) < config.limits.max_connections + 256
+    {
+        tracing::warn!(
+            open_files = n,
+            max_connections = config.limits.max_connections,
+            "the open-files limit is below what --max-connections allows"
+        );
+    }
     let otlp = leash_api::telemetry::OtlpConfig::from_env("leash-proxy");
     config.otel = leash_api::telemetry::Otel::start(&otlp)?;
     let otel = config.otel.clone();

@@ -169,6 +169,28 @@ pub async fn start_control_plane_full(
     sidecar_listener: TcpListener,
     otel: Option<leash_api::telemetry::Otel>,
 ) -> ControlPlane {
+    start_control_plane_limited(
+        ids,
+        cp_id,
+        policy,
+        data_dir,
+        sidecar_listener,
+        otel,
+        Default::default(),
+    )
+    .await
+}
+
+/// As `start_control_plane_full`, with the listeners' caps and timeouts.
+pub async fn start_control_plane_limited(
+    ids: &Identities,
+    cp_id: &str,
+    policy: &Path,
+    data_dir: &Path,
+    sidecar_listener: TcpListener,
+    otel: Option<leash_api::telemetry::Otel>,
+    limits: leash_control_plane::listeners::ListenerLimits,
+) -> ControlPlane {
     let source = leash_api::identity::x509_source(&ids.endpoint(cp_id), Duration::from_secs(10))
         .await
         .expect("control plane identity");
@@ -182,6 +204,7 @@ pub async fn start_control_plane_full(
             master_key: Some(std::sync::Arc::new(test_master_key(data_dir))),
             otel,
             admin_auth_failures_per_minute: 10,
+            limits,
         },
         source,
         sidecar_listener,

@@ -187,6 +187,7 @@ async fn invalid_policy_is_refused_with_the_field() {
             master_key: None,
             otel: None,
             admin_auth_failures_per_minute: 10,
+            limits: Default::default(),
         },
         source,
         listener().await,

@@ -105,3 +105,12 @@ pub async fn shutdown_signal() {
 pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _stopped = stop.wait_for(|s| *s).await.is_ok();
 }
+
+/// Raises this process's soft limit on open files to its hard limit (as Go
+/// programs do at start): a default soft limit of 1,024 would make the
+/// connection caps unreachable and let a few thousand idle connections take
+/// every descriptor. Returns the limit now in force.
+pub fn raise_open_files_limit() -> Option<u64> {
+    let (_, hard) = rlimit::Resource::NOFILE.get().ok()?;
+    rlimit::increase_nofile_limit(hard).ok()
+}

@@ -54,6 +54,18 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let open_files = leash_api::process::raise_open_files_limit();
+    let wanted =
+        (args.limits.admin_max_connections + args.limits.sidecar_max_connections) as u64 + 256;
+    match open_files {
+        Some(n) if n < wanted => tracing::warn!(
+            open_files = n,
+            wanted,
+            "the open-files limit is below what the connection caps allow; raise LimitNOFILE / ulimit -n or lower --admin-max-connections and --sidecar-max-connections"
+        ),
+        Some(n) => tracing::debug!(open_files = n, "open-files limit"),
+        None => tracing::warn!("cannot read the open-files limit"),
+    }
     // Policy errors are the commonest start failure: report them before
     // waiting on identity.
     leash_api::policy::load(&args.policy)?;
@@ -89,6 +101,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         heartbeat: args.heartbeat_interval,
         master_key,
         admin_auth_failures_per_minute: args.admin_auth_failures_per_minute,
+        limits: args.limits,
         otel: leash_api::telemetry::Otel::start(&leash_api::telemetry::OtlpConfig::from_env(
             "leash-control-plane",
         ))?,

@@ -1,0 +1,223 @@
+//! The control plane's listeners under a hostile network: every one has a
+//! cap on connections (in all and per client address), and a bound on how
+//! long a client may take to say something. A few thousand idle or
+//! half-open connections get closed, not served, so responders and
+//! sidecars keep getting in.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request};
+use axum::response::IntoResponse;
+use http::StatusCode;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::ServiceExt as _;
+
+/// Limits of the admin listener and of the sidecar-facing (mTLS) one.
+#[derive(Debug, Clone, clap::Args, serde::Serialize)]
+pub struct ListenerLimits {
+    /// Admin API: connections open at once; more are closed at once.
+    #[arg(long, default_value_t = 1024)]
+    pub admin_max_connections: usize,
+    /// Admin API: connections open at once from one client address.
+    #[arg(long, default_value_t = 64)]
+    pub admin_max_connections_per_address: usize,
+    /// Admin API: time to send a request's header block (slowloris bound;
+    /// also how long a kept-alive connection may sit idle).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[serde(with = "millis")]
+    pub admin_header_timeout: Duration,
+    /// Admin API: time to send the body and get the answer; past it, 408.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[serde(with = "millis")]
+    pub admin_request_timeout: Duration,
+    /// Sidecar API: TLS handshakes in progress at once; more are closed.
+    #[arg(long, default_value_t = 256)]
+    pub sidecar_max_handshakes: usize,
+    /// Sidecar API: TLS handshakes in progress at once from one address.
+    #[arg(long, default_value_t = 32)]
+    pub sidecar_max_handshakes_per_address: usize,
+    /// Sidecar API: time to complete the TLS handshake.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[serde(with = "millis")]
+    pub sidecar_handshake_timeout: Duration,
+    /// Sidecar API: verified connections open at once (one per sidecar).
+    #[arg(long, default_value_t = 20_000)]
+    pub sidecar_max_connections: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            admin_max_connections: 1024,
+            admin_max_connections_per_address: 64,
+            admin_header_timeout: Duration::from_secs(10),
+            admin_request_timeout: Duration::from_secs(30),
+            sidecar_max_handshakes: 256,
+            sidecar_max_handshakes_per_address: 32,
+            sidecar_handshake_timeout: Duration::from_secs(5),
+            sidecar_max_connections: 20_000,
+        }
+    }
+}
+
+mod millis {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+/// Counts connections in all and per address. A slot is taken when a
+/// connection is accepted and given back when it ends.
+pub struct ConnectionCaps {
+    total: usize,
+    per_address: usize,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One admitted connection; frees its slot when dropped.
+pub struct Admitted {
+    caps: Arc<ConnectionCaps>,
+    ip: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut open = self.caps.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.0 = open.0.saturating_sub(1);
+        if let Some(n) = open.1.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl ConnectionCaps {
+    pub fn new(total: usize, per_address: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total,
+            per_address,
+            open: Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// A slot for a connection from `ip`, or None at either cap.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.0 >= self.total {
+            return None;
+        }
+        let n = open.1.entry(ip).or_insert(0);
+        if *n >= self.per_address {
+            return None;
+        }
+        *n += 1;
+        open.0 += 1;
+        Some(Admitted {
+            caps: self.clone(),
+            ip,
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.lock().map(|o| o.0).unwrap_or(0)
+    }
+}
+
+/// Serves the admin router on `listener` within `limits` until `stop`,
+/// then lets open requests finish.
+pub async fn serve_admin(
+    listener: TcpListener,
+    router: Router,
+    limits: ListenerLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let caps = ConnectionCaps::new(
+        limits.admin_max_connections,
+        limits.admin_max_connections_per_address,
+    );
+    let request_timeout = limits.admin_request_timeout;
+    let router = router.layer(axum::middleware::from_fn(
+        move |req: Request, next: axum::middleware::Next| async move {
+            match tokio::time::timeout(request_timeout, next.run(req)).await {
+                Ok(resp) => resp,
+                Err(_) => (
+                    StatusCode::REQUEST_TIMEOUT,
+                    axum::Json(serde_json::json!({
+                        "error": "request_timeout",
+                        "message": format!("the request was not complete within {request_timeout:?}"),
+                    })),
+                )
+                    .into_response(),
+            }
+        },
+    ));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.admin_header_timeout)
+        .max_buf_size(256 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(64);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(slot) = caps.admit(peer.ip()) else {
+            // Closed at once: a full listener must not queue.
+            tracing::debug!(%peer, open = caps.open(), "admin connection refused: at the connection cap");
+            continue;
+        };
+        let svc = router
+            .clone()
+            .map_request(move |req: http::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                req
+            })
+            .map_err(|e: Infallible| match e {});
+        let svc = hyper_util::service::TowerToHyperService::new(svc);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "admin connection ended");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("admin connections still open after 5 s; closing them");
+    }
+}

@@ -1,0 +1,125 @@
+//! The control plane under a hostile network (invariant I8): slowloris and
+//! idle connections on the admin port, half-open TLS handshakes on the
+//! sidecar port, all from one attacking address, while a responder revokes
+//! and a sidecar connects from another. The attackers are capped and timed
+//! out; the responder and the sidecar get through.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use leash_tests::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// A connection from 127.0.0.2: another address than the responder's.
+async fn from_attacker(to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
+/// Whether the peer has closed `s` (read gives EOF or an error) within `wait`.
+async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // A 408 or similar before the close: keep reading.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// How many of `conns` the peer closed at once (within 20 ms each).
+async fn closed_at_once(conns: &mut [TcpStream]) -> usize {
+    let mut n = 0;
+    for s in conns {
+        if closed_within(s, Duration::from_millis(20)).await {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attackers_are_capped_and_timed_out_while_responders_and_sidecars_get_through() {
+    init();
+    let dir = short_tempdir();
+    let ids = Identities::start(dir.path(), Duration::from_secs(600), &[CP_ID, APP_ID]);
+    let policy = write_policy(
+        dir.path(),
+        &standard_policy("127.0.0.1:9".parse().unwrap(), "5m"),
+    );
+    let limits = leash_control_plane::listeners::ListenerLimits {
+        admin_header_timeout: Duration::from_secs(1),
+        admin_max_connections_per_address: 64,
+        sidecar_handshake_timeout: Duration::from_secs(1),
+        sidecar_max_handshakes_per_address: 32,
+        admin_request_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let cp = start_control_plane_limited(
+        &ids,
+        CP_ID,
+        &policy,
+        &dir.path().join("data"),
+        listener().await,
+        None,
+        limits,
+    )
+    .await;
+
+    // 300 idle and slowloris connections on the admin port and 300 silent
+    // ones on the sidecar port (no ClientHello).
+    let mut slow = Vec::new();
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        let mut s = from_attacker(cp.admin_addr).await;
+        let _ = s
+            .write_all(b"GET /v1/sidecars HTTP/1.1\r\nHost: x\r\n")
+            .await;
+        slow.push(s);
+        silent.push(from_attacker(cp.sidecar_addr).await);
+    }
+    // Past the per-address caps, connections are closed at once.
+    let refused_admin = closed_at_once(&mut slow).await;
+    assert!(refused_admin >= 300 - 64, "admin: {refused_admin} closed");
+    let refused_sidecar = closed_at_once(&mut silent).await;
+    assert!(
+        refused_sidecar >= 300 - 32,
+        "sidecar port: {refused_sidecar} closed"
+    );
+
+    // Meanwhile a responder and a sidecar get through from another address.
+    let admin = Admin::bootstrap(cp.admin_addr, &dir.path().join("data"));
+    assert_eq!(admin.get("/v1/sidecars").await.status, 200);
+    let sidecar = start_sidecar(sidecar_config(ids.endpoint(APP_ID), cp.sidecar_addr)).await;
+    wait_ready(sidecar.admin_addr).await;
+    let r = admin
+        .revoke(json!({"kind": "upstream", "upstream": "ledger", "reason": "under attack"}))
+        .await;
+    admin.wait_acknowledged(r["id"].as_str().unwrap(), 1).await;
+
+    // The admitted attackers are timed out: header and handshake timeouts.
+    for s in slow.iter_mut().chain(silent.iter_mut()) {
+        assert!(
+            closed_within(s, Duration::from_secs(5)).await,
+            "an attacking connection outlived its timeout"
+        );
+    }
+    // A request whose body never comes gets 408 at the request timeout.
+    let mut s = TcpStream::connect(cp.admin_addr).await.unwrap();
+    let head = format!(
+        "POST /v1/revocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        admin.token.as_deref().unwrap()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    sidecar.shutdown(Duration::from_secs(2)).await;
+}
