@@ -146,6 +146,7 @@ async fn run(sessions: usize, revocations: usize) -> anyhow::Result<Row> {
             ])
             .arg("--spiffe-endpoint")
             .arg(format!("unix://{}", d.join("cp.sock").display()))
+            .arg("--insecure-dev")
             .env("RUST_LOG", "warn")
             .stderr(Stdio::null())
             .spawn()?,

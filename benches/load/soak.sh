@@ -49,7 +49,7 @@ grants:
 YAML
 RUST_LOG=warn "$BIN/leash-control-plane" serve --policy "$DIR/policy.yaml" --data-dir "$DIR/data" \
   --listen 127.0.0.1:19643 --admin-listen 127.0.0.1:19680 \
-  --spiffe-endpoint "unix://$DIR/cp.sock" 2>"$DIR/cp.log" & pids+=($!)
+  --spiffe-endpoint "unix://$DIR/cp.sock" --insecure-dev 2>"$DIR/cp.log" & pids+=($!)
 for _ in $(seq 200); do curl -fs -o /dev/null http://127.0.0.1:19680/readyz && break; sleep 0.05; done
 RUST_LOG=warn "$BIN/leash-proxy" --spiffe-endpoint "unix://$DIR/app.sock" \
   --control-plane 127.0.0.1:19643 --listen 127.0.0.1:19393 --admin-listen 127.0.0.1:19394 \

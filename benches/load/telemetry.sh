@@ -69,7 +69,7 @@ grants:
 YAML
 RUST_LOG=warn "$BIN/leash-control-plane" serve --policy "$DIR/policy.yaml" --data-dir "$DIR/data" \
   --listen 127.0.0.1:19543 --admin-listen 127.0.0.1:19580 \
-  --spiffe-endpoint "unix://$DIR/cp.sock" 2>"$DIR/cp.log" & pids+=($!)
+  --spiffe-endpoint "unix://$DIR/cp.sock" --insecure-dev 2>"$DIR/cp.log" & pids+=($!)
 for _ in $(seq 200); do curl -fs -o /dev/null http://127.0.0.1:19580/readyz && break; sleep 0.05; done
 
 declare -A PORT=( [off]=19201 [usage]=19202 [otlp]=19203 ) PID=()

@@ -115,7 +115,7 @@ impl ControlPlane {
         let sidecar_addr = sidecar_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let snapshot = PolicySnapshot::load(&config.policy)?;
-        let store = Store::open(&config.data_dir).await?;
+        let store = Store::open(&config.data_dir, config.master_key.clone()).await?;
         let issuer_name = config
             .issuer
             .clone()

@@ -93,6 +93,11 @@ pub struct ServeArgs {
     /// stored in the database; without it `static` upstreams are denied.
     #[arg(long, env = "LEASH_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// Run without a master key: JWT signing keys and the leak fingerprint
+    /// key are then stored in the clear in the database (anyone who can
+    /// read it can mint tokens). For throw-away local runs only.
+    #[arg(long)]
+    pub insecure_dev: bool,
     /// How long to wait for the first SVID at start.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub identity_timeout: Duration,
@@ -127,6 +132,11 @@ pub enum KeysCommand {
     Rotate {
         #[arg(long, env = "LEASH_DATA_DIR", default_value = "./leash-data")]
         data_dir: PathBuf,
+        /// The master key the signing keys are sealed under (or
+        /// LEASH_MASTER_KEY); required unless the store was made with
+        /// --insecure-dev.
+        #[arg(long, env = "LEASH_MASTER_KEY_FILE")]
+        master_key_file: Option<PathBuf>,
     },
 }
 

@@ -33,6 +33,10 @@ pub enum SecretError {
     Store(#[from] StoreError),
 }
 
+/// How a sealed key starts in the store (a plaintext PKCS#8 key starts
+/// with 0x30, a plaintext fingerprint key is hex).
+pub const SEALED_KEY: &[u8] = b"lk1:";
+
 /// The key that encrypts every stored secret.
 pub struct MasterKey(LessSafeKey);
 
@@ -80,6 +84,45 @@ impl MasterKey {
     /// swapped for another upstream's or another version's.
     fn aad(upstream: &str, version: i64) -> Vec<u8> {
         format!("leash-secret\0{upstream}\0{version}").into_bytes()
+    }
+
+    /// Seals a key of the control plane's own (a JWT signing key, the
+    /// leak fingerprint key) for storage: `lk1:` ‖ nonce ‖ ciphertext+tag,
+    /// bound by its purpose and id, so one stored key cannot stand in for
+    /// another.
+    pub fn seal_key(&self, purpose: &str, id: &str, plaintext: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; 12];
+        let _ = SystemRandom::new().fill(&mut nonce);
+        let mut buf = plaintext.to_vec();
+        let _ = self.0.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(format!("leash-key\0{purpose}\0{id}").into_bytes()),
+            &mut buf,
+        );
+        let mut out = SEALED_KEY.to_vec();
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&buf);
+        zeroize::Zeroize::zeroize(&mut buf);
+        out
+    }
+
+    /// Opens what [`Self::seal_key`] sealed; None for a wrong key or id.
+    pub fn open_key(&self, purpose: &str, id: &str, sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        let rest = sealed.strip_prefix(SEALED_KEY)?;
+        let (nonce, ciphertext) = rest.split_at_checked(12)?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buf = Zeroizing::new(ciphertext.to_vec());
+        let len = self
+            .0
+            .open_in_place(
+                nonce,
+                Aad::from(format!("leash-key\0{purpose}\0{id}").into_bytes()),
+                &mut buf,
+            )
+            .ok()?
+            .len();
+        buf.truncate(len);
+        Some(buf)
     }
 
     fn seal(&self, upstream: &str, version: i64, plaintext: &[u8]) -> (Vec<u8>, Vec<u8>) {

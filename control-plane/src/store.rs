@@ -21,6 +21,21 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("stored data cannot be used: {0}")]
     Corrupt(String),
+    #[error(
+        "{path} is readable by group or others (mode {mode:o}); it holds keys and tokens: chmod {} {path}",
+        if *mode & 0o100 != 0 { "700" } else { "600" }
+    )]
+    NotPrivate { path: String, mode: u32 },
+}
+
+/// How a sealed key stored as text starts (hex of the sealed bytes follows).
+const SEALED_TEXT: &str = "sealed:";
+
+fn seal_text(key: &crate::secrets::MasterKey, clear: &[u8]) -> String {
+    format!(
+        "{SEALED_TEXT}{}",
+        hex(&key.seal_key("fingerprint", "fingerprint_key", clear))
+    )
 }
 
 /// Schema migrations, applied in order; each runs once.
@@ -39,6 +54,33 @@ pub struct Store {
     pool: SqlitePool,
     /// Audit entries are chained: one append at a time.
     audit_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Seals the control plane's own keys (JWT signing keys, the leak
+    /// fingerprint key) at rest. None only with `--insecure-dev`.
+    master_key: Option<std::sync::Arc<crate::secrets::MasterKey>>,
+}
+
+/// Files of the data directory that must be readable by their owner only.
+pub const PRIVATE_FILES: [&str; 4] = ["leash.db", "leash.db-wal", "leash.db-shm", "admin-token"];
+
+/// Refuses a data directory (or one of its files) that others can read:
+/// it holds the signing keys, tokens' hashes and the audit log.
+fn check_private(data_dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let paths =
+        std::iter::once(data_dir.to_owned()).chain(PRIVATE_FILES.iter().map(|f| data_dir.join(f)));
+    for path in paths {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(StoreError::NotPrivate {
+                path: path.display().to_string(),
+                mode,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A JWT signing key as stored (the private key is PKCS#8 DER).
@@ -120,17 +162,43 @@ impl Store {
     }
 
     /// Opens (creating if needed) `<data_dir>/leash.db` and migrates it.
-    pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+    /// Opens (or creates) the store in `data_dir`: the directory 0700 and
+    /// the database 0600, refused if others can read them. With a master
+    /// key, keys still stored in the clear (from an `--insecure-dev` run or
+    /// an older version) are sealed at once.
+    pub async fn open(
+        data_dir: &Path,
+        master_key: Option<std::sync::Arc<crate::secrets::MasterKey>>,
+    ) -> Result<Self, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+        let dir_error = |source| StoreError::DataDir {
             path: data_dir.display().to_string(),
             source,
-        })?;
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(dir_error)?;
+        check_private(data_dir)?;
+        // Created 0600 before SQLite opens it; SQLite gives its WAL and
+        // shared-memory files the database file's mode.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(data_dir.join("leash.db"))
+            .map_err(dir_error)?;
         let opts = SqliteConnectOptions::from_str("sqlite:")?
             .filename(data_dir.join("leash.db"))
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
+            // Deleted or rewritten content (a key sealed after the fact) is
+            // overwritten, not left in free pages.
+            .pragma("secure_delete", "on")
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
@@ -139,9 +207,80 @@ impl Store {
         let store = Self {
             pool,
             audit_lock: std::sync::Arc::default(),
+            master_key,
         };
         store.migrate().await?;
+        store.seal_clear_keys().await?;
         Ok(store)
+    }
+
+    /// Seals keys stored in the clear, when there is a master key.
+    async fn seal_clear_keys(&self) -> Result<(), StoreError> {
+        let Some(key) = &self.master_key else {
+            return Ok(());
+        };
+        let mut sealed = 0;
+        let rows = sqlx::query("SELECT kid, pkcs8 FROM signing_keys")
+            .fetch_all(&self.pool)
+            .await?;
+        for r in rows {
+            let kid: String = r.get("kid");
+            let stored = zeroize::Zeroizing::new(r.get::<Vec<u8>, _>("pkcs8"));
+            if stored.starts_with(crate::secrets::SEALED_KEY) {
+                continue;
+            }
+            sqlx::query("UPDATE signing_keys SET pkcs8 = ? WHERE kid = ?")
+                .bind(key.seal_key("jwt-signing", &kid, &stored))
+                .bind(&kid)
+                .execute(&self.pool)
+                .await?;
+            sealed += 1;
+        }
+        let value: Option<String> =
+            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'fingerprint_key'")
+                .fetch_optional(&self.pool)
+                .await?;
+        if let Some(value) = value.filter(|v| !v.starts_with(SEALED_TEXT)) {
+            let clear = zeroize::Zeroizing::new(unhex(&value));
+            sqlx::query("UPDATE store_meta SET value = ? WHERE key = 'fingerprint_key'")
+                .bind(seal_text(key, &clear))
+                .execute(&self.pool)
+                .await?;
+            sealed += 1;
+        }
+        if sealed > 0 {
+            // The clear pages leave the write-ahead log too.
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await?;
+            tracing::info!(
+                keys = sealed,
+                "keys stored in the clear are now sealed under the master key"
+            );
+        }
+        Ok(())
+    }
+
+    /// Opens a stored key: sealed ones need the master key.
+    fn open_key(
+        &self,
+        purpose: &str,
+        id: &str,
+        stored: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError> {
+        if !stored.starts_with(crate::secrets::SEALED_KEY) {
+            return Ok(zeroize::Zeroizing::new(stored.to_vec()));
+        }
+        let key = self.master_key.as_ref().ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "{purpose} key {id} is sealed under a master key and none was given"
+            ))
+        })?;
+        key.open_key(purpose, id, stored).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "{purpose} key {id} cannot be opened with this master key (a different one sealed it?)"
+            ))
+        })
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -177,14 +316,17 @@ impl Store {
             sqlx::query("SELECT kid, pkcs8, created_at_ms FROM signing_keys ORDER BY rowid DESC")
                 .fetch_all(&self.pool)
                 .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| StoredKey {
-                kid: r.get("kid"),
-                pkcs8: zeroize::Zeroizing::new(r.get("pkcs8")),
-                created_at_ms: r.get("created_at_ms"),
+        rows.into_iter()
+            .map(|r| {
+                let kid: String = r.get("kid");
+                let stored = zeroize::Zeroizing::new(r.get::<Vec<u8>, _>("pkcs8"));
+                Ok(StoredKey {
+                    pkcs8: self.open_key("jwt-signing", &kid, &stored)?,
+                    kid,
+                    created_at_ms: r.get("created_at_ms"),
+                })
             })
-            .collect())
+            .collect()
     }
 
     pub async fn insert_signing_key(&self, key: &StoredKey) -> Result<(), StoreError> {
@@ -192,7 +334,10 @@ impl Store {
             "INSERT INTO signing_keys (kid, alg, pkcs8, created_at_ms) VALUES (?, 'ES256', ?, ?)",
         )
         .bind(&key.kid)
-        .bind(key.pkcs8.as_slice())
+        .bind(match &self.master_key {
+            Some(m) => m.seal_key("jwt-signing", &key.kid, &key.pkcs8),
+            None => key.pkcs8.to_vec(),
+        })
         .bind(key.created_at_ms)
         .execute(&self.pool)
         .await?;
@@ -597,15 +742,26 @@ impl Store {
         let mut fresh = [0u8; 16];
         // SystemRandom only fails without an OS entropy source.
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut fresh);
+        let stored = match &self.master_key {
+            Some(key) => seal_text(key, &fresh),
+            None => hex(&fresh),
+        };
         sqlx::query("INSERT OR IGNORE INTO store_meta (key, value) VALUES ('fingerprint_key', ?)")
-            .bind(hex(&fresh))
+            .bind(stored)
             .execute(&self.pool)
             .await?;
         let value: String =
             sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'fingerprint_key'")
                 .fetch_one(&self.pool)
                 .await?;
-        Ok(unhex(&value).try_into().unwrap_or([0; 16]))
+        let clear = match value.strip_prefix(SEALED_TEXT) {
+            Some(sealed) => self.open_key("fingerprint", "fingerprint_key", &unhex(sealed))?,
+            None => zeroize::Zeroizing::new(unhex(&value)),
+        };
+        clear
+            .as_slice()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("the fingerprint key is not 16 bytes".into()))
     }
 
     /// Counts one sighting of a leaked value.

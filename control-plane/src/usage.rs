@@ -453,7 +453,7 @@ mod tests {
     #[tokio::test]
     async fn a_resent_batch_is_not_counted_twice() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).await.unwrap();
+        let store = Store::open(&dir.path().join("data"), None).await.unwrap();
         let batch = UsageBatch {
             batch_seq: 1,
             records: vec![

@@ -75,6 +75,7 @@ async fn revocation_survives_sigkill_and_stays_enforced() {
         &format!("unix://{}", sock("cp.sock").display()),
         "--heartbeat-interval",
         "500ms",
+        "--insecure-dev",
     ]
     .iter()
     .map(|s| s.to_string())

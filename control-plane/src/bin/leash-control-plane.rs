@@ -36,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
             name,
             role,
         }) => {
-            let store = Store::open(&data_dir).await?;
+            let store = Store::open(&data_dir, None).await?;
             let role = Role::parse(&role).context("role")?;
             println!(
                 "{}",
@@ -44,8 +44,11 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Keys(KeysCommand::Rotate { data_dir }) => {
-            let store = Store::open(&data_dir).await?;
+        Command::Keys(KeysCommand::Rotate {
+            data_dir,
+            master_key_file,
+        }) => {
+            let store = Store::open(&data_dir, master_key(master_key_file.as_deref())?).await?;
             let kid = jwt::rotate(&store).await?;
             println!("{kid}");
             Ok(())
@@ -69,13 +72,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Policy errors are the commonest start failure: report them before
     // waiting on identity.
     leash_api::policy::load(&args.policy)?;
-    let master_key = match (&args.master_key_file, std::env::var("LEASH_MASTER_KEY")) {
-        (Some(path), _) => Some(Arc::new(MasterKey::from_file(path)?)),
-        (None, Ok(text)) => Some(Arc::new(MasterKey::from_base64(&Zeroizing::new(text))?)),
-        (None, Err(_)) => None,
-    };
-    if master_key.is_none() {
-        tracing::warn!("no master key: static secrets cannot be stored or leased");
+    let master_key = master_key(args.master_key_file.as_deref())?;
+    match (&master_key, args.insecure_dev) {
+        (Some(_), _) => {}
+        (None, true) => tracing::warn!(
+            "--insecure-dev: no master key; signing keys are stored in the clear and static secrets are unavailable"
+        ),
+        (None, false) => bail!(
+            "no master key: give --master-key-file FILE (or LEASH_MASTER_KEY); make one with `leash-control-plane master-key > FILE` (chmod 600). \
+             It seals the JWT signing keys and brokered secrets at rest. For a throw-away local run, --insecure-dev starts without one."
+        ),
     }
     let identity_config = IdentityConfig::from_flags(
         args.spiffe_endpoint,
@@ -116,6 +122,33 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     source.shutdown().await;
     Ok(())
+}
+
+/// The master key from `file` (which only its owner may read) or from
+/// `LEASH_MASTER_KEY`, if either is given.
+fn master_key(file: Option<&std::path::Path>) -> anyhow::Result<Option<Arc<MasterKey>>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(path) = file {
+        let mode = std::fs::metadata(path)
+            .with_context(|| format!("master key file {}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            bail!(
+                "master key file {} is readable by group or others (mode {:o}): chmod 600 {}",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            );
+        }
+        return Ok(Some(Arc::new(MasterKey::from_file(path)?)));
+    }
+    match std::env::var("LEASH_MASTER_KEY") {
+        Ok(text) => Ok(Some(Arc::new(MasterKey::from_base64(&Zeroizing::new(
+            text,
+        ))?))),
+        Err(_) => Ok(None),
+    }
 }
 
 async fn dev_identity(args: DevIdentityArgs) -> anyhow::Result<()> {

@@ -152,6 +152,7 @@ pub fn serve_args(dir: &Path, sidecar_api: SocketAddr, admin: SocketAddr) -> Vec
         &format!("unix://{}", dir.join("cp.sock").display()),
         "--heartbeat-interval",
         "500ms",
+        "--insecure-dev",
     ]
     .iter()
     .map(|s| s.to_string())
