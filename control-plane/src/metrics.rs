@@ -12,6 +12,9 @@ pub struct Metrics {
     pub usage_batches: AtomicU64,
     pub usage_duplicate_batches: AtomicU64,
     pub usage_rejected_batches: AtomicU64,
+    /// Sidecar reports (leak refusals, stripped and echoed counts) refused
+    /// as malformed: oversized or control characters, unknown names.
+    pub reports_rejected: AtomicU64,
     pub usage_requests: AtomicU64,
     pub usage_dropped_requests: AtomicU64,
     pub audit_write_failures: AtomicU64,
@@ -28,6 +31,7 @@ impl Default for Metrics {
             usage_batches: AtomicU64::new(0),
             usage_duplicate_batches: AtomicU64::new(0),
             usage_rejected_batches: AtomicU64::new(0),
+            reports_rejected: AtomicU64::new(0),
             usage_requests: AtomicU64::new(0),
             usage_dropped_requests: AtomicU64::new(0),
             audit_write_failures: AtomicU64::new(0),
@@ -88,6 +92,12 @@ impl Metrics {
             "leash_cp_usage_rejected_batches_total",
             "Usage batches refused as malformed.",
             &self.usage_rejected_batches,
+        );
+        counter(
+            &mut out,
+            "leash_cp_reports_rejected_total",
+            "Sidecar reports refused as malformed (oversized strings, control characters, unknown names).",
+            &self.reports_rejected,
         );
         counter(
             &mut out,

@@ -103,6 +103,30 @@ pub struct SessionDriver {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
+/// Longest string a sidecar may put in any report field.
+pub const MAX_REPORT_FIELD: usize = 256;
+
+/// A string from a sidecar, as it may be stored: bounded, printable.
+fn printable(field: &str, s: &str) -> Result<(), String> {
+    if s.len() > MAX_REPORT_FIELD {
+        return Err(format!(
+            "{field} is {} bytes (at most {MAX_REPORT_FIELD})",
+            s.len()
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(format!("{field} holds control characters"));
+    }
+    Ok(())
+}
+
+/// The hello's strings are stored (sessions) and logged: bounded.
+pub fn check_hello(h: &Hello) -> Result<(), String> {
+    printable("sidecar_version", &h.sidecar_version)?;
+    printable("store_id", &h.store_id)?;
+    printable("instance_id", &h.instance_id)
+}
+
 fn msg(m: control_message::Msg) -> Result<ControlMessage, Status> {
     Ok(ControlMessage { msg: Some(m) })
 }
@@ -286,17 +310,18 @@ impl SessionDriver {
                         info.last_heard_ms.store(now_ms(), Ordering::Relaxed);
                         match m.msg {
                             Some(sidecar_message::Msg::Ack(ack)) => self.ack(info, ack.seq, sent, &mut unacked)?,
-                            Some(sidecar_message::Msg::Leak(leak)) => self.leak_seen(info, leak).await,
-                            Some(sidecar_message::Msg::Stripped(report)) => {
+                            // Reports are checked first (the guards count and
+                            // log a refusal); refused ones fall to the arm below.
+                            Some(sidecar_message::Msg::Leak(leak)) if self.well_formed(info, self.check_leak(&leak)) => {
+                                self.leak_seen(info, leak).await;
+                            }
+                            Some(sidecar_message::Msg::Stripped(report)) if self.well_formed(info, self.check_upstream(&report.upstream)) => {
                                 let store = self.state.revocations.store();
                                 if let Err(e) = store.record_stripped(&info.spiffe_id, &report.upstream, report.count, now_ms()).await {
                                     tracing::warn!(error = %e, "cannot record stripped credentials");
                                 }
                             }
-                            Some(sidecar_message::Msg::Echoed(report)) if report.header.len() > 256 || report.upstream.len() > 256 => {
-                                tracing::warn!(workload = %info.spiffe_id, "echo report with an oversized name ignored");
-                            }
-                            Some(sidecar_message::Msg::Echoed(report)) => {
+                            Some(sidecar_message::Msg::Echoed(report)) if self.well_formed(info, self.check_upstream(&report.upstream).and_then(|()| check_header_name(&report.header))) => {
                                 tracing::warn!(workload = %info.spiffe_id, upstream = %report.upstream, header = %report.header, count = report.count, "an upstream sent the injected credential back; the sidecar removed it");
                                 let store = self.state.revocations.store();
                                 if let Err(e) = store.record_echo(&info.spiffe_id, &report.upstream, &report.header, report.count, now_ms()).await {
@@ -308,6 +333,7 @@ impl SessionDriver {
                                     send(control_message::Msg::UsageAck(ack)).await?;
                                 }
                             }
+                            Some(sidecar_message::Msg::Leak(_) | sidecar_message::Msg::Stripped(_) | sidecar_message::Msg::Echoed(_)) => {}
                             Some(sidecar_message::Msg::Hello(_)) => return Err("second hello on one session".into()),
                             None => {}
                         }
@@ -400,6 +426,50 @@ impl SessionDriver {
         }
     }
 
+    /// Whether a report passed its checks; a failed one is counted and
+    /// logged (bounded: the reason names fields, never their content).
+    fn well_formed(&self, info: &SessionInfo, check: Result<(), String>) -> bool {
+        match check {
+            Ok(()) => true,
+            Err(reason) => {
+                self.metrics
+                    .reports_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(session = %info.id, workload = %info.spiffe_id, %reason, "sidecar report refused");
+                false
+            }
+        }
+    }
+
+    /// An upstream a report names: one the current policy has.
+    fn check_upstream(&self, upstream: &str) -> Result<(), String> {
+        printable("upstream", upstream)?;
+        if self.state.policy.load().policy.upstream(upstream).is_none() {
+            return Err("upstream is not one the policy names".into());
+        }
+        Ok(())
+    }
+
+    /// A leak refusal names an active leaked-value registration; its
+    /// upstream is one of the policy's or empty (a host policy does not name).
+    fn check_leak(&self, leak: &leash_api::v1::LeakRefusal) -> Result<(), String> {
+        printable("revocation_id", &leak.revocation_id)?;
+        printable("host", &leak.host)?;
+        printable("location", &leak.location)?;
+        if !leak.upstream.is_empty() {
+            self.check_upstream(&leak.upstream)?;
+        }
+        let snapshot = self.state.revocations.snapshot();
+        if snapshot
+            .set
+            .get(&leak.revocation_id)
+            .is_none_or(|r| r.kind != "leaked")
+        {
+            return Err("revocation_id is not an active leaked-value registration".into());
+        }
+        Ok(())
+    }
+
     /// A sidecar refused a leaked value: record who sent it, to what. The
     /// workload is the session's verified peer, not anything the sidecar says.
     async fn leak_seen(&self, info: &SessionInfo, leak: leash_api::v1::LeakRefusal) {
@@ -467,4 +537,13 @@ impl SessionDriver {
         }
         Ok(())
     }
+}
+
+/// A response header name as a sidecar reports it.
+fn check_header_name(name: &str) -> Result<(), String> {
+    printable("header", name)?;
+    if name.is_empty() || http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        return Err("header is not a header name".into());
+    }
+    Ok(())
 }

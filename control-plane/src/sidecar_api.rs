@@ -265,6 +265,9 @@ impl SidecarApi for SidecarService {
         else {
             return Err(Status::invalid_argument("a session starts with a hello"));
         };
+        if let Err(e) = crate::sessions::check_hello(&hello) {
+            return Err(Status::invalid_argument(e));
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let driver = SessionDriver {
             state: self.state.clone(),

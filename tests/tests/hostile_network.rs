@@ -123,3 +123,82 @@ async fn attackers_are_capped_and_timed_out_while_responders_and_sidecars_get_th
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     sidecar.shutdown(Duration::from_secs(2)).await;
 }
+
+/// Whatever a holder of a valid SVID reports is bounded and checked before
+/// it is stored: oversized or control-character strings, upstreams the
+/// policy does not name, registrations that do not exist are refused and
+/// counted; well-formed reports are stored as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_sidecar_reports_is_bounded_before_it_is_stored() {
+    use leash_api::v1::{EchoReport, LeakRefusal, SidecarMessage, StripReport, sidecar_message};
+    let d = Deployment::start("5m", Duration::from_secs(600)).await;
+    let rogue = leash_proxy::control::ControlLink::new(
+        sidecar_config(d.ids.endpoint(APP_ID), d.cp.sidecar_addr).control,
+    );
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(rogue.clone().run(stop_rx));
+    let link = rogue.clone();
+    eventually(Duration::from_secs(10), "rogue connected", || {
+        let link = link.clone();
+        async move { link.connected().then_some(()) }
+    })
+    .await;
+    let send = |m| rogue.report(SidecarMessage { msg: Some(m) });
+    let huge = "h".repeat(1 << 20);
+    send(sidecar_message::Msg::Leak(LeakRefusal {
+        revocation_id: "rev-nope".into(),
+        upstream: "payments".into(),
+        host: huge.clone(),
+        location: "header:x".into(),
+        at_ms: 1,
+    }));
+    send(sidecar_message::Msg::Leak(LeakRefusal {
+        revocation_id: "rev-does-not-exist".into(),
+        upstream: "payments".into(),
+        host: "payments.leash.test".into(),
+        location: "header:x".into(),
+        at_ms: 1,
+    }));
+    send(sidecar_message::Msg::Stripped(StripReport {
+        upstream: huge.clone(),
+        count: 1,
+    }));
+    send(sidecar_message::Msg::Stripped(StripReport {
+        upstream: "not-in-policy".into(),
+        count: 1,
+    }));
+    send(sidecar_message::Msg::Echoed(EchoReport {
+        upstream: "payments".into(),
+        header: "bad header\n".into(),
+        count: 1,
+    }));
+    // And one well-formed report, which is stored.
+    send(sidecar_message::Msg::Stripped(StripReport {
+        upstream: "payments".into(),
+        count: 3,
+    }));
+    let admin = d.admin();
+    eventually(
+        Duration::from_secs(10),
+        "the good report stored",
+        || async {
+            let v = admin.get("/v1/stripped").await.json();
+            (v["stripped"].as_array()?.len() == 1).then_some(())
+        },
+    )
+    .await;
+    let v = admin.get("/v1/stripped").await.json();
+    assert_eq!(v["stripped"][0]["upstream"], "payments");
+    assert_eq!(v["stripped"][0]["count"], 3);
+    assert!(v["echoed"].as_array().unwrap().is_empty());
+    let metrics = http_get(&format!("http://{}/metrics", d.cp.admin_addr))
+        .await
+        .unwrap();
+    let samples = parse_prometheus(&String::from_utf8_lossy(&metrics.body));
+    assert_eq!(
+        sample(&samples, "leash_cp_reports_rejected_total", &[]),
+        Some(5.0)
+    );
+    let leaked = admin.get("/v1/leaked").await.json();
+    assert!(!leaked.to_string().contains("hhhhhhhh"));
+}

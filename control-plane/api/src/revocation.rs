@@ -199,6 +199,11 @@ impl RevocationSet {
         self.active.is_empty()
     }
 
+    /// The active revocation with this id.
+    pub fn get(&self, id: &str) -> Option<&Revocation> {
+        self.active.get(id).map(|r| &**r)
+    }
+
     pub fn active(&self) -> impl Iterator<Item = &Revocation> {
         self.active.values().map(|r| &**r)
     }
