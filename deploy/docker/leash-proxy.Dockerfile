@@ -11,5 +11,5 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     && useradd --system --uid 10001 --no-create-home leash
 COPY --from=build /src/target/release/leash-proxy /usr/local/bin/leash-proxy
 USER 10001
-EXPOSE 15001 15000
+EXPOSE 15001 15000 15021
 ENTRYPOINT ["/usr/local/bin/leash-proxy"]

@@ -239,6 +239,33 @@ impl Sidecar {
         })
     }
 
+    /// Serves `/healthz` and `/readyz` (nothing else) on `listener`, for the
+    /// kubelet or a load balancer: its own connection budget and a short
+    /// header timeout, so that idle connections from the pod network cannot
+    /// starve the probes, and the admin port can stay on localhost.
+    pub fn serve_probes(&mut self, listener: TcpListener) -> std::io::Result<SocketAddr> {
+        let addr = listener.local_addr()?;
+        let link = self.link.clone();
+        let limits = Limits {
+            header_read_timeout: PROBE_HEADER_TIMEOUT,
+            max_connections: PROBE_MAX_CONNECTIONS,
+            max_header_bytes: 8 * 1024,
+            ..Limits::default()
+        };
+        self.tasks.spawn(serve_http(
+            listener,
+            limits,
+            Arc::new(tokio::sync::Semaphore::new(PROBE_MAX_CONNECTIONS)),
+            self.shutdown.subscribe(),
+            move |req, _peer, _timer| {
+                let link = link.clone();
+                async move { probe_response(&link, req.uri().path()) }
+            },
+        ));
+        tracing::info!(%addr, "probes listening");
+        Ok(addr)
+    }
+
     /// Stops accepting, lets open requests finish within `drain`, ships the
     /// last usage counts (waiting for the control plane's acknowledgement,
     /// within `drain` too), then stops.
@@ -423,6 +450,36 @@ async fn logging(req: Request<RequestBody>) -> Response<ProxyBody> {
     }
 }
 
+/// Connections the probe listener serves at once.
+const PROBE_MAX_CONNECTIONS: usize = 1024;
+/// A probe sends its request at once; anything slower is closed.
+const PROBE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Liveness (the process answers) and readiness (identity, control-plane
+/// state, not stale), as on the admin port; nothing else.
+fn probe_response(link: &ControlLink, path: &str) -> Response<ProxyBody> {
+    match path {
+        "/healthz" | "/live" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" | "/ready" => readiness(link),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "the probe port serves /healthz and /readyz only\n".into(),
+        ),
+    }
+}
+
+fn readiness(link: &ControlLink) -> Response<ProxyBody> {
+    let pending = link.pending();
+    if pending.is_empty() {
+        text(StatusCode::OK, "ready\n".into())
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready, pending: {}\n", pending.join(", ")),
+        )
+    }
+}
+
 async fn admin_response(
     link: &ControlLink,
     metrics: &Metrics,
@@ -443,17 +500,7 @@ async fn admin_response(
         "/logging" => logging(req).await,
         "/config_dump" => json_response(StatusCode::OK, &dump.render(link)),
         "/healthz" | "/live" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" | "/ready" => {
-            let pending = link.pending();
-            if pending.is_empty() {
-                text(StatusCode::OK, "ready\n".into())
-            } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready, pending: {}\n", pending.join(", ")),
-                )
-            }
-        }
+        "/readyz" | "/ready" => readiness(link),
         "/metrics" => {
             use std::sync::atomic::Ordering::Relaxed;
             let gauges = Gauges {

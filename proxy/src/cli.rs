@@ -19,9 +19,15 @@ pub struct Cli {
     /// Forward-proxy listener; point the workload's HTTP_PROXY here.
     #[arg(long, env = "LEASH_LISTEN", default_value = "127.0.0.1:15001")]
     pub listen: SocketAddr,
-    /// Admin listener: /healthz, /readyz, /metrics.
+    /// Admin listener: /healthz, /readyz, /metrics, /config_dump, /logging.
+    /// Keep it on localhost; give probes --probe-listen.
     #[arg(long, env = "LEASH_ADMIN_LISTEN", default_value = "127.0.0.1:15000")]
     pub admin_listen: SocketAddr,
+    /// Probe listener serving only /healthz and /readyz, with its own
+    /// connection budget (1,024) and a 2 s header timeout, for the kubelet
+    /// (e.g. 0.0.0.0:15021). Off unless given.
+    #[arg(long, env = "LEASH_PROBE_LISTEN")]
+    pub probe_listen: Option<SocketAddr>,
     /// A listener bound to one upstream, as UPSTREAM=ADDR (plain requests to
     /// it go to that upstream whatever their Host). Repeatable.
     #[arg(long = "upstream-listener", value_name = "UPSTREAM=ADDR")]

@@ -54,7 +54,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cli.admin_listen))?;
     tracing::info!(?config, "effective configuration");
-    let sidecar = Sidecar::start(config, egress, admin, named)?;
+    let probes = match cli.probe_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    let mut sidecar = Sidecar::start(config, egress, admin, named)?;
+    if let Some(probes) = probes {
+        sidecar.serve_probes(probes)?;
+    }
     shutdown_signal().await;
     tracing::info!("shutting down");
     sidecar.shutdown(cli.drain_timeout).await;

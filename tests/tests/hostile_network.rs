@@ -202,3 +202,30 @@ async fn what_a_sidecar_reports_is_bounded_before_it_is_stored() {
     let leaked = admin.get("/v1/leaked").await.json();
     assert!(!leaked.to_string().contains("hhhhhhhh"));
 }
+
+/// The sidecar's probes cannot be starved: with the admin port full of idle
+/// connections (its 64-connection budget taken) and hundreds more idle on
+/// the probe port, the kubelet's probe still answers, and the probe port
+/// serves health and readiness only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_while_the_admin_port_is_starved() {
+    let mut d = Deployment::start("5m", Duration::from_secs(600)).await;
+    let probes = d.sidecar.serve_probes(listener().await).unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(TcpStream::connect(d.sidecar.admin_addr).await.unwrap());
+    }
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(probes).await.unwrap());
+    }
+    for path in ["/readyz", "/healthz"] {
+        let a = http_get(&format!("http://{probes}{path}")).await.unwrap();
+        assert_eq!(a.status, 200, "{path}");
+    }
+    let a = http_get(&format!("http://{probes}/metrics")).await.unwrap();
+    assert_eq!(a.status, 404, "only health and readiness on the probe port");
+    // Idle probe connections are closed within the 2 s header timeout.
+    let mut probe_conn = TcpStream::connect(probes).await.unwrap();
+    assert!(closed_within(&mut probe_conn, Duration::from_secs(5)).await);
+    drop(idle);
+}
