@@ -56,6 +56,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/audit/head", get(audit_head))
         .route("/v1/logging", get(get_logging).put(set_logging))
         .route("/v1/config_dump", get(config_dump))
         .route("/v1/tokens", post(create_token))
@@ -909,16 +910,64 @@ fn default_limit() -> i64 {
     100
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyQuery {
+    /// A head saved earlier (`GET /v1/audit/head`): its entry must still be
+    /// in the chain with this hash.
+    id: Option<i64>,
+    hash: Option<String>,
+}
+
 async fn audit_verify(
     State(s): State<AdminState>,
     Extension(caller): Extension<Caller>,
+    Query(q): Query<VerifyQuery>,
 ) -> Result<Response, ApiError> {
     require(&caller, Role::Admin)?;
-    let verdict = s.cp.store.verify_audit().await?;
+    let mut verdict = s.cp.store.verify_audit().await?;
+    if verdict.ok
+        && let (Some(id), Some(hash)) = (q.id, &q.hash)
+        && s.cp.store.audit_entry_hash(id).await?.as_deref() != Some(hash.as_str())
+    {
+        verdict.ok = false;
+        verdict.first_bad_id = Some(id);
+        verdict.problem = Some(
+            "the saved head is not in the chain: entries were rewritten or cut off after it was saved"
+                .into(),
+        );
+    }
     if !verdict.ok {
         tracing::error!(entry = ?verdict.first_bad_id, problem = ?verdict.problem, "the audit log's hash chain is broken");
     }
     Ok(Json(verdict).into_response())
+}
+
+/// The current head of the audit chain, signed with a key derived from
+/// the master key: save it elsewhere and check later with `leashctl audit
+/// verify --head FILE`.
+async fn audit_head(
+    State(s): State<AdminState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    require(&caller, Role::Admin)?;
+    match s.cp.store.signed_head().await? {
+        Ok(Some(head)) => Ok(Json(head).into_response()),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_master_key",
+            "no signed head without a master key (or with an empty audit log)",
+        )),
+        Err(verdict) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "audit_broken",
+            format!(
+                "the audit chain is broken at entry {:?} ({}): its head is not signed",
+                verdict.first_bad_id,
+                verdict.problem.unwrap_or_default()
+            ),
+        )),
+    }
 }
 
 async fn audit(

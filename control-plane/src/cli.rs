@@ -225,9 +225,19 @@ pub struct AuditArgs {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Walk the audit log's hash chain: exit 0 if every entry is intact,
-    /// 1 naming the first entry that was changed, removed or reordered.
-    Verify,
+    /// Walk the audit log's hash chain and its signed anchors: exit 0 if
+    /// every entry is intact, 1 naming the first entry that was changed,
+    /// removed or reordered.
+    Verify {
+        /// A head saved earlier with `leashctl audit head`: its signature is
+        /// checked, and its entry must still be in the chain (catches a
+        /// chain rewritten or cut off since).
+        #[arg(long)]
+        head: Option<std::path::PathBuf>,
+    },
+    /// Print the chain's current head, signed with a key derived from the
+    /// master key; keep it somewhere the control plane's host cannot write.
+    Head,
 }
 
 #[derive(clap::Args)]

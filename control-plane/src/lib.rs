@@ -4,6 +4,7 @@
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod admin;
+pub mod anchor;
 pub mod app;
 pub mod auth;
 pub mod cli;

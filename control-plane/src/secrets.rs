@@ -37,8 +37,9 @@ pub enum SecretError {
 /// with 0x30, a plaintext fingerprint key is hex).
 pub const SEALED_KEY: &[u8] = b"lk1:";
 
-/// The key that encrypts every stored secret.
-pub struct MasterKey(LessSafeKey);
+/// The key that encrypts every stored secret (and from which the audit
+/// anchor's signing key is derived).
+pub struct MasterKey(LessSafeKey, Zeroizing<Vec<u8>>);
 
 impl std::fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,7 +63,7 @@ impl MasterKey {
         }
         let key = UnboundKey::new(&AES_256_GCM, &raw)
             .map_err(|_| SecretError::BadMasterKey("rejected".into()))?;
-        Ok(Self(LessSafeKey::new(key)))
+        Ok(Self(LessSafeKey::new(key), raw))
     }
 
     pub fn from_file(path: &Path) -> Result<Self, SecretError> {
@@ -71,6 +72,17 @@ impl MasterKey {
                 .map_err(|e| SecretError::BadMasterKey(format!("{}: {e}", path.display())))?,
         );
         Self::from_base64(&text)
+    }
+
+    /// The Ed25519 key that signs audit-chain heads: derived from the master
+    /// key (HMAC-SHA256 under a fixed label), so it is stored nowhere, and
+    /// anyone able to write the database still cannot sign a head.
+    pub fn audit_anchor_key(&self) -> Option<ring::signature::Ed25519KeyPair> {
+        let seed = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.1),
+            b"leash audit anchor v1",
+        );
+        ring::signature::Ed25519KeyPair::from_seed_unchecked(seed.as_ref()).ok()
     }
 
     /// A fresh random key, base64-encoded (for `leash-control-plane master-key generate`).

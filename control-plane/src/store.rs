@@ -47,6 +47,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("migrations/0005_usage.sql")),
     (6, include_str!("migrations/0006_audit_chain.sql")),
     (7, include_str!("migrations/0007_echoes.sql")),
+    (8, include_str!("migrations/0008_audit_anchors.sql")),
 ];
 
 #[derive(Clone)]
@@ -676,7 +677,82 @@ impl Store {
             .bind(&hash)
             .execute(&self.pool)
             .await?;
+        if id % crate::anchor::ANCHOR_EVERY == 0
+            && let Some(key) = self.master_key.as_ref().and_then(|m| m.audit_anchor_key())
+        {
+            let head = crate::anchor::SignedHead::sign(&key, id, &hash, e.at_ms);
+            sqlx::query("INSERT INTO audit_anchors (id, hash, at_ms, public_key, signature) VALUES (?, ?, ?, ?, ?)")
+                .bind(head.id)
+                .bind(&head.hash)
+                .bind(head.at_ms)
+                .bind(&head.public_key)
+                .bind(&head.signature)
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(())
+    }
+
+    /// The current head of the chain, signed with the master key's anchor
+    /// key (None without a master key or with an empty chain). Signed only
+    /// if the chain verifies: a broken chain's head is never blessed.
+    pub async fn signed_head(
+        &self,
+    ) -> Result<Result<Option<crate::anchor::SignedHead>, AuditVerdict>, StoreError> {
+        let verdict = self.verify_audit().await?;
+        if !verdict.ok {
+            return Ok(Err(verdict));
+        }
+        let (Some(key), Some(hash)) = (
+            self.master_key.as_ref().and_then(|m| m.audit_anchor_key()),
+            verdict.head.clone(),
+        ) else {
+            return Ok(Ok(None));
+        };
+        let id: i64 = sqlx::query_scalar("SELECT MAX(id) FROM audit")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Ok(Some(crate::anchor::SignedHead::sign(
+            &key,
+            id,
+            &hash,
+            now_ms(),
+        ))))
+    }
+
+    /// The hash of audit entry `id`, if it exists.
+    pub async fn audit_entry_hash(&self, id: i64) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar::<_, Option<String>>("SELECT hash FROM audit WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .flatten(),
+        )
+    }
+
+    /// The stored anchors, by entry id.
+    async fn anchors(
+        &self,
+    ) -> Result<std::collections::BTreeMap<i64, crate::anchor::SignedHead>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, hash, at_ms, public_key, signature FROM audit_anchors ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let head = crate::anchor::SignedHead {
+                    id: r.get("id"),
+                    hash: r.get("hash"),
+                    at_ms: r.get("at_ms"),
+                    public_key: r.get("public_key"),
+                    signature: r.get("signature"),
+                };
+                (head.id, head)
+            })
+            .collect())
     }
 
     /// Walks the whole audit chain.
@@ -685,6 +761,8 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         let mut verdict = AuditVerdict::default();
+        let anchors = self.anchors().await?;
+        let anchor_key = self.master_key.as_ref().and_then(|m| m.audit_anchor_key());
         let mut prev: Option<String> = None;
         let mut last_id = 0;
         for r in &rows {
@@ -719,12 +797,39 @@ impl Store {
                 verdict.broken(id, "its content does not match its hash");
                 return Ok(verdict);
             }
+            if let Some(anchor) = anchors.get(&id) {
+                let signed = match &anchor_key {
+                    Some(key) => anchor.signed_by(key),
+                    None => anchor.verify(),
+                };
+                if !signed || anchor.hash != hash {
+                    verdict.broken(
+                        id,
+                        "the chain was rewritten: its signed anchor at this entry does not match",
+                    );
+                    return Ok(verdict);
+                }
+                verdict.anchors += 1;
+            } else if id % crate::anchor::ANCHOR_EVERY == 0
+                && anchors.keys().next().is_some_and(|first| *first < id)
+            {
+                verdict.broken(id, "the signed anchor at this entry was removed");
+                return Ok(verdict);
+            }
             verdict.chained += 1;
             prev = Some(hash);
             last_id = id;
         }
+        if let Some((id, _)) = anchors.range(last_id + 1..).next() {
+            verdict.broken(
+                *id,
+                "entries were cut off the end: a signed anchor names an entry that is gone",
+            );
+            return Ok(verdict);
+        }
         verdict.ok = true;
         verdict.head = prev;
+        verdict.head_id = (last_id > 0).then_some(last_id);
         Ok(verdict)
     }
 
@@ -1068,6 +1173,10 @@ pub struct AuditVerdict {
     pub problem: Option<String>,
     /// Hash of the newest entry: keep it elsewhere to detect truncation.
     pub head: Option<String>,
+    /// Id of the newest entry.
+    pub head_id: Option<i64>,
+    /// Signed anchors checked along the chain.
+    pub anchors: u64,
 }
 
 impl AuditVerdict {

@@ -235,3 +235,124 @@ async fn the_audit_chain_shows_where_it_was_tampered_with() {
     assert_eq!(v["first_bad_id"], 2, "{v}");
     assert!(v["problem"].as_str().unwrap().contains("missing"), "{v}");
 }
+
+/// Someone who can write the database rewrites an entry and recomputes the
+/// whole chain, so that it walks clean. The signed anchors (every 1,000
+/// entries, signed with a key derived from the master key) and a head saved
+/// elsewhere both expose it; so does cutting entries off the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recomputed_chain_is_caught_by_its_signed_anchors_and_a_saved_head() {
+    use leash_control_plane::anchor::SignedHead;
+    let d = Deployment::start("10m", SVID_TTL).await;
+    let admin = d.admin();
+    let store = &d.cp.state.store;
+    for i in 0..1_010 {
+        store
+            .append_audit(&leash_control_plane::store::AuditEntry {
+                at_ms: i,
+                actor: "token:ops/1".into(),
+                role: "admin".into(),
+                method: "GET".into(),
+                path: "/v1/sidecars".into(),
+                action: "GET /v1/sidecars".into(),
+                status: 200,
+                detail: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let head: SignedHead =
+        serde_json::from_value(admin.get("/v1/audit/head").await.json()).unwrap();
+    assert!(
+        head.verify(),
+        "the saved head's signature checks out offline"
+    );
+    let verify = |q: String| {
+        let admin = admin.clone();
+        async move { admin.get(&format!("/v1/audit/verify{q}")).await.json() }
+    };
+    let with_head = format!("?id={}&hash={}", head.id, head.hash);
+    let v = verify(with_head.clone()).await;
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["anchors"], 1, "{v}");
+
+    // Rewrite entry 10 and recompute every hash after it, as an attacker
+    // with the file (and the chain's public algorithm) can.
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        d.dir.path().join("data/leash.db").display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query("DROP TRIGGER audit_no_update")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit SET detail = 'nothing happened' WHERE id = 10")
+        .execute(&db)
+        .await
+        .unwrap();
+    type Row = (
+        i64,
+        i64,
+        String,
+        String,
+        String,
+        String,
+        String,
+        i64,
+        String,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, at_ms, actor, role, method, path, action, status, detail FROM audit ORDER BY id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let mut prev = String::new();
+    for (id, at_ms, actor, role, method, path, action, status, detail) in rows {
+        let e = leash_control_plane::store::AuditEntry {
+            at_ms,
+            actor,
+            role,
+            method,
+            path,
+            action,
+            status: status as u16,
+            detail,
+        };
+        let hash = leash_control_plane::store::audit_hash(&prev, id, &e);
+        sqlx::query("UPDATE audit SET prev_hash = ?, hash = ? WHERE id = ?")
+            .bind(&prev)
+            .bind(&hash)
+            .bind(id)
+            .execute(&db)
+            .await
+            .unwrap();
+        prev = hash;
+    }
+    // The chain walks clean, but the anchor at 1,000 no longer matches...
+    let v = verify(String::new()).await;
+    assert_eq!(v["ok"], false, "{v}");
+    assert_eq!(v["first_bad_id"], 1000, "{v}");
+    // ...and, with the anchors deleted too, the saved head still tells.
+    sqlx::query("DELETE FROM audit_anchors")
+        .execute(&db)
+        .await
+        .unwrap();
+    let v = verify(String::new()).await;
+    assert_eq!(
+        v["ok"], true,
+        "without anchors or a saved head it walks clean: {v}"
+    );
+    let v = verify(with_head).await;
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(v["problem"].as_str().unwrap().contains("saved head"), "{v}");
+    // A forged head (another key, or an edited one) does not verify offline.
+    let forged = SignedHead {
+        hash: v["head"].as_str().unwrap_or("x").to_owned(),
+        ..head.clone()
+    };
+    assert!(!forged.verify());
+    db.close().await;
+}

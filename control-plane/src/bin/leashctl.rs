@@ -458,15 +458,39 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             Output::new(v.clone(), format!("{}\n", s(&v["token"])))
         }
         Command::Audit(AuditArgs {
-            command: Some(AuditCommand::Verify),
+            command: Some(AuditCommand::Head),
             ..
         }) => {
-            let v = call(cli, "GET", "/v1/audit/verify", None).await?;
+            let v = call(cli, "GET", "/v1/audit/head", None).await?;
+            // The saved form is the JSON itself.
+            let text = format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default());
+            Output::new(v, text)
+        }
+        Command::Audit(AuditArgs {
+            command: Some(AuditCommand::Verify { head }),
+            ..
+        }) => {
+            let mut path = "/v1/audit/verify".to_owned();
+            if let Some(file) = head {
+                let saved: leash_control_plane::anchor::SignedHead = std::fs::read(file)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .ok_or_else(|| {
+                        Failure::Usage(format!("{}: not a saved audit head", file.display()))
+                    })?;
+                if !saved.verify() {
+                    println!("AUDIT HEAD FORGED: the saved head's signature does not verify");
+                    return Err(Failure::Violations);
+                }
+                path = format!("{path}?id={}&hash={}", saved.id, saved.hash);
+            }
+            let v = call(cli, "GET", &path, None).await?;
             let text = if v["ok"].as_bool() == Some(true) {
                 format!(
-                    "audit log intact: {} chained entries ({} from before the chain); head {}\n",
+                    "audit log intact: {} chained entries ({} from before the chain), {} signed anchors; head {}\n",
                     v["chained"],
                     v["unchained"],
+                    v["anchors"],
                     s(&v["head"])
                 )
             } else {
