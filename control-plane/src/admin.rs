@@ -1045,11 +1045,28 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-async fn jwks(State(s): State<AdminState>) -> impl IntoResponse {
-    (
-        [(header::CACHE_CONTROL, "public, max-age=60")],
-        Json(s.cp.issuer.jwks()),
-    )
+/// The public JWKS, with an `ETag` (a hash of the key set) so that
+/// verifiers can revalidate cheaply, and a short `max-age` so that a
+/// rotation reaches them within a minute.
+async fn jwks(State(s): State<AdminState>, headers: header::HeaderMap) -> Response {
+    let body = s.cp.issuer.jwks().to_string();
+    let etag = format!(
+        "\"{}\"",
+        &crate::store::hex(ring::digest::digest(&ring::digest::SHA256, body.as_bytes()).as_ref())
+            [..32]
+    );
+    let cache = [
+        (header::CACHE_CONTROL, "public, max-age=60".to_owned()),
+        (header::ETAG, etag.clone()),
+    ];
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    if matches {
+        return (StatusCode::NOT_MODIFIED, cache).into_response();
+    }
+    (cache, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {

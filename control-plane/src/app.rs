@@ -40,6 +40,8 @@ pub struct ServeConfig {
     pub admin_auth_failures_per_minute: u32,
     /// Caps and timeouts of both listeners.
     pub limits: crate::listeners::ListenerLimits,
+    /// TLS on the admin port (admin API, JWKS, metrics); None: plain HTTP.
+    pub admin_tls: Option<crate::listeners::AdminTls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Jwt(#[from] crate::jwt::JwtError),
+    #[error("admin TLS: {0}")]
+    AdminTls(String),
     #[error("TLS setup: {0}")]
     Tls(#[from] spiffe_rustls::Error),
     #[error("no SVID from the Workload API: {0}")]
@@ -116,10 +120,22 @@ impl ControlPlane {
         let admin_addr = admin_listener.local_addr()?;
         let snapshot = PolicySnapshot::load(&config.policy)?;
         let store = Store::open(&config.data_dir, config.master_key.clone()).await?;
+        let admin_cert = match &config.admin_tls {
+            Some(files) => Some(
+                crate::listeners::ReloadingCert::load(files.clone())
+                    .map_err(StartError::AdminTls)?,
+            ),
+            None => None,
+        };
+        let scheme = if admin_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let issuer_name = config
             .issuer
             .clone()
-            .unwrap_or_else(|| format!("http://{admin_addr}"));
+            .unwrap_or_else(|| format!("{scheme}://{admin_addr}"));
         let issuer = JwtIssuer::load_or_create(&store, issuer_name).await?;
         tracing::info!(
             policy = %config.policy.display(),
@@ -223,6 +239,7 @@ impl ControlPlane {
             admin_listener,
             router,
             config.limits.clone(),
+            admin_cert,
             shutdown.subscribe(),
         ));
 

@@ -107,6 +107,13 @@ pub struct ServeArgs {
     pub admin_auth_failures_per_minute: u32,
     #[command(flatten)]
     pub limits: crate::listeners::ListenerLimits,
+    /// Serve the admin port over TLS with this certificate chain (PEM);
+    /// re-read when the file changes. The issuer becomes https://.
+    #[arg(long, env = "LEASH_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// The admin certificate's private key (PEM, PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, env = "LEASH_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -160,6 +167,10 @@ pub struct LeashctlCli {
     /// Admin API token (lsh_…).
     #[arg(long, global = true, env = "LEASH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate(s) (PEM) to trust for an https:// --addr, besides the
+    /// system's roots.
+    #[arg(long, global = true, env = "LEASH_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,

@@ -137,14 +137,118 @@ impl ConnectionCaps {
     }
 }
 
+/// The admin port's certificate and key files (PEM), re-read when they
+/// change (a renewed certificate is picked up without a restart).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdminTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// How often the certificate files are checked for a change.
+const CERT_RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// Serves whatever certificate the files held when last read.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    files: AdminTls,
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+    seen: Mutex<Option<(std::time::SystemTime, std::time::SystemTime)>>,
+}
+
+impl ReloadingCert {
+    pub fn load(files: AdminTls) -> Result<Arc<Self>, String> {
+        let key = Self::read(&files)?;
+        let this = Arc::new(Self {
+            seen: Mutex::new(Self::mtimes(&files)),
+            files,
+            current: arc_swap::ArcSwap::from_pointee(key),
+        });
+        Ok(this)
+    }
+
+    fn mtimes(files: &AdminTls) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+        let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        Some((m(&files.cert)?, m(&files.key)?))
+    }
+
+    fn read(files: &AdminTls) -> Result<rustls::sign::CertifiedKey, String> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(&files.cert)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{}: {e}", files.cert.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no certificate", files.cert.display()));
+        }
+        let key = PrivateKeyDer::from_pem_file(&files.key)
+            .map_err(|e| format!("{}: {e}", files.key.display()))?;
+        let key = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| format!("{}: {e}", files.key.display()))?;
+        Ok(rustls::sign::CertifiedKey::new(certs, key))
+    }
+
+    /// Re-reads the files if either changed; a bad pair is logged and the
+    /// certificate in use kept.
+    pub fn refresh(&self) {
+        let now = Self::mtimes(&self.files);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if now.is_none() || *seen == now {
+            return;
+        }
+        match Self::read(&self.files) {
+            Ok(key) => {
+                self.current.store(Arc::new(key));
+                *seen = now;
+                tracing::info!(cert = %self.files.cert.display(), "admin TLS certificate reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admin TLS certificate not reloaded; keeping the current one")
+            }
+        }
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ReloadingCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// A rustls server configuration for the admin port (HTTP/2 and HTTP/1.1).
+pub fn admin_tls_config(cert: Arc<ReloadingCert>) -> Arc<rustls::ServerConfig> {
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
 /// Serves the admin router on `listener` within `limits` until `stop`,
-/// then lets open requests finish.
+/// then lets open requests finish. With `tls`, over TLS only.
 pub async fn serve_admin(
     listener: TcpListener,
     router: Router,
     limits: ListenerLimits,
+    tls: Option<Arc<ReloadingCert>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let acceptor = tls.as_ref().map(|cert| {
+        let reloading = cert.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(CERT_RELOAD_EVERY) => reloading.refresh(),
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
+        tokio_rustls::TlsAcceptor::from(admin_tls_config(cert.clone()))
+    });
     let caps = ConnectionCaps::new(
         limits.admin_max_connections,
         limits.admin_max_connections_per_address,
@@ -204,14 +308,41 @@ pub async fn serve_admin(
             })
             .map_err(|e: Infallible| match e {});
         let svc = hyper_util::service::TowerToHyperService::new(svc);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "admin connection ended");
+        match &acceptor {
+            None => {
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "admin connection ended");
+                    }
+                });
             }
-        });
+            Some(acceptor) => {
+                // The handshake is timed like a header block: a client that
+                // stalls it holds its slot no longer.
+                let handshake =
+                    tokio::time::timeout(limits.admin_header_timeout, acceptor.accept(tcp));
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let tls = match handshake.await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "admin TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(%peer, error = %e, "admin connection ended");
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())

@@ -205,6 +205,7 @@ pub async fn start_control_plane_limited(
             otel,
             admin_auth_failures_per_minute: 10,
             limits,
+            admin_tls: None,
         },
         source,
         sidecar_listener,

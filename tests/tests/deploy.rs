@@ -64,7 +64,14 @@ fn check(inv: &Invocation) {
         "leash-control-plane" => {
             let cmd = leash_control_plane::cli::Cli::command();
             let sub = inv.args.first().map(String::as_str);
-            for (k, v) in inv.env.iter().filter(|(k, _)| leash_env(k)) {
+            // Read by the binary itself, never through a flag, so that the
+            // key never appears on a command line.
+            const READ_DIRECTLY: [&str; 1] = ["LEASH_MASTER_KEY"];
+            for (k, v) in inv
+                .env
+                .iter()
+                .filter(|(k, _)| leash_env(k) && !READ_DIRECTLY.contains(&k.as_str()))
+            {
                 let flag = flag_for_env(&cmd, sub, k).unwrap_or_else(|| {
                     panic!(
                         "{}: leash-control-plane {sub:?} reads no environment variable {k}",

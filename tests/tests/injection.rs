@@ -188,6 +188,7 @@ async fn invalid_policy_is_refused_with_the_field() {
             otel: None,
             admin_auth_failures_per_minute: 10,
             limits: Default::default(),
+            admin_tls: None,
         },
         source,
         listener().await,

@@ -108,6 +108,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         master_key,
         admin_auth_failures_per_minute: args.admin_auth_failures_per_minute,
         limits: args.limits,
+        admin_tls: match (args.admin_tls_cert, args.admin_tls_key) {
+            (Some(cert), Some(key)) => Some(leash_control_plane::listeners::AdminTls { cert, key }),
+            _ => None,
+        },
         otel: leash_api::telemetry::Otel::start(&leash_api::telemetry::OtlpConfig::from_env(
             "leash-control-plane",
         ))?,

@@ -92,7 +92,7 @@ async fn call(cli: &Cli, method: &str, path: &str, body: Option<Value>) -> Resul
     let req = req
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| Failure::Unreachable(format!("bad request to {url}: {e}")))?;
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let client = Client::builder(TokioExecutor::new()).build(connector(cli)?);
     let resp = tokio::time::timeout(std::time::Duration::from_secs(30), client.request(req))
         .await
         .map_err(|_| Failure::Unreachable(format!("{url}: no answer within 30 s")))?
@@ -114,6 +114,36 @@ async fn call(cli: &Cli, method: &str, path: &str, body: Option<Value>) -> Resul
             value["message"].as_str().unwrap_or("")
         ))),
     }
+}
+
+/// HTTP, or HTTPS verified against the system's roots plus `--ca-file`.
+fn connector(
+    cli: &Cli,
+) -> Result<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Failure>
+{
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    let (_added, _ignored) =
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(path) = &cli.ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| Failure::Usage(format!("--ca-file {}: {e}", path.display())))?;
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| Failure::Usage(format!("--ca-file {}: {e}", path.display())))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build())
 }
 
 async fn run(cli: &Cli) -> Result<(), Failure> {
