@@ -78,28 +78,57 @@ mod millis {
 }
 
 /// Counts connections in all and per address. A slot is taken when a
-/// connection is accepted and given back when it ends.
+/// connection is accepted and given back when it ends. At the total cap, a
+/// new connection takes the slot of the oldest one that is *idle* (no
+/// request being handled: sending its header slowly, or waiting between
+/// requests), which is closed; only when every connection is busy is the new
+/// one refused. So idle and slowloris connections, from however many
+/// addresses, cannot keep a responder out. At the per-address cap the new
+/// connection is refused.
 pub struct ConnectionCaps {
     total: usize,
     per_address: usize,
-    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    state: Mutex<CapsState>,
+}
+
+#[derive(Default)]
+struct CapsState {
+    next_id: u64,
+    per_ip: HashMap<IpAddr, usize>,
+    /// Open connections, oldest first.
+    open: std::collections::BTreeMap<u64, Slot>,
+}
+
+struct Slot {
+    ip: IpAddr,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    evict: tokio_util::sync::CancellationToken,
 }
 
 /// One admitted connection; frees its slot when dropped.
 pub struct Admitted {
     caps: Arc<ConnectionCaps>,
-    ip: IpAddr,
+    id: u64,
+    /// Set while a request is being handled (never evicted then).
+    pub busy: Arc<std::sync::atomic::AtomicBool>,
+    /// Cancelled when a newer connection took this one's slot.
+    pub evicted: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut open = self.caps.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.0 = open.0.saturating_sub(1);
-        if let Some(n) = open.1.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                open.1.remove(&self.ip);
-            }
+        let mut state = self.caps.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = state.open.remove(&self.id) {
+            release(&mut state.per_ip, slot.ip);
+        }
+    }
+}
+
+fn release(per_ip: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
+    if let Some(n) = per_ip.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            per_ip.remove(&ip);
         }
     }
 }
@@ -109,31 +138,54 @@ impl ConnectionCaps {
         Arc::new(Self {
             total,
             per_address,
-            open: Mutex::new((0, HashMap::new())),
+            state: Mutex::default(),
         })
     }
 
-    /// A slot for a connection from `ip`, or None at either cap.
+    /// A slot for a connection from `ip`, evicting the oldest idle
+    /// connection at the total cap; None at the per-address cap, or when
+    /// every connection is busy.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open.0 >= self.total {
+        use std::sync::atomic::Ordering;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.per_ip.get(&ip).copied().unwrap_or(0) >= self.per_address {
             return None;
         }
-        let n = open.1.entry(ip).or_insert(0);
-        if *n >= self.per_address {
-            return None;
+        if state.open.len() >= self.total {
+            let oldest_idle = state
+                .open
+                .iter()
+                .find(|(_, s)| !s.busy.load(Ordering::Acquire))
+                .map(|(id, _)| *id)?;
+            if let Some(slot) = state.open.remove(&oldest_idle) {
+                slot.evict.cancel();
+                release(&mut state.per_ip, slot.ip);
+            }
         }
-        *n += 1;
-        open.0 += 1;
+        state.next_id += 1;
+        let id = state.next_id;
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let evict = tokio_util::sync::CancellationToken::new();
+        *state.per_ip.entry(ip).or_insert(0) += 1;
+        state.open.insert(
+            id,
+            Slot {
+                ip,
+                busy: busy.clone(),
+                evict: evict.clone(),
+            },
+        );
         Some(Admitted {
             caps: self.clone(),
-            ip,
+            id,
+            busy,
+            evicted: evict,
         })
     }
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.open.lock().map(|o| o.0).unwrap_or(0)
+        self.state.lock().map(|s| s.open.len()).unwrap_or(0)
     }
 }
 
@@ -299,23 +351,37 @@ pub async fn serve_admin(
             tracing::debug!(%peer, open = caps.open(), "admin connection refused: at the connection cap");
             continue;
         };
-        let svc = router
-            .clone()
-            .map_request(move |req: http::Request<hyper::body::Incoming>| {
-                let mut req = req.map(axum::body::Body::new);
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                req
-            })
-            .map_err(|e: Infallible| match e {});
+        let busy = slot.busy.clone();
+        let router = router.clone();
+        let svc = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let mut req = req.map(axum::body::Body::new);
+            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            let router = router.clone();
+            let busy = busy.clone();
+            async move {
+                // Handling a request: this connection is not idle, and
+                // cannot be evicted for a newer one until it answers.
+                busy.store(true, std::sync::atomic::Ordering::Release);
+                let resp = router.oneshot(req).await;
+                busy.store(false, std::sync::atomic::Ordering::Release);
+                resp.map_err(|e: Infallible| match e {})
+            }
+        });
         let svc = hyper_util::service::TowerToHyperService::new(svc);
+        let evicted = slot.evicted.clone();
         match &acceptor {
             None => {
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
                     let _slot = slot;
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "admin connection ended");
+                    tokio::select! {
+                        r = conn => if let Err(e) = r {
+                            tracing::debug!(%peer, error = %e, "admin connection ended");
+                        },
+                        () = evicted.cancelled() => {
+                            tracing::debug!(%peer, "idle admin connection closed for a newer one");
+                        }
                     }
                 });
             }
@@ -328,17 +394,25 @@ pub async fn serve_admin(
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let tls = match handshake.await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "admin TLS handshake failed");
-                            return;
+                    let serve = async {
+                        let tls = match handshake.await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "admin TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                            tracing::debug!(%peer, error = %e, "admin connection ended");
                         }
-                        Err(_) => return,
                     };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "admin connection ended");
+                    tokio::select! {
+                        () = serve => {}
+                        () = evicted.cancelled() => {
+                            tracing::debug!(%peer, "idle admin connection closed for a newer one");
+                        }
                     }
                 });
             }
@@ -350,5 +424,38 @@ pub async fn serve_admin(
         .is_err()
     {
         tracing::warn!("admin connections still open after 5 s; closing them");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn at_the_cap_the_oldest_idle_connection_makes_room() {
+        let caps = ConnectionCaps::new(2, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = caps.admit(a).unwrap();
+        let second = caps.admit(a).unwrap();
+        assert!(
+            caps.admit(a).is_none(),
+            "per-address cap: refused, nothing evicted"
+        );
+        first.busy.store(true, Ordering::Release);
+        let third = caps.admit(b).unwrap();
+        assert!(
+            second.evicted.is_cancelled(),
+            "the oldest idle one made room"
+        );
+        assert!(!first.evicted.is_cancelled(), "a busy one is never evicted");
+        third.busy.store(true, Ordering::Release);
+        assert!(caps.admit(b).is_none(), "every connection busy: refused");
+        assert_eq!(caps.open(), 2);
+        drop(second);
+        assert_eq!(caps.open(), 2, "an evicted slot is not freed twice");
+        drop(first);
+        assert_eq!(caps.open(), 1);
     }
 }

@@ -128,8 +128,15 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let conn_tx = tx.clone();
+            slot.busy.store(true, std::sync::atomic::Ordering::Release);
             tokio::spawn(async move {
-                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+                let handshake = tokio::select! {
+                    h = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => h,
+                    () = handshaking.evicted.cancelled() => {
+                        tracing::debug!(peer = %addr, "stalled handshake dropped for a newer one");
+                        return;
+                    }
+                };
                 drop(handshaking);
                 let tls = match handshake {
                     Ok(Ok(tls)) => tls,

@@ -14,8 +14,12 @@ use tokio::net::{TcpSocket, TcpStream};
 
 /// A connection from 127.0.0.2: another address than the responder's.
 async fn from_attacker(to: SocketAddr) -> TcpStream {
+    from_address(to, [127, 0, 0, 2]).await
+}
+
+async fn from_address(to: SocketAddr, ip: [u8; 4]) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    socket.bind(SocketAddr::from((ip, 0))).unwrap();
     socket.connect(to).await.unwrap()
 }
 
@@ -228,4 +232,50 @@ async fn probes_answer_while_the_admin_port_is_starved() {
     let mut probe_conn = TcpStream::connect(probes).await.unwrap();
     assert!(closed_within(&mut probe_conn, Duration::from_secs(5)).await);
     drop(idle);
+}
+
+/// Idle and half-open connections from many addresses fill both listeners'
+/// total caps: the responder and a sidecar still get in, because at the cap
+/// the oldest idle connection (or stalled handshake) makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_attacking_addresses_cannot_fill_the_caps_against_responders() {
+    init();
+    let dir = short_tempdir();
+    let ids = Identities::start(dir.path(), Duration::from_secs(600), &[CP_ID, APP_ID]);
+    let policy = write_policy(
+        dir.path(),
+        &standard_policy("127.0.0.1:9".parse().unwrap(), "5m"),
+    );
+    let limits = leash_control_plane::listeners::ListenerLimits {
+        admin_max_connections: 100,
+        sidecar_max_handshakes: 50,
+        ..Default::default()
+    };
+    let cp = start_control_plane_limited(
+        &ids,
+        CP_ID,
+        &policy,
+        &dir.path().join("data"),
+        listener().await,
+        None,
+        limits,
+    )
+    .await;
+    let mut held = Vec::new();
+    for host in 1..=20u8 {
+        for _ in 0..10 {
+            held.push(from_address(cp.admin_addr, [127, 0, 1, host]).await);
+            held.push(from_address(cp.sidecar_addr, [127, 0, 2, host]).await);
+        }
+    }
+    let admin = Admin::bootstrap(cp.admin_addr, &dir.path().join("data"));
+    assert_eq!(admin.get("/v1/sidecars").await.status, 200);
+    let sidecar = start_sidecar(sidecar_config(ids.endpoint(APP_ID), cp.sidecar_addr)).await;
+    wait_ready(sidecar.admin_addr).await;
+    let r = admin
+        .revoke(json!({"kind": "upstream", "upstream": "ledger", "reason": "under attack"}))
+        .await;
+    admin.wait_acknowledged(r["id"].as_str().unwrap(), 1).await;
+    drop(held);
+    sidecar.shutdown(Duration::from_secs(2)).await;
 }
