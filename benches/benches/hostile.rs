@@ -11,8 +11,8 @@
 //!   cargo bench -p leash-benches --bench hostile
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,40 +23,9 @@ use http_body_util::{BodyExt as _, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use leash_benches::{APP_ID, CP_ID, Proc, control_plane_binary, free_port, start_identity};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpSocket, TcpStream};
-
-const CP_ID: &str = "spiffe://leash.test/leash/control-plane";
-const APP_ID: &str = "spiffe://leash.test/ns/bench/sa/client";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn binary() -> anyhow::Result<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let bin = target.join("release/leash-control-plane");
-    if !bin.exists() {
-        bail!(
-            "{} not found: run `cargo build --release -p leash-control-plane` first",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
 
 async fn connect_from(to: SocketAddr, ip: [u8; 4]) -> Option<TcpStream> {
     let socket = TcpSocket::new_v4().ok()?;
@@ -98,23 +67,8 @@ async fn main() -> anyhow::Result<()> {
     leash_api::identity::install_crypto_provider();
     let dir = tempfile::Builder::new().prefix("lshh").tempdir_in("/tmp")?;
     let d = dir.path();
-    let bin = binary()?;
-    let _identity = Proc(
-        Command::new(&bin)
-            .args(["dev-identity", "--socket"])
-            .arg(format!("{}={CP_ID}", d.join("cp.sock").display()))
-            .arg("--socket")
-            .arg(format!("{}={APP_ID}", d.join("app.sock").display()))
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.join("app.sock").exists() {
-        if Instant::now() > deadline {
-            bail!("dev identity did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let bin = control_plane_binary()?;
+    let _identity = start_identity(&bin, d).await?;
     std::fs::write(
         d.join("policy.yaml"),
         format!(

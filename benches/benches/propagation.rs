@@ -12,8 +12,7 @@
 //!   cargo bench -p leash-benches --bench propagation -- [--sessions 1,100,1000] [--revocations 50]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -24,40 +23,9 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use leash_api::identity::IdentityConfig;
+use leash_benches::{CP_ID, Proc, control_plane_binary, free_port, start_identity};
 use leash_proxy::UpstreamTimeouts;
 use leash_proxy::control::{ControlConfig, ControlLink};
-
-const CP_ID: &str = "spiffe://leash.test/leash/control-plane";
-const APP_ID: &str = "spiffe://leash.test/ns/bench/sa/client";
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn binary() -> anyhow::Result<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let bin = target.join("release/leash-control-plane");
-    if !bin.exists() {
-        bail!(
-            "{} not found: run `cargo build --release -p leash-control-plane` first",
-            bin.display()
-        );
-    }
-    Ok(bin)
-}
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-}
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -109,23 +77,8 @@ struct Row {
 async fn run(sessions: usize, revocations: usize) -> anyhow::Result<Row> {
     let dir = tempfile::Builder::new().prefix("lshb").tempdir_in("/tmp")?;
     let d = dir.path();
-    let bin = binary()?;
-    let _identity = Proc(
-        Command::new(&bin)
-            .args(["dev-identity", "--socket"])
-            .arg(format!("{}={CP_ID}", d.join("cp.sock").display()))
-            .arg("--socket")
-            .arg(format!("{}={APP_ID}", d.join("app.sock").display()))
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.join("app.sock").exists() {
-        if Instant::now() > deadline {
-            bail!("dev identity did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let bin = control_plane_binary()?;
+    let _identity = start_identity(&bin, d).await?;
     std::fs::write(
         d.join("policy.yaml"),
         "version: 1\nupstreams:\n  - name: payments\n    hosts: [payments.leash.test]\n    target: http://127.0.0.1:9\n    credential: { kind: jwt }\ngrants:\n  - workload: spiffe://leash.test/ns/*\n    upstreams: [payments]\n",
