@@ -167,6 +167,7 @@ fn lookups(c: &mut Criterion) {
             policy_version: "v".into(),
             routes,
         },
+        &Default::default(),
         &timeouts,
         &leash_proxy::metrics::Metrics::default(),
     )

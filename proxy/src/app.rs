@@ -112,21 +112,6 @@ impl Sidecar {
                 }
             }
         });
-        // A policy change can move an upstream or change how it is injected:
-        // credentials cached under the old routes are dropped.
-        let mut changed = link.routes_changed();
-        let clear = cache.clone();
-        let mut stop = shutdown.subscribe();
-        tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    r = changed.changed() => if r.is_err() { return },
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-                clear.clear();
-            }
-        });
-
         // Revocations cut credentials when they are applied (before the
         // acknowledgement, see `RevocationState::enforce`); this only frees
         // the cache slots they held, so that the next request fetches anew.

@@ -30,6 +30,8 @@ pub struct CachedCredential {
     pub revoked: CancellationToken,
     /// What was forwarded with it.
     pub usage: Arc<crate::usage::UsageCell>,
+    /// The build of the route it was rendered for (see `EgressRoute::generation`).
+    route_generation: u64,
     /// After this, hits trigger a background refresh.
     refresh_at: Instant,
     /// After this, the credential is never used (it leaves the cache).
@@ -117,9 +119,10 @@ impl CredentialCache {
     ) -> Result<Arc<CachedCredential>, CredentialError> {
         let metrics = &self.link.metrics.cache;
         if let Some(c) = self.cache.get(&route.name).await
-            && c.revoked.is_cancelled()
+            && (c.revoked.is_cancelled() || c.route_generation != route.generation)
         {
-            // Cut by a revocation (perhaps one since restored): never used again.
+            // Cut by a revocation (perhaps one since restored), or rendered
+            // for a route a policy edit has since changed: never used again.
             self.cache.invalidate(&route.name).await;
         } else if let Some(c) = self.cache.get(&route.name).await {
             metrics.hits.fetch_add(1, Ordering::Relaxed);
@@ -159,11 +162,6 @@ impl CredentialCache {
             .try_get_with(route.name.clone(), fetch_counted)
             .await
             .map_err(|e: Arc<CredentialError>| (*e).clone())
-    }
-
-    /// Drops every cached credential (policy changed).
-    pub fn clear(&self) {
-        self.cache.invalidate_all();
     }
 
     /// Drops the cached credential of `route`, so the next request fetches a new one.
@@ -245,6 +243,7 @@ impl CachedCredential {
             refresh_at,
             use_until,
             refreshing: AtomicBool::new(false),
+            route_generation: route.generation,
         });
         // Tracked until its last stream ends, whatever the cache does with it.
         link.revocations.live.register(&credential);

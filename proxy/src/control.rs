@@ -80,8 +80,6 @@ pub struct ControlLink {
     last_heard_ms: AtomicU64,
     epoch: Instant,
     store_id: std::sync::Mutex<String>,
-    /// Bumped whenever the routing table is replaced.
-    routes_changed: watch::Sender<u64>,
     /// Key of the leaked-value fingerprints (from the snapshot).
     pub fingerprint_key: ArcSwapOption<FingerprintKey>,
     /// Leak refusals and strip reports for the control plane. Bounded: when
@@ -111,7 +109,6 @@ impl ControlLink {
             last_heard_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             store_id: std::sync::Mutex::new(String::new()),
-            routes_changed: watch::channel(0).0,
             fingerprint_key: ArcSwapOption::empty(),
             reports,
             reports_rx: tokio::sync::Mutex::new(reports_rx),
@@ -189,10 +186,6 @@ impl ControlLink {
             p.push("control-plane");
         }
         p
-    }
-
-    pub fn routes_changed(&self) -> watch::Receiver<u64> {
-        self.routes_changed.subscribe()
     }
 
     /// The workload's SPIFFE ID ("" until the identity is acquired).
@@ -484,10 +477,14 @@ impl ControlLink {
                         && self.routes.load().policy_version == set.policy_version)
                     {
                         let version = set.policy_version.clone();
-                        let table = RouteTable::build(set, &self.config.upstream, &self.metrics)
-                            .map_err(|e| ControlError::Session(e.to_string()))?;
+                        let table = RouteTable::build(
+                            set,
+                            &self.routes.load(),
+                            &self.config.upstream,
+                            &self.metrics,
+                        )
+                        .map_err(|e| ControlError::Session(e.to_string()))?;
                         self.routes.store(Arc::new(table));
-                        self.routes_changed.send_modify(|v| *v += 1);
                         tracing::info!(policy_version = %version, "routes updated");
                     }
                     have_routes = true;

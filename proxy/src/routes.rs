@@ -56,6 +56,12 @@ impl InjectHow {
 
 pub struct EgressRoute {
     pub name: Arc<str>,
+    /// The route as the control plane sent it (encoded): a policy edit
+    /// that leaves it unchanged keeps this route, its pool and credential.
+    spec: Vec<u8>,
+    /// Unique per built route: a credential cached for an older build of
+    /// the same upstream (injected differently, say) is never used.
+    pub generation: u64,
     /// Bytes of request body scanned for leaked values (0: none).
     pub scan_body_bytes: usize,
     /// Credentials the workload sent itself and the sidecar stripped, since
@@ -90,11 +96,18 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// Builds the table for `set`, keeping every route of `previous` that
+    /// the control plane sent unchanged (its connection pool, its current
+    /// credential and its counters): a policy edit rebuilds only what it
+    /// changed. A changed route is replaced as a whole; a removed one is
+    /// dropped once the requests still holding it are done.
     pub fn build(
         set: RouteSet,
+        previous: &RouteTable,
         timeouts: &UpstreamTimeouts,
         metrics: &crate::metrics::Metrics,
     ) -> Result<Self, RouteError> {
+        use prost::Message as _;
         let mut table = Self {
             policy_version: set.policy_version,
             loaded: true,
@@ -102,7 +115,11 @@ impl RouteTable {
         };
         for route in set.routes {
             let hosts = route.hosts.clone();
-            let r = Arc::new(build_route(route, timeouts, metrics)?);
+            let spec = route.encode_to_vec();
+            let r = match previous.by_name(&route.upstream) {
+                Some(kept) if kept.spec == spec => kept.clone(),
+                _ => Arc::new(build_route(route, spec, timeouts, metrics)?),
+            };
             for host in hosts {
                 match host.strip_prefix('*') {
                     Some(suffix) => table.wildcards.push((suffix.to_owned(), r.clone())),
@@ -181,9 +198,11 @@ fn invalid(route: &Route, reason: impl Into<String>) -> RouteError {
 
 fn build_route(
     route: Route,
+    spec: Vec<u8>,
     timeouts: &UpstreamTimeouts,
     metrics: &crate::metrics::Metrics,
 ) -> Result<EgressRoute, RouteError> {
+    static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let target: http::Uri = route
         .target
         .parse()
@@ -252,6 +271,8 @@ fn build_route(
         .map_err(|_| invalid(&route, "bad target host"))?;
     let name: Arc<str> = route.upstream.as_str().into();
     Ok(EgressRoute {
+        spec,
+        generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         host_header,
         current: arc_swap::ArcSwapOption::empty(),
         metrics: metrics.upstream(&name),
