@@ -207,6 +207,7 @@ async fn main() -> anyhow::Result<()> {
             upstream: leash_proxy::UpstreamTimeouts {
                 connect: Duration::from_secs(2),
                 pool_idle: Duration::from_secs(30),
+                max_connections: 1024,
             },
         },
         limits: leash_proxy::Limits::default(),

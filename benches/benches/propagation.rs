@@ -131,6 +131,7 @@ async fn run(sessions: usize, revocations: usize) -> anyhow::Result<Row> {
         upstream: UpstreamTimeouts {
             connect: Duration::from_secs(1),
             pool_idle: Duration::from_secs(1),
+            max_connections: 1024,
         },
         report_interval: Duration::from_secs(5),
         usage_buffer_records: 100_000,

@@ -155,6 +155,7 @@ fn lookups(c: &mut Criterion) {
     let timeouts = leash_proxy::UpstreamTimeouts {
         connect: std::time::Duration::from_secs(1),
         pool_idle: std::time::Duration::from_secs(1),
+        max_connections: 1024,
     };
     // The upstream clients need a runtime to exist; nothing is sent.
     let rt = tokio::runtime::Builder::new_current_thread()

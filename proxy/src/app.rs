@@ -359,6 +359,7 @@ impl ConfigDump {
             "upstream": {
                 "connect_timeout_ms": ms(c.control.upstream.connect),
                 "pool_idle_ms": ms(c.control.upstream.pool_idle),
+                "max_connections_per_upstream": c.control.upstream.max_connections,
                 "response_timeout_ms": ms(c.upstream_response_timeout),
             },
             "limits": {

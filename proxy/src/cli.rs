@@ -89,6 +89,10 @@ pub struct Cli {
     /// Upstream TCP connect timeout.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub upstream_connect_timeout: Duration,
+    /// Connections open to one upstream at once (busy and idle); a request
+    /// finding none free waits for one within --upstream-response-timeout.
+    #[arg(long, env = "LEASH_UPSTREAM_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub upstream_max_connections: u32,
     /// Time allowed for an upstream to start answering.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub upstream_response_timeout: Duration,
@@ -161,6 +165,7 @@ impl Cli {
                 upstream: UpstreamTimeouts {
                     connect: cli.upstream_connect_timeout,
                     pool_idle: Duration::from_secs(90),
+                    max_connections: cli.upstream_max_connections as usize,
                 },
             },
             limits: Limits {

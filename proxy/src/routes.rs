@@ -183,10 +183,14 @@ impl RouteTable {
     }
 }
 
+/// How the sidecar connects to each upstream.
 #[derive(Debug, Clone)]
 pub struct UpstreamTimeouts {
     pub connect: Duration,
     pub pool_idle: Duration,
+    /// Connections open to one upstream at once, busy and idle; requests
+    /// beyond wait for one (within the response timeout).
+    pub max_connections: usize,
 }
 
 fn invalid(route: &Route, reason: impl Into<String>) -> RouteError {
@@ -265,7 +269,12 @@ fn build_route(
         .path_and_query("/")
         .build()
         .map_err(|e| invalid(&route, format!("bad target: {e}")))?;
-    let client = UpstreamClient::new(connector, base, timeouts.pool_idle);
+    let client = UpstreamClient::new(
+        connector,
+        base,
+        timeouts.pool_idle,
+        timeouts.max_connections,
+    );
 
     let host_header = http::HeaderValue::from_str(authority.as_str())
         .map_err(|_| invalid(&route, "bad target host"))?;

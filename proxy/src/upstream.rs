@@ -28,7 +28,39 @@ use tower::ServiceExt as _;
 
 use crate::egress::UpstreamBody;
 
-type Sender = SendRequest<UpstreamBody>;
+/// A connection's request sender, holding the connection's place under the
+/// upstream's connection cap until it is dropped (which closes it).
+struct Sender {
+    inner: SendRequest<UpstreamBody>,
+    _slot: Slot,
+}
+
+impl std::ops::Deref for Sender {
+    type Target = SendRequest<UpstreamBody>;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Sender {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.inner
+    }
+}
+
+/// One place under the cap; freeing it wakes requests waiting for one.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    pool: Weak<UpstreamClient>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.changed.notify_waiters();
+        }
+    }
+}
 
 /// Idle connections kept per upstream; more are closed when returned.
 const MAX_IDLE: usize = 256;
@@ -52,6 +84,11 @@ pub struct UpstreamClient {
     /// Oldest first; checked out from the back (most recently used).
     idle: Mutex<std::collections::VecDeque<(Sender, Instant)>>,
     idle_timeout: Duration,
+    /// Connections open at once (busy and idle); a request finding none
+    /// idle and no room waits for one to come back or close.
+    connections: Arc<tokio::sync::Semaphore>,
+    /// Signalled when a connection is returned or closed.
+    changed: tokio::sync::Notify,
     this: Weak<UpstreamClient>,
 }
 
@@ -60,14 +97,35 @@ impl UpstreamClient {
         connector: HttpsConnector<HttpConnector>,
         target: Uri,
         idle_timeout: Duration,
+        max_connections: usize,
     ) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
             connector,
             target,
             idle: Mutex::new(std::collections::VecDeque::new()),
             idle_timeout,
+            connections: Arc::new(tokio::sync::Semaphore::new(max_connections.max(1))),
+            changed: tokio::sync::Notify::new(),
             this: this.clone(),
         })
+    }
+
+    /// An idle connection, or a place for a new one, waiting (within the
+    /// caller's response timeout) while the upstream is at its cap.
+    async fn connection(&self) -> Result<Sender, UpstreamError> {
+        loop {
+            // Registered before looking, so a return in between is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(sender) = self.checkout() {
+                return Ok(sender);
+            }
+            if let Ok(permit) = self.connections.clone().try_acquire_owned() {
+                return self.connect(permit).await;
+            }
+            changed.await;
+        }
     }
 
     /// Sends `req` on a pooled connection, or a new one. `commit` runs
@@ -79,7 +137,8 @@ impl UpstreamClient {
         mut req: Request<UpstreamBody>,
         mut commit: impl FnMut(&Request<UpstreamBody>) -> Result<G, crate::refusal::Refusal>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        while let Some(mut sender) = self.checkout() {
+        loop {
+            let mut sender = self.connection().await?;
             if sender.ready().await.is_err() {
                 continue;
             }
@@ -98,22 +157,13 @@ impl UpstreamClient {
             match sent.await {
                 Ok(resp) => return Ok(self.wrap(resp, sender)),
                 Err(mut e) => match e.take_message() {
-                    // Never written: try another connection.
+                    // Never written (an idle connection the upstream had
+                    // closed): try another connection.
                     Some(back) => req = back,
                     None => return Err(UpstreamError::Request(e.into_error())),
                 },
             }
         }
-        let mut sender = self.connect().await?;
-        let sent = {
-            let _committed = match commit(&req) {
-                Ok(guard) => guard,
-                Err(refusal) => return Err(UpstreamError::Refused(refusal, Box::new(req))),
-            };
-            sender.send_request(req)
-        };
-        let resp = sent.await?;
-        Ok(self.wrap(resp, sender))
     }
 
     fn checkout(&self) -> Option<Sender> {
@@ -142,9 +192,14 @@ impl UpstreamClient {
         if idle.len() < MAX_IDLE {
             idle.push_back((sender, Instant::now()));
         }
+        drop(idle);
+        self.changed.notify_waiters();
     }
 
-    async fn connect(&self) -> Result<Sender, UpstreamError> {
+    async fn connect(
+        &self,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<Sender, UpstreamError> {
         let io = self
             .connector
             .clone()
@@ -160,7 +215,13 @@ impl UpstreamClient {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok(Sender {
+            inner: sender,
+            _slot: Slot {
+                _permit: permit,
+                pool: self.this.clone(),
+            },
+        })
     }
 
     fn wrap(&self, resp: Response<Incoming>, sender: Sender) -> Response<PooledBody> {

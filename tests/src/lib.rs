@@ -243,6 +243,7 @@ pub fn sidecar_config_with(identity: IdentityConfig, cp_addr: SocketAddr) -> Sid
             upstream: UpstreamTimeouts {
                 connect: Duration::from_secs(2),
                 pool_idle: Duration::from_secs(30),
+                max_connections: 1024,
             },
         },
         limits: Limits::default(),

@@ -442,3 +442,58 @@ async fn connections_past_the_limit_get_a_503_and_are_closed() {
     .await;
     assert_eq!(a.status, 200);
 }
+
+/// Connections to one upstream are capped (`--upstream-max-connections`):
+/// requests beyond the cap wait for a connection to come back instead of
+/// opening more, and all of them are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_one_upstream_are_capped_and_requests_wait() {
+    let (busy, accepted) = canned_upstream(
+        Canned::Answer {
+            delay: Duration::from_millis(200),
+            keep_alive: true,
+        },
+        || {
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"ok\n",
+            )))
+        },
+    )
+    .await;
+    let d = Deployment::start_with(
+        move |_| {
+            format!(
+                r#"version: 1
+upstreams:
+  - name: busy
+    hosts: [busy.leash.test]
+    target: http://{busy}
+    credential: {{ kind: jwt, ttl: 10m }}
+grants:
+  - workload: {APP_ID}
+    upstreams: [busy]
+"#
+            )
+        },
+        SVID_TTL,
+        None,
+    )
+    .await;
+    let s = sidecar_with(&d, |c| c.control.upstream.max_connections = 2).await;
+    let client = Arc::new(ProxyClient::new(s.egress_addr));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            c.get("http://busy.leash.test/", &[]).await.unwrap().status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst) <= 2,
+        "{} connections opened",
+        accepted.load(std::sync::atomic::Ordering::SeqCst)
+    );
+}
