@@ -50,14 +50,17 @@ impl std::ops::DerefMut for Sender {
 
 /// One place under the cap; freeing it wakes requests waiting for one.
 struct Slot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
     pool: Weak<UpstreamClient>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        // The place is given back first, then the waiters woken: a woken
+        // request finds it free.
+        drop(self.permit.take());
         if let Some(pool) = self.pool.upgrade() {
-            pool.changed.notify_waiters();
+            pool.wake_waiters();
         }
     }
 }
@@ -87,8 +90,10 @@ pub struct UpstreamClient {
     /// Connections open at once (busy and idle); a request finding none
     /// idle and no room waits for one to come back or close.
     connections: Arc<tokio::sync::Semaphore>,
-    /// Signalled when a connection is returned or closed.
+    /// Signalled when a connection is returned or closed, to the requests
+    /// counted in `waiting`.
     changed: tokio::sync::Notify,
+    waiting: std::sync::atomic::AtomicUsize,
     this: Weak<UpstreamClient>,
 }
 
@@ -106,25 +111,52 @@ impl UpstreamClient {
             idle_timeout,
             connections: Arc::new(tokio::sync::Semaphore::new(max_connections.max(1))),
             changed: tokio::sync::Notify::new(),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             this: this.clone(),
         })
     }
 
     /// An idle connection, or a place for a new one, waiting (within the
-    /// caller's response timeout) while the upstream is at its cap.
+    /// caller's response timeout) while the upstream is at its cap. The
+    /// usual case (an idle connection, or room) takes no lock beyond the
+    /// idle list's.
     async fn connection(&self) -> Result<Sender, UpstreamError> {
+        use std::sync::atomic::Ordering::SeqCst;
         loop {
-            // Registered before looking, so a return in between is not missed.
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
             if let Some(sender) = self.checkout() {
                 return Ok(sender);
             }
             if let Ok(permit) = self.connections.clone().try_acquire_owned() {
                 return self.connect(permit).await;
             }
-            changed.await;
+            // At the cap: register, then look again, so that a connection
+            // returned in between is not missed (see `wake_waiters`).
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            self.waiting.fetch_add(1, SeqCst);
+            let found = match self.checkout() {
+                Some(sender) => Some(Ok(sender)),
+                None => match self.connections.clone().try_acquire_owned() {
+                    Ok(permit) => Some(self.connect(permit).await),
+                    Err(_) => None,
+                },
+            };
+            if found.is_none() {
+                changed.await;
+            }
+            self.waiting.fetch_sub(1, SeqCst);
+            if let Some(result) = found {
+                return result;
+            }
+        }
+    }
+
+    /// Wakes requests waiting for a connection, if any (a connection came
+    /// back or closed).
+    fn wake_waiters(&self) {
+        if self.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
         }
     }
 
@@ -193,7 +225,7 @@ impl UpstreamClient {
             idle.push_back((sender, Instant::now()));
         }
         drop(idle);
-        self.changed.notify_waiters();
+        self.wake_waiters();
     }
 
     async fn connect(
@@ -218,7 +250,7 @@ impl UpstreamClient {
         Ok(Sender {
             inner: sender,
             _slot: Slot {
-                _permit: permit,
+                permit: Some(permit),
                 pool: self.this.clone(),
             },
         })
