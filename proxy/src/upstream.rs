@@ -170,7 +170,13 @@ impl UpstreamClient {
         mut commit: impl FnMut(&Request<UpstreamBody>) -> Result<G, crate::refusal::Refusal>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         loop {
-            let mut sender = self.connection().await?;
+            // An idle connection, at once; the rest (connect, wait at the
+            // cap) out of line, so that its large future is not part of
+            // every request's.
+            let mut sender = match self.checkout() {
+                Some(sender) => sender,
+                None => Box::pin(self.connection()).await?,
+            };
             if sender.ready().await.is_err() {
                 continue;
             }
