@@ -225,6 +225,8 @@ impl ControlPlane {
             "master_key": if config.master_key.is_some() { "configured" } else { "absent" },
             "otlp": config.otel.is_some(),
             "listeners": {"sidecar_api": sidecar_addr, "admin": admin_addr},
+            "limits": config.limits,
+            "admin_tls": config.admin_tls,
         });
         let router = admin::router(AdminState {
             cp: state.clone(),

@@ -103,63 +103,53 @@ impl MasterKey {
     /// bound by its purpose and id, so one stored key cannot stand in for
     /// another.
     pub fn seal_key(&self, purpose: &str, id: &str, plaintext: &[u8]) -> Vec<u8> {
-        let mut nonce = [0u8; 12];
-        let _ = SystemRandom::new().fill(&mut nonce);
-        let mut buf = plaintext.to_vec();
-        let _ = self.0.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(format!("leash-key\0{purpose}\0{id}").into_bytes()),
-            &mut buf,
-        );
-        let mut out = SEALED_KEY.to_vec();
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&buf);
-        zeroize::Zeroize::zeroize(&mut buf);
-        out
+        let (nonce, ciphertext) = self.aead_seal(Self::key_aad(purpose, id), plaintext);
+        [SEALED_KEY, &nonce, &ciphertext].concat()
     }
 
     /// Opens what [`Self::seal_key`] sealed; None for a wrong key or id.
     pub fn open_key(&self, purpose: &str, id: &str, sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-        let rest = sealed.strip_prefix(SEALED_KEY)?;
-        let (nonce, ciphertext) = rest.split_at_checked(12)?;
-        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
-        let mut buf = Zeroizing::new(ciphertext.to_vec());
-        let len = self
-            .0
-            .open_in_place(
-                nonce,
-                Aad::from(format!("leash-key\0{purpose}\0{id}").into_bytes()),
-                &mut buf,
-            )
-            .ok()?
-            .len();
-        buf.truncate(len);
-        Some(buf)
+        let (nonce, ciphertext) = sealed.strip_prefix(SEALED_KEY)?.split_at_checked(12)?;
+        self.aead_open(Self::key_aad(purpose, id), nonce, ciphertext)
+    }
+
+    fn key_aad(purpose: &str, id: &str) -> Vec<u8> {
+        format!("leash-key\0{purpose}\0{id}").into_bytes()
     }
 
     fn seal(&self, upstream: &str, version: i64, plaintext: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        self.aead_seal(Self::aad(upstream, version), plaintext)
+    }
+
+    fn open(&self, v: &SecretVersion) -> Option<Zeroizing<Vec<u8>>> {
+        self.aead_open(Self::aad(&v.upstream, v.version), &v.nonce, &v.ciphertext)
+    }
+
+    /// AES-256-GCM with a fresh random nonce: (nonce, ciphertext ‖ tag).
+    fn aead_seal(&self, aad: Vec<u8>, plaintext: &[u8]) -> (Vec<u8>, Vec<u8>) {
         let mut nonce = [0u8; 12];
         let _ = SystemRandom::new().fill(&mut nonce);
         let mut buf = plaintext.to_vec();
-        // Sealing only fails for absurd lengths; the value is bounded to 8 KiB.
+        // Sealing only fails for absurd lengths; values are bounded to 8 KiB.
         let _ = self.0.seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(Self::aad(upstream, version)),
+            Aad::from(aad),
             &mut buf,
         );
         (nonce.to_vec(), buf)
     }
 
-    fn open(&self, v: &SecretVersion) -> Option<Zeroizing<Vec<u8>>> {
-        let nonce = Nonce::try_assume_unique_for_key(&v.nonce).ok()?;
-        let mut buf = Zeroizing::new(v.ciphertext.clone());
+    fn aead_open(
+        &self,
+        aad: Vec<u8>,
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> Option<Zeroizing<Vec<u8>>> {
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let mut buf = Zeroizing::new(ciphertext.to_vec());
         let len = self
             .0
-            .open_in_place(
-                nonce,
-                Aad::from(Self::aad(&v.upstream, v.version)),
-                &mut buf,
-            )
+            .open_in_place(nonce, Aad::from(aad), &mut buf)
             .ok()?
             .len();
         buf.truncate(len);

@@ -82,7 +82,7 @@ struct Summary {
 #[derive(Default)]
 pub struct RefusedCalls {
     by_address: Mutex<HashMap<IpAddr, Summary>>,
-    overflow: Mutex<Option<(Summary, u64)>>,
+    overflow: Mutex<Option<Summary>>,
 }
 
 impl RefusedCalls {
@@ -118,11 +118,10 @@ impl RefusedCalls {
             return;
         }
         drop(by_address);
-        let mut overflow = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
-        let (s, _) = overflow.get_or_insert_with(|| (fresh(), 0));
-        add(s);
         // Distinct addresses are not tracked here (that would grow); the
         // row says how many calls, not from how many.
+        let mut overflow = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
+        add(overflow.get_or_insert_with(fresh));
     }
 
     /// Writes one audit row per address (and one for the overflow), then
@@ -138,7 +137,7 @@ impl RefusedCalls {
         let rows = by_address
             .into_iter()
             .map(|(ip, s)| (format!("anonymous@{ip}"), s))
-            .chain(overflow.map(|(s, _)| ("anonymous@(other addresses)".to_owned(), s)));
+            .chain(overflow.map(|s| ("anonymous@(other addresses)".to_owned(), s)));
         let mut n = 0;
         for (actor, s) in rows {
             store
@@ -203,6 +202,40 @@ mod tests {
         assert!(l.failed(b).is_none(), "other addresses are not");
         std::thread::sleep(Duration::from_millis(250));
         assert!(l.failed(a).is_none(), "a new window");
+    }
+
+    /// The README's bound: whatever the number of addresses, one interval
+    /// writes at most SUMMARISED_ADDRESSES + 1 rows, each of bounded size.
+    #[tokio::test]
+    async fn a_flood_from_many_addresses_writes_a_bounded_number_of_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("data"), None).await.unwrap();
+        let refused = RefusedCalls::default();
+        let long = format!("/v1/{}", "x".repeat(60 * 1024));
+        for i in 0..1_000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            for _ in 0..3 {
+                refused.record(ip, "GET", &long, 401);
+            }
+        }
+        assert_eq!(
+            refused.flush(&store).await.unwrap(),
+            SUMMARISED_ADDRESSES + 1
+        );
+        let rows = store.audit(1_000).await.unwrap();
+        assert_eq!(rows.len(), SUMMARISED_ADDRESSES + 1);
+        let other = rows
+            .iter()
+            .find(|r| r.actor == "anonymous@(other addresses)")
+            .unwrap();
+        assert_eq!(other.action, "refused 2700 calls without a valid token");
+        for r in &rows {
+            let size =
+                r.actor.len() + r.method.len() + r.path.len() + r.action.len() + r.detail.len();
+            assert!(size < 1024, "a summary row of {size} bytes");
+        }
+        // The next interval starts empty.
+        assert_eq!(refused.flush(&store).await.unwrap(), 0);
     }
 
     #[test]

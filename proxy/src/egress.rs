@@ -148,12 +148,7 @@ impl Egress {
         if let Some(t) = trace.as_deref_mut() {
             t.upstream = Some(route.name.clone());
         }
-        if let Some(silence) = self.link.stale_at(arrived) {
-            return Err(Refusal::Stale {
-                silence_secs: silence.as_secs(),
-                max_secs: self.link.max_staleness().as_secs(),
-            });
-        }
+        self.fresh_at(arrived)?;
         if !route.granted {
             return Err(Refusal::NotGranted {
                 upstream: route.name.to_string(),
@@ -169,9 +164,9 @@ impl Egress {
         }
         // A first check on arrival, for a fast refusal; the one that decides
         // is the commit's (see `commit`).
-        self.admit_route(&route, &scanned, arrived)?;
+        self.not_revoked(&route, &scanned)?;
         let mut credential = self.credential(&route).await?;
-        if credential_cut(&credential, &self.link.revocations.set.load()) {
+        if credential_cut(&credential, &scanned) {
             // Only that instance is revoked, not the grant: use a fresh one.
             self.cache.invalidate(&route).await;
             credential = self.credential(&route).await?;
@@ -394,7 +389,8 @@ impl Egress {
     ) -> Result<InflightGuard<'_>, Refusal> {
         let guard = self.link.revocations.gate.enter();
         let set = self.link.revocations.set.load();
-        self.admit_route(route, &set, std::time::Instant::now())?;
+        self.fresh_at(std::time::Instant::now())?;
+        self.not_revoked(route, &set)?;
         if credential_cut(credential, &set) {
             return Err(self.cut_refusal(route, credential));
         }
@@ -406,20 +402,19 @@ impl Egress {
         Ok(guard)
     }
 
-    /// Staleness (I3) and revocations of the workload, its grant or the
-    /// upstream (I1), at `now`.
-    fn admit_route(
-        &self,
-        route: &EgressRoute,
-        set: &RevocationSet,
-        now: std::time::Instant,
-    ) -> Result<(), Refusal> {
-        if let Some(silence) = self.link.stale_at(now) {
-            return Err(Refusal::Stale {
+    /// Staleness (I3) at `now`.
+    fn fresh_at(&self, now: std::time::Instant) -> Result<(), Refusal> {
+        match self.link.stale_at(now) {
+            Some(silence) => Err(Refusal::Stale {
                 silence_secs: silence.as_secs(),
                 max_secs: self.link.max_staleness().as_secs(),
-            });
+            }),
+            None => Ok(()),
         }
+    }
+
+    /// Revocations of the workload, its grant or the upstream (I1).
+    fn not_revoked(&self, route: &EgressRoute, set: &RevocationSet) -> Result<(), Refusal> {
         if let Some(r) = set.check(&self.link.workload_id(), &route.name) {
             return Err(revoked(r, &route.name));
         }

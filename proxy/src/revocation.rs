@@ -116,16 +116,6 @@ impl LiveCredentials {
         }
         n
     }
-
-    /// Credential instances alive now (diagnostics and tests).
-    pub fn len(&self) -> usize {
-        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.iter().filter(|w| w.strong_count() > 0).count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// What the sidecar enforces, with where it came from.

@@ -136,6 +136,28 @@ async fn a_flood_of_unauthenticated_calls_cannot_fill_the_disk() {
     assert!(entries.iter().all(|e| e.path.len() <= 260), "paths are cut");
 }
 
+/// As someone with write access to the database file would: the
+/// append-only triggers dropped, entry `id`'s detail rewritten. Returns the
+/// open connection for more.
+async fn rewrite_audit_entry(d: &Deployment, id: i64) -> sqlx::SqlitePool {
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        d.dir.path().join("data/leash.db").display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query("DROP TRIGGER IF EXISTS audit_no_update")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit SET detail = 'nothing happened' WHERE id = ?")
+        .bind(id)
+        .execute(&db)
+        .await
+        .unwrap();
+    db
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_chain_shows_where_it_was_tampered_with() {
     let d = Deployment::start("10m", SVID_TTL).await;
@@ -176,20 +198,7 @@ async fn the_audit_chain_shows_where_it_was_tampered_with() {
 
     // Someone with the database file drops the append-only triggers and
     // rewrites history: the chain breaks exactly there.
-    let db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        d.dir.path().join("data/leash.db").display()
-    ))
-    .await
-    .unwrap();
-    sqlx::query("DROP TRIGGER audit_no_update")
-        .execute(&db)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE audit SET detail = 'nothing happened' WHERE id = 2")
-        .execute(&db)
-        .await
-        .unwrap();
+    let db = rewrite_audit_entry(&d, 2).await;
     let v = admin.get("/v1/audit/verify").await.json();
     assert_eq!(v["ok"], false);
     assert_eq!(v["first_bad_id"], 2);
@@ -278,20 +287,7 @@ async fn a_recomputed_chain_is_caught_by_its_signed_anchors_and_a_saved_head() {
 
     // Rewrite entry 10 and recompute every hash after it, as an attacker
     // with the file (and the chain's public algorithm) can.
-    let db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        d.dir.path().join("data/leash.db").display()
-    ))
-    .await
-    .unwrap();
-    sqlx::query("DROP TRIGGER audit_no_update")
-        .execute(&db)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE audit SET detail = 'nothing happened' WHERE id = 10")
-        .execute(&db)
-        .await
-        .unwrap();
+    let db = rewrite_audit_entry(&d, 10).await;
     type Row = (
         i64,
         i64,

@@ -37,6 +37,34 @@ async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
     }
 }
 
+/// Identity and a control plane with `limits`, on the standard policy.
+async fn limited_control_plane(
+    limits: leash_control_plane::listeners::ListenerLimits,
+) -> (
+    tempfile::TempDir,
+    Identities,
+    leash_control_plane::app::ControlPlane,
+) {
+    init();
+    let dir = short_tempdir();
+    let ids = Identities::start(dir.path(), Duration::from_secs(600), &[CP_ID, APP_ID]);
+    let policy = write_policy(
+        dir.path(),
+        &standard_policy("127.0.0.1:9".parse().unwrap(), "5m"),
+    );
+    let cp = start_control_plane_limited(
+        &ids,
+        CP_ID,
+        &policy,
+        &dir.path().join("data"),
+        listener().await,
+        None,
+        limits,
+    )
+    .await;
+    (dir, ids, cp)
+}
+
 /// How many of `conns` the peer closed at once (within 20 ms each).
 async fn closed_at_once(conns: &mut [TcpStream]) -> usize {
     let mut n = 0;
@@ -50,13 +78,6 @@ async fn closed_at_once(conns: &mut [TcpStream]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attackers_are_capped_and_timed_out_while_responders_and_sidecars_get_through() {
-    init();
-    let dir = short_tempdir();
-    let ids = Identities::start(dir.path(), Duration::from_secs(600), &[CP_ID, APP_ID]);
-    let policy = write_policy(
-        dir.path(),
-        &standard_policy("127.0.0.1:9".parse().unwrap(), "5m"),
-    );
     let limits = leash_control_plane::listeners::ListenerLimits {
         admin_header_timeout: Duration::from_secs(1),
         admin_max_connections_per_address: 64,
@@ -65,16 +86,7 @@ async fn attackers_are_capped_and_timed_out_while_responders_and_sidecars_get_th
         admin_request_timeout: Duration::from_secs(2),
         ..Default::default()
     };
-    let cp = start_control_plane_limited(
-        &ids,
-        CP_ID,
-        &policy,
-        &dir.path().join("data"),
-        listener().await,
-        None,
-        limits,
-    )
-    .await;
+    let (dir, ids, cp) = limited_control_plane(limits).await;
 
     // 300 idle and slowloris connections on the admin port and 300 silent
     // ones on the sidecar port (no ClientHello).
@@ -239,28 +251,12 @@ async fn probes_answer_while_the_admin_port_is_starved() {
 /// the oldest idle connection (or stalled handshake) makes room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_attacking_addresses_cannot_fill_the_caps_against_responders() {
-    init();
-    let dir = short_tempdir();
-    let ids = Identities::start(dir.path(), Duration::from_secs(600), &[CP_ID, APP_ID]);
-    let policy = write_policy(
-        dir.path(),
-        &standard_policy("127.0.0.1:9".parse().unwrap(), "5m"),
-    );
     let limits = leash_control_plane::listeners::ListenerLimits {
         admin_max_connections: 100,
         sidecar_max_handshakes: 50,
         ..Default::default()
     };
-    let cp = start_control_plane_limited(
-        &ids,
-        CP_ID,
-        &policy,
-        &dir.path().join("data"),
-        listener().await,
-        None,
-        limits,
-    )
-    .await;
+    let (dir, ids, cp) = limited_control_plane(limits).await;
     let mut held = Vec::new();
     for host in 1..=20u8 {
         for _ in 0..10 {
