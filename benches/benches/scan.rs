@@ -195,9 +195,7 @@ fn lookups(c: &mut Criterion) {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as i64;
-    let credential = leash_proxy::cache::CachedCredential::from_issued(
-        &link,
-        &route,
+    let credential = leash_proxy::credential::CachedCredential::from_issued(
         leash_api::v1::Credential {
             id: "3f2a9c1e-credential".into(),
             upstream: "up37".into(),
@@ -206,10 +204,13 @@ fn lookups(c: &mut Criterion) {
             issued_at_unix_ms: now_ms,
             expires_at_unix_ms: now_ms + 600_000,
         },
+        route.render_for(),
+        link.usage.cell("3f2a9c1e-credential", &route.name, "jwt"),
     )
     .expect("credential");
     route.current.store(Some(credential.clone()));
-    let cache = leash_proxy::cache::CredentialCache::new(link);
+    let cache =
+        leash_proxy::cache::CredentialCache::new(leash_proxy::cache::CacheHandles::of(&link));
     c.bench_function("credential_cache_hit", |b| {
         b.iter(|| {
             // Ready at the first poll on a hit.
@@ -229,7 +230,7 @@ fn lookups(c: &mut Criterion) {
     c.bench_function("upstream_headers_typical_request", |b| {
         b.iter_batched_ref(
             || headers.clone(),
-            |h| leash_proxy::egress::upstream_headers(h, &route.inject, &credential.value),
+            |h| leash_proxy::headers::upstream_headers(h, &route.inject, &credential.value),
             BatchSize::SmallInput,
         )
     });

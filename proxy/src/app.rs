@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::cache::CredentialCache;
+use crate::cache::{CacheHandles, CredentialCache};
 use crate::conn::{HeadWatch, RequestBody, Watched};
 use crate::control::{ControlConfig, ControlLink};
 use crate::egress::{Egress, ProxyBody, ResponseTimer};
@@ -90,7 +90,7 @@ impl Sidecar {
         let egress_addr = egress.local_addr()?;
         let admin_addr = admin.local_addr()?;
         let link = ControlLink::new(config.control.clone());
-        let cache = CredentialCache::new(link.clone());
+        let cache = CredentialCache::new(CacheHandles::of(&link));
         let metrics = link.metrics.clone();
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -118,7 +118,7 @@ impl Sidecar {
         {
             let mut applied = link.applied();
             let purge = cache.clone();
-            let routes = link.clone();
+            let routes = link.routes.clone();
             let mut stop = shutdown.subscribe();
             tasks.spawn(async move {
                 loop {
@@ -127,7 +127,7 @@ impl Sidecar {
                         _ = stop.wait_for(|s| *s) => return,
                     }
                     let n = purge.drop_cut().await;
-                    for route in routes.routes.load().routes() {
+                    for route in routes.load().routes() {
                         if route
                             .current
                             .load()
@@ -148,17 +148,25 @@ impl Sidecar {
         }
 
         let egress_service = Arc::new(Egress {
-            link: link.clone(),
+            identity: link.identity.clone(),
+            routes: link.routes.clone(),
+            revocations: link.revocations.clone(),
+            reports: link.reports.clone(),
+            metrics: link.metrics.clone(),
             cache,
             response_timeout: config.upstream_response_timeout,
             max_header_bytes: config.limits.max_header_bytes,
             usage_reporting: config.usage_reporting,
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             max_in_flight: config.limits.max_in_flight,
-            otel: config
-                .otel
-                .clone()
-                .map(|o| Arc::new(crate::telemetry::EgressOtel::new(o, &link))),
+            otel: config.otel.clone().map(|o| {
+                let observed = crate::telemetry::Observed {
+                    metrics: link.metrics.clone(),
+                    usage: link.usage.clone(),
+                    revocations: link.revocations.clone(),
+                };
+                Arc::new(crate::telemetry::EgressOtel::new(o, &observed))
+            }),
         });
         let mut named_addrs = Vec::new();
         // One budget for every workload-facing listener.
@@ -320,11 +328,11 @@ impl ConfigDump {
             .routes()
             .map(|r| {
                 let inject = match &r.inject {
-                    crate::routes::InjectHow::Header { name, .. } => {
+                    crate::credential::InjectHow::Header { name, .. } => {
                         json!({"header": name.as_str()})
                     }
-                    crate::routes::InjectHow::Basic { username } => json!({"basic": username}),
-                    crate::routes::InjectHow::Query { param } => json!({"query": param}),
+                    crate::credential::InjectHow::Basic { username } => json!({"basic": username}),
+                    crate::credential::InjectHow::Query { param } => json!({"query": param}),
                 };
                 json!({
                     "upstream": &*r.name,
@@ -340,7 +348,7 @@ impl ConfigDump {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         json!({
             "version": env!("CARGO_PKG_VERSION"),
-            "workload": link.workload_id().to_string(),
+            "workload": link.identity.id().to_string(),
             "listeners": {
                 "egress": self.egress,
                 "admin": self.admin,
@@ -497,7 +505,7 @@ async fn admin_response(
                 usage_reported: link.usage.requests_reported.load(Relaxed),
                 usage_dropped: link.usage.requests_dropped.load(Relaxed),
                 usage_pending_batches: link.usage.pending(),
-                reports_dropped: link.reports_dropped.load(Relaxed),
+                reports_dropped: link.reports.dropped(),
             };
             let mut resp = text(StatusCode::OK, metrics.render(&gauges));
             resp.headers_mut().insert(

@@ -1,20 +1,23 @@
-//! The sidecar's link to its identity and to the control plane: acquires the
-//! X.509-SVID, dials the control plane over mTLS (verifying its SPIFFE ID),
-//! and keeps one session open on which routes, revocations and heartbeats
-//! arrive and acknowledgements go back.
+//! The sidecar's link to the control plane: dials it over mTLS (verifying
+//! its SPIFFE ID) with the workload's SVID, and keeps one session open on
+//! which routes, revocations and heartbeats arrive and acknowledgements,
+//! usage and reports go back. It owns none of the state it updates: each
+//! consumer holds only the handle it needs (`WorkloadIdentity`, the route
+//! table, `RevocationState`, `Reports`, `Usage`, `Issuer`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use hyper_util::rt::TokioIo;
-use leash_api::identity::{Identity, IdentityConfig};
+use leash_api::identity::IdentityConfig;
 use leash_api::revocation::{FingerprintKey, RevocationSet};
 use leash_api::v1::sidecar_api_client::SidecarApiClient;
 use leash_api::v1::{
-    Ack, ControlMessage, Credential, EchoReport, Hello, IssueRequest, SidecarMessage, Snapshot,
-    StripReport, control_message, issue_response, sidecar_message,
+    Ack, ControlMessage, Credential, EchoReport, Heartbeat, Hello, IssueRequest, RevocationEvent,
+    RouteSet, SidecarMessage, Snapshot, StripReport, control_message, issue_response,
+    sidecar_message,
 };
 use rustls::pki_types::ServerName;
 use spiffe::X509Source;
@@ -23,6 +26,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::identity::WorkloadIdentity;
+use crate::metrics::Metrics;
+use crate::reports::Reports;
 use crate::revocation::RevocationState;
 use crate::routes::{RouteTable, UpstreamTimeouts};
 use crate::usage::Usage;
@@ -63,149 +69,18 @@ pub struct ControlConfig {
     pub usage_buffer_records: usize,
 }
 
-/// Shared, lock-free view of identity, control-plane session, routes and revocations.
-pub struct ControlLink {
-    config: ControlConfig,
+/// Asks the control plane for credentials, on the session's channel.
+pub struct Issuer {
     client: ArcSwapOption<SidecarApiClient<Channel>>,
-    pub routes: ArcSwap<RouteTable>,
-    pub revocations: RevocationState,
-    identity_ready: AtomicBool,
-    /// A session delivered its revocation state and routes at least once.
-    synced: AtomicBool,
-    connected: AtomicBool,
-    identity: ArcSwapOption<Identity>,
-    /// The workload's SPIFFE ID, for revocation checks on the hot path.
-    workload_id: ArcSwap<Arc<str>>,
-    /// Milliseconds since `epoch` when the control plane was last heard.
-    last_heard_ms: AtomicU64,
-    epoch: Instant,
-    store_id: std::sync::Mutex<String>,
-    /// Key of the leaked-value fingerprints (from the snapshot).
-    pub fingerprint_key: ArcSwapOption<FingerprintKey>,
-    /// Leak refusals and strip reports for the control plane. Bounded: when
-    /// the control plane is away for long, the excess is dropped and counted.
-    reports: mpsc::Sender<SidecarMessage>,
-    reports_rx: tokio::sync::Mutex<mpsc::Receiver<SidecarMessage>>,
-    pub reports_dropped: AtomicU64,
-    /// Bumped after each applied revocation change or snapshot.
-    applied: watch::Sender<u64>,
-    /// Usage counters and the batches waiting for the control plane.
-    pub usage: Arc<Usage>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    call_timeout: Duration,
 }
 
-impl ControlLink {
-    pub fn new(config: ControlConfig) -> Arc<Self> {
-        let (reports, reports_rx) = mpsc::channel(4096);
-        Arc::new(Self {
+impl Issuer {
+    fn new(call_timeout: Duration) -> Self {
+        Self {
             client: ArcSwapOption::empty(),
-            routes: ArcSwap::from_pointee(RouteTable::default()),
-            revocations: RevocationState::default(),
-            identity_ready: AtomicBool::new(false),
-            synced: AtomicBool::new(false),
-            connected: AtomicBool::new(false),
-            identity: ArcSwapOption::empty(),
-            workload_id: ArcSwap::from_pointee(Arc::from("")),
-            last_heard_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-            store_id: std::sync::Mutex::new(String::new()),
-            fingerprint_key: ArcSwapOption::empty(),
-            reports,
-            reports_rx: tokio::sync::Mutex::new(reports_rx),
-            reports_dropped: AtomicU64::new(0),
-            applied: watch::channel(0).0,
-            usage: Arc::new(Usage::new(config.usage_buffer_records)),
-            metrics: Arc::new(crate::metrics::Metrics::default()),
-            config,
-        })
-    }
-
-    /// Queues a report for the control plane (sent at once when connected).
-    pub fn report(&self, msg: SidecarMessage) {
-        if self.reports.try_send(msg).is_err() {
-            self.reports_dropped.fetch_add(1, Ordering::Relaxed);
+            call_timeout,
         }
-    }
-
-    /// Changes whenever a revocation change or snapshot has been applied.
-    pub fn applied(&self) -> watch::Receiver<u64> {
-        self.applied.subscribe()
-    }
-
-    pub fn identity_ready(&self) -> bool {
-        self.identity_ready.load(Ordering::Acquire)
-    }
-
-    pub fn synced(&self) -> bool {
-        self.synced.load(Ordering::Acquire)
-    }
-
-    pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
-    }
-
-    /// Time since the control plane was last heard from.
-    pub fn silence(&self) -> Duration {
-        self.silence_at(Instant::now())
-    }
-
-    fn silence_at(&self, now: Instant) -> Duration {
-        let now = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u64::MAX);
-        Duration::from_millis(now.saturating_sub(self.last_heard_ms.load(Ordering::Acquire)))
-    }
-
-    /// Past `max_staleness` without news: the revocation state can no longer
-    /// be trusted to be current (invariant I3).
-    pub fn stale(&self) -> Option<Duration> {
-        self.stale_at(Instant::now())
-    }
-
-    /// As [`Self::stale`], at `now` (a request's arrival: no second clock read).
-    pub fn stale_at(&self, now: Instant) -> Option<Duration> {
-        let silence = self.silence_at(now);
-        (self.synced() && silence > self.config.max_staleness).then_some(silence)
-    }
-
-    pub fn max_staleness(&self) -> Duration {
-        self.config.max_staleness
-    }
-
-    fn heard(&self) {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_heard_ms.store(now, Ordering::Release);
-    }
-
-    /// What readiness still waits for.
-    pub fn pending(&self) -> Vec<&'static str> {
-        let mut p = Vec::new();
-        if !self.identity_ready() {
-            p.push("identity");
-        }
-        if !self.synced() || self.stale().is_some() {
-            p.push("control-plane");
-        }
-        p
-    }
-
-    /// The workload's SPIFFE ID ("" until the identity is acquired).
-    pub fn workload_id(&self) -> arc_swap::Guard<Arc<Arc<str>>> {
-        self.workload_id.load()
-    }
-
-    /// The same, as an owned handle (for span attributes).
-    pub fn workload_arc(&self) -> Arc<str> {
-        Arc::clone(&self.workload_id.load())
-    }
-
-    /// DER of the current SVID's leaf certificate (diagnostics and tests).
-    pub fn svid_leaf(&self) -> Option<Vec<u8>> {
-        let identity = self.identity.load_full()?;
-        identity
-            .source
-            .svid()
-            .ok()
-            .map(|s| s.leaf().as_bytes().to_vec())
     }
 
     /// A client on the shared channel (cheap: the channel is reference-counted).
@@ -218,25 +93,16 @@ impl ControlLink {
             .clone())
     }
 
-    /// Bounds a call by the configured timeout and flattens its errors.
-    async fn call<T>(
-        &self,
-        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    ) -> Result<T, ControlError> {
-        tokio::time::timeout(self.config.call_timeout, call)
+    pub async fn issue(&self, upstream: &str) -> Result<Credential, ControlError> {
+        let mut client = self.client()?;
+        let call = client.issue(IssueRequest {
+            upstream: upstream.to_owned(),
+        });
+        let response = tokio::time::timeout(self.call_timeout, call)
             .await
             .map_err(|_| ControlError::Rpc("timed out".into()))?
             .map(tonic::Response::into_inner)
-            .map_err(|s| ControlError::Rpc(format!("{}: {}", s.code(), s.message())))
-    }
-
-    pub async fn issue(&self, upstream: &str) -> Result<Credential, ControlError> {
-        let mut client = self.client()?;
-        let response = self
-            .call(client.issue(IssueRequest {
-                upstream: upstream.to_owned(),
-            }))
-            .await?;
+            .map_err(|s| ControlError::Rpc(format!("{}: {}", s.code(), s.message())))?;
         match response.result {
             Some(issue_response::Result::Credential(c)) => Ok(c),
             Some(issue_response::Result::Denial(d)) => Err(ControlError::Denied {
@@ -246,20 +112,89 @@ impl ControlLink {
             None => Err(ControlError::Empty),
         }
     }
+}
+
+/// The session with the control plane, and the handles it keeps current.
+pub struct ControlLink {
+    config: ControlConfig,
+    pub identity: Arc<WorkloadIdentity>,
+    pub issuer: Arc<Issuer>,
+    /// The policy in force, as routes.
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub revocations: Arc<RevocationState>,
+    pub reports: Arc<Reports>,
+    /// Usage counters and the batches waiting for the control plane.
+    pub usage: Arc<Usage>,
+    pub metrics: Arc<Metrics>,
+    store_id: std::sync::Mutex<String>,
+    /// Bumped after each applied revocation change or snapshot.
+    applied: watch::Sender<u64>,
+}
+
+impl ControlLink {
+    pub fn new(config: ControlConfig) -> Arc<Self> {
+        Arc::new(Self {
+            identity: Arc::default(),
+            issuer: Arc::new(Issuer::new(config.call_timeout)),
+            routes: Arc::default(),
+            revocations: Arc::new(RevocationState::new(config.max_staleness)),
+            reports: Arc::default(),
+            usage: Arc::new(Usage::new(config.usage_buffer_records)),
+            metrics: Arc::default(),
+            store_id: std::sync::Mutex::new(String::new()),
+            applied: watch::channel(0).0,
+            config,
+        })
+    }
+
+    /// Changes whenever a revocation change or snapshot has been applied.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    pub fn connected(&self) -> bool {
+        self.revocations.freshness.connected()
+    }
+
+    /// Time since the control plane was last heard from.
+    pub fn silence(&self) -> Duration {
+        self.revocations.freshness.silence()
+    }
+
+    /// See [`crate::revocation::Freshness::stale`].
+    pub fn stale(&self) -> Option<Duration> {
+        self.revocations.freshness.stale()
+    }
+
+    /// DER of the current SVID's leaf certificate (diagnostics and tests).
+    pub fn svid_leaf(&self) -> Option<Vec<u8>> {
+        self.identity.svid_leaf()
+    }
+
+    /// What readiness still waits for.
+    pub fn pending(&self) -> Vec<&'static str> {
+        let mut p = Vec::new();
+        if !self.identity.ready() {
+            p.push("identity");
+        }
+        let freshness = &self.revocations.freshness;
+        if !freshness.synced() || freshness.stale().is_some() {
+            p.push("control-plane");
+        }
+        p
+    }
 
     /// Runs until `stop`: acquire identity, then keep a session to a control plane.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let work = async {
-            let source = self.acquire_identity().await;
+            let source = self.identity.acquire(&self.config.identity).await;
             self.session_loop(source).await;
         };
         tokio::select! {
             () = work => {}
             _ = stop.wait_for(|s| *s) => {}
         }
-        if let Some(identity) = self.identity.load_full() {
-            identity.shutdown().await;
-        }
+        self.identity.shutdown().await;
     }
 
     /// Keeps a session open, moving to the next control plane address and
@@ -276,12 +211,12 @@ impl ControlLink {
                     let client = SidecarApiClient::new(channel)
                         .max_decoding_message_size(leash_api::MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(leash_api::MAX_MESSAGE_BYTES);
-                    self.client.store(Some(Arc::new(client.clone())));
+                    self.issuer.client.store(Some(Arc::new(client.clone())));
                     self.run_session(client, addr).await
                 }
                 Err(e) => Err(e),
             };
-            if self.connected.swap(false, Ordering::AcqRel) {
+            if self.revocations.freshness.disconnect() {
                 match &result {
                     Ok(()) => {
                         tracing::warn!(control_plane = %addr, "control plane closed the session")
@@ -301,6 +236,9 @@ impl ControlLink {
         }
     }
 
+    /// One session: `Hello`, then every message handled by its own handler
+    /// (`Session::on_*`), interleaved with what the sidecar sends (reports,
+    /// usage) until the stream ends, fails, or falls silent.
     async fn run_session(
         &self,
         mut client: SidecarApiClient<Channel>,
@@ -308,12 +246,11 @@ impl ControlLink {
     ) -> Result<(), ControlError> {
         let (tx, rx) = mpsc::channel::<SidecarMessage>(64);
         let store_id = self.store_id.lock().map(|s| s.clone()).unwrap_or_default();
-        let applied = self.revocations.applied_seq.load(Ordering::Acquire);
         let hello = SidecarMessage {
             msg: Some(sidecar_message::Msg::Hello(Hello {
                 sidecar_version: env!("CARGO_PKG_VERSION").to_owned(),
                 store_id,
-                last_applied_seq: applied,
+                last_applied_seq: self.revocations.applied_seq.load(Ordering::Acquire),
                 instance_id: self.usage.instance_id.clone(),
             })),
         };
@@ -326,61 +263,48 @@ impl ControlLink {
             .map_err(|_| ControlError::Rpc("session open timed out".into()))?
             .map_err(|s| ControlError::Rpc(format!("{}: {}", s.code(), s.message())))?
             .into_inner();
-        let (mut have_state, mut have_routes) = (false, false);
         // Only one session runs at a time, so this lock is never contended.
-        let mut reports = self.reports_rx.lock().await;
-        let mut strip_tick = tokio::time::interval(self.config.report_interval);
-        // Every batch not yet acknowledged is (re)sent on a new session.
-        let mut usage = UsageSent {
-            upto: 0,
-            at: Instant::now(),
+        let mut reports = self.reports.receiver().await;
+        let mut report_tick = tokio::time::interval(self.config.report_interval);
+        let mut session = Session {
+            link: self,
+            tx,
+            have_state: false,
+            have_routes: false,
+            partial: None,
+            usage: UsageSent {
+                upto: 0,
+                at: Instant::now(),
+            },
+            silence_limit: self.config.max_staleness,
         };
-        self.send_usage(&tx, &mut usage).await?;
+        // Every batch not yet acknowledged is (re)sent on a new session.
+        session.send_usage().await?;
         // Silence: a control plane whose connection stays open but that
         // sends nothing is left for the next address. One deadline, moved
         // only by what arrives (heartbeats come every interval; three missed
         // ones, or `max_staleness` before the first says how often they come).
-        let mut silence_limit = self.config.max_staleness;
-        let silence = tokio::time::sleep(silence_limit);
+        let silence = tokio::time::sleep(session.silence_limit);
         tokio::pin!(silence);
-        // A snapshot arriving in parts, applied once complete.
-        let mut partial: Option<Snapshot> = None;
         loop {
             let next = tokio::select! {
                 next = inbound.message() => next,
                 () = &mut silence => {
                     return Err(ControlError::Session(format!(
-                        "nothing heard for {silence_limit:?}; trying the next control plane"
+                        "nothing heard for {:?}; trying the next control plane",
+                        session.silence_limit
                     )));
                 }
                 Some(report) = reports.recv() => {
-                    tx.send(report).await.map_err(|_| ControlError::NotConnected)?;
+                    session.send(report).await?;
                     continue;
                 }
                 () = self.usage.queued.notified() => {
-                    self.send_usage(&tx, &mut usage).await?;
+                    session.send_usage().await?;
                     continue;
                 }
-                _ = strip_tick.tick() => {
-                    // Sent and never acknowledged (the control plane could
-                    // not store them): send again; it ignores what it has.
-                    if self.usage.pending() > 0 && usage.at.elapsed() > self.config.report_interval * 6 {
-                        usage.upto = 0;
-                        self.send_usage(&tx, &mut usage).await?;
-                    }
-                    let routes = self.routes.load();
-                    for (upstream, count) in routes.take_strip_counts() {
-                        let msg = SidecarMessage {
-                            msg: Some(sidecar_message::Msg::Stripped(StripReport { upstream, count })),
-                        };
-                        tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
-                    }
-                    for (upstream, header, count) in routes.take_echo_counts() {
-                        let msg = SidecarMessage {
-                            msg: Some(sidecar_message::Msg::Echoed(EchoReport { upstream, header, count })),
-                        };
-                        tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
-                    }
+                _ = report_tick.tick() => {
+                    session.on_report_tick().await?;
                     continue;
                 }
             };
@@ -389,178 +313,21 @@ impl ControlLink {
             let Some(ControlMessage { msg: Some(msg) }) = next else {
                 return Ok(());
             };
-            self.heard();
+            self.revocations.freshness.heard();
+            match msg {
+                control_message::Msg::Snapshot(part) => session.on_snapshot(part).await?,
+                control_message::Msg::Event(event) => session.on_event(event).await?,
+                control_message::Msg::Heartbeat(hb) => session.on_heartbeat(&hb)?,
+                control_message::Msg::UsageAck(ack) => self.usage.ack(ack.batch_seq),
+                control_message::Msg::Routes(set) => session.on_routes(set)?,
+            }
             silence
                 .as_mut()
-                .reset(tokio::time::Instant::now() + silence_limit);
-            match msg {
-                control_message::Msg::Snapshot(part) => {
-                    let Some(snapshot) = gather(&mut partial, part)? else {
-                        continue;
-                    };
-                    if let Ok(mut id) = self.store_id.lock() {
-                        id.clone_from(&snapshot.store_id);
-                    }
-                    if let Some(key) = FingerprintKey::from_slice(&snapshot.fingerprint_key) {
-                        self.fingerprint_key.store(Some(Arc::new(key)));
-                    }
-                    let set = RevocationSet::new(snapshot.active).map_err(|e| {
-                        tracing::error!(error = %e, "revocation snapshot refused; resyncing");
-                        ControlError::Session(e.to_string())
-                    })?;
-                    tracing::info!(
-                        seq = snapshot.seq,
-                        active = set.len(),
-                        "revocation snapshot applied"
-                    );
-                    self.apply(set, snapshot.seq, &tx).await?;
-                    self.revocations
-                        .snapshots_applied
-                        .fetch_add(1, Ordering::Relaxed);
-                    have_state = true;
-                }
-                control_message::Msg::Event(event) => {
-                    let applied = self.revocations.applied_seq.load(Ordering::Acquire);
-                    if event.seq <= applied {
-                        continue;
-                    }
-                    if event.seq != applied + 1 {
-                        return Err(ControlError::Session(format!(
-                            "gap: got change {} after {applied}; resyncing",
-                            event.seq
-                        )));
-                    }
-                    let revocation = event.revocation.ok_or(ControlError::Empty)?;
-                    let set = self
-                        .revocations
-                        .set
-                        .load()
-                        .with_change(revocation.clone(), event.restored)
-                        .map_err(|e| {
-                            tracing::error!(seq = event.seq, error = %e, "revocation change refused; resyncing");
-                            ControlError::Session(e.to_string())
-                        })?;
-                    tracing::info!(
-                        seq = event.seq,
-                        revocation_id = %revocation.id,
-                        kind = %revocation.kind,
-                        restored = event.restored,
-                        "revocation change applied"
-                    );
-                    self.apply(set, event.seq, &tx).await?;
-                    self.revocations
-                        .changes_applied
-                        .fetch_add(1, Ordering::Relaxed);
-                    have_state = true;
-                }
-                control_message::Msg::Heartbeat(hb) => {
-                    let applied = self.revocations.applied_seq.load(Ordering::Acquire);
-                    if hb.seq > applied {
-                        return Err(ControlError::Session(format!(
-                            "control plane is at {} but {applied} was applied; resyncing",
-                            hb.seq
-                        )));
-                    }
-                    // Resumed with nothing missed: the state is current.
-                    have_state = true;
-                    if hb.interval_ms > 0 {
-                        silence_limit = (Duration::from_millis(hb.interval_ms) * 3)
-                            .min(self.config.max_staleness);
-                        silence
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + silence_limit);
-                    }
-                }
-                control_message::Msg::UsageAck(ack) => self.usage.ack(ack.batch_seq),
-                control_message::Msg::Routes(set) => {
-                    if !(self.routes.load().loaded
-                        && self.routes.load().policy_version == set.policy_version)
-                    {
-                        let version = set.policy_version.clone();
-                        let table = RouteTable::build(
-                            set,
-                            &self.routes.load(),
-                            &self.config.upstream,
-                            &self.metrics,
-                        )
-                        .map_err(|e| ControlError::Session(e.to_string()))?;
-                        self.routes.store(Arc::new(table));
-                        tracing::info!(policy_version = %version, "routes updated");
-                    }
-                    have_routes = true;
-                }
-            }
-            if have_state && have_routes && !self.connected.swap(true, Ordering::AcqRel) {
-                self.synced.store(true, Ordering::Release);
+                .reset(tokio::time::Instant::now() + session.silence_limit);
+            if session.have_state && session.have_routes && !self.revocations.freshness.establish()
+            {
                 self.metrics.sessions.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(control_plane = %addr, "control plane session established");
-            }
-        }
-    }
-
-    /// Sends the usage batches queued after `sent.upto`.
-    async fn send_usage(
-        &self,
-        tx: &mpsc::Sender<SidecarMessage>,
-        sent: &mut UsageSent,
-    ) -> Result<(), ControlError> {
-        for batch in self.usage.pending_after(sent.upto) {
-            sent.upto = batch.batch_seq;
-            sent.at = Instant::now();
-            let msg = SidecarMessage {
-                msg: Some(sidecar_message::Msg::Usage(batch)),
-            };
-            tx.send(msg).await.map_err(|_| ControlError::NotConnected)?;
-        }
-        Ok(())
-    }
-
-    /// Enforces a new revocation state (see `RevocationState::enforce`),
-    /// then acknowledges: the acknowledgement means enforced (I7).
-    async fn apply(
-        &self,
-        set: RevocationSet,
-        seq: u64,
-        tx: &mpsc::Sender<SidecarMessage>,
-    ) -> Result<(), ControlError> {
-        let workload = self.workload_arc();
-        let cut = self.revocations.enforce(set, &workload).await;
-        if cut > 0 {
-            tracing::info!(seq, credentials = cut, "revoked credentials cut");
-        }
-        self.applied.send_modify(|v| *v += 1);
-        self.revocations.applied_seq.store(seq, Ordering::Release);
-        let ack = SidecarMessage {
-            msg: Some(sidecar_message::Msg::Ack(Ack { seq })),
-        };
-        tx.send(ack).await.map_err(|_| ControlError::NotConnected)
-    }
-
-    async fn acquire_identity(&self) -> X509Source {
-        let mut logged = false;
-        loop {
-            match leash_api::identity::connect(&self.config.identity, Duration::from_secs(5)).await
-            {
-                Ok(identity) => {
-                    if let Ok(svid) = identity.source.svid() {
-                        tracing::info!(spiffe_id = %svid.spiffe_id(), "workload identity acquired");
-                    }
-                    let source = identity.source.clone();
-                    if let Ok(svid) = source.svid() {
-                        self.workload_id
-                            .store(Arc::new(svid.spiffe_id().to_string().into()));
-                    }
-                    self.identity.store(Some(Arc::new(identity)));
-                    self.identity_ready.store(true, Ordering::Release);
-                    return source;
-                }
-                Err(e) => {
-                    if !logged {
-                        tracing::warn!(error = %e, "waiting for workload identity");
-                        logged = true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
             }
         }
     }
@@ -614,6 +381,180 @@ impl ControlLink {
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_while_idle(true);
         Ok(endpoint.connect_with_connector_lazy(connect))
+    }
+}
+
+/// The state of one session, and one handler per message that arrives.
+struct Session<'a> {
+    link: &'a ControlLink,
+    tx: mpsc::Sender<SidecarMessage>,
+    /// The revocation state is known current (snapshot, events, or a
+    /// heartbeat saying nothing was missed).
+    have_state: bool,
+    have_routes: bool,
+    /// A snapshot arriving in parts, applied once complete.
+    partial: Option<Snapshot>,
+    usage: UsageSent,
+    /// Left for the next control plane after this long without a message.
+    silence_limit: Duration,
+}
+
+impl Session<'_> {
+    async fn send(&self, msg: SidecarMessage) -> Result<(), ControlError> {
+        self.tx
+            .send(msg)
+            .await
+            .map_err(|_| ControlError::NotConnected)
+    }
+
+    /// A part of a snapshot; the whole replaces the revocation state.
+    async fn on_snapshot(&mut self, part: Snapshot) -> Result<(), ControlError> {
+        let Some(snapshot) = gather(&mut self.partial, part)? else {
+            return Ok(());
+        };
+        let link = self.link;
+        if let Ok(mut id) = link.store_id.lock() {
+            id.clone_from(&snapshot.store_id);
+        }
+        if let Some(key) = FingerprintKey::from_slice(&snapshot.fingerprint_key) {
+            link.revocations.fingerprint_key.store(Some(Arc::new(key)));
+        }
+        let set = RevocationSet::new(snapshot.active).map_err(|e| {
+            tracing::error!(error = %e, "revocation snapshot refused; resyncing");
+            ControlError::Session(e.to_string())
+        })?;
+        tracing::info!(
+            seq = snapshot.seq,
+            active = set.len(),
+            "revocation snapshot applied"
+        );
+        self.apply(set, snapshot.seq).await?;
+        link.revocations
+            .snapshots_applied
+            .fetch_add(1, Ordering::Relaxed);
+        self.have_state = true;
+        Ok(())
+    }
+
+    /// One revocation change, applied in sequence (a gap resyncs).
+    async fn on_event(&mut self, event: RevocationEvent) -> Result<(), ControlError> {
+        let revocations = &self.link.revocations;
+        let applied = revocations.applied_seq.load(Ordering::Acquire);
+        if event.seq <= applied {
+            return Ok(());
+        }
+        if event.seq != applied + 1 {
+            return Err(ControlError::Session(format!(
+                "gap: got change {} after {applied}; resyncing",
+                event.seq
+            )));
+        }
+        let revocation = event.revocation.ok_or(ControlError::Empty)?;
+        let set = revocations
+            .set
+            .load()
+            .with_change(revocation.clone(), event.restored)
+            .map_err(|e| {
+                tracing::error!(seq = event.seq, error = %e, "revocation change refused; resyncing");
+                ControlError::Session(e.to_string())
+            })?;
+        tracing::info!(
+            seq = event.seq,
+            revocation_id = %revocation.id,
+            kind = %revocation.kind,
+            restored = event.restored,
+            "revocation change applied"
+        );
+        self.apply(set, event.seq).await?;
+        revocations.changes_applied.fetch_add(1, Ordering::Relaxed);
+        self.have_state = true;
+        Ok(())
+    }
+
+    /// The control plane's sequence (one ahead of ours resyncs) and how
+    /// often it will speak.
+    fn on_heartbeat(&mut self, hb: &Heartbeat) -> Result<(), ControlError> {
+        let applied = self.link.revocations.applied_seq.load(Ordering::Acquire);
+        if hb.seq > applied {
+            return Err(ControlError::Session(format!(
+                "control plane is at {} but {applied} was applied; resyncing",
+                hb.seq
+            )));
+        }
+        // Resumed with nothing missed: the state is current.
+        self.have_state = true;
+        if hb.interval_ms > 0 {
+            self.silence_limit =
+                (Duration::from_millis(hb.interval_ms) * 3).min(self.link.config.max_staleness);
+        }
+        Ok(())
+    }
+
+    /// The routes of the policy in force: only what changed is rebuilt.
+    fn on_routes(&mut self, set: RouteSet) -> Result<(), ControlError> {
+        let link = self.link;
+        let current = link.routes.load();
+        if !(current.loaded && current.policy_version == set.policy_version) {
+            let version = set.policy_version.clone();
+            let table = RouteTable::build(set, &current, &link.config.upstream, &link.metrics)
+                .map_err(|e| ControlError::Session(e.to_string()))?;
+            link.routes.store(Arc::new(table));
+            tracing::info!(policy_version = %version, "routes updated");
+        }
+        self.have_routes = true;
+        Ok(())
+    }
+
+    /// Periodic reports: usage sent and never acknowledged, and the counts
+    /// of stripped and echoed credentials.
+    async fn on_report_tick(&mut self) -> Result<(), ControlError> {
+        let link = self.link;
+        // Sent and never acknowledged (the control plane could not store
+        // them): send again; it ignores what it has.
+        if link.usage.pending() > 0 && self.usage.at.elapsed() > link.config.report_interval * 6 {
+            self.usage.upto = 0;
+            self.send_usage().await?;
+        }
+        let routes = link.routes.load();
+        for (upstream, count) in routes.take_strip_counts() {
+            let msg = sidecar_message::Msg::Stripped(StripReport { upstream, count });
+            self.send(SidecarMessage { msg: Some(msg) }).await?;
+        }
+        for (upstream, header, count) in routes.take_echo_counts() {
+            let msg = sidecar_message::Msg::Echoed(EchoReport {
+                upstream,
+                header,
+                count,
+            });
+            self.send(SidecarMessage { msg: Some(msg) }).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the usage batches queued after the last one sent.
+    async fn send_usage(&mut self) -> Result<(), ControlError> {
+        for batch in self.link.usage.pending_after(self.usage.upto) {
+            self.usage.upto = batch.batch_seq;
+            self.usage.at = Instant::now();
+            let msg = sidecar_message::Msg::Usage(batch);
+            self.send(SidecarMessage { msg: Some(msg) }).await?;
+        }
+        Ok(())
+    }
+
+    /// Enforces a new revocation state (see `RevocationState::enforce`),
+    /// then acknowledges: the acknowledgement means enforced (I7).
+    async fn apply(&self, set: RevocationSet, seq: u64) -> Result<(), ControlError> {
+        let link = self.link;
+        let workload = link.identity.id_arc();
+        let cut = link.revocations.enforce(set, &workload).await;
+        if cut > 0 {
+            tracing::info!(seq, credentials = cut, "revoked credentials cut");
+        }
+        link.applied.send_modify(|v| *v += 1);
+        link.revocations.applied_seq.store(seq, Ordering::Release);
+        let ack = sidecar_message::Msg::Ack(Ack { seq });
+        self.send(SidecarMessage { msg: Some(ack) }).await
     }
 }
 

@@ -4,14 +4,19 @@
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod app;
+pub mod body;
 pub mod cache;
 pub mod cli;
 pub mod conn;
 pub mod control;
+pub mod credential;
 pub mod egress;
+pub mod headers;
+pub mod identity;
 pub mod leak;
 pub mod metrics;
 pub mod refusal;
+pub mod reports;
 pub mod revocation;
 pub mod routes;
 pub mod telemetry;

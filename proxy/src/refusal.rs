@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
 
-use crate::egress::ProxyBody;
+use crate::body::ProxyBody;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Refusal {

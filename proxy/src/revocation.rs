@@ -15,14 +15,14 @@
 //! timeout turns waiting into acknowledging, and a workload that holds its
 //! body back holds nothing of the gate.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use leash_api::revocation::RevocationSet;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use leash_api::revocation::{FingerprintKey, RevocationSet};
 
-use crate::cache::CachedCredential;
+use crate::credential::CachedCredential;
 
 /// Counts commits in progress per state generation (two slots suffice:
 /// changes are applied one at a time, each waiting for the previous slot to
@@ -119,11 +119,14 @@ impl LiveCredentials {
 }
 
 /// What the sidecar enforces, with where it came from.
-#[derive(Default)]
 pub struct RevocationState {
     pub set: ArcSwap<RevocationSet>,
+    /// Key of the leaked-value fingerprints (from the snapshot).
+    pub fingerprint_key: ArcSwapOption<FingerprintKey>,
     pub gate: InflightGate,
     pub live: LiveCredentials,
+    /// Whether the set can still be trusted to be current (I3).
+    pub freshness: Freshness,
     /// The last sequence applied, reported back to the control plane.
     pub applied_seq: AtomicU64,
     /// Snapshots and single changes applied since start.
@@ -132,6 +135,19 @@ pub struct RevocationState {
 }
 
 impl RevocationState {
+    pub fn new(max_staleness: Duration) -> Self {
+        Self {
+            set: ArcSwap::default(),
+            fingerprint_key: ArcSwapOption::empty(),
+            gate: InflightGate::default(),
+            live: LiveCredentials::default(),
+            freshness: Freshness::new(max_staleness),
+            applied_seq: AtomicU64::new(0),
+            snapshots_applied: AtomicU64::new(0),
+            changes_applied: AtomicU64::new(0),
+        }
+    }
+
     /// Publishes `set` and cuts every live credential it covers for
     /// `workload`, then waits for the commits that read the previous state.
     /// When this returns, the change is enforced (I7).
@@ -143,5 +159,85 @@ impl RevocationState {
             .cut(|c| set.credential_revoked(&c.id) || set.check(workload, &c.upstream).is_some());
         self.gate.advance_and_drain().await;
         cut
+    }
+}
+
+/// How current the revocation state is: when the control plane was last
+/// heard, and whether a session ever delivered the state. Past
+/// `max_staleness` of silence after that, nothing is injected (I3).
+pub struct Freshness {
+    max_staleness: Duration,
+    epoch: Instant,
+    /// Milliseconds since `epoch` when the control plane was last heard.
+    last_heard_ms: AtomicU64,
+    /// A session delivered its revocation state and routes at least once.
+    synced: AtomicBool,
+    /// A session is open and established now.
+    connected: AtomicBool,
+}
+
+impl Freshness {
+    fn new(max_staleness: Duration) -> Self {
+        Self {
+            max_staleness,
+            epoch: Instant::now(),
+            last_heard_ms: AtomicU64::new(0),
+            synced: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+        }
+    }
+
+    pub fn max_staleness(&self) -> Duration {
+        self.max_staleness
+    }
+
+    /// The control plane was heard from just now.
+    pub fn heard(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_heard_ms.store(now, Ordering::Release);
+    }
+
+    /// Time since the control plane was last heard from.
+    pub fn silence(&self) -> Duration {
+        self.silence_at(Instant::now())
+    }
+
+    fn silence_at(&self, now: Instant) -> Duration {
+        let now = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
+            .unwrap_or(u64::MAX);
+        Duration::from_millis(now.saturating_sub(self.last_heard_ms.load(Ordering::Acquire)))
+    }
+
+    /// Past `max_staleness` without news: the revocation state can no longer
+    /// be trusted to be current (invariant I3).
+    pub fn stale(&self) -> Option<Duration> {
+        self.stale_at(Instant::now())
+    }
+
+    /// As [`Self::stale`], at `now` (a request's arrival: no second clock read).
+    pub fn stale_at(&self, now: Instant) -> Option<Duration> {
+        let silence = self.silence_at(now);
+        (self.synced() && silence > self.max_staleness).then_some(silence)
+    }
+
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// A session has delivered the state: returns whether it was already
+    /// counted as established.
+    pub fn establish(&self) -> bool {
+        let was = self.connected.swap(true, Ordering::AcqRel);
+        self.synced.store(true, Ordering::Release);
+        was
+    }
+
+    /// The session ended: returns whether it had been established.
+    pub fn disconnect(&self) -> bool {
+        self.connected.swap(false, Ordering::AcqRel)
     }
 }

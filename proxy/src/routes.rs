@@ -18,40 +18,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use leash_api::v1::{Route, RouteSet, injection};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 
+use crate::credential::{CachedCredential, InjectHow, RenderFor};
+use crate::metrics::{Metrics, UpstreamMetrics};
 pub use crate::upstream::UpstreamClient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
     #[error("route {upstream}: {reason}")]
     Invalid { upstream: String, reason: String },
-}
-
-/// How the credential goes into the request.
-#[derive(Debug, Clone)]
-pub enum InjectHow {
-    /// `name: {prefix}{token}{suffix}`.
-    Header {
-        name: HeaderName,
-        prefix: String,
-        suffix: String,
-    },
-    Basic {
-        username: String,
-    },
-    Query {
-        param: String,
-    },
-}
-
-impl InjectHow {
-    /// The header the credential is written to, if any.
-    pub fn header(&self) -> Option<&HeaderName> {
-        match self {
-            Self::Header { name, .. } => Some(name),
-            Self::Basic { .. } => Some(&http::header::AUTHORIZATION),
-            Self::Query { .. } => None,
-        }
-    }
 }
 
 pub struct EgressRoute {
@@ -77,11 +51,22 @@ pub struct EgressRoute {
     pub host_header: http::HeaderValue,
     /// The credential in use, read without touching the cache's map: the
     /// hot path is one atomic load while it is fresh.
-    pub current: arc_swap::ArcSwapOption<crate::cache::CachedCredential>,
+    pub current: arc_swap::ArcSwapOption<CachedCredential>,
     pub inject: InjectHow,
     pub client: Arc<UpstreamClient>,
     /// This upstream's counters and latency histograms.
-    pub metrics: Arc<crate::metrics::UpstreamMetrics>,
+    pub metrics: Arc<UpstreamMetrics>,
+}
+
+impl EgressRoute {
+    /// What a credential for this route is rendered for.
+    pub fn render_for(&self) -> RenderFor<'_> {
+        RenderFor {
+            upstream: &self.name,
+            inject: &self.inject,
+            generation: self.generation,
+        }
+    }
 }
 
 /// Host → route, plus name → route for named listeners.
@@ -105,7 +90,7 @@ impl RouteTable {
         set: RouteSet,
         previous: &RouteTable,
         timeouts: &UpstreamTimeouts,
-        metrics: &crate::metrics::Metrics,
+        metrics: &Metrics,
     ) -> Result<Self, RouteError> {
         use prost::Message as _;
         let mut table = Self {
@@ -204,7 +189,7 @@ fn build_route(
     route: Route,
     spec: Vec<u8>,
     timeouts: &UpstreamTimeouts,
-    metrics: &crate::metrics::Metrics,
+    metrics: &Metrics,
 ) -> Result<EgressRoute, RouteError> {
     static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let target: http::Uri = route

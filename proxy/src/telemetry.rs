@@ -14,7 +14,9 @@ use opentelemetry::metrics::Histogram;
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt as _, Tracer as _};
 use opentelemetry::{Context, KeyValue, Value};
 
-use crate::control::ControlLink;
+use crate::metrics::Metrics;
+use crate::revocation::RevocationState;
+use crate::usage::Usage;
 
 /// What the request path needs when tracing is on.
 pub struct EgressOtel {
@@ -31,8 +33,10 @@ pub struct TraceInfo {
 }
 
 impl EgressOtel {
-    pub fn new(otel: Otel, link: &Arc<ControlLink>) -> Self {
-        register_observables(&otel.meter, link);
+    /// Exports `metrics`, `usage` and the revocation state's counters as
+    /// observable instruments.
+    pub fn new(otel: Otel, observed: &Observed) -> Self {
+        register_observables(&otel.meter, observed);
         let upstream_duration = otel
             .meter
             .f64_histogram("leash.proxy.upstream.duration")
@@ -118,13 +122,20 @@ impl EgressOtel {
     }
 }
 
-fn register_observables(meter: &opentelemetry::metrics::Meter, link: &Arc<ControlLink>) {
-    let l = link.clone();
+/// The counters exported over OTLP.
+pub struct Observed {
+    pub metrics: Arc<Metrics>,
+    pub usage: Arc<Usage>,
+    pub revocations: Arc<RevocationState>,
+}
+
+fn register_observables(meter: &opentelemetry::metrics::Meter, observed: &Observed) {
+    let l = observed.metrics.clone();
     let _requests = meter
         .u64_observable_counter("leash.proxy.requests")
         .with_description("Requests handled, by upstream and decision.")
         .with_callback(move |o| {
-            for (u, m) in l.metrics.by_upstream() {
+            for (u, m) in l.by_upstream() {
                 let u = u.to_string();
                 o.observe(
                     m.forwarded.load(Ordering::Relaxed),
@@ -142,7 +153,7 @@ fn register_observables(meter: &opentelemetry::metrics::Meter, link: &Arc<Contro
                 );
             }
             o.observe(
-                l.metrics.refused_unrouted(),
+                l.refused_unrouted(),
                 &[
                     KeyValue::new("leash.upstream", ""),
                     KeyValue::new("leash.decision", "refused"),
@@ -150,22 +161,22 @@ fn register_observables(meter: &opentelemetry::metrics::Meter, link: &Arc<Contro
             );
         })
         .build();
-    let l = link.clone();
+    let l = observed.metrics.clone();
     let _refusals = meter
         .u64_observable_counter("leash.proxy.refusals")
         .with_description("Refused requests, by reason.")
         .with_callback(move |o| {
-            for (reason, n) in l.metrics.refused_by_reason() {
+            for (reason, n) in l.refused_by_reason() {
                 o.observe(n, &[KeyValue::new("leash.reason", reason)]);
             }
         })
         .build();
-    let l = link.clone();
+    let l = observed.metrics.clone();
     let _cache = meter
         .u64_observable_counter("leash.proxy.credential_cache")
         .with_description("Credential cache outcomes: hit, miss, refresh, fetch_error.")
         .with_callback(move |o| {
-            let c = &l.metrics.cache;
+            let c = &l.cache;
             for (what, v) in [
                 ("hit", &c.hits),
                 ("miss", &c.misses),
@@ -179,31 +190,31 @@ fn register_observables(meter: &opentelemetry::metrics::Meter, link: &Arc<Contro
             }
         })
         .build();
-    let l = link.clone();
+    let l = observed.usage.clone();
     let _usage = meter
         .u64_observable_counter("leash.proxy.usage.dropped_requests")
         .with_description("Requests whose usage was dropped before delivery.")
-        .with_callback(move |o| o.observe(l.usage.requests_dropped.load(Ordering::Relaxed), &[]))
+        .with_callback(move |o| o.observe(l.requests_dropped.load(Ordering::Relaxed), &[]))
         .build();
-    let l = link.clone();
+    let l = observed.revocations.clone();
     let _seq = meter
         .u64_observable_gauge("leash.proxy.revocation.seq")
         .with_description("Revocation sequence applied.")
         .with_callback(move |o| {
-            o.observe(l.revocations.applied_seq.load(Ordering::Relaxed), &[]);
+            o.observe(l.applied_seq.load(Ordering::Relaxed), &[]);
         })
         .build();
-    let l = link.clone();
+    let l = observed.revocations.clone();
     let _silence = meter
         .f64_observable_gauge("leash.proxy.control_plane.silence")
         .with_unit("s")
         .with_description("Seconds since the control plane was last heard.")
-        .with_callback(move |o| o.observe(l.silence().as_secs_f64(), &[]))
+        .with_callback(move |o| o.observe(l.freshness.silence().as_secs_f64(), &[]))
         .build();
-    let l = link.clone();
+    let l = observed.revocations.clone();
     let _connected = meter
         .u64_observable_gauge("leash.proxy.control_plane.connected")
         .with_description("Whether a session with a control plane is open.")
-        .with_callback(move |o| o.observe(u64::from(l.connected()), &[]))
+        .with_callback(move |o| o.observe(u64::from(l.freshness.connected()), &[]))
         .build();
 }

@@ -26,7 +26,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::ServiceExt as _;
 
-use crate::egress::UpstreamBody;
+use crate::body::UpstreamBody;
+use crate::refusal::Refusal;
 
 /// A connection's request sender, holding the connection's place under the
 /// upstream's connection cap until it is dropped (which closes it).
@@ -77,7 +78,7 @@ pub enum UpstreamError {
     /// The commit check refused the request: nothing of it was sent, and
     /// it is handed back (a caller may retry it with another credential).
     #[error("{0}")]
-    Refused(crate::refusal::Refusal, Box<Request<UpstreamBody>>),
+    Refused(Refusal, Box<Request<UpstreamBody>>),
 }
 
 pub struct UpstreamClient {
@@ -167,7 +168,7 @@ impl UpstreamClient {
     pub async fn request<G>(
         &self,
         mut req: Request<UpstreamBody>,
-        mut commit: impl FnMut(&Request<UpstreamBody>) -> Result<G, crate::refusal::Refusal>,
+        mut commit: impl FnMut(&Request<UpstreamBody>) -> Result<G, Refusal>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         loop {
             // An idle connection, at once; the rest (connect, wait at the

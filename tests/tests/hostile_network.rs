@@ -159,7 +159,7 @@ async fn what_a_sidecar_reports_is_bounded_before_it_is_stored() {
         async move { link.connected().then_some(()) }
     })
     .await;
-    let send = |m| rogue.report(SidecarMessage { msg: Some(m) });
+    let send = |m| rogue.reports.report(SidecarMessage { msg: Some(m) });
     let huge = "h".repeat(1 << 20);
     send(sidecar_message::Msg::Leak(LeakRefusal {
         revocation_id: "rev-nope".into(),
