@@ -9,6 +9,11 @@
 //!
 //!   cargo build --release -p leash-control-plane
 //!   cargo bench -p leash-benches --bench hostile
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test and benchmark support: a failed setup step should stop the run with its message"
+)]
 
 use std::net::SocketAddr;
 use std::path::Path;

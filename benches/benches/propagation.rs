@@ -10,6 +10,11 @@
 //!
 //!   cargo build --release -p leash-control-plane
 //!   cargo bench -p leash-benches --bench propagation -- [--sessions 1,100,1000] [--revocations 50]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test and benchmark support: a failed setup step should stop the run with its message"
+)]
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};

@@ -5,6 +5,11 @@
 //! (hop-by-hop removal and credential injection).
 //!
 //!   cargo bench -p leash-benches --bench scan
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test and benchmark support: a failed setup step should stop the run with its message"
+)]
 
 use std::hint::black_box;
 

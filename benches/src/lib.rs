@@ -1,5 +1,10 @@
 //! Helpers shared by the benchmarks that run the release binaries as real
 //! processes (`propagation`, `hostile`).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test and benchmark support: a failed setup step should stop the run with its message"
+)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -18,6 +18,10 @@ pub struct Metrics {
     pub usage_requests: AtomicU64,
     pub usage_dropped_requests: AtomicU64,
     pub audit_write_failures: AtomicU64,
+    /// Edits of the policy file applied, and refused as invalid (the last
+    /// valid policy stays in force).
+    pub policy_reloads: AtomicU64,
+    pub policy_rejected: AtomicU64,
     /// Commit of a revocation → a sidecar's acknowledgement of it.
     pub revocation_propagation: Histogram,
 }
@@ -35,6 +39,8 @@ impl Default for Metrics {
             usage_requests: AtomicU64::new(0),
             usage_dropped_requests: AtomicU64::new(0),
             audit_write_failures: AtomicU64::new(0),
+            policy_reloads: AtomicU64::new(0),
+            policy_rejected: AtomicU64::new(0),
             revocation_propagation: Histogram::new(PROPAGATION_BUCKETS),
         }
     }
@@ -74,6 +80,18 @@ impl Metrics {
             "leash_cp_audit_write_failures_total",
             "Admin calls whose audit entry could not be written (reads were still answered, changes refused).",
             &self.audit_write_failures,
+        );
+        counter(
+            &mut out,
+            "leash_cp_policy_reloads_total",
+            "Edits of the policy file applied.",
+            &self.policy_reloads,
+        );
+        counter(
+            &mut out,
+            "leash_cp_policy_rejected_total",
+            "Edits of the policy file refused as invalid (the last valid policy stays in force; the error is logged).",
+            &self.policy_rejected,
         );
         counter(
             &mut out,

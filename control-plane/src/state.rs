@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -71,8 +72,12 @@ impl ControlPlaneState {
                     tracing::info!(version = %snapshot.version, "policy reloaded");
                     self.policy.store(Arc::new(snapshot));
                     self.policy_changed.send_replace(());
+                    self.metrics.policy_reloads.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(e) => tracing::error!("{e}; keeping policy {}", self.policy.load().version),
+                Err(e) => {
+                    tracing::error!("{e}; keeping policy {}", self.policy.load().version);
+                    self.metrics.policy_rejected.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }

@@ -2,6 +2,11 @@
 //! against the CA (and refuse it without), plain HTTP gets nothing, the
 //! JWKS carries an ETag that curl can revalidate with, and a renewed
 //! certificate is served without a restart.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 mod common;
 

@@ -4,6 +4,11 @@
 //! are sealed under the master key, keys left in the clear by an
 //! `--insecure-dev` run are sealed at the next start with a key, and `serve`
 //! will not start without a master key unless told it is a throw-away run.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 mod common;
 

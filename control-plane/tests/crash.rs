@@ -1,6 +1,11 @@
 //! A revocation acknowledged to a responder survives a SIGKILL of the
 //! control plane (invariant I5): real processes, real leashctl, and a real
 //! sidecar that keeps enforcing it across the restart.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 mod common;
 

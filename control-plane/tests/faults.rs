@@ -4,6 +4,11 @@
 //! every acknowledged revocation is still there and enforced, the sidecars
 //! reconnect, and the usage the control plane stored equals what the
 //! upstream received.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 mod common;
 

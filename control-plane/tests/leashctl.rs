@@ -1,4 +1,9 @@
 //! `leashctl policy check` as an operator runs it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::process::Command;
 

@@ -46,7 +46,7 @@ use crate::headers::{self, request_host};
 use crate::identity::WorkloadIdentity;
 use crate::leak;
 use crate::metrics::Metrics;
-use crate::refusal::Refusal;
+use crate::refusal::{Code, Refusal};
 use crate::reports::Reports;
 use crate::revocation::{InflightGuard, RevocationState};
 use crate::routes::{EgressRoute, RouteTable};
@@ -123,7 +123,7 @@ impl Egress {
     /// The one place a refusal becomes a response (counted and logged).
     fn refuse(&self, refusal: Refusal) -> Response<ProxyBody> {
         self.metrics.refused(&refusal);
-        tracing::info!(code = refusal.code(), reason = %refusal, "request refused");
+        tracing::info!(code = refusal.code().as_str(), reason = %refusal, "request refused");
         refusal.into_response()
     }
 
@@ -146,7 +146,7 @@ impl Egress {
                 resp
             }
             Err(refusal) => {
-                otel.finish(info, Err((refusal.code(), refusal.to_string())));
+                otel.finish(info, Err((refusal.code().as_str(), refusal.to_string())));
                 self.refuse(refusal)
             }
         }
@@ -414,7 +414,7 @@ impl Egress {
                 // rotated secret version, one leaked JWT), not the grant:
                 // the request goes once more with a fresh one.
                 Ok(Err(UpstreamError::Refused(refusal, back)))
-                    if !renewed && refusal.code() == "revoked_credential" =>
+                    if !renewed && refusal.code() == Code::RevokedCredential =>
                 {
                     renewed = true;
                     self.cache.invalidate(route).await;
@@ -523,7 +523,7 @@ impl Egress {
             .active()
             .find(|r| r.kind == "credential" && r.credential_id == *credential.id);
         Refusal::Revoked {
-            code: "revoked_credential",
+            code: Code::RevokedCredential,
             what: format!("credential {}", credential.id),
             revocation_id: revocation.map(|r| r.id.clone()).unwrap_or_default(),
             reason: revocation.map_or_else(
@@ -691,7 +691,7 @@ fn revoked(r: &Revocation, upstream: &str) -> Refusal {
         _ => format!("workload {}", r.workload),
     };
     Refusal::Revoked {
-        code: kind.map_or("revoked", RevocationKind::refusal_code),
+        code: Code::revoked(kind),
         what,
         revocation_id: r.id.clone(),
         reason: r.reason.clone(),

@@ -1,7 +1,6 @@
 //! The Leash sidecar: a forward proxy that routes a workload's outbound
 //! calls by host, refuses what policy does not name, and injects a
 //! short-lived credential fetched against the workload's SPIFFE identity.
-#![warn(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod app;
 pub mod body;

@@ -10,30 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use leash_api::metrics::{Histogram, LATENCY_BUCKETS, escape, header, single};
 
-use crate::refusal::Refusal;
-
-pub const CODES: [&str; 20] = [
-    "unknown_upstream",
-    "no_host",
-    "not_granted",
-    "denied_by_control_plane",
-    "connect_not_supported",
-    "identity_unavailable",
-    "control_plane_unavailable",
-    "credential_unavailable",
-    "upstream_unreachable",
-    "bad_request",
-    "headers_too_large",
-    "revoked_credential",
-    "revoked_grant",
-    "revoked_workload",
-    "revoked_upstream",
-    "revoked",
-    "stale_revocation_state",
-    "leaked_secret",
-    "upstream_timeout",
-    "overloaded",
-];
+use crate::refusal::{Code, Refusal};
 
 /// Per upstream (labels come from policy names only, never from what a
 /// client sends, so their number is bounded by the policy).
@@ -72,7 +49,7 @@ pub struct CacheMetrics {
 
 #[derive(Default)]
 pub struct Metrics {
-    refused: [AtomicU64; CODES.len()],
+    refused: [AtomicU64; Code::ALL.len()],
     /// Refusals before an upstream was known (no route, no host, ...).
     refused_unrouted: AtomicU64,
     upstreams: RwLock<HashMap<Arc<str>, Arc<UpstreamMetrics>>>,
@@ -115,9 +92,7 @@ impl Metrics {
     }
 
     pub fn refused(&self, r: &Refusal) {
-        if let Some(i) = CODES.iter().position(|c| *c == r.code()) {
-            self.refused[i].fetch_add(1, Ordering::Relaxed);
-        }
+        self.refused[r.code() as usize].fetch_add(1, Ordering::Relaxed);
         // Only names that are in the routing table get a series.
         let known = r
             .upstream()
@@ -129,10 +104,10 @@ impl Metrics {
     }
 
     pub fn refused_by_reason(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        CODES
+        Code::ALL
             .iter()
             .zip(&self.refused)
-            .map(|(c, n)| (*c, n.load(Ordering::Relaxed)))
+            .map(|(c, n)| (c.as_str(), n.load(Ordering::Relaxed)))
     }
 
     /// (upstream, forwarded, refused) for every upstream seen.
@@ -296,5 +271,28 @@ impl Metrics {
             g.reports_dropped,
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every refusal is counted under its own code, including ones added
+    /// after the counters were written (TRACE refusals once went uncounted).
+    #[test]
+    fn each_refusal_is_counted_under_its_code() {
+        let m = Metrics::default();
+        m.refused(&Refusal::TraceRefused {
+            method: "TRACE",
+            upstream: "payments".into(),
+        });
+        m.refused(&Refusal::NoHost);
+        m.refused(&Refusal::NoHost);
+        let counts: HashMap<_, _> = m.refused_by_reason().collect();
+        assert_eq!(counts["trace_refused"], 1);
+        assert_eq!(counts["no_host"], 2);
+        assert_eq!(counts.len(), Code::ALL.len());
+        assert_eq!(counts.values().sum::<u64>(), 3);
     }
 }

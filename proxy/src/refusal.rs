@@ -4,8 +4,79 @@
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
+use leash_api::revocation::RevocationKind;
 
 use crate::body::ProxyBody;
+
+/// Declares the refusal codes once: the enum, every code in order (for the
+/// metrics' counters, indexed by discriminant) and each one's name. A code
+/// added here is counted; one missing here does not compile.
+macro_rules! codes {
+    ($($variant:ident => $name:literal,)*) => {
+        /// A refusal's stable, machine-readable reason (the JSON `error`,
+        /// the `x-leash-refusal` header, the metrics' `reason` label).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Code {
+            $($variant,)*
+        }
+
+        impl Code {
+            /// Every code, at the index of its discriminant.
+            pub const ALL: &[Code] = &[$(Code::$variant,)*];
+
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Code::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+codes! {
+    UnknownUpstream => "unknown_upstream",
+    NoHost => "no_host",
+    NotGranted => "not_granted",
+    Denied => "denied_by_control_plane",
+    ConnectNotSupported => "connect_not_supported",
+    TraceRefused => "trace_refused",
+    IdentityUnavailable => "identity_unavailable",
+    ControlPlaneUnavailable => "control_plane_unavailable",
+    CredentialUnavailable => "credential_unavailable",
+    UpstreamUnreachable => "upstream_unreachable",
+    BadRequest => "bad_request",
+    HeadersTooLarge => "headers_too_large",
+    RevokedCredential => "revoked_credential",
+    RevokedGrant => "revoked_grant",
+    RevokedWorkload => "revoked_workload",
+    RevokedUpstream => "revoked_upstream",
+    Revoked => "revoked",
+    Stale => "stale_revocation_state",
+    LeakedSecret => "leaked_secret",
+    UpstreamTimeout => "upstream_timeout",
+    Overloaded => "overloaded",
+}
+
+impl Code {
+    /// The code of a refusal caused by a revocation of `kind` (`Revoked`
+    /// when the kind is unknown).
+    pub fn revoked(kind: Option<RevocationKind>) -> Self {
+        match kind {
+            Some(RevocationKind::Credential) => Self::RevokedCredential,
+            Some(RevocationKind::Grant) => Self::RevokedGrant,
+            Some(RevocationKind::Workload) => Self::RevokedWorkload,
+            Some(RevocationKind::Upstream) => Self::RevokedUpstream,
+            Some(RevocationKind::Leaked) => Self::LeakedSecret,
+            None => Self::Revoked,
+        }
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Refusal {
@@ -42,7 +113,7 @@ pub enum Refusal {
     UpstreamUnreachable { upstream: String, reason: String },
     #[error("{what} is revoked ({revocation_id}): {reason}")]
     Revoked {
-        code: &'static str,
+        code: Code,
         what: String,
         revocation_id: String,
         reason: String,
@@ -94,25 +165,25 @@ impl Refusal {
     }
 
     /// Stable, machine-readable reason code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            Self::UnknownUpstream { .. } => "unknown_upstream",
-            Self::NoHost => "no_host",
-            Self::NotGranted { .. } => "not_granted",
-            Self::Denied { .. } => "denied_by_control_plane",
-            Self::ConnectNotSupported => "connect_not_supported",
-            Self::TraceRefused { .. } => "trace_refused",
-            Self::IdentityUnavailable => "identity_unavailable",
-            Self::ControlPlaneUnavailable => "control_plane_unavailable",
-            Self::CredentialUnavailable { .. } => "credential_unavailable",
-            Self::UpstreamUnreachable { .. } => "upstream_unreachable",
-            Self::BadRequest(_) => "bad_request",
-            Self::HeadersTooLarge { .. } => "headers_too_large",
-            Self::UpstreamTimeout { .. } => "upstream_timeout",
-            Self::Overloaded { .. } => "overloaded",
-            Self::Revoked { code, .. } => code,
-            Self::Stale { .. } => "stale_revocation_state",
-            Self::LeakedSecret { .. } => "leaked_secret",
+            Self::UnknownUpstream { .. } => Code::UnknownUpstream,
+            Self::NoHost => Code::NoHost,
+            Self::NotGranted { .. } => Code::NotGranted,
+            Self::Denied { .. } => Code::Denied,
+            Self::ConnectNotSupported => Code::ConnectNotSupported,
+            Self::TraceRefused { .. } => Code::TraceRefused,
+            Self::IdentityUnavailable => Code::IdentityUnavailable,
+            Self::ControlPlaneUnavailable => Code::ControlPlaneUnavailable,
+            Self::CredentialUnavailable { .. } => Code::CredentialUnavailable,
+            Self::UpstreamUnreachable { .. } => Code::UpstreamUnreachable,
+            Self::BadRequest(_) => Code::BadRequest,
+            Self::HeadersTooLarge { .. } => Code::HeadersTooLarge,
+            Self::UpstreamTimeout { .. } => Code::UpstreamTimeout,
+            Self::Overloaded { .. } => Code::Overloaded,
+            Self::Revoked { code, .. } => *code,
+            Self::Stale { .. } => Code::Stale,
+            Self::LeakedSecret { .. } => Code::LeakedSecret,
         }
     }
 
@@ -134,7 +205,7 @@ impl Refusal {
 
     pub fn into_response(self) -> Response<ProxyBody> {
         let mut body = serde_json::json!({
-            "error": self.code(),
+            "error": self.code().as_str(),
             "message": self.to_string(),
             "upstream": self.upstream(),
         });
@@ -157,7 +228,7 @@ impl Refusal {
         let mut builder = Response::builder()
             .status(self.status())
             .header(header::CONTENT_TYPE, "application/json")
-            .header("x-leash-refusal", self.code());
+            .header("x-leash-refusal", self.code().as_str());
         if matches!(self, Self::ConnectNotSupported | Self::TraceRefused { .. }) {
             builder = builder.header(
                 header::ALLOW,
@@ -173,5 +244,19 @@ impl Refusal {
                     .boxed_unsync(),
             )
             .unwrap_or_else(|_| Response::new(ProxyBody::default()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Code;
+
+    #[test]
+    fn every_code_sits_at_its_discriminant_and_has_a_distinct_name() {
+        for (i, code) in Code::ALL.iter().enumerate() {
+            assert_eq!(*code as usize, i, "{code}");
+        }
+        let names: std::collections::HashSet<_> = Code::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), Code::ALL.len());
     }
 }

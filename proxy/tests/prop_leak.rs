@@ -2,6 +2,11 @@
 //! never panics on any path, query, header or body, finds a registered value
 //! in every carrier and encoding the scan covers (one property per row of
 //! the table in proxy/src/leak.rs), and never flags a clean request.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::io::Write as _;
 

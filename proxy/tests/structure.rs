@@ -2,6 +2,11 @@
 //! that (directly or through others) imports it back. A circle of imports
 //! is how "everything holds everything" creeps back in; this test names the
 //! circle when one appears.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -1,10 +1,16 @@
 //! Test support: starts the real dev Workload API, control plane, sidecar and
 //! example upstream in-process on 127.0.0.1 ephemeral ports, and offers an
 //! `eventually` helper instead of sleeps.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test and benchmark support: a failed setup step should stop the run with its message"
+)]
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -120,25 +126,129 @@ pub fn write_policy(dir: &Path, policy: &str) -> PathBuf {
     path
 }
 
+/// A policy file built in code: upstreams (a JWT credential with a 5-minute
+/// lifetime unless changed) and grants, written as the YAML an operator
+/// would write. Tests say what differs from the usual, not the whole file.
+#[derive(Clone)]
+pub struct PolicyBuilder {
+    policy: leash_api::policy::Policy,
+}
+
+impl Default for PolicyBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PolicyBuilder {
+    pub fn new() -> Self {
+        Self {
+            policy: leash_api::policy::Policy {
+                version: 1,
+                upstreams: Vec::new(),
+                grants: Vec::new(),
+            },
+        }
+    }
+
+    /// An upstream `name` reached at `target` (`http://host:port` or an
+    /// address, taken as plain HTTP), called as `<name>.leash.test`.
+    pub fn upstream(mut self, name: &str, target: impl std::fmt::Display) -> Self {
+        let target = target.to_string();
+        let target = if target.contains("://") {
+            target
+        } else {
+            format!("http://{target}")
+        };
+        self.policy.upstreams.push(leash_api::policy::Upstream {
+            name: name.to_owned(),
+            hosts: vec![format!("{name}.leash.test")],
+            target,
+            tls: None,
+            credential: leash_api::policy::CredentialSpec {
+                kind: leash_api::policy::CredentialKind::Jwt,
+                ttl: Duration::from_secs(300),
+                audience: None,
+                token_url: None,
+                client_id: None,
+                scopes: Vec::new(),
+            },
+            inject: leash_api::policy::InjectSpec::default(),
+            scan_body_bytes: 0,
+        });
+        self
+    }
+
+    /// Changes the upstream added last.
+    pub fn with(mut self, change: impl FnOnce(&mut leash_api::policy::Upstream)) -> Self {
+        let last = self
+            .policy
+            .upstreams
+            .last_mut()
+            .expect("with() follows upstream()");
+        change(last);
+        self
+    }
+
+    /// The last upstream's credential lifetime (`"5m"`, `"2s"`).
+    pub fn ttl(self, ttl: &str) -> Self {
+        let ttl = humantime_parse(ttl);
+        self.with(|u| u.credential.ttl = ttl)
+    }
+
+    /// The last upstream's credential is a brokered static secret.
+    pub fn static_secret(self) -> Self {
+        self.with(|u| u.credential.kind = leash_api::policy::CredentialKind::Static)
+    }
+
+    /// The last upstream's credential goes in `header` as `format`
+    /// (`"{token}"`, `"Bearer {token}"`).
+    pub fn header(self, header: &str, format: &str) -> Self {
+        let inject = leash_api::policy::InjectSpec::Header {
+            name: header.to_owned(),
+            format: format.to_owned(),
+        };
+        self.with(|u| u.inject = inject)
+    }
+
+    /// Scan this many bytes of the last upstream's request bodies.
+    pub fn scan_body(self, bytes: u32) -> Self {
+        self.with(|u| u.scan_body_bytes = bytes)
+    }
+
+    /// Grants `workload` (an ID or a `/*` prefix) the named upstreams.
+    pub fn grant(mut self, workload: &str, upstreams: &[&str]) -> Self {
+        self.policy.grants.push(leash_api::policy::Grant {
+            workload: workload.to_owned(),
+            upstreams: upstreams.iter().map(|u| (*u).to_owned()).collect(),
+        });
+        self
+    }
+
+    pub fn yaml(&self) -> String {
+        serde_yaml_ng::to_string(&self.policy).expect("policy serialises")
+    }
+
+    /// Writes `<dir>/policy.yaml`.
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        write_policy(dir, &self.yaml())
+    }
+}
+
+fn humantime_parse(s: &str) -> Duration {
+    humantime::parse_duration(s).unwrap_or_else(|e| panic!("duration {s:?}: {e}"))
+}
+
 /// A policy with a `payments` upstream at `upstream`, granted to APP_ID, and
 /// a `ledger` upstream granted to nobody.
 pub fn standard_policy(upstream: SocketAddr, ttl: &str) -> String {
-    format!(
-        r#"version: 1
-upstreams:
-  - name: payments
-    hosts: [payments.leash.test]
-    target: http://{upstream}
-    credential: {{ kind: jwt, ttl: {ttl} }}
-  - name: ledger
-    hosts: [ledger.leash.test]
-    target: http://{upstream}
-    credential: {{ kind: jwt, ttl: {ttl} }}
-grants:
-  - workload: {APP_ID}
-    upstreams: [payments]
-"#
-    )
+    PolicyBuilder::new()
+        .upstream("payments", upstream)
+        .ttl(ttl)
+        .upstream("ledger", upstream)
+        .ttl(ttl)
+        .grant(APP_ID, &["payments"])
+        .yaml()
 }
 
 pub async fn start_control_plane(
@@ -257,10 +367,16 @@ pub async fn start_sidecar(config: SidecarConfig) -> Sidecar {
     Sidecar::start(config, listener().await, listener().await, Vec::new()).expect("sidecar starts")
 }
 
-/// A plain HTTP client that sends every request through `proxy` (absolute-form).
+/// A plain HTTP client that sends every request through `proxy`
+/// (absolute-form), on a new connection per request, or on one connection
+/// kept alive (`kept_alive`) as SDKs do.
 pub struct ProxyClient {
     proxy: SocketAddr,
+    /// The kept-alive connection, when this client keeps one.
+    kept: Option<tokio::sync::Mutex<Option<Sender>>>,
 }
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 pub struct Answer {
     pub status: u16,
@@ -288,7 +404,24 @@ impl Answer {
 
 impl ProxyClient {
     pub fn new(proxy: SocketAddr) -> Self {
-        Self { proxy }
+        Self { proxy, kept: None }
+    }
+
+    /// A client that sends its requests one after another on one
+    /// connection, opening a new one only when the sidecar closed it.
+    pub fn kept_alive(proxy: SocketAddr) -> Self {
+        Self {
+            proxy,
+            kept: Some(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<Sender> {
+        let stream = tokio::net::TcpStream::connect(self.proxy).await?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(sender)
     }
 
     /// `url` is absolute (`http://host/path`); headers are added as given.
@@ -308,10 +441,6 @@ impl ProxyClient {
         // clients honouring HTTP_PROXY send it; hyper's connection API writes
         // the URI as given.
         let uri: http::Uri = url.parse()?;
-        let stream = tokio::net::TcpStream::connect(self.proxy).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
         let mut req = http::Request::builder()
             .method(method)
             .uri(uri.clone())
@@ -322,11 +451,101 @@ impl ProxyClient {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = sender
-            .send_request(req.body(Full::new(body))?)
-            .await
-            .context("send")?;
-        Answer::read(resp).await
+        let req = req.body(Full::new(body))?;
+        let resp = match &self.kept {
+            None => self.connect().await?.send_request(req).await,
+            Some(kept) => {
+                let mut kept = kept.lock().await;
+                let mut sender = match kept.take() {
+                    Some(mut s) => match s.ready().await {
+                        Ok(()) => s,
+                        Err(_) => self.connect().await?,
+                    },
+                    None => self.connect().await?,
+                };
+                let resp = sender.send_request(req).await;
+                *kept = Some(sender);
+                resp
+            }
+        };
+        Answer::read(resp.context("send")?).await
+    }
+}
+
+/// Requests sent in a loop through a sidecar by `clients` kept-alive
+/// clients until stopped, counting what was answered as `ok` says and what
+/// was not: the background traffic of the "under load" tests.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    pub ok: Arc<std::sync::atomic::AtomicU64>,
+    pub failed: Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(
+        proxy: SocketAddr,
+        clients: usize,
+        url: &str,
+        ok: impl Fn(&Answer) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let (good, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let judge = Arc::new(ok);
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, good, failed, judge) =
+                    (stop.clone(), good.clone(), failed.clone(), judge.clone());
+                let client = ProxyClient::kept_alive(proxy);
+                let url = url.to_owned();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match client.get(&url, &[]).await {
+                            Ok(a) if judge(&a) => good.fetch_add(1, Ordering::Relaxed),
+                            _ => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok: good,
+            failed,
+            tasks,
+        }
+    }
+
+    /// Requests answered so far, as judged and not.
+    pub fn done(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.ok.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests have been answered (an observation
+    /// window measured in requests, not in time).
+    pub async fn advance(&self, n: u64) {
+        let until = self.done() + n;
+        eventually(
+            Duration::from_secs(30),
+            &format!("{n} more requests"),
+            || async { (self.done() >= until).then_some(()) },
+        )
+        .await;
+    }
+
+    /// Stops the clients; returns (ok, failed).
+    pub async fn stop(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
     }
 }
 

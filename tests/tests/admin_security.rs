@@ -1,6 +1,11 @@
 //! The admin API under attack: token guessing is rate-limited per client
 //! address, and the audit log is a hash chain that shows where it was
 //! tampered with, even by someone who edits the database file directly.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::time::Duration;
 

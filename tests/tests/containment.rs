@@ -3,6 +3,11 @@
 //! whatever the workload holds back, and however the credential cache moved
 //! on; what the sidecar cannot enforce ends the session instead of being
 //! enforced less; a silent control plane is left; snapshots of any size load.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

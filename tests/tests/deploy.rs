@@ -1,6 +1,11 @@
 //! Keeps `deploy/` honest: every flag and environment variable that a
 //! container file, Kubernetes manifest or systemd unit passes to a Leash
 //! binary must exist in that binary and parse.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::path::{Path, PathBuf};
 

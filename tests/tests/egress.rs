@@ -1,6 +1,11 @@
 //! The sidecar's egress path end to end: real dev Workload API, control
 //! plane over SPIFFE mTLS, sidecar and an upstream that verifies the JWT
 //! against the published JWKS with a standard JWT library.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::time::Duration;
 

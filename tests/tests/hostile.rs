@@ -2,6 +2,11 @@
 //! redirects to other hosts, hop-by-hop tricks to drop the injected header,
 //! and SSRF through the forward proxy. Each has one safe behaviour, and no
 //! credential goes anywhere policy does not name.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -3,6 +3,11 @@
 //! sidecar port, all from one attacking address, while a responder revokes
 //! and a sidecar connects from another. The attackers are capped and timed
 //! out; the responder and the sidecar get through.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,5 +1,10 @@
 //! SPIFFE identity on both sides: SVID rotation under traffic, and mTLS
 //! refusals for certificates that are foreign, expired, forged or missing.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::sync::Arc;
 use std::time::Duration;

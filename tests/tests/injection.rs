@@ -1,7 +1,13 @@
 //! Injection styles, TLS origination to the upstream, named listeners, and
 //! the control plane's handling of an invalid policy.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -208,8 +214,12 @@ async fn invalid_policy_edit_keeps_the_last_good_one() {
     let d = Deployment::start("5m", SVID_TTL).await;
     let before = d.cp.state.policy.load().version.clone();
     std::fs::write(d.dir.path().join("policy.yaml"), "version: 2\n").unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    eventually(Duration::from_secs(10), "the edit refused", || async {
+        (d.cp.state.metrics.policy_rejected.load(Ordering::Relaxed) == 1).then_some(())
+    })
+    .await;
     assert_eq!(d.cp.state.policy.load().version, before);
+    assert_eq!(d.cp.state.metrics.policy_reloads.load(Ordering::Relaxed), 0);
     let a = d
         .client
         .get("http://payments.leash.test/whoami", &[])

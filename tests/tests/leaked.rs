@@ -1,5 +1,10 @@
 //! Leaked secrets are refused at runtime wherever a workload sends them, and
 //! the control plane learns which workload still holds them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::net::SocketAddr;
 use std::time::Duration;

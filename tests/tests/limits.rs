@@ -1,6 +1,11 @@
 //! Limits and timeouts: each has a default (see `Limits::default` and
 //! `leash-proxy --help`) and a test here with a small value that proves it
 //! holds, and that the answer is a clear status with a reason, not a hang.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,6 +1,11 @@
 //! OAuth2 client credentials: the control plane exchanges the brokered
 //! client secret at the upstream's token endpoint and leases the access
 //! token; a failing endpoint gives clear errors and never an expired token.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,11 @@
 //! A policy edit rebuilds only what it changed: under load from two
 //! sidecars, editing one upstream fails no request, fetches no credential
 //! for the unchanged upstream, and leaves its connection pool as it was.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,10 +1,14 @@
 //! Revocation end to end: pushed to every sidecar, acknowledged, enforced;
 //! caught up after a disconnect; bounded by max_staleness under partition;
 //! and an admin API that refuses and audits what it should.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use leash_proxy::Sidecar;
@@ -15,45 +19,12 @@ const SVID_TTL: Duration = Duration::from_secs(600);
 
 /// payments and ledger, both granted to everything under /ns/.
 fn policy_for_all(up: SocketAddr) -> String {
-    format!(
-        r#"version: 1
-upstreams:
-  - name: payments
-    hosts: [payments.leash.test]
-    target: http://{up}
-    credential: {{ kind: jwt, ttl: 5m }}
-  - name: ledger
-    hosts: [ledger.leash.test]
-    target: http://{up}
-    credential: {{ kind: jwt, ttl: 5m, audience: payments }}
-grants:
-  - workload: spiffe://leash.test/ns/*
-    upstreams: [payments, ledger]
-"#
-    )
-}
-
-/// Requests in a loop until `stop`; counts outcomes.
-fn traffic(
-    client: ProxyClient,
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failed: Arc<AtomicUsize>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while !stop.load(Ordering::Relaxed) {
-            match client.get("http://payments.leash.test/whoami", &[]).await {
-                Ok(a) if a.status == 200 => {
-                    ok.fetch_add(1, Ordering::Relaxed);
-                }
-                other => {
-                    let what = other.map(|a| String::from_utf8_lossy(&a.body).into_owned());
-                    eprintln!("request failed: {what:?}");
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    })
+    PolicyBuilder::new()
+        .upstream("payments", up)
+        .upstream("ledger", up)
+        .with(|u| u.credential.audience = Some("payments".into()))
+        .grant("spiffe://leash.test/ns/*", &["payments", "ledger"])
+        .yaml()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,21 +37,12 @@ async fn revoked_credential_never_reaches_the_upstream_after_acknowledgement() {
         sidecars.push(s);
     }
     let admin = d.admin();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut load = vec![traffic(
-        ProxyClient::new(d.sidecar.egress_addr),
-        stop.clone(),
-        ok.clone(),
-        failed.clone(),
-    )];
+    let whoami = "http://payments.leash.test/whoami";
+    let mut load = vec![Load::start(d.sidecar.egress_addr, 1, whoami, |a| {
+        a.status == 200
+    })];
     for s in &sidecars {
-        load.push(traffic(
-            ProxyClient::new(s.egress_addr),
-            stop.clone(),
-            ok.clone(),
-            failed.clone(),
-        ));
+        load.push(Load::start(s.egress_addr, 1, whoami, |a| a.status == 200));
     }
 
     // The credential the first sidecar is using right now.
@@ -93,7 +55,9 @@ async fn revoked_credential_never_reaches_the_upstream_after_acknowledgement() {
         .as_str()
         .unwrap()
         .to_owned();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for l in &load {
+        l.advance(10).await;
+    }
     let r = admin
         .revoke(json!({"kind": "credential", "credential_id": jti, "reason": "leaked in a CI log"}))
         .await;
@@ -105,10 +69,13 @@ async fn revoked_credential_never_reaches_the_upstream_after_acknowledgement() {
         assert!(a["latency_ms"].as_i64().unwrap() < 5_000, "{a}");
     }
 
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    stop.store(true, Ordering::Relaxed);
+    for l in &load {
+        l.advance(20).await;
+    }
+    let (mut ok, mut failed) = (0, 0);
     for l in load {
-        l.await.unwrap();
+        let (o, f) = l.stop().await;
+        (ok, failed) = (ok + o, failed + f);
     }
     let seen = d.seen.lock().unwrap().clone();
     let late: Vec<_> = seen
@@ -126,12 +93,7 @@ async fn revoked_credential_never_reaches_the_upstream_after_acknowledgement() {
     );
     // Only one instance was revoked: the sidecar fetched a fresh credential
     // instead of refusing, so nothing failed.
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "ok: {}",
-        ok.load(Ordering::Relaxed)
-    );
+    assert_eq!(failed, 0, "ok: {ok}");
     assert!(
         seen.iter()
             .any(|s| s.at > acked_at && s.sub.as_deref() == Some(APP_ID))

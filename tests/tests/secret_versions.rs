@@ -1,6 +1,11 @@
 //! Brokered secret versions: the newest is the current one, and revoking
 //! it never brings an older one back. (Apart from static_secrets.rs, whose
 //! test installs the process-wide log capture.)
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::net::SocketAddr;
 use std::time::Duration;

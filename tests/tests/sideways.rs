@@ -2,6 +2,11 @@
 //! that sends the injected credential back has it removed (and the control
 //! plane is told), and a workload's own query parameter that decodes to the
 //! injection parameter's name is stripped and counted.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

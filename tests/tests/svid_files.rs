@@ -1,4 +1,9 @@
 //! Identity from SVID files on disk, re-read when they change.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::time::Duration;
 

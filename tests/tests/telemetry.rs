@@ -1,5 +1,10 @@
 //! Telemetry: `/metrics` of both processes parses as Prometheus text and
 //! counts what was sent.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::time::Duration;
 

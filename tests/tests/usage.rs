@@ -2,6 +2,11 @@
 //! the control plane exactly once, across a control-plane restart; what a
 //! sidecar had to drop is reported as dropped; the dependency map, unused
 //! grants and uses after a revocation answer a scripted scenario.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -4,6 +4,11 @@
 //! delays (no coordinated omission). Prints one JSON line.
 //!
 //!   openloop --url http://127.0.0.1:19192/ --rate 2000 --seconds 10 [--connections 32]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark tool: a failed setup step should stop the run with its message"
+)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,6 +3,11 @@
 //! count to stdout every second.
 //!
 //! `otlp_sink 127.0.0.1:4317`
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark tool: a failed setup step should stop the run with its message"
+)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

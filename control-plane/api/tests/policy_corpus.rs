@@ -2,6 +2,11 @@
 //! parses, every `err_*` file is refused with at least one issue and no
 //! panic, quickly (the alias bomb included). New crashers found by the
 //! property tests belong here.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -2,6 +2,11 @@
 //! sets how many cases, CI runs a larger bounded batch): the policy parser,
 //! SPIFFE ID and workload-matcher parsing, and session messages decoded from
 //! arbitrary bytes never panic, and accept exactly what they should.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::path::Path;
 

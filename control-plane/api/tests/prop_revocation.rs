@@ -1,5 +1,10 @@
 //! The revocation set under random sequences of revocations and restores
 //! agrees with a plain model of what should be refused.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,9 @@
 //! Helpers shared by the process-level tests: real binaries, ports, polling.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
