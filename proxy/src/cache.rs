@@ -11,7 +11,8 @@ use moka::Expiry;
 use moka::future::Cache;
 
 use crate::control::{ControlError, ControlLink, Issuer};
-pub use crate::credential::{CachedCredential, CredentialError};
+pub use crate::credential::CachedCredential;
+use crate::credential::RenderError;
 use crate::identity::WorkloadIdentity;
 use crate::metrics::Metrics;
 use crate::revocation::RevocationState;
@@ -143,6 +144,18 @@ impl CredentialCache {
     }
 }
 
+/// Why no credential could be had for a route.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CredentialError {
+    /// The control plane refused (no grant, revoked, no secret stored).
+    #[error("denied ({code}): {message}")]
+    Denied { code: String, message: String },
+    #[error(transparent)]
+    Control(ControlError),
+    #[error(transparent)]
+    Render(#[from] RenderError),
+}
+
 /// What fetching a credential needs: the control plane to ask, the state a
 /// new credential is registered with for revocation, and its usage cell.
 pub struct CacheHandles {
@@ -168,7 +181,7 @@ impl CacheHandles {
     async fn fetch(&self, route: &EgressRoute) -> Result<Arc<CachedCredential>, CredentialError> {
         let cred = self.issuer.issue(&route.name).await.map_err(|e| match e {
             ControlError::Denied { code, message } => CredentialError::Denied { code, message },
-            other => CredentialError::Unavailable(other.to_string()),
+            other => CredentialError::Control(other),
         })?;
         let usage = self.usage.cell(&cred.id, &route.name, &cred.kind);
         let credential = CachedCredential::from_issued(cred, route.render_for(), usage)?;

@@ -39,14 +39,37 @@ pub enum ControlError {
     NoIdentity,
     #[error("control plane not connected")]
     NotConnected,
-    #[error("control plane call failed: {0}")]
-    Rpc(String),
+    #[error("control plane call timed out ({0})")]
+    Timeout(&'static str),
+    #[error("control plane call failed: {}: {}", .0.code(), .0.message())]
+    Rpc(tonic::Status),
+    #[error("bad control plane setting: {0}")]
+    Config(String),
+    #[error("TLS setup for the control plane failed: {0}")]
+    Tls(String),
     #[error("denied ({code}): {message}")]
     Denied { code: String, message: String },
     #[error("control plane sent an empty answer")]
     Empty,
     #[error("session: {0}")]
-    Session(String),
+    Session(#[from] SessionError),
+}
+
+/// Why a session was ended by the sidecar (it reconnects and resyncs).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SessionError {
+    #[error("nothing heard for {0:?}; trying the next control plane")]
+    Silent(Duration),
+    #[error("gap: got change {got} after {applied}; resyncing")]
+    Gap { got: u64, applied: u64 },
+    #[error("control plane is at {at} but {applied} was applied; resyncing")]
+    Behind { at: u64, applied: u64 },
+    #[error("snapshot part for {got} while gathering {gathering}")]
+    MixedSnapshot { got: String, gathering: String },
+    #[error("revocation refused, resyncing: {0}")]
+    Revocation(#[from] leash_api::revocation::InvalidRevocation),
+    #[error("routes refused: {0}")]
+    Routes(#[from] crate::routes::RouteError),
 }
 
 #[derive(Debug, Clone)]
@@ -100,9 +123,9 @@ impl Issuer {
         });
         let response = tokio::time::timeout(self.call_timeout, call)
             .await
-            .map_err(|_| ControlError::Rpc("timed out".into()))?
+            .map_err(|_| ControlError::Timeout("issue"))?
             .map(tonic::Response::into_inner)
-            .map_err(|s| ControlError::Rpc(format!("{}: {}", s.code(), s.message())))?;
+            .map_err(ControlError::Rpc)?;
         match response.result {
             Some(issue_response::Result::Credential(c)) => Ok(c),
             Some(issue_response::Result::Denial(d)) => Err(ControlError::Denied {
@@ -260,8 +283,8 @@ impl ControlLink {
         let open = client.session(tokio_stream::wrappers::ReceiverStream::new(rx));
         let mut inbound = tokio::time::timeout(self.config.call_timeout, open)
             .await
-            .map_err(|_| ControlError::Rpc("session open timed out".into()))?
-            .map_err(|s| ControlError::Rpc(format!("{}: {}", s.code(), s.message())))?
+            .map_err(|_| ControlError::Timeout("session open"))?
+            .map_err(ControlError::Rpc)?
             .into_inner();
         // Only one session runs at a time, so this lock is never contended.
         let mut reports = self.reports.receiver().await;
@@ -290,10 +313,7 @@ impl ControlLink {
             let next = tokio::select! {
                 next = inbound.message() => next,
                 () = &mut silence => {
-                    return Err(ControlError::Session(format!(
-                        "nothing heard for {:?}; trying the next control plane",
-                        session.silence_limit
-                    )));
+                    return Err(SessionError::Silent(session.silence_limit).into());
                 }
                 Some(report) = reports.recv() => {
                     session.send(report).await?;
@@ -308,8 +328,7 @@ impl ControlLink {
                     continue;
                 }
             };
-            let next =
-                next.map_err(|s| ControlError::Session(format!("{}: {}", s.code(), s.message())))?;
+            let next = next.map_err(ControlError::Rpc)?;
             let Some(ControlMessage { msg: Some(msg) }) = next else {
                 return Ok(());
             };
@@ -340,17 +359,17 @@ impl ControlLink {
             .trust_domain()
             .clone();
         let authorizer = spiffe_rustls::authorizer::exact([self.config.control_plane_id.as_str()])
-            .map_err(|e| ControlError::Rpc(format!("bad --control-plane-id: {e}")))?;
+            .map_err(|e| ControlError::Config(format!("--control-plane-id: {e}")))?;
         let tls = spiffe_rustls::mtls_client(source)
             .authorize(authorizer)
             .trust_domain_policy(spiffe_rustls::LocalOnly(trust_domain))
             .with_alpn_protocols([b"h2"])
             .build()
-            .map_err(|e| ControlError::Rpc(e.to_string()))?;
+            .map_err(|e| ControlError::Tls(e.to_string()))?;
         let connector = TlsConnector::from(Arc::new(tls));
         let addr = addr.to_owned();
         let authority: http::uri::Authority = addr.parse().map_err(|_| {
-            ControlError::Rpc(format!("control plane address {addr:?} is not host:port"))
+            ControlError::Config(format!("control plane address {addr:?} is not host:port"))
         })?;
         // The control plane is verified by its SPIFFE ID, not by name; SNI is
         // only a hint.
@@ -361,7 +380,7 @@ impl ControlLink {
         let server_name = match host.parse::<std::net::IpAddr>() {
             Ok(ip) => ServerName::from(ip),
             Err(_) => ServerName::try_from(host.to_owned())
-                .map_err(|_| ControlError::Rpc(format!("bad control plane host {host:?}")))?,
+                .map_err(|_| ControlError::Config(format!("control plane host {host:?}")))?,
         };
         let connect = tower::service_fn(move |_uri: http::Uri| {
             let connector = connector.clone();
@@ -376,7 +395,7 @@ impl ControlLink {
         });
         // `http://` because TLS is done by the connector above.
         let endpoint = Endpoint::from_shared(format!("http://{authority}"))
-            .map_err(|e| ControlError::Rpc(e.to_string()))?
+            .map_err(|e| ControlError::Config(e.to_string()))?
             .connect_timeout(Duration::from_secs(3))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_while_idle(true);
@@ -421,7 +440,7 @@ impl Session<'_> {
         }
         let set = RevocationSet::new(snapshot.active).map_err(|e| {
             tracing::error!(error = %e, "revocation snapshot refused; resyncing");
-            ControlError::Session(e.to_string())
+            SessionError::Revocation(e)
         })?;
         tracing::info!(
             seq = snapshot.seq,
@@ -444,10 +463,11 @@ impl Session<'_> {
             return Ok(());
         }
         if event.seq != applied + 1 {
-            return Err(ControlError::Session(format!(
-                "gap: got change {} after {applied}; resyncing",
-                event.seq
-            )));
+            return Err(SessionError::Gap {
+                got: event.seq,
+                applied,
+            }
+            .into());
         }
         let revocation = event.revocation.ok_or(ControlError::Empty)?;
         let set = revocations
@@ -456,7 +476,7 @@ impl Session<'_> {
             .with_change(revocation.clone(), event.restored)
             .map_err(|e| {
                 tracing::error!(seq = event.seq, error = %e, "revocation change refused; resyncing");
-                ControlError::Session(e.to_string())
+                SessionError::Revocation(e)
             })?;
         tracing::info!(
             seq = event.seq,
@@ -476,10 +496,11 @@ impl Session<'_> {
     fn on_heartbeat(&mut self, hb: &Heartbeat) -> Result<(), ControlError> {
         let applied = self.link.revocations.applied_seq.load(Ordering::Acquire);
         if hb.seq > applied {
-            return Err(ControlError::Session(format!(
-                "control plane is at {} but {applied} was applied; resyncing",
-                hb.seq
-            )));
+            return Err(SessionError::Behind {
+                at: hb.seq,
+                applied,
+            }
+            .into());
         }
         // Resumed with nothing missed: the state is current.
         self.have_state = true;
@@ -497,7 +518,7 @@ impl Session<'_> {
         if !(current.loaded && current.policy_version == set.policy_version) {
             let version = set.policy_version.clone();
             let table = RouteTable::build(set, &current, &link.config.upstream, &link.metrics)
-                .map_err(|e| ControlError::Session(e.to_string()))?;
+                .map_err(SessionError::Routes)?;
             link.routes.store(Arc::new(table));
             tracing::info!(policy_version = %version, "routes updated");
         }
@@ -570,10 +591,11 @@ fn gather(
         None => part,
         Some(mut so_far) => {
             if so_far.store_id != part.store_id || so_far.seq != part.seq {
-                return Err(ControlError::Session(format!(
-                    "snapshot part for {}@{} while gathering {}@{}",
-                    part.store_id, part.seq, so_far.store_id, so_far.seq
-                )));
+                return Err(SessionError::MixedSnapshot {
+                    got: format!("{}@{}", part.store_id, part.seq),
+                    gathering: format!("{}@{}", so_far.store_id, so_far.seq),
+                }
+                .into());
             }
             so_far.active.extend(part.active);
             so_far

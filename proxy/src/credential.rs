@@ -82,12 +82,13 @@ pub enum InjectValue {
     Query(Bytes),
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CredentialError {
-    #[error("denied ({code}): {message}")]
-    Denied { code: String, message: String },
-    #[error("{0}")]
-    Unavailable(String),
+/// Why an issued credential cannot be used as it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("credential is not valid in a header")]
+    NotHeaderSafe,
+    #[error("credential arrived already expired (clock skew?)")]
+    AlreadyExpired,
 }
 
 impl CachedCredential {
@@ -98,11 +99,9 @@ impl CachedCredential {
         cred: leash_api::v1::Credential,
         route: RenderFor<'_>,
         usage: Arc<UsageCell>,
-    ) -> Result<Arc<Self>, CredentialError> {
+    ) -> Result<Arc<Self>, RenderError> {
         let secret = zeroize::Zeroizing::new(cred.secret);
-        let value = render(route.inject, &secret).ok_or_else(|| {
-            CredentialError::Unavailable("credential is not valid in a header".into())
-        })?;
+        let value = render(route.inject, &secret).ok_or(RenderError::NotHeaderSafe)?;
         let echo_forms = echo_forms(&secret, &value);
 
         // Times come as Unix milliseconds; map them onto the monotonic clock.
@@ -123,9 +122,7 @@ impl CachedCredential {
         let use_until = now + remaining.saturating_sub(margin);
         let refresh_at = now + remaining.saturating_sub(lifetime / 4);
         if use_until <= now {
-            return Err(CredentialError::Unavailable(
-                "credential arrived already expired (clock skew?)".into(),
-            ));
+            return Err(RenderError::AlreadyExpired);
         }
         tracing::debug!(credential_id = %cred.id, upstream = %route.upstream, ?remaining, "credential cached");
         Ok(Arc::new(CachedCredential {

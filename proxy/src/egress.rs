@@ -39,9 +39,9 @@ use std::task::{Context, Poll};
 
 pub use crate::body::{BoxError, ProxyBody};
 use crate::body::{PrefixError, Revocable, UpstreamBody, read_prefix};
-use crate::cache::CredentialCache;
+use crate::cache::{CredentialCache, CredentialError};
 use crate::conn::RequestBody;
-use crate::credential::{CachedCredential, CredentialError};
+use crate::credential::CachedCredential;
 use crate::headers::{self, request_host};
 use crate::identity::WorkloadIdentity;
 use crate::leak;
@@ -336,9 +336,9 @@ impl Egress {
                 code,
                 message,
             },
-            CredentialError::Unavailable(reason) => Refusal::CredentialUnavailable {
+            other => Refusal::CredentialUnavailable {
                 upstream: route.name.to_string(),
-                reason,
+                reason: other.to_string(),
             },
         })
     }

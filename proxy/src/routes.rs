@@ -22,7 +22,7 @@ use crate::credential::{CachedCredential, InjectHow, RenderFor};
 use crate::metrics::{Metrics, UpstreamMetrics};
 pub use crate::upstream::UpstreamClient;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RouteError {
     #[error("route {upstream}: {reason}")]
     Invalid { upstream: String, reason: String },
