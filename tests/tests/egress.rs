@@ -287,13 +287,12 @@ async fn upstream_connections_are_pooled_and_replaced_when_the_upstream_closes_t
     .await;
     let d = Deployment::start_with(
         move |up| {
-            format!(
-                "{}  - name: closer\n    hosts: [closer.leash.test]\n    target: http://{closer_addr}\n    credential: {{ kind: jwt, ttl: 5m }}\ngrants:\n  - workload: {APP_ID}\n    upstreams: [payments, closer]\n",
-                leash_tests::standard_policy(up, "5m")
-                    .split("grants:")
-                    .next()
-                    .unwrap()
-            )
+            leash_tests::PolicyBuilder::new()
+                .upstream("payments", up)
+                .upstream("ledger", up)
+                .upstream("closer", closer_addr)
+                .grant(APP_ID, &["payments", "closer"])
+                .yaml()
         },
         SVID_TTL,
         None,
