@@ -47,7 +47,7 @@ pub enum RevokeError {
 }
 
 /// A revocation as a responder asks for it.
-#[derive(Debug, Clone, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeRequest {
     /// credential, grant, workload or upstream (leaked values: `POST /v1/leaked`).

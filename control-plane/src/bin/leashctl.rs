@@ -187,9 +187,8 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 RevokeCommand::Workload { spiffe_id, reason } => RevokeRequest {
                     kind: "workload".into(),
                     workload: spiffe_id.clone(),
-                    upstream: String::new(),
-                    credential_id: String::new(),
                     reason: reason.clone(),
+                    ..RevokeRequest::default()
                 },
                 RevokeCommand::Grant {
                     workload,
@@ -199,25 +198,23 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                     kind: "grant".into(),
                     workload: workload.clone(),
                     upstream: upstream.clone(),
-                    credential_id: String::new(),
                     reason: reason.clone(),
+                    ..RevokeRequest::default()
                 },
                 RevokeCommand::Credential {
                     credential_id,
                     reason,
                 } => RevokeRequest {
                     kind: "credential".into(),
-                    workload: String::new(),
-                    upstream: String::new(),
                     credential_id: credential_id.clone(),
                     reason: reason.clone(),
+                    ..RevokeRequest::default()
                 },
                 RevokeCommand::Upstream { name, reason } => RevokeRequest {
                     kind: "upstream".into(),
-                    workload: String::new(),
                     upstream: name.clone(),
-                    credential_id: String::new(),
                     reason: reason.clone(),
+                    ..RevokeRequest::default()
                 },
             };
             let r: Revocation = post(cli, "/v1/revocations", &req).await?;
