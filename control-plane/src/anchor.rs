@@ -13,7 +13,7 @@ use ring::signature::{ED25519, KeyPair as _, UnparsedPublicKey};
 pub const ANCHOR_EVERY: i64 = 1000;
 
 /// The head of the chain at entry `id`, signed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct SignedHead {
     pub id: i64,
     pub hash: String,

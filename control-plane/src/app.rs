@@ -102,6 +102,9 @@ pub struct ControlPlane {
     pub sidecar_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub state: Arc<ControlPlaneState>,
+    /// The admin API's router as served (for in-process tests without a
+    /// socket; calls need a `ConnectInfo<SocketAddr>` extension).
+    pub admin_router: axum::Router,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -239,7 +242,7 @@ impl ControlPlane {
         });
         tasks.spawn(crate::listeners::serve_admin(
             admin_listener,
-            router,
+            router.clone(),
             config.limits.clone(),
             admin_cert,
             shutdown.subscribe(),
@@ -313,6 +316,7 @@ impl ControlPlane {
             sidecar_addr,
             admin_addr,
             state,
+            admin_router: router,
             shutdown,
             tasks,
         })

@@ -47,16 +47,21 @@ pub enum RevokeError {
 }
 
 /// A revocation as a responder asks for it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeRequest {
+    /// credential, grant, workload or upstream (leaked values: `POST /v1/leaked`).
     pub kind: String,
+    /// SPIFFE ID, or a prefix ending in `/*` (grant, workload).
     #[serde(default)]
     pub workload: String,
+    /// Upstream name from policy (grant, upstream).
     #[serde(default)]
     pub upstream: String,
+    /// Issued credential id: a JWT's jti, a static lease, an OAuth2 token id (credential).
     #[serde(default)]
     pub credential_id: String,
+    /// Why, 1 to 1024 bytes.
     pub reason: String,
 }
 

@@ -145,7 +145,7 @@ pub struct TokenRecord {
     pub created_by: String,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub at_ms: i64,
     pub actor: String,
@@ -1135,7 +1135,7 @@ pub struct SecretVersion {
 }
 
 /// One (leaked value, workload, upstream, place) seen, with how often and when.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Sighting {
     pub revocation_id: String,
     pub workload: String,
@@ -1161,7 +1161,7 @@ fn audit_from_row(r: &sqlx::sqlite::SqliteRow) -> AuditEntry {
 }
 
 /// The outcome of walking the audit chain.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct AuditVerdict {
     pub ok: bool,
     /// Entries whose hash and link check out.

@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use leash_api::policy::{ValidPolicy, WorkloadMatcher};
 use leash_api::revocation::RevocationKind;
 use leash_api::v1::UsageBatch;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
+use utoipa::ToSchema;
 
 use crate::store::{Store, StoreError, now_ms};
 
@@ -139,7 +140,7 @@ impl Filter {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct UsageRow {
     pub workload: String,
     pub upstream: String,
@@ -154,7 +155,8 @@ pub struct UsageRow {
     pub last_seen_ms: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(as = UsageSummary)]
 pub struct Summary {
     pub rows: Vec<UsageRow>,
     /// Requests in `rows`.
@@ -217,7 +219,7 @@ pub async fn summary(store: &Store, f: &Filter) -> Result<Summary, StoreError> {
 }
 
 /// One edge of the dependency map: this workload calls this upstream.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Edge {
     pub workload: String,
     pub upstream: String,
@@ -257,7 +259,7 @@ pub async fn dependencies(store: &Store, f: &Filter) -> Result<Vec<Edge>, StoreE
 }
 
 /// A grant of the current policy that no matching workload used since T.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct UnusedGrant {
     /// As the policy writes it (an exact SPIFFE ID or a `/*` prefix).
     pub workload: String,
@@ -315,7 +317,7 @@ pub async fn unused_grants(
 }
 
 /// Use of what a revocation covers after it was issued.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct UseAfterRevocation {
     pub revocation_id: String,
     pub kind: String,

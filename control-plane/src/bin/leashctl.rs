@@ -7,12 +7,19 @@ use clap::Parser as _;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use leash_control_plane::admin::types::{
+    AfterRevocation, AuditLog, AuditVerdict, Dependencies, ErrorBody, LeakedList, LeakedRequest,
+    LeakedStatus, ReasonRequest, Revocation, RevocationList, RevocationStatus, RevokeRequest,
+    SecretRequest, SecretStored, SecretVersions, SidecarList, SignedHead, StrippedReport,
+    TokenCreated, TokenRequest, UnusedGrants, UsageSummary,
+};
 use leash_control_plane::cli::{
     AuditArgs, AuditCommand, LeakedCommand, LeashctlCli as Cli, LeashctlCommand as Command,
     PolicyCommand, RevokeCommand, SecretCommand, TokenCommand, UsageArgs, UsageCommand,
     UsageFilter,
 };
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// Exit codes scripts can rely on.
 const REFUSED: u8 = 1;
@@ -36,9 +43,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Refused(status, body)) => {
-            let message = body["message"].as_str().unwrap_or("");
-            let code = body["error"].as_str().unwrap_or("error");
-            eprintln!("leashctl: {status} {code}: {message}");
+            eprintln!("leashctl: {status} {}: {}", body.error, body.message);
             ExitCode::from(REFUSED)
         }
         Err(Failure::Unreachable(e)) => {
@@ -72,14 +77,33 @@ fn policy_check(file: &std::path::Path) -> ExitCode {
 }
 
 enum Failure {
-    Refused(u16, Value),
+    Refused(u16, ErrorBody),
     Unreachable(String),
     Usage(String),
     /// The command worked and found something a script should fail on.
     Violations,
 }
 
-async fn call(cli: &Cli, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
+async fn get<T: DeserializeOwned>(cli: &Cli, path: &str) -> Result<T, Failure> {
+    call(cli, "GET", path, None).await
+}
+
+async fn post<T: DeserializeOwned>(
+    cli: &Cli,
+    path: &str,
+    body: &impl Serialize,
+) -> Result<T, Failure> {
+    let body = serde_json::to_vec(body)
+        .map_err(|e| Failure::Usage(format!("cannot encode the request: {e}")))?;
+    call(cli, "POST", path, Some(body)).await
+}
+
+async fn call<T: DeserializeOwned>(
+    cli: &Cli,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<T, Failure> {
     let url = format!("{}{}", cli.addr.trim_end_matches('/'), path);
     let mut req = http::Request::builder()
         .method(method)
@@ -88,9 +112,8 @@ async fn call(cli: &Cli, method: &str, path: &str, body: Option<Value>) -> Resul
     if let Some(token) = &cli.token {
         req = req.header("authorization", format!("Bearer {token}"));
     }
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
     let req = req
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| Failure::Unreachable(format!("bad request to {url}: {e}")))?;
     let client = Client::builder(TokioExecutor::new()).build(connector(cli)?);
     let resp = tokio::time::timeout(std::time::Duration::from_secs(30), client.request(req))
@@ -104,14 +127,24 @@ async fn call(cli: &Cli, method: &str, path: &str, body: Option<Value>) -> Resul
         .await
         .map_err(|e| Failure::Unreachable(format!("{url}: {e}")))?
         .to_bytes();
-    let value: Value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| json!({"message": String::from_utf8_lossy(&bytes)}));
+    if (200..=299).contains(&status) {
+        return serde_json::from_slice(&bytes).map_err(|e| {
+            Failure::Unreachable(format!(
+                "{url}: an answer leashctl does not understand: {e}"
+            ))
+        });
+    }
+    // A refusal from the API is an ErrorBody; anything else (a proxy's
+    // page, a plain-text rejection) is shown as it came.
+    let refusal = serde_json::from_slice(&bytes).unwrap_or_else(|_| ErrorBody {
+        error: "error".into(),
+        message: String::from_utf8_lossy(&bytes).into_owned(),
+    });
     match status {
-        200..=299 => Ok(value),
-        400..=499 => Err(Failure::Refused(status, value)),
+        400..=499 => Err(Failure::Refused(status, refusal)),
         _ => Err(Failure::Unreachable(format!(
             "{url}: {status} {}",
-            value["message"].as_str().unwrap_or("")
+            refusal.message
         ))),
     }
 }
@@ -150,217 +183,193 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
     let out = match &cli.command {
         Command::Policy(_) => return Ok(()),
         Command::Revoke(r) => {
-            let body = match r {
-                RevokeCommand::Workload { spiffe_id, reason } => {
-                    json!({"kind": "workload", "workload": spiffe_id, "reason": reason})
-                }
+            let req = match r {
+                RevokeCommand::Workload { spiffe_id, reason } => RevokeRequest {
+                    kind: "workload".into(),
+                    workload: spiffe_id.clone(),
+                    reason: reason.clone(),
+                    ..RevokeRequest::default()
+                },
                 RevokeCommand::Grant {
                     workload,
                     upstream,
                     reason,
-                } => {
-                    json!({"kind": "grant", "workload": workload, "upstream": upstream, "reason": reason})
-                }
+                } => RevokeRequest {
+                    kind: "grant".into(),
+                    workload: workload.clone(),
+                    upstream: upstream.clone(),
+                    reason: reason.clone(),
+                    ..RevokeRequest::default()
+                },
                 RevokeCommand::Credential {
                     credential_id,
                     reason,
-                } => {
-                    json!({"kind": "credential", "credential_id": credential_id, "reason": reason})
-                }
-                RevokeCommand::Upstream { name, reason } => {
-                    json!({"kind": "upstream", "upstream": name, "reason": reason})
-                }
+                } => RevokeRequest {
+                    kind: "credential".into(),
+                    credential_id: credential_id.clone(),
+                    reason: reason.clone(),
+                    ..RevokeRequest::default()
+                },
+                RevokeCommand::Upstream { name, reason } => RevokeRequest {
+                    kind: "upstream".into(),
+                    upstream: name.clone(),
+                    reason: reason.clone(),
+                    ..RevokeRequest::default()
+                },
             };
-            let v = call(cli, "POST", "/v1/revocations", Some(body)).await?;
-            Output::new(
-                v.clone(),
-                format!(
-                    "revoked: {} (seq {})\n",
-                    v["id"].as_str().unwrap_or("?"),
-                    v["seq"]
-                ),
-            )
+            let r: Revocation = post(cli, "/v1/revocations", &req).await?;
+            let text = format!("revoked: {} (seq {})\n", r.id, r.seq);
+            Output::new(&r, text)
         }
         Command::Restore {
             revocation_id,
             reason,
         } => {
-            let v = call(
+            let r: Revocation = post(
                 cli,
-                "POST",
                 &format!("/v1/revocations/{revocation_id}/restore"),
-                Some(json!({"reason": reason})),
+                &ReasonRequest {
+                    reason: reason.clone(),
+                },
             )
             .await?;
-            Output::new(
-                v.clone(),
-                format!(
-                    "restored: {} (seq {})\n",
-                    revocation_id, v["restored"]["seq"]
-                ),
-            )
+            let text = format!(
+                "restored: {} (seq {})\n",
+                revocation_id,
+                or_null(r.restored.as_ref().map(|x| x.seq))
+            );
+            Output::new(&r, text)
         }
         Command::Revocations { all } => {
-            let v = call(cli, "GET", &format!("/v1/revocations?all={all}"), None).await?;
-            let rows = v["revocations"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let v: RevocationList = get(cli, &format!("/v1/revocations?all={all}")).await?;
+            let rows = v
+                .revocations
+                .iter()
                 .map(|r| {
                     vec![
-                        s(&r["id"]),
-                        s(&r["kind"]),
+                        r.id.clone(),
+                        r.kind.clone(),
                         target(r),
-                        r["seq"].to_string(),
-                        if r["active"].as_bool() == Some(true) {
-                            "active"
-                        } else {
-                            "restored"
-                        }
-                        .to_owned(),
-                        s(&r["revoked_by"]),
-                        s(&r["reason"]),
+                        r.seq.to_string(),
+                        if r.active { "active" } else { "restored" }.to_owned(),
+                        r.revoked_by.clone(),
+                        r.reason.clone(),
                     ]
                 })
                 .collect();
-            Output::new(
-                v,
-                table(
-                    &["ID", "KIND", "TARGET", "SEQ", "STATE", "BY", "REASON"],
-                    rows,
-                ),
-            )
+            let text = table(
+                &["ID", "KIND", "TARGET", "SEQ", "STATE", "BY", "REASON"],
+                rows,
+            );
+            Output::new(&v, text)
         }
         Command::Status { revocation_id } => {
-            let v = call(
-                cli,
-                "GET",
-                &format!("/v1/revocations/{revocation_id}"),
-                None,
-            )
-            .await?;
-            let p = &v["propagation"];
+            let v: RevocationStatus = get(cli, &format!("/v1/revocations/{revocation_id}")).await?;
+            let (r, p) = (&v.revocation, &v.propagation);
             let mut text = format!(
                 "{} {} {} — {} (seq {})\nacknowledged by {} sidecar(s); {} connected sidecar(s) pending\n",
-                s(&v["id"]),
-                s(&v["kind"]),
-                target(&v),
-                if v["active"].as_bool() == Some(true) {
-                    "active"
-                } else {
-                    "restored"
-                },
-                v["seq"],
-                p["acknowledged"].as_array().map_or(0, Vec::len),
-                p["pending"].as_array().map_or(0, Vec::len),
+                r.id,
+                r.kind,
+                target(r),
+                if r.active { "active" } else { "restored" },
+                r.seq,
+                p.acknowledged.len(),
+                p.pending.len(),
             );
-            let mut rows: Vec<Vec<String>> = p["acknowledged"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let mut rows: Vec<Vec<String>> = p
+                .acknowledged
+                .iter()
                 .map(|a| {
                     vec![
-                        s(&a["spiffe_id"]),
-                        s(&a["session_id"]),
+                        a.spiffe_id.clone(),
+                        a.session_id.clone(),
                         "acknowledged".into(),
-                        format!("{} ms", a["latency_ms"]),
+                        format!("{} ms", a.latency_ms),
                     ]
                 })
                 .collect();
-            rows.extend(p["pending"].as_array().into_iter().flatten().map(|a| {
+            rows.extend(p.pending.iter().map(|a| {
                 vec![
-                    s(&a["spiffe_id"]),
-                    s(&a["session_id"]),
+                    a.spiffe_id.clone(),
+                    a.session_id.clone(),
                     "PENDING".into(),
-                    format!("at seq {}", a["last_ack_seq"]),
+                    format!("at seq {}", a.last_ack_seq),
                 ]
             }));
             text.push_str(&table(&["SIDECAR", "SESSION", "STATE", "LATENCY"], rows));
-            Output::new(v, text)
+            Output::new(&v, text)
         }
         Command::Sidecars => {
-            let v = call(cli, "GET", "/v1/sidecars", None).await?;
-            let rows = v["sidecars"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let v: SidecarList = get(cli, "/v1/sidecars").await?;
+            let rows = v
+                .sidecars
+                .iter()
                 .map(|c| {
                     vec![
-                        s(&c["spiffe_id"]),
-                        s(&c["version"]),
-                        c["last_ack_seq"].to_string(),
-                        ago(c["last_heard_ms"].as_i64()),
-                        s(&c["session_id"]),
+                        c.spiffe_id.clone(),
+                        c.version.clone(),
+                        c.last_ack_seq.to_string(),
+                        ago(Some(c.last_heard_ms)),
+                        c.session_id.clone(),
                     ]
                 })
                 .collect();
-            Output::new(
-                v,
-                table(
-                    &["SPIFFE ID", "VERSION", "ACKED SEQ", "LAST HEARD", "SESSION"],
-                    rows,
-                ),
-            )
+            let text = table(
+                &["SPIFFE ID", "VERSION", "ACKED SEQ", "LAST HEARD", "SESSION"],
+                rows,
+            );
+            Output::new(&v, text)
         }
         Command::Leaked(LeakedCommand::Add { reason, file }) => {
-            let value = read_secret(file.as_deref())?;
-            let v = call(
-                cli,
-                "POST",
-                "/v1/leaked",
-                Some(json!({"value": &*value, "reason": reason})),
-            )
-            .await?;
-            Output::new(
-                v.clone(),
-                format!("registered: {} (seq {})\n", s(&v["id"]), v["seq"]),
-            )
+            let req = LeakedRequest {
+                value: read_secret(file.as_deref())?,
+                reason: reason.clone(),
+            };
+            let r: Revocation = post(cli, "/v1/leaked", &req).await?;
+            let text = format!("registered: {} (seq {})\n", r.id, r.seq);
+            Output::new(&r, text)
         }
         Command::Leaked(LeakedCommand::List) => {
-            let v = call(cli, "GET", "/v1/leaked", None).await?;
-            let rows = v["leaked"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let v: LeakedList = get(cli, "/v1/leaked").await?;
+            let rows = v
+                .leaked
+                .iter()
                 .map(|r| {
                     vec![
-                        s(&r["id"]),
-                        s(&r["fingerprint_id"]),
-                        r["seq"].to_string(),
-                        s(&r["revoked_by"]),
-                        s(&r["reason"]),
+                        r.id.clone(),
+                        or_null(r.fingerprint_id.as_ref()),
+                        r.seq.to_string(),
+                        r.revoked_by.clone(),
+                        r.reason.clone(),
                     ]
                 })
                 .collect();
-            Output::new(
-                v,
-                table(&["ID", "FINGERPRINT", "SEQ", "BY", "REASON"], rows),
-            )
+            let text = table(&["ID", "FINGERPRINT", "SEQ", "BY", "REASON"], rows);
+            Output::new(&v, text)
         }
         Command::Leaked(LeakedCommand::Show { revocation_id }) => {
-            let v = call(cli, "GET", &format!("/v1/leaked/{revocation_id}"), None).await?;
-            let rows: Vec<Vec<String>> = v["sightings"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let v: LeakedStatus = get(cli, &format!("/v1/leaked/{revocation_id}")).await?;
+            let rows: Vec<Vec<String>> = v
+                .sightings
+                .iter()
                 .map(|x| {
                     vec![
-                        s(&x["workload"]),
-                        if s(&x["upstream"]).is_empty() {
-                            format!("({})", s(&x["host"]))
+                        x.workload.clone(),
+                        if x.upstream.is_empty() {
+                            format!("({})", x.host)
                         } else {
-                            s(&x["upstream"])
+                            x.upstream.clone()
                         },
-                        s(&x["location"]),
-                        x["count"].to_string(),
-                        ago(x["first_seen_ms"].as_i64()),
-                        ago(x["last_seen_ms"].as_i64()),
+                        x.location.clone(),
+                        x.count.to_string(),
+                        ago(Some(x.first_seen_ms)),
+                        ago(Some(x.last_seen_ms)),
                     ]
                 })
                 .collect();
             let text = format!(
                 "{} — {} workload/upstream pair(s) still sending it\n{}",
-                s(&v["id"]),
+                v.revocation.id,
                 rows.len(),
                 table(
                     &[
@@ -374,97 +383,87 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                     rows
                 )
             );
-            Output::new(v, text)
+            Output::new(&v, text)
         }
         Command::Secret(
             SecretCommand::Put { upstream, file } | SecretCommand::Rotate { upstream, file },
         ) => {
-            let value = read_secret(file.as_deref())?;
-            let v = call(
-                cli,
-                "POST",
-                &format!("/v1/secrets/{upstream}"),
-                Some(json!({"value": &*value})),
-            )
-            .await?;
-            Output::new(
-                v.clone(),
-                format!("{upstream}: version {} is current\n", v["version"]),
-            )
+            let req = SecretRequest {
+                value: read_secret(file.as_deref())?,
+            };
+            let v: SecretStored = post(cli, &format!("/v1/secrets/{upstream}"), &req).await?;
+            let text = format!("{upstream}: version {} is current\n", v.version);
+            Output::new(&v, text)
         }
         Command::Secret(SecretCommand::RevokeVersion {
             upstream,
             version,
             reason,
         }) => {
-            let v = call(
+            let r: Revocation = post(
                 cli,
-                "POST",
                 &format!("/v1/secrets/{upstream}/versions/{version}/revoke"),
-                Some(json!({"reason": reason})),
+                &ReasonRequest {
+                    reason: reason.clone(),
+                },
             )
             .await?;
-            Output::new(
-                v.clone(),
-                format!("revoked: {} (seq {})\n", s(&v["id"]), v["seq"]),
-            )
+            let text = format!("revoked: {} (seq {})\n", r.id, r.seq);
+            Output::new(&r, text)
         }
         Command::Secret(SecretCommand::List { upstream }) => {
-            let v = call(cli, "GET", &format!("/v1/secrets/{upstream}"), None).await?;
-            let rows = v["versions"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let v: SecretVersions = get(cli, &format!("/v1/secrets/{upstream}")).await?;
+            let rows = v
+                .versions
+                .iter()
                 .map(|x| {
-                    let state = if x["current"] == true {
+                    let state = if x.current {
                         "current"
-                    } else if x["revoked_at_ms"].is_null() {
+                    } else if x.revoked_at_ms.is_none() {
                         "superseded"
                     } else {
                         "revoked"
                     };
                     vec![
-                        x["version"].to_string(),
+                        x.version.to_string(),
                         state.to_owned(),
-                        s(&x["created_by"]),
-                        ago(x["created_at_ms"].as_i64()),
+                        x.created_by.clone(),
+                        ago(Some(x.created_at_ms)),
                     ]
                 })
                 .collect();
             let mut text = table(&["VERSION", "STATE", "BY", "CREATED"], rows);
-            if v["current"].is_null() {
-                text.push_str(&format!("\n{}: {}\n", upstream, s(&v["state"])));
+            if v.current.is_none() {
+                text.push_str(&format!("\n{}: {}\n", upstream, v.state));
             }
-            Output::new(v, text)
+            Output::new(&v, text)
         }
         Command::Usage(args) => return usage(cli, args).await,
         Command::Stripped => {
-            let v = call(cli, "GET", "/v1/stripped", None).await?;
-            let rows = v["stripped"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let v: StrippedReport = get(cli, "/v1/stripped").await?;
+            let rows = v
+                .stripped
+                .iter()
                 .map(|x| {
                     vec![
-                        s(&x["workload"]),
-                        s(&x["upstream"]),
-                        x["count"].to_string(),
-                        ago(x["last_seen_ms"].as_i64()),
+                        x.workload.clone(),
+                        x.upstream.clone(),
+                        x.count.to_string(),
+                        ago(Some(x.last_seen_ms)),
                     ]
                 })
                 .collect();
             let mut text = table(&["WORKLOAD", "UPSTREAM", "COUNT", "LAST SEEN"], rows);
-            let echoed: Vec<Vec<String>> = v["echoed"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let echoed: Vec<Vec<String>> = v
+                .echoed
+                .iter()
                 .map(|x| {
                     vec![
-                        s(&x["workload"]),
-                        s(&x["upstream"]),
-                        s(&x["header"]),
-                        x["count"].to_string(),
-                        ago(x["last_seen_ms"].as_i64()),
+                        x.workload.clone(),
+                        x.upstream.clone(),
+                        x.header.clone(),
+                        x.count.to_string(),
+                        ago(Some(x.last_seen_ms)),
                     ]
                 })
                 .collect();
@@ -475,26 +474,29 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                     echoed,
                 ));
             }
-            Output::new(v, text)
+            Output::new(&v, text)
         }
         Command::Tokens(TokenCommand::Create { name, role }) => {
-            let v = call(
-                cli,
-                "POST",
-                "/v1/tokens",
-                Some(json!({"name": name, "role": role})),
-            )
-            .await?;
-            Output::new(v.clone(), format!("{}\n", s(&v["token"])))
+            let req = TokenRequest {
+                name: name.clone(),
+                role: role.clone(),
+            };
+            let v: TokenCreated = post(cli, "/v1/tokens", &req).await?;
+            let text = format!("{}\n", v.token);
+            Output::new(&v, text)
         }
         Command::Audit(AuditArgs {
             command: Some(AuditCommand::Head),
             ..
         }) => {
-            let v = call(cli, "GET", "/v1/audit/head", None).await?;
+            let v: SignedHead = get(cli, "/v1/audit/head").await?;
             // The saved form is the JSON itself.
-            let text = format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default());
-            Output::new(v, text)
+            let out = Output::new(&v, String::new());
+            let text = format!(
+                "{}\n",
+                serde_json::to_string_pretty(&out.json).unwrap_or_default()
+            );
+            Output { text, ..out }
         }
         Command::Audit(AuditArgs {
             command: Some(AuditCommand::Verify { head }),
@@ -502,7 +504,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         }) => {
             let mut path = "/v1/audit/verify".to_owned();
             if let Some(file) = head {
-                let saved: leash_control_plane::anchor::SignedHead = std::fs::read(file)
+                let saved: SignedHead = std::fs::read(file)
                     .ok()
                     .and_then(|b| serde_json::from_slice(&b).ok())
                     .ok_or_else(|| {
@@ -514,24 +516,24 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 }
                 path = format!("{path}?id={}&hash={}", saved.id, saved.hash);
             }
-            let v = call(cli, "GET", &path, None).await?;
-            let text = if v["ok"].as_bool() == Some(true) {
+            let v: AuditVerdict = get(cli, &path).await?;
+            let text = if v.ok {
                 format!(
                     "audit log intact: {} chained entries ({} from before the chain), {} signed anchors; head {}\n",
-                    v["chained"],
-                    v["unchained"],
-                    v["anchors"],
-                    s(&v["head"])
+                    v.chained,
+                    v.unchained,
+                    v.anchors,
+                    or_null(v.head.as_ref())
                 )
             } else {
                 format!(
                     "AUDIT LOG TAMPERED: entry {}: {}\n",
-                    v["first_bad_id"],
-                    s(&v["problem"])
+                    or_null(v.first_bad_id),
+                    or_null(v.problem.as_ref())
                 )
             };
-            let intact = v["ok"].as_bool() == Some(true);
-            print(cli, Output::new(v, text));
+            let intact = v.ok;
+            print(cli, Output::new(&v, text));
             return if intact {
                 Ok(())
             } else {
@@ -539,25 +541,22 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             };
         }
         Command::Audit(AuditArgs { limit, .. }) => {
-            let v = call(cli, "GET", &format!("/v1/audit?limit={limit}"), None).await?;
-            let rows = v["entries"]
-                .as_array()
-                .into_iter()
-                .flatten()
+            let v: AuditLog = get(cli, &format!("/v1/audit?limit={limit}")).await?;
+            let rows = v
+                .entries
+                .iter()
                 .map(|e| {
                     vec![
-                        ago(e["at_ms"].as_i64()),
-                        s(&e["actor"]),
-                        s(&e["action"]),
-                        e["status"].to_string(),
-                        s(&e["detail"]),
+                        ago(Some(e.at_ms)),
+                        e.actor.clone(),
+                        e.action.clone(),
+                        e.status.to_string(),
+                        e.detail.clone(),
                     ]
                 })
                 .collect();
-            Output::new(
-                v,
-                table(&["WHEN", "ACTOR", "ACTION", "STATUS", "DETAIL"], rows),
-            )
+            let text = table(&["WHEN", "ACTOR", "ACTION", "STATUS", "DETAIL"], rows);
+            Output::new(&v, text)
         }
     };
     print(cli, out);
@@ -576,28 +575,23 @@ fn print(cli: &Cli, out: Output) {
 }
 
 async fn usage(cli: &Cli, args: &UsageArgs) -> Result<(), Failure> {
-    let rows_of = |v: &Value, key: &str, f: &dyn Fn(&Value) -> Vec<String>| -> Vec<Vec<String>> {
-        v[key].as_array().into_iter().flatten().map(f).collect()
-    };
     match &args.command {
         None => {
-            let v = call(
-                cli,
-                "GET",
-                &format!("/v1/usage{}", args.filter.query()),
-                None,
-            )
-            .await?;
-            let rows = rows_of(&v, "rows", &|x| {
-                vec![
-                    s(&x["workload"]),
-                    s(&x["upstream"]),
-                    s(&x["credential_id"]),
-                    format!("{} {}", s(&x["method"]), s(&x["status_class"])),
-                    x["requests"].to_string(),
-                    ago(x["last_seen_ms"].as_i64()),
-                ]
-            });
+            let v: UsageSummary = get(cli, &format!("/v1/usage{}", args.filter.query())).await?;
+            let rows = v
+                .rows
+                .iter()
+                .map(|x| {
+                    vec![
+                        x.workload.clone(),
+                        x.upstream.clone(),
+                        x.credential_id.clone(),
+                        format!("{} {}", x.method, x.status_class),
+                        x.requests.to_string(),
+                        ago(Some(x.last_seen_ms)),
+                    ]
+                })
+                .collect();
             let mut text = table(
                 &[
                     "WORKLOAD",
@@ -611,29 +605,28 @@ async fn usage(cli: &Cli, args: &UsageArgs) -> Result<(), Failure> {
             );
             text.push_str(&format!(
                 "{} requests; {} dropped by sidecars before delivery\n",
-                v["requests"], v["dropped_requests"]
+                v.requests, v.dropped_requests
             ));
-            print(cli, Output::new(v, text));
+            print(cli, Output::new(&v, text));
         }
         Some(UsageCommand::Deps(filter)) => {
-            let v = call(
-                cli,
-                "GET",
-                &format!("/v1/usage/dependencies{}", filter.query()),
-                None,
-            )
-            .await?;
-            let rows = rows_of(&v, "edges", &|x| {
-                vec![
-                    s(&x["workload"]),
-                    s(&x["upstream"]),
-                    s(&x["credential_kind"]),
-                    x["requests"].to_string(),
-                    x["errors"].to_string(),
-                    x["credentials"].to_string(),
-                    ago(x["last_used_ms"].as_i64()),
-                ]
-            });
+            let v: Dependencies =
+                get(cli, &format!("/v1/usage/dependencies{}", filter.query())).await?;
+            let rows = v
+                .edges
+                .iter()
+                .map(|x| {
+                    vec![
+                        x.workload.clone(),
+                        x.upstream.clone(),
+                        x.credential_kind.clone(),
+                        x.requests.to_string(),
+                        x.errors.to_string(),
+                        x.credentials.to_string(),
+                        ago(Some(x.last_used_ms)),
+                    ]
+                })
+                .collect();
             let text = table(
                 &[
                     "WORKLOAD",
@@ -646,7 +639,7 @@ async fn usage(cli: &Cli, args: &UsageArgs) -> Result<(), Failure> {
                 ],
                 rows,
             );
-            print(cli, Output::new(v, text));
+            print(cli, Output::new(&v, text));
         }
         Some(UsageCommand::Unused { since }) => {
             let q = UsageFilter {
@@ -654,35 +647,36 @@ async fn usage(cli: &Cli, args: &UsageArgs) -> Result<(), Failure> {
                 ..UsageFilter::default()
             }
             .query();
-            let v = call(cli, "GET", &format!("/v1/usage/unused-grants{q}"), None).await?;
-            let rows = rows_of(&v, "unused", &|x| {
-                vec![
-                    s(&x["workload"]),
-                    s(&x["upstream"]),
-                    ago(x["last_used_ms"].as_i64()),
-                ]
-            });
+            let v: UnusedGrants = get(cli, &format!("/v1/usage/unused-grants{q}")).await?;
+            let rows = v
+                .unused
+                .iter()
+                .map(|x| vec![x.workload.clone(), x.upstream.clone(), ago(x.last_used_ms)])
+                .collect();
             let text = table(&["WORKLOAD", "UPSTREAM", "LAST USE EVER"], rows);
-            print(cli, Output::new(v, text));
+            print(cli, Output::new(&v, text));
         }
         Some(UsageCommand::AfterRevocation) => {
-            let v = call(cli, "GET", "/v1/usage/after-revocation", None).await?;
-            let rows = rows_of(&v, "uses", &|x| {
-                vec![
-                    s(&x["revocation_id"]),
-                    s(&x["workload"]),
-                    s(&x["upstream"]),
-                    s(&x["credential_id"]),
-                    x["requests"].to_string(),
-                    ago(x["last_seen_ms"].as_i64()),
-                    if x["violation"].as_bool() == Some(true) {
-                        "VIOLATION".into()
-                    } else {
-                        "before ack".into()
-                    },
-                ]
-            });
-            let violations = v["violations"].as_u64().unwrap_or(0);
+            let v: AfterRevocation = get(cli, "/v1/usage/after-revocation").await?;
+            let rows = v
+                .uses
+                .iter()
+                .map(|x| {
+                    vec![
+                        x.revocation_id.clone(),
+                        x.workload.clone(),
+                        x.upstream.clone(),
+                        x.credential_id.clone(),
+                        x.requests.to_string(),
+                        ago(Some(x.last_seen_ms)),
+                        if x.violation {
+                            "VIOLATION".into()
+                        } else {
+                            "before ack".into()
+                        },
+                    ]
+                })
+                .collect();
             let mut text = table(
                 &[
                     "REVOCATION",
@@ -695,8 +689,9 @@ async fn usage(cli: &Cli, args: &UsageArgs) -> Result<(), Failure> {
                 ],
                 rows,
             );
-            text.push_str(&format!("{violations} violation(s)\n"));
-            print(cli, Output::new(v, text));
+            text.push_str(&format!("{} violation(s)\n", v.violations));
+            let violations = v.violations;
+            print(cli, Output::new(&v, text));
             if violations > 0 {
                 return Err(Failure::Violations);
             }
@@ -723,27 +718,32 @@ fn read_secret(file: Option<&std::path::Path>) -> Result<zeroize::Zeroizing<Stri
     Ok(trimmed)
 }
 
+/// What a command prints: the answer as JSON (`--json`) or as text.
 struct Output {
-    json: Value,
+    json: serde_json::Value,
     text: String,
 }
 
 impl Output {
-    fn new(json: Value, text: String) -> Self {
-        Self { json, text }
+    fn new(answer: &impl Serialize, text: String) -> Self {
+        Self {
+            json: serde_json::to_value(answer).unwrap_or_default(),
+            text,
+        }
     }
 }
 
-fn s(v: &Value) -> String {
-    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+/// An optional field as the text output shows it.
+fn or_null(v: Option<impl std::fmt::Display>) -> String {
+    v.map_or_else(|| "null".to_owned(), |v| v.to_string())
 }
 
-fn target(r: &Value) -> String {
-    match r["kind"].as_str() {
-        Some("credential") => s(&r["credential_id"]),
-        Some("grant") => format!("{} -> {}", s(&r["workload"]), s(&r["upstream"])),
-        Some("workload") => s(&r["workload"]),
-        _ => s(&r["upstream"]),
+fn target(r: &Revocation) -> String {
+    match r.kind.as_str() {
+        "credential" => r.credential_id.clone(),
+        "grant" => format!("{} -> {}", r.workload, r.upstream),
+        "workload" => r.workload.clone(),
+        _ => r.upstream.clone(),
     }
 }
 

@@ -1,0 +1,220 @@
+//! `/v1/revocations` and `/v1/sidecars`: revoke, restore, list, and where
+//! each revocation has reached.
+
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+
+use super::types::{
+    Acknowledgement, ErrorBody, PendingSidecar, Propagation, ReasonRequest, Restored, Revocation,
+    RevocationList, RevocationListQuery, RevocationStatus, RevokeRequest, Sidecar, SidecarList,
+};
+use super::{AdminState, ApiError, Audited, Responder, Viewer};
+use crate::store::StoredRevocation;
+
+/// A stored revocation as the API shows it.
+pub(super) fn revocation(r: &StoredRevocation) -> Revocation {
+    Revocation {
+        id: r.revocation.id.clone(),
+        kind: r.revocation.kind.clone(),
+        workload: r.revocation.workload.clone(),
+        upstream: r.revocation.upstream.clone(),
+        credential_id: r.revocation.credential_id.clone(),
+        reason: r.revocation.reason.clone(),
+        revoked_by: r.revocation.revoked_by.clone(),
+        revoked_at_ms: r.revocation.revoked_at_ms,
+        seq: r.revoke_seq,
+        active: r.restored.is_none(),
+        // A short public handle, not the fingerprint itself.
+        fingerprint_id: r.revocation.fingerprint.get(..4).map(crate::store::hex),
+        restored: r.restored.as_ref().map(|x| Restored {
+            by: x.by.clone(),
+            reason: x.reason.clone(),
+            at_ms: x.at_ms,
+            seq: x.seq,
+        }),
+    }
+}
+
+/// List revocations (active only unless `all=true`).
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/revocations", operation_id = "list_revocations", tag = "revocations",
+    params(RevocationListQuery), security(("bearer" = [])),
+    responses((status = 200, body = RevocationList)))]
+pub(super) async fn list(
+    State(s): State<AdminState>,
+    Query(q): Query<RevocationListQuery>,
+    _: Viewer,
+) -> Result<Json<RevocationList>, ApiError> {
+    let list = s.cp.store.revocations(!q.all).await?;
+    Ok(Json(RevocationList {
+        revocations: list.iter().map(revocation).collect(),
+    }))
+}
+
+/// Revoke. Answered once committed durably with its sequence number.
+///
+/// Role: responder.
+#[utoipa::path(post, path = "/v1/revocations", tag = "revocations",
+    request_body = RevokeRequest, security(("bearer" = [])),
+    responses((status = 201, body = Revocation),
+        (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn revoke(
+    State(s): State<AdminState>,
+    Responder(caller): Responder,
+    body: Result<Json<RevokeRequest>, JsonRejection>,
+) -> Result<Audited<Revocation>, ApiError> {
+    let Json(req) = body?;
+    let policy = s.cp.policy.load();
+    let stored = if let Some((upstream, version)) = (req.kind == "credential")
+        .then(|| crate::secrets::parse_lease_id(&req.credential_id))
+        .flatten()
+    {
+        // A static lease is a secret version: revoking it revokes the version.
+        s.cp.revocations
+            .revoke_secret_version(&upstream, version, &req.reason, &caller.actor)
+            .await?
+    } else {
+        if req.kind == "credential" && req.credential_id.starts_with("oauth2:") {
+            // Dropped before the commit: the sidecars that refetch after the
+            // revocation get a freshly exchanged token, never this one.
+            s.cp.tokens.forget(&req.credential_id);
+        }
+        s.cp.revocations
+            .revoke(req, &caller.actor, &policy.policy)
+            .await?
+    };
+    let detail = format!(
+        "revoked {} {} seq {}: {}",
+        stored.revocation.kind, stored.revocation.id, stored.revoke_seq, stored.revocation.reason
+    );
+    Ok(Audited(StatusCode::CREATED, revocation(&stored), detail))
+}
+
+/// One revocation with its propagation: which sidecars acknowledged it and
+/// when, which connected ones have not.
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/revocations/{id}", operation_id = "revocation_status", tag = "revocations",
+    params(("id" = String, Path, description = "Revocation id")), security(("bearer" = [])),
+    responses((status = 200, body = RevocationStatus), (status = 404, body = ErrorBody)))]
+pub(super) async fn status(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    _: Viewer,
+) -> Result<Json<RevocationStatus>, ApiError> {
+    let stored =
+        s.cp.store
+            .revocation(&id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no revocation {id:?}")))?;
+    Ok(Json(RevocationStatus {
+        revocation: revocation(&stored),
+        propagation: propagation(&s, stored.revoke_seq).await?,
+    }))
+}
+
+/// Which sidecars have acknowledged `seq` (durable record) and which of the
+/// connected ones have not yet.
+pub(super) async fn propagation(s: &AdminState, seq: u64) -> Result<Propagation, ApiError> {
+    let committed_at =
+        s.cp.store
+            .revocations(false)
+            .await?
+            .into_iter()
+            .find_map(|r| {
+                if r.revoke_seq == seq {
+                    Some(r.revocation.revoked_at_ms)
+                } else {
+                    r.restored.filter(|x| x.seq == seq).map(|x| x.at_ms)
+                }
+            })
+            .unwrap_or(0);
+    let acknowledged =
+        s.cp.store
+            .acks_for(seq)
+            .await?
+            .into_iter()
+            .map(|(session, at)| Acknowledgement {
+                session_id: session.id,
+                spiffe_id: session.spiffe_id,
+                version: session.version,
+                acked_at_ms: at,
+                latency_ms: (at - committed_at).max(0),
+            })
+            .collect();
+    let connected = s.cp.sessions.list();
+    let pending = connected
+        .iter()
+        .filter(|c| c.last_ack_seq.load(Ordering::Relaxed) < seq)
+        .map(|c| PendingSidecar {
+            session_id: c.id.clone(),
+            spiffe_id: c.spiffe_id.to_string(),
+            version: c.version.clone(),
+            last_ack_seq: c.last_ack_seq.load(Ordering::Relaxed),
+            last_heard_ms: c.last_heard_ms.load(Ordering::Relaxed),
+        })
+        .collect();
+    Ok(Propagation {
+        seq,
+        connected: connected.len(),
+        acknowledged,
+        pending,
+    })
+}
+
+/// Restore a grant, workload or upstream revocation (credential
+/// revocations are permanent).
+///
+/// Role: responder.
+#[utoipa::path(post, path = "/v1/revocations/{id}/restore", tag = "revocations",
+    params(("id" = String, Path, description = "Revocation id")),
+    request_body = ReasonRequest, security(("bearer" = [])),
+    responses((status = 200, body = Revocation), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+pub(super) async fn restore(
+    State(s): State<AdminState>,
+    Path(id): Path<String>,
+    Responder(caller): Responder,
+    body: Result<Json<ReasonRequest>, JsonRejection>,
+) -> Result<Audited<Revocation>, ApiError> {
+    let Json(req) = body?;
+    let stored =
+        s.cp.revocations
+            .restore(&id, &caller.actor, &req.reason)
+            .await?;
+    let detail = format!("restored {id}: {}", req.reason.trim());
+    Ok(Audited(StatusCode::OK, revocation(&stored), detail))
+}
+
+/// Connected sidecar sessions.
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/sidecars", tag = "revocations",
+    security(("bearer" = [])), responses((status = 200, body = SidecarList)))]
+pub(super) async fn sidecars(State(s): State<AdminState>, _: Viewer) -> Json<SidecarList> {
+    let sidecars =
+        s.cp.sessions
+            .list()
+            .iter()
+            .map(|c| Sidecar {
+                session_id: c.id.clone(),
+                spiffe_id: c.spiffe_id.to_string(),
+                version: c.version.clone(),
+                connected_at_ms: c.connected_at_ms,
+                last_ack_seq: c.last_ack_seq.load(Ordering::Relaxed),
+                last_ack_at_ms: c.last_ack_at_ms.load(Ordering::Relaxed),
+                last_heard_ms: c.last_heard_ms.load(Ordering::Relaxed),
+            })
+            .collect();
+    Json(SidecarList {
+        seq: s.cp.revocations.snapshot().seq,
+        sidecars,
+    })
+}

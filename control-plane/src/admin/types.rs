@@ -1,0 +1,340 @@
+//! The admin API's contract: every request and response body, shared by the
+//! server's handlers, `leashctl` and the generated OpenAPI document.
+//!
+//! Field names are the wire format; renaming one is a breaking change.
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+pub use crate::anchor::SignedHead;
+pub use crate::revocations::RevokeRequest;
+pub use crate::store::{AuditEntry, AuditVerdict, Sighting};
+pub use crate::usage::{Edge, Summary as UsageSummary, UnusedGrant, UsageRow, UseAfterRevocation};
+
+/// Every refusal: a stable code and a human message.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable code: invalid, bad_body, not_found, conflict, revoked,
+    /// unauthenticated, too_many_failures, forbidden, store_unavailable,
+    /// audit_unavailable, audit_broken, no_master_key.
+    pub error: String,
+    pub message: String,
+}
+
+/// A revocation (or a registered leaked value) as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Revocation {
+    pub id: String,
+    /// credential, grant, workload, upstream or leaked.
+    pub kind: String,
+    pub workload: String,
+    pub upstream: String,
+    pub credential_id: String,
+    pub reason: String,
+    pub revoked_by: String,
+    pub revoked_at_ms: i64,
+    /// The revocation log's sequence number of the commit.
+    pub seq: u64,
+    /// False once restored.
+    pub active: bool,
+    /// A short public handle of a leaked value's fingerprint (never the
+    /// fingerprint itself); null for other kinds.
+    pub fingerprint_id: Option<String>,
+    pub restored: Option<Restored>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Restored {
+    pub by: String,
+    pub reason: String,
+    pub at_ms: i64,
+    pub seq: u64,
+}
+
+/// `GET /v1/revocations`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RevocationList {
+    pub revocations: Vec<Revocation>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RevocationListQuery {
+    /// Include restored revocations.
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// `GET /v1/revocations/{id}`: the revocation and where it has reached.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RevocationStatus {
+    #[serde(flatten)]
+    pub revocation: Revocation,
+    pub propagation: Propagation,
+}
+
+/// Which sidecars acknowledged a sequence number (durable record) and which
+/// of the connected ones have not yet.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Propagation {
+    pub seq: u64,
+    /// Sidecars connected now.
+    pub connected: usize,
+    pub acknowledged: Vec<Acknowledgement>,
+    pub pending: Vec<PendingSidecar>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Acknowledgement {
+    pub session_id: String,
+    pub spiffe_id: String,
+    pub version: String,
+    pub acked_at_ms: i64,
+    /// From the commit to this acknowledgement.
+    pub latency_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PendingSidecar {
+    pub session_id: String,
+    pub spiffe_id: String,
+    pub version: String,
+    pub last_ack_seq: u64,
+    pub last_heard_ms: i64,
+}
+
+/// A body that only says why: restores and secret-version revocations.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonRequest {
+    pub reason: String,
+}
+
+/// `GET /v1/sidecars`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SidecarList {
+    /// The newest revocation sequence number.
+    pub seq: u64,
+    pub sidecars: Vec<Sidecar>,
+}
+
+/// A connected sidecar session.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Sidecar {
+    pub session_id: String,
+    pub spiffe_id: String,
+    pub version: String,
+    pub connected_at_ms: i64,
+    pub last_ack_seq: u64,
+    pub last_ack_at_ms: i64,
+    pub last_heard_ms: i64,
+}
+
+/// `POST /v1/leaked`.
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeakedRequest {
+    /// The leaked value itself. Fingerprinted, then zeroized; never stored
+    /// or logged.
+    #[schema(value_type = String)]
+    pub value: zeroize::Zeroizing<String>,
+    pub reason: String,
+}
+
+/// `GET /v1/leaked`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LeakedList {
+    pub leaked: Vec<Revocation>,
+}
+
+/// `GET /v1/leaked/{id}`: a registration with its forgotten consumers.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LeakedStatus {
+    #[serde(flatten)]
+    pub revocation: Revocation,
+    pub sightings: Vec<Sighting>,
+    pub propagation: Propagation,
+}
+
+/// `GET /v1/stripped`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StrippedReport {
+    /// Workloads that sent their own credential to a managed upstream.
+    pub stripped: Vec<Stripped>,
+    /// Injected credentials an upstream sent back (removed before the
+    /// workload saw them).
+    pub echoed: Vec<Echoed>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Stripped {
+    pub workload: String,
+    pub upstream: String,
+    pub count: i64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Echoed {
+    pub workload: String,
+    pub upstream: String,
+    pub header: String,
+    pub count: i64,
+    pub last_seen_ms: i64,
+}
+
+/// The usage endpoints' filter. Times are Unix milliseconds, RFC 3339, or
+/// a duration meaning that long ago (15m, 24h, 30d).
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// One credential id.
+    pub credential: Option<String>,
+    /// One workload SPIFFE ID.
+    pub workload: Option<String>,
+    /// One upstream name.
+    pub upstream: Option<String>,
+    /// Used at or after this time (required by `/v1/usage/unused-grants`).
+    pub since: Option<String>,
+    /// Used before this time.
+    pub until: Option<String>,
+}
+
+/// `GET /v1/usage/dependencies`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Dependencies {
+    pub edges: Vec<Edge>,
+}
+
+/// `GET /v1/usage/unused-grants`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UnusedGrants {
+    pub since_ms: i64,
+    pub policy_version: String,
+    pub unused: Vec<UnusedGrant>,
+}
+
+/// `GET /v1/usage/after-revocation`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AfterRevocation {
+    /// Uses in `uses` that are violations.
+    pub violations: usize,
+    pub uses: Vec<UseAfterRevocation>,
+}
+
+/// `POST /v1/secrets/{upstream}`.
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRequest {
+    /// The secret value. Encrypted at once; never stored in the clear or
+    /// logged.
+    #[schema(value_type = String)]
+    pub value: zeroize::Zeroizing<String>,
+}
+
+/// The answer to `POST /v1/secrets/{upstream}`: the version now current.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SecretStored {
+    pub upstream: String,
+    pub version: i64,
+}
+
+/// `GET /v1/secrets/{upstream}`: versions newest first, never their values.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SecretVersions {
+    pub upstream: String,
+    /// The version leased now; null when none is usable.
+    pub current: Option<i64>,
+    /// "ok", or why no secret is leased.
+    pub state: String,
+    pub versions: Vec<SecretVersion>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SecretVersion {
+    pub version: i64,
+    pub current: bool,
+    pub created_at_ms: i64,
+    pub created_by: String,
+    pub revoked_at_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// Newest entries to return (1 to 10,000).
+    #[serde(default = "default_audit_limit")]
+    #[param(default = 100)]
+    pub limit: i64,
+}
+
+fn default_audit_limit() -> i64 {
+    100
+}
+
+/// `GET /v1/audit`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditLog {
+    pub entries: Vec<AuditEntry>,
+}
+
+/// A head saved earlier (`GET /v1/audit/head`): its entry must still be in
+/// the chain with this hash.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct VerifyQuery {
+    pub id: Option<i64>,
+    pub hash: Option<String>,
+}
+
+/// The log filter in force (`RUST_LOG` syntax); null when logging was not
+/// set up by this process.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LogFilter {
+    pub filter: Option<String>,
+}
+
+/// `PUT /v1/logging`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingRequest {
+    /// `RUST_LOG` syntax.
+    pub filter: String,
+}
+
+/// `GET /v1/config_dump`: the effective configuration (without secrets)
+/// and live state.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ConfigDump {
+    /// The configuration as started (listeners, limits, paths, issuer…).
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+    pub policy_version: String,
+    pub upstreams: usize,
+    pub grants: usize,
+    pub revocation_seq: u64,
+    pub sessions: usize,
+    pub log_filter: Option<String>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// 1 to 64 bytes.
+    pub name: String,
+    /// viewer, responder or admin.
+    pub role: String,
+}
+
+/// A new token; the secret is shown this once and stored only as a hash.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    pub name: String,
+    pub role: String,
+    pub token: String,
+}
