@@ -1,6 +1,11 @@
 //! The admin API's OpenAPI document against the router that serves it:
 //! every documented operation is routed and enforces the role it states,
 //! and the router has nothing the document leaves out.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test stops at the first failed step, with its message"
+)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
