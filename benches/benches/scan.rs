@@ -15,7 +15,9 @@ use std::hint::black_box;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use leash_api::revocation::{FingerprintKey, RevocationSet, fingerprint, fingerprint_bytes};
+use leash_api::revocation::{
+    FingerprintKey, RevocationKind, RevocationSet, fingerprint, fingerprint_bytes,
+};
 use leash_api::v1::Revocation;
 
 const KEY: FingerprintKey = FingerprintKey(*b"0123456789abcdef");
@@ -23,7 +25,7 @@ const KEY: FingerprintKey = FingerprintKey(*b"0123456789abcdef");
 fn registry(n: usize) -> RevocationSet {
     RevocationSet::new((0..n).map(|i| Revocation {
         id: format!("rev-{i}"),
-        kind: "leaked".into(),
+        kind: RevocationKind::Leaked.into(),
         fingerprint: fingerprint_bytes(fingerprint(
             &KEY,
             format!("leaked-secret-{i:08}").as_bytes(),
@@ -245,9 +247,9 @@ fn lookups(c: &mut Criterion) {
         let set = RevocationSet::new((0..n).map(|i| Revocation {
             id: format!("rev-{i}"),
             kind: if i % 2 == 0 {
-                "credential".into()
+                RevocationKind::Credential.into()
             } else {
-                "grant".into()
+                RevocationKind::Grant.into()
             },
             credential_id: format!("cred-{i}"),
             workload: format!("spiffe://leash.test/ns/other{i}/sa/x"),

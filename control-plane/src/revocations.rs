@@ -226,7 +226,7 @@ impl RevocationLog {
         let _write = self.write.lock().await;
         let current = self.state.load_full();
         if let Some(dup) = current.set.active().find(|r| {
-            r.kind == kind.as_str()
+            r.kind() == kind
                 && r.workload == req.workload
                 && r.upstream == req.upstream
                 && r.credential_id == req.credential_id
@@ -238,7 +238,7 @@ impl RevocationLog {
         }
         let revocation = Revocation {
             id: format!("rev-{}", uuid::Uuid::new_v4().simple()),
-            kind: kind.as_str().to_owned(),
+            kind: kind.into(),
             workload: req.workload,
             upstream: req.upstream,
             credential_id: req.credential_id,
@@ -277,7 +277,7 @@ impl RevocationLog {
         if let Some(dup) = current
             .set
             .active()
-            .find(|r| r.kind == "leaked" && r.fingerprint == fp)
+            .find(|r| r.kind() == RevocationKind::Leaked && r.fingerprint == fp)
         {
             return Err(RevokeError::Conflict(format!(
                 "already registered as {}",
@@ -286,7 +286,7 @@ impl RevocationLog {
         }
         let revocation = Revocation {
             id: format!("rev-{}", uuid::Uuid::new_v4().simple()),
-            kind: RevocationKind::Leaked.as_str().to_owned(),
+            kind: RevocationKind::Leaked.into(),
             reason: reason.to_owned(),
             revoked_by: by.to_owned(),
             revoked_at_ms: now_ms(),
@@ -320,7 +320,7 @@ impl RevocationLog {
         let current = self.state.load_full();
         let revocation = Revocation {
             id: format!("rev-{}", uuid::Uuid::new_v4().simple()),
-            kind: RevocationKind::Credential.as_str().to_owned(),
+            kind: RevocationKind::Credential.into(),
             credential_id: crate::secrets::lease_id(upstream, version),
             reason: reason.to_owned(),
             revoked_by: by.to_owned(),
@@ -373,7 +373,7 @@ impl RevocationLog {
             .revocation(id)
             .await?
             .ok_or_else(|| RevokeError::NotFound(format!("no revocation {id:?}")))?;
-        if !RevocationKind::parse(&stored.revocation.kind).is_some_and(RevocationKind::restorable) {
+        if !RevocationKind::of(&stored.revocation).is_some_and(RevocationKind::restorable) {
             return Err(RevokeError::Conflict(
                 "a revoked credential stays revoked; issue a new one".into(),
             ));

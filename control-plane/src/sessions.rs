@@ -3,6 +3,7 @@
 //! committed change is pushed as it happens, with heartbeats in between;
 //! acknowledgements are recorded durably as the proof of propagation.
 
+use leash_api::revocation::RevocationKind;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -463,7 +464,7 @@ impl SessionDriver {
         if snapshot
             .set
             .get(&leak.revocation_id)
-            .is_none_or(|r| r.kind != "leaked")
+            .is_none_or(|r| r.kind() != RevocationKind::Leaked)
         {
             return Err("revocation_id is not an active leaked-value registration".into());
         }

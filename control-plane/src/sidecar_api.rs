@@ -374,8 +374,7 @@ impl SidecarService {
             .set
             .check(&peer.spiffe_id, upstream_name)
         {
-            let kind =
-                RevocationKind::parse(&r.kind).map_or("revoked", RevocationKind::refusal_code);
+            let kind = RevocationKind::of(r).map_or("revoked", RevocationKind::refusal_code);
             return Ok(self.deny(
                 kind,
                 format!("revoked by {} ({}): {}", r.id, r.kind, r.reason),

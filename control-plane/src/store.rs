@@ -414,7 +414,7 @@ impl Store {
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&r.id)
-        .bind(&r.kind)
+        .bind(r.kind().as_str())
         .bind(&r.workload)
         .bind(&r.upstream)
         .bind(&r.credential_id)
@@ -1088,7 +1088,7 @@ fn revocation_from_row(r: &sqlx::sqlite::SqliteRow) -> StoredRevocation {
     StoredRevocation {
         revocation: Revocation {
             id: r.get("id"),
-            kind: r.get("kind"),
+            kind: stored_kind(&r.get::<String, _>("kind")),
             workload: r.get("workload"),
             upstream: r.get("upstream"),
             credential_id: r.get("credential_id"),
@@ -1197,6 +1197,12 @@ pub fn audit_hash(prev: &str, id: i64, e: &AuditEntry) -> String {
     ctx.update(b"\n");
     ctx.update(body.to_string().as_bytes());
     hex(ctx.finish().as_ref())
+}
+
+/// A revocation kind as stored (its name). One this build does not know
+/// reads as unspecified, which every enforcement point refuses.
+fn stored_kind(name: &str) -> i32 {
+    leash_api::revocation::RevocationKind::parse(name).map_or(0, i32::from)
 }
 
 pub fn hex(b: &[u8]) -> String {

@@ -16,7 +16,7 @@ use crate::store::{Store, StoreError, now_ms};
 /// Usage is stored in buckets of this width (of the batch's first use).
 pub const BUCKET_MS: i64 = 60_000;
 
-use leash_api::usage::{METHODS, STATUS_CLASSES as CLASSES};
+use leash_api::usage::{method_name, status_class_name};
 const MAX_FIELD: usize = 512;
 
 #[derive(Debug, PartialEq, Eq)]
@@ -33,12 +33,12 @@ pub fn validate(batch: &UsageBatch) -> Result<(), String> {
         if r.credential_id.len() > MAX_FIELD || r.upstream.len() > MAX_FIELD {
             return Err("a usage record field is longer than 512 bytes".into());
         }
-        if !METHODS.contains(&r.method.as_str()) {
-            return Err(format!("unknown method {:?} in a usage record", r.method));
+        if method_name(r.method).is_none() {
+            return Err(format!("unknown method {} in a usage record", r.method));
         }
-        if !CLASSES.contains(&r.status_class.as_str()) {
+        if status_class_name(r.status_class).is_none() {
             return Err(format!(
-                "unknown status class {:?} in a usage record",
+                "unknown status class {} in a usage record",
                 r.status_class
             ));
         }
@@ -88,8 +88,8 @@ pub async fn record(
                 .push_bind(&r.upstream)
                 .push_bind(&r.credential_id)
                 .push_bind(&r.credential_kind)
-                .push_bind(&r.method)
-                .push_bind(&r.status_class)
+                .push_bind(method_name(r.method).unwrap_or_default())
+                .push_bind(status_class_name(r.status_class).unwrap_or_default())
                 .push_bind(i64_of(r.requests))
                 .push_bind(i64_of(r.bytes_sent))
                 .push_bind(i64_of(r.bytes_received))
@@ -340,7 +340,7 @@ pub async fn after_revocation(store: &Store) -> Result<Vec<UseAfterRevocation>, 
     let mut out = Vec::new();
     for stored in store.revocations(false).await? {
         let r = &stored.revocation;
-        let Some(kind) = RevocationKind::parse(&r.kind) else {
+        let Some(kind) = RevocationKind::of(r) else {
             continue;
         };
         let mut q = sqlx::QueryBuilder::new(
@@ -392,7 +392,7 @@ pub async fn after_revocation(store: &Store) -> Result<Vec<UseAfterRevocation>, 
             let acknowledged_at_ms = acked.get(&workload).copied();
             out.push(UseAfterRevocation {
                 revocation_id: r.id.clone(),
-                kind: r.kind.clone(),
+                kind: r.kind().as_str().to_owned(),
                 revoked_at_ms: r.revoked_at_ms,
                 upstream: row.get("upstream"),
                 credential_id: row.get("credential_id"),
@@ -442,8 +442,11 @@ mod tests {
             credential_id: credential.into(),
             upstream: "payments".into(),
             credential_kind: "jwt".into(),
-            method: method.into(),
-            status_class: "2xx".into(),
+            method: leash_api::usage::METHODS
+                .iter()
+                .position(|m| *m == method)
+                .map_or(99, leash_api::usage::wire),
+            status_class: leash_api::v1::StatusClass::StatusClass2xx.into(),
             requests,
             bytes_sent: 0,
             bytes_received: 10 * requests,
@@ -511,11 +514,11 @@ mod tests {
             records: vec![record("c", "BREW", 1, 1)],
             ..UsageBatch::default()
         };
-        assert!(validate(&b).unwrap_err().contains("BREW"));
-        b.records[0].method = "GET".into();
-        b.records[0].status_class = "7xx".into();
+        assert!(validate(&b).unwrap_err().contains("unknown method 99"));
+        b.records[0].method = leash_api::v1::Method::Get.into();
+        b.records[0].status_class = 7;
         assert!(validate(&b).is_err());
-        b.records[0].status_class = "error".into();
+        b.records[0].status_class = leash_api::v1::StatusClass::NoAnswer.into();
         assert!(validate(&b).is_ok());
         b.records[0].credential_id = "x".repeat(600);
         assert!(validate(&b).is_err());

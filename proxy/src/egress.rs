@@ -521,7 +521,7 @@ impl Egress {
         }
         let revocation = set
             .active()
-            .find(|r| r.kind == "credential" && r.credential_id == *credential.id);
+            .find(|r| r.kind() == RevocationKind::Credential && r.credential_id == *credential.id);
         Refusal::Revoked {
             code: Code::RevokedCredential,
             what: format!("credential {}", credential.id),
@@ -684,7 +684,7 @@ fn credential_cut(credential: &CachedCredential, set: &RevocationSet) -> bool {
 }
 
 fn revoked(r: &Revocation, upstream: &str) -> Refusal {
-    let kind = RevocationKind::parse(&r.kind);
+    let kind = RevocationKind::of(r);
     let what = match kind {
         Some(RevocationKind::Upstream) => format!("upstream {}", r.upstream),
         Some(RevocationKind::Grant) => format!("the grant of {} to {}", r.upstream, r.workload),

@@ -581,7 +581,7 @@ fn json_unescape(s: &[u8]) -> Zeroizing<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use leash_api::revocation::fingerprint_bytes;
+    use leash_api::revocation::{RevocationKind, fingerprint_bytes};
     use leash_api::v1::Revocation;
 
     const KEY: FingerprintKey = FingerprintKey([7; 16]);
@@ -594,7 +594,7 @@ mod tests {
             } else {
                 format!("rev-leak-{i}")
             },
-            kind: "leaked".into(),
+            kind: RevocationKind::Leaked.into(),
             fingerprint: fingerprint_bytes(fingerprint(&KEY, v.as_bytes())),
             ..Default::default()
         }))

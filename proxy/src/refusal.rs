@@ -67,7 +67,7 @@ impl Code {
             Some(RevocationKind::Workload) => Self::RevokedWorkload,
             Some(RevocationKind::Upstream) => Self::RevokedUpstream,
             Some(RevocationKind::Leaked) => Self::LeakedSecret,
-            None => Self::Revoked,
+            Some(RevocationKind::Unspecified) | None => Self::Revoked,
         }
     }
 }

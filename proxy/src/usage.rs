@@ -111,8 +111,8 @@ impl UsageCell {
                 credential_id: self.credential_id.clone(),
                 upstream: self.upstream.to_string(),
                 credential_kind: self.kind.clone(),
-                method: METHODS[i / CLASSES.len()].to_owned(),
-                status_class: CLASSES[i % CLASSES.len()].to_owned(),
+                method: leash_api::usage::wire(i / CLASSES.len()),
+                status_class: leash_api::usage::wire(i % CLASSES.len()),
                 requests,
                 bytes_sent,
                 bytes_received,
@@ -311,19 +311,31 @@ mod tests {
         assert_eq!(batches.len(), 1);
         let b = &batches[0];
         assert_eq!(b.batch_seq, 1);
-        let get = b.records.iter().find(|r| r.method == "GET").unwrap();
+        let get = b
+            .records
+            .iter()
+            .find(|r| r.method() == leash_api::v1::Method::Get)
+            .unwrap();
         assert_eq!(
             (
                 get.requests,
-                get.status_class.as_str(),
+                leash_api::usage::status_class_name(get.status_class).unwrap(),
                 get.first_seen_ms,
                 get.last_seen_ms
             ),
             (2, "2xx", 10, 20)
         );
-        let post = b.records.iter().find(|r| r.method == "POST").unwrap();
+        let post = b
+            .records
+            .iter()
+            .find(|r| r.method() == leash_api::v1::Method::Post)
+            .unwrap();
         assert_eq!(
-            (post.requests, post.status_class.as_str(), post.bytes_sent),
+            (
+                post.requests,
+                leash_api::usage::status_class_name(post.status_class).unwrap(),
+                post.bytes_sent
+            ),
             (1, "error", 7)
         );
         // Nothing new: no empty batch.

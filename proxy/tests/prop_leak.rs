@@ -12,7 +12,9 @@ use std::io::Write as _;
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
-use leash_api::revocation::{FingerprintKey, RevocationSet, fingerprint, fingerprint_bytes};
+use leash_api::revocation::{
+    FingerprintKey, RevocationKind, RevocationSet, fingerprint, fingerprint_bytes,
+};
 use leash_api::v1::Revocation;
 use leash_proxy::leak::{scan_body, scan_request};
 use proptest::prelude::*;
@@ -23,7 +25,7 @@ const LIMIT: usize = 4096;
 fn registered(value: &str) -> RevocationSet {
     RevocationSet::new([Revocation {
         id: "rev-leak".into(),
-        kind: "leaked".into(),
+        kind: RevocationKind::Leaked.into(),
         fingerprint: fingerprint_bytes(fingerprint(&KEY, value.as_bytes())),
         ..Default::default()
     }])

@@ -7,21 +7,12 @@ use std::sync::Arc;
 use crate::policy::WorkloadMatcher;
 use crate::v1::Revocation;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RevocationKind {
-    /// One issued credential, by id. Permanent.
-    Credential,
-    /// A workload (exact or prefix) × an upstream.
-    Grant,
-    /// A workload (exact or prefix), for every upstream.
-    Workload,
-    /// An upstream, for every workload.
-    Upstream,
-    /// A leaked secret value, by keyed fingerprint: refused wherever it is sent. Permanent.
-    Leaked,
-}
+/// What a revocation names: the wire enum (`leash.proto`), with the names
+/// the admin API, the store and the logs use.
+pub use crate::v1::RevocationKind;
 
 impl RevocationKind {
+    /// Every kind a revocation can have (not `Unspecified`).
     pub const ALL: [Self; 5] = [
         Self::Credential,
         Self::Grant,
@@ -32,6 +23,7 @@ impl RevocationKind {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Unspecified => "unspecified",
             Self::Credential => "credential",
             Self::Grant => "grant",
             Self::Workload => "workload",
@@ -46,7 +38,14 @@ impl RevocationKind {
 
     /// Whether a revocation of this kind can be undone.
     pub fn restorable(self) -> bool {
-        !matches!(self, Self::Credential | Self::Leaked)
+        !matches!(self, Self::Credential | Self::Leaked | Self::Unspecified)
+    }
+
+    /// The kind of a revocation as sent, if it is one this build knows.
+    pub fn of(r: &Revocation) -> Option<Self> {
+        Self::try_from(r.kind)
+            .ok()
+            .filter(|k| *k != Self::Unspecified)
     }
 
     /// The code a refusal caused by this kind carries.
@@ -57,6 +56,7 @@ impl RevocationKind {
             Self::Workload => "revoked_workload",
             Self::Upstream => "revoked_upstream",
             Self::Leaked => "leaked_secret",
+            Self::Unspecified => "revoked",
         }
     }
 }
@@ -106,7 +106,7 @@ impl RevocationSet {
             WorkloadMatcher::parse(&r.workload)
                 .map_err(|e| invalid(format!("workload matcher {:?}: {e}", r.workload)))
         };
-        match RevocationKind::parse(&r.kind) {
+        match RevocationKind::of(&r) {
             Some(RevocationKind::Credential) if !r.credential_id.is_empty() => {
                 self.credentials.insert(r.credential_id.as_str().into());
             }
@@ -148,7 +148,7 @@ impl RevocationSet {
         let Some(r) = self.active.remove(id) else {
             return;
         };
-        match RevocationKind::parse(&r.kind) {
+        match RevocationKind::of(&r) {
             // Another active revocation may name the same credential or upstream.
             Some(RevocationKind::Credential)
                 if !self
@@ -217,7 +217,7 @@ impl RevocationSet {
             return self
                 .active
                 .values()
-                .find(|r| r.kind == "upstream" && r.upstream == upstream)
+                .find(|r| r.kind() == RevocationKind::Upstream && r.upstream == upstream)
                 .map(|r| &**r);
         }
         let id = self
@@ -327,7 +327,7 @@ mod tests {
     fn rev(id: &str, kind: &str, workload: &str, upstream: &str, cred: &str) -> Revocation {
         Revocation {
             id: id.into(),
-            kind: kind.into(),
+            kind: RevocationKind::parse(kind).map_or(0, i32::from),
             workload: workload.into(),
             upstream: upstream.into(),
             credential_id: cred.into(),
@@ -410,7 +410,7 @@ mod tests {
             rev("x", "upstream", "", "", ""),
             Revocation {
                 id: "x".into(),
-                kind: "leaked".into(),
+                kind: RevocationKind::Leaked.into(),
                 fingerprint: vec![1, 2, 3],
                 ..Default::default()
             },
@@ -436,7 +436,7 @@ mod leaked_tests {
         let fp = fingerprint(&key, b"sk_live_4f9a8b7c6d5e");
         let set = RevocationSet::new([Revocation {
             id: "rev-leak".into(),
-            kind: "leaked".into(),
+            kind: RevocationKind::Leaked.into(),
             fingerprint: fingerprint_bytes(fp),
             ..Default::default()
         }])

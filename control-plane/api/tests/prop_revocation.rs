@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use leash_api::revocation::RevocationSet;
+use leash_api::revocation::{RevocationKind, RevocationSet};
 use leash_api::v1::Revocation;
 use proptest::prelude::*;
 
@@ -39,20 +39,20 @@ fn revocation() -> impl Strategy<Value = Revocation> {
             };
             match kind {
                 0 => {
-                    r.kind = "credential".into();
+                    r.kind = RevocationKind::Credential.into();
                     r.credential_id = format!("cred-{c}");
                 }
                 1 => {
-                    r.kind = "grant".into();
+                    r.kind = RevocationKind::Grant.into();
                     r.workload = workload;
                     r.upstream = UPSTREAMS[u].into();
                 }
                 2 => {
-                    r.kind = "workload".into();
+                    r.kind = RevocationKind::Workload.into();
                     r.workload = workload;
                 }
                 _ => {
-                    r.kind = "upstream".into();
+                    r.kind = RevocationKind::Upstream.into();
                     r.upstream = UPSTREAMS[u].into();
                 }
             }
@@ -96,10 +96,10 @@ proptest! {
         prop_assert_eq!(set.len(), model.len());
         for w in WORKLOADS {
             for u in UPSTREAMS {
-                let expected = model.values().any(|r| match r.kind.as_str() {
-                    "grant" => matches(&r.workload, w) && r.upstream == u,
-                    "workload" => matches(&r.workload, w),
-                    "upstream" => r.upstream == u,
+                let expected = model.values().any(|r| match r.kind() {
+                    RevocationKind::Grant => matches(&r.workload, w) && r.upstream == u,
+                    RevocationKind::Workload => matches(&r.workload, w),
+                    RevocationKind::Upstream => r.upstream == u,
                     _ => false,
                 });
                 prop_assert_eq!(set.check(w, u).is_some(), expected, "{} × {}", w, u);
@@ -107,7 +107,7 @@ proptest! {
         }
         for c in 0..3 {
             let id = format!("cred-{c}");
-            let expected = model.values().any(|r| r.kind == "credential" && r.credential_id == id);
+            let expected = model.values().any(|r| r.kind() == RevocationKind::Credential && r.credential_id == id);
             prop_assert_eq!(set.credential_revoked(&id), expected);
         }
     }

@@ -6,6 +6,7 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use leash_api::revocation::RevocationKind;
 
 use super::revocations::{propagation, revocation};
 use super::types::{
@@ -59,7 +60,7 @@ pub(super) async fn list(
     Ok(Json(LeakedList {
         leaked: list
             .iter()
-            .filter(|r| r.revocation.kind == "leaked")
+            .filter(|r| r.revocation.kind() == RevocationKind::Leaked)
             .map(revocation)
             .collect(),
     }))
@@ -83,7 +84,7 @@ pub(super) async fn status(
         s.cp.store
             .revocation(&id)
             .await?
-            .filter(|r| r.revocation.kind == "leaked")
+            .filter(|r| r.revocation.kind() == RevocationKind::Leaked)
             .ok_or_else(|| ApiError::not_found(format!("no leaked value {id:?}")))?;
     Ok(Json(LeakedStatus {
         revocation: revocation(&stored),

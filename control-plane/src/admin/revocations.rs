@@ -1,6 +1,7 @@
 //! `/v1/revocations` and `/v1/sidecars`: revoke, restore, list, and where
 //! each revocation has reached.
 
+use leash_api::revocation::RevocationKind;
 use std::sync::atomic::Ordering;
 
 use axum::Json;
@@ -19,7 +20,7 @@ use crate::store::StoredRevocation;
 pub(super) fn revocation(r: &StoredRevocation) -> Revocation {
     Revocation {
         id: r.revocation.id.clone(),
-        kind: r.revocation.kind.clone(),
+        kind: r.revocation.kind().as_str().to_owned(),
         workload: r.revocation.workload.clone(),
         upstream: r.revocation.upstream.clone(),
         credential_id: r.revocation.credential_id.clone(),
@@ -71,16 +72,19 @@ pub(super) async fn revoke(
 ) -> Result<Audited<Revocation>, ApiError> {
     let Json(req) = body?;
     let policy = s.cp.policy.load();
-    let stored = if let Some((upstream, version)) = (req.kind == "credential")
-        .then(|| crate::secrets::parse_lease_id(&req.credential_id))
-        .flatten()
+    let stored = if let Some((upstream, version)) = (req.kind
+        == RevocationKind::Credential.as_str())
+    .then(|| crate::secrets::parse_lease_id(&req.credential_id))
+    .flatten()
     {
         // A static lease is a secret version: revoking it revokes the version.
         s.cp.revocations
             .revoke_secret_version(&upstream, version, &req.reason, &caller.actor)
             .await?
     } else {
-        if req.kind == "credential" && req.credential_id.starts_with("oauth2:") {
+        if req.kind == RevocationKind::Credential.as_str()
+            && req.credential_id.starts_with("oauth2:")
+        {
             // Dropped before the commit: the sidecars that refetch after the
             // revocation get a freshly exchanged token, never this one.
             s.cp.tokens.forget(&req.credential_id);
