@@ -134,7 +134,10 @@ impl TokenCache {
         // client_secret_basic (RFC 6749 §2.3.1): form-encoded id and secret.
         let mut basic = Zeroizing::new(encode(x.client_id.as_bytes()).into_bytes());
         basic.push(b':');
-        basic.extend_from_slice(encode(x.client_secret).as_bytes());
+        // Straight into the zeroized buffer: no copy of the secret elsewhere.
+        for part in percent_encoding::percent_encode(x.client_secret, FORM) {
+            basic.extend_from_slice(part.as_bytes());
+        }
         let authorization = Zeroizing::new(format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(&*basic)
@@ -168,29 +171,12 @@ impl TokenCache {
             .map_err(|_| TokenError::Timeout(EXCHANGE_TIMEOUT))??;
         if status != 200 {
             // The error response (RFC 6749 §5.2) names the problem; it holds no secret.
-            let detail = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(|e| format!(" ({e})")))
+            let detail = serde_json::from_slice::<TokenErrorResponse>(&body)
+                .map(|e| format!(" ({})", e.error))
                 .unwrap_or_default();
             return Err(TokenError::Refused { status, detail });
         }
-        let parsed: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| TokenError::Invalid(format!("not JSON: {e}")))?;
-        let token = parsed["access_token"]
-            .as_str()
-            .filter(|t| !t.is_empty() && http::HeaderValue::from_str(t).is_ok())
-            .ok_or_else(|| TokenError::Invalid("no usable access_token".into()))?;
-        if let Some(kind) = parsed["token_type"].as_str()
-            && !kind.eq_ignore_ascii_case("bearer")
-        {
-            return Err(TokenError::Invalid(format!(
-                "token_type {kind:?} is not bearer"
-            )));
-        }
-        let expires_in = parsed["expires_in"]
-            .as_u64()
-            .filter(|s| *s > 0)
-            .ok_or_else(|| TokenError::Invalid("no positive expires_in".into()))?;
+        let (token, expires_in) = parse_token_response(&body)?;
         // Counted from when the request was sent: the token cannot be older.
         let lifetime = Duration::from_secs(expires_in);
         let use_for = lifetime.saturating_sub(margin(lifetime));
@@ -201,22 +187,113 @@ impl TokenCache {
         tracing::info!(upstream = %x.upstream, expires_in, "access token obtained");
         Ok(AccessToken {
             id: format!("oauth2:{}:{}", x.upstream, uuid::Uuid::new_v4().simple()),
-            token: Arc::new(Zeroizing::new(token.to_owned())),
+            token: Arc::new(token),
             use_until,
             use_until_unix_ms,
         })
     }
 }
 
-/// `application/x-www-form-urlencoded` encoding.
+/// What `application/x-www-form-urlencoded` leaves as it is (RFC 3986's
+/// unreserved characters); everything else is percent-encoded.
+const FORM: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `application/x-www-form-urlencoded` encoding (spaces as `%20`).
 fn encode(b: &[u8]) -> String {
-    let mut out = String::with_capacity(b.len());
-    for &c in b {
-        if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
-            out.push(c as char);
-        } else {
-            out.push_str(&format!("%{c:02X}"));
+    percent_encoding::percent_encode(b, FORM).to_string()
+}
+
+/// A token endpoint's answer (RFC 6749 §5.1). The token is zeroized when
+/// dropped; nothing else of the answer is kept.
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    access_token: Zeroizing<String>,
+    #[serde(default)]
+    token_type: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+/// A usable bearer token and its lifetime in seconds, from a token
+/// endpoint's successful answer. Errors never quote the answer.
+fn parse_token_response(body: &[u8]) -> Result<(Zeroizing<String>, u64), TokenError> {
+    // Only where it failed: serde_json's message can quote a value.
+    let parsed: TokenResponse = serde_json::from_slice(body).map_err(|e| {
+        TokenError::Invalid(format!(
+            "not a token response ({:?} error at line {} column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let token = parsed.access_token;
+    if token.is_empty() || http::HeaderValue::from_str(&token).is_err() {
+        return Err(TokenError::Invalid("no usable access_token".into()));
+    }
+    if let Some(kind) = &parsed.token_type
+        && !kind.eq_ignore_ascii_case("bearer")
+    {
+        return Err(TokenError::Invalid(format!(
+            "token_type {kind:?} is not bearer"
+        )));
+    }
+    let expires_in = parsed
+        .expires_in
+        .filter(|s| *s > 0)
+        .ok_or_else(|| TokenError::Invalid("no positive expires_in".into()))?;
+    Ok((token, expires_in))
+}
+
+/// A token endpoint's refusal (RFC 6749 §5.2): only the error code is read.
+#[derive(serde::Deserialize)]
+struct TokenErrorResponse {
+    error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_responses_are_read_typed_and_errors_never_quote_them() {
+        let (token, expires_in) = parse_token_response(
+            br#"{"access_token":"at-123","token_type":"Bearer","expires_in":60,"scope":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!((token.as_str(), expires_in), ("at-123", 60));
+        for (body, want) in [
+            (
+                &br#"{"access_token":"s3cr3t-value","expires_in":"s3cr3t-value"}"#[..],
+                "not a token response",
+            ),
+            (
+                br#"{"access_token":"s3cr3t-value"}"#,
+                "no positive expires_in",
+            ),
+            (
+                br#"{"access_token":"s3cr3t-value","token_type":"mac","expires_in":5}"#,
+                "not bearer",
+            ),
+            (
+                br#"{"access_token":"","expires_in":5}"#,
+                "no usable access_token",
+            ),
+            (
+                br#"{"access_token":"s3cr3t\nvalue","expires_in":5}"#,
+                "no usable access_token",
+            ),
+            (
+                br#"{"expires_in":5,"note":"s3cr3t-value"}"#,
+                "not a token response",
+            ),
+        ] {
+            let e = parse_token_response(body).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+            assert!(!e.contains("s3cr3t"), "{e}");
         }
     }
-    out
 }
