@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod mtls;
 pub mod oauth2;
 pub mod revocations;
+pub mod scanners;
 pub mod secrets;
 pub mod sessions;
 pub mod sidecar_api;
