@@ -107,6 +107,8 @@ pub struct ControlPlane {
     pub admin_router: axum::Router,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// Flushed after the sessions end, before the store closes.
+    ack_writer: crate::sessions::AckWriter,
 }
 
 /// How often refused admin calls are summarised into the audit log.
@@ -173,12 +175,6 @@ impl ControlPlane {
         }
         let (shutdown, _) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        let mut stop = shutdown.subscribe();
-        tasks.spawn(async move {
-            let _ = stop.wait_for(|s| *s).await;
-            // Let queued acknowledgements reach the store before it closes.
-            ack_writer.abort();
-        });
 
         // Sidecars must present an SVID of our own trust domain; which upstreams
         // each may use is decided per call from policy.
@@ -319,13 +315,16 @@ impl ControlPlane {
             admin_router: router,
             shutdown,
             tasks,
+            ack_writer,
         })
     }
 
-    /// Stops accepting, lets in-flight calls finish (bounded), closes the store.
+    /// Stops accepting, lets in-flight calls finish, records the
+    /// acknowledgements still queued (all within `drain`), closes the store.
     pub async fn shutdown(mut self, drain: Duration) {
+        let deadline = tokio::time::Instant::now() + drain;
         let _ = self.shutdown.send(true);
-        let drained = tokio::time::timeout(drain, async {
+        let drained = tokio::time::timeout_at(deadline, async {
             while self.tasks.join_next().await.is_some() {}
         })
         .await;
@@ -333,6 +332,10 @@ impl ControlPlane {
             tracing::warn!("drain timed out; aborting remaining tasks");
             self.tasks.abort_all();
         }
+        // The sessions have ended: no acknowledgement arrives after this.
+        self.ack_writer
+            .flush(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await;
         self.state.store.close().await;
     }
 }

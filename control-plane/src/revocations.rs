@@ -18,6 +18,12 @@ use tokio::sync::{Mutex, broadcast};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError, StoredRevocation, now_ms};
 
+/// A brokered secret's version whose lease a revocation cuts.
+struct SecretVersionRef<'a> {
+    upstream: &'a str,
+    version: i64,
+}
+
 /// One committed change, as published to sessions.
 #[derive(Debug, Clone)]
 pub struct Change {
@@ -247,7 +253,7 @@ impl RevocationLog {
             revoked_at_ms: now_ms(),
             fingerprint: Vec::new(),
         };
-        self.commit(current, revocation).await
+        self.commit(current, revocation, None).await
     }
 
     /// Registers a leaked value: only its keyed fingerprint is kept, and it is
@@ -293,12 +299,13 @@ impl RevocationLog {
             fingerprint: fp,
             ..Default::default()
         };
-        self.commit(current, revocation).await
+        self.commit(current, revocation, None).await
     }
 
     /// Revokes one version of a brokered secret: it is marked revoked (no
     /// longer leased) and its lease id is revoked like any credential, so
-    /// sidecars drop it at once and fetch the current version.
+    /// sidecars drop it at once and fetch the current version. Both commit
+    /// in one transaction.
     pub async fn revoke_secret_version(
         &self,
         upstream: &str,
@@ -308,15 +315,6 @@ impl RevocationLog {
     ) -> Result<StoredRevocation, RevokeError> {
         let reason = check_reason(reason)?;
         let _write = self.write.lock().await;
-        if !self
-            .store
-            .revoke_secret_version(upstream, version, now_ms())
-            .await?
-        {
-            return Err(RevokeError::NotFound(format!(
-                "no unrevoked version {version} of {upstream:?}'s secret"
-            )));
-        }
         let current = self.state.load_full();
         let revocation = Revocation {
             id: format!("rev-{}", uuid::Uuid::new_v4().simple()),
@@ -327,14 +325,22 @@ impl RevocationLog {
             revoked_at_ms: now_ms(),
             ..Default::default()
         };
-        self.commit(current, revocation).await
+        self.commit(
+            current,
+            revocation,
+            Some(SecretVersionRef { upstream, version }),
+        )
+        .await
     }
 
-    /// Commits and publishes; the write lock is held by the caller.
+    /// Commits and publishes; the write lock is held by the caller. With
+    /// `secret_version`, that version is marked revoked in the same
+    /// transaction (not found: nothing is committed).
     async fn commit(
         &self,
         current: Arc<Snapshot>,
         revocation: Revocation,
+        secret_version: Option<SecretVersionRef<'_>>,
     ) -> Result<StoredRevocation, RevokeError> {
         let by = revocation.revoked_by.clone();
         // Compiled before the commit: what sidecars could not enforce is
@@ -343,7 +349,18 @@ impl RevocationLog {
             .set
             .with_change(revocation.clone(), false)
             .map_err(|e| RevokeError::Invalid(e.to_string()))?;
-        let seq = self.store.insert_revocation(&revocation).await?;
+        let seq = match secret_version {
+            None => self.store.insert_revocation(&revocation).await?,
+            Some(SecretVersionRef { upstream, version }) => self
+                .store
+                .revoke_secret_version(upstream, version, &revocation)
+                .await?
+                .ok_or_else(|| {
+                    RevokeError::NotFound(format!(
+                        "no unrevoked version {version} of {upstream:?}'s secret"
+                    ))
+                })?,
+        };
         self.publish(set, seq, revocation.clone(), false);
         tracing::info!(
             revocation_id = %revocation.id,

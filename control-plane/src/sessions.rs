@@ -32,6 +32,56 @@ pub struct SessionInfo {
     pub last_ack_at_ms: AtomicI64,
 }
 
+/// The task that records acknowledgements in the store, in batches.
+pub struct AckWriter {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AckWriter {
+    /// Stops taking acknowledgements and records those still queued; returns
+    /// once they are written (or could not be), within `within`.
+    pub async fn flush(mut self, within: std::time::Duration) {
+        let _ = self.stop.send(());
+        if tokio::time::timeout(within, &mut self.task).await.is_err() {
+            tracing::warn!("acknowledgements still queued at shutdown were not recorded in time");
+            self.task.abort();
+        }
+    }
+}
+
+/// Writes queued acknowledgements until told to stop, then writes what is
+/// still queued: acknowledgements received are proof of propagation.
+async fn write_acks(
+    store: Store,
+    mut rx: mpsc::Receiver<AckRecord>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut batch = Vec::with_capacity(1024);
+    let write = async |batch: &mut Vec<AckRecord>| {
+        if let Err(e) = store.insert_acks(batch).await {
+            tracing::error!(error = %e, n = batch.len(), "cannot record acknowledgements");
+        }
+        batch.clear();
+    };
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 1024) => {
+                if n == 0 {
+                    return;
+                }
+                write(&mut batch).await;
+            }
+            // Told to stop, or the control plane dropped without a shutdown.
+            _ = &mut stop => break,
+        }
+    }
+    rx.close();
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        write(&mut batch).await;
+    }
+}
+
 pub struct SessionRegistry {
     sessions: RwLock<HashMap<String, Arc<SessionInfo>>>,
     acks: mpsc::Sender<AckRecord>,
@@ -39,23 +89,16 @@ pub struct SessionRegistry {
 
 impl SessionRegistry {
     /// The registry and the task that writes acknowledgements in batches.
-    pub fn new(store: Store) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
-        let (acks, mut rx) = mpsc::channel::<AckRecord>(16 * 1024);
-        let writer = tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(1024);
-            while rx.recv_many(&mut batch, 1024).await > 0 {
-                if let Err(e) = store.insert_acks(&batch).await {
-                    tracing::error!(error = %e, n = batch.len(), "cannot record acknowledgements");
-                }
-                batch.clear();
-            }
-        });
+    pub fn new(store: Store) -> (Arc<Self>, AckWriter) {
+        let (acks, rx) = mpsc::channel::<AckRecord>(16 * 1024);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(write_acks(store, rx, stopped));
         (
             Arc::new(Self {
                 sessions: RwLock::new(HashMap::new()),
                 acks,
             }),
-            writer,
+            AckWriter { stop, task },
         )
     }
 
@@ -547,4 +590,51 @@ fn check_header_name(name: &str) -> Result<(), String> {
         return Err("header is not a header name".into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn acknowledgements_still_queued_are_recorded_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("data"), None).await.unwrap();
+        store
+            .insert_session(&SessionRecord {
+                id: "s1".into(),
+                spiffe_id: "spiffe://leash.test/w".into(),
+                version: "test".into(),
+                connected_at_ms: 1,
+            })
+            .await
+            .unwrap();
+        let (registry, writer) = SessionRegistry::new(store.clone());
+        // Queued without yielding (one-thread runtime): the writer has not
+        // written any of them when the flush starts.
+        let last = 5_000;
+        for seq in 1..=last {
+            let ack = AckRecord {
+                session_id: "s1".into(),
+                from_seq: seq - 1,
+                to_seq: seq,
+                acked_at_ms: i64::try_from(seq).unwrap(),
+            };
+            registry.acks.try_send(ack).unwrap();
+        }
+        writer.flush(Duration::from_secs(60)).await;
+        for seq in [1, last / 2, last] {
+            let acked = store.acks_for(seq).await.unwrap();
+            assert_eq!(acked.len(), 1, "ack of {seq}");
+            assert_eq!(acked[0].1, i64::try_from(seq).unwrap());
+        }
+        // Nothing is taken after the flush.
+        let late = AckRecord {
+            session_id: "s1".into(),
+            from_seq: last,
+            to_seq: last + 1,
+            acked_at_ms: 0,
+        };
+        assert!(registry.acks.try_send(late).is_err());
+    }
 }

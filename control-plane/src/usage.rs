@@ -8,13 +8,10 @@ use leash_api::policy::{ValidPolicy, WorkloadMatcher};
 use leash_api::revocation::RevocationKind;
 use leash_api::v1::UsageBatch;
 use serde::{Deserialize, Serialize};
-use sqlx::Row as _;
 use utoipa::ToSchema;
 
-use crate::store::{Store, StoreError, now_ms};
-
-/// Usage is stored in buckets of this width (of the batch's first use).
-pub const BUCKET_MS: i64 = 60_000;
+pub use crate::store::{BUCKET_MS, Edge, UsageFilter as Filter, UsageRow};
+use crate::store::{Store, StoreError, UsageScope, now_ms};
 
 use leash_api::usage::{method_name, status_class_name};
 const MAX_FIELD: usize = 512;
@@ -46,12 +43,8 @@ pub fn validate(batch: &UsageBatch) -> Result<(), String> {
     Ok(())
 }
 
-fn i64_of(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// Stores a batch once: the batch row and its counts commit together, so a
-/// resent batch (same sidecar process, same sequence) changes nothing.
+/// Stores a batch once: a resent batch (same sidecar process, same
+/// sequence) changes nothing.
 pub async fn record(
     store: &Store,
     sidecar_id: &str,
@@ -59,100 +52,16 @@ pub async fn record(
     batch: &UsageBatch,
 ) -> Result<Recorded, StoreError> {
     let requests: u64 = batch.records.iter().map(|r| r.requests).sum();
-    let mut tx = store.pool().begin().await?;
-    let inserted = sqlx::query(
-        "INSERT INTO usage_batches (sidecar_id, batch_seq, workload, received_at_ms, requests, dropped_requests, dropped_records) \
-         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    Ok(
+        if store
+            .record_usage(sidecar_id, workload, batch, requests)
+            .await?
+        {
+            Recorded::New { requests }
+        } else {
+            Recorded::Duplicate
+        },
     )
-    .bind(sidecar_id)
-    .bind(i64_of(batch.batch_seq))
-    .bind(workload)
-    .bind(now_ms())
-    .bind(i64_of(requests))
-    .bind(i64_of(batch.dropped_requests))
-    .bind(i64_of(batch.dropped_records))
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if inserted == 0 {
-        return Ok(Recorded::Duplicate);
-    }
-    for chunk in batch.records.chunks(100) {
-        let mut q = sqlx::QueryBuilder::new(
-            "INSERT INTO usage (bucket_ms, workload, upstream, credential_id, credential_kind, method, status_class, \
-             requests, bytes_sent, bytes_received, first_seen_ms, last_seen_ms) ",
-        );
-        q.push_values(chunk, |mut row, r| {
-            row.push_bind(r.first_seen_ms - r.first_seen_ms.rem_euclid(BUCKET_MS))
-                .push_bind(workload)
-                .push_bind(&r.upstream)
-                .push_bind(&r.credential_id)
-                .push_bind(&r.credential_kind)
-                .push_bind(method_name(r.method).unwrap_or_default())
-                .push_bind(status_class_name(r.status_class).unwrap_or_default())
-                .push_bind(i64_of(r.requests))
-                .push_bind(i64_of(r.bytes_sent))
-                .push_bind(i64_of(r.bytes_received))
-                .push_bind(r.first_seen_ms)
-                .push_bind(r.last_seen_ms);
-        });
-        q.push(
-            " ON CONFLICT (bucket_ms, workload, upstream, credential_id, method, status_class) DO UPDATE SET \
-             requests = requests + excluded.requests, bytes_sent = bytes_sent + excluded.bytes_sent, \
-             bytes_received = bytes_received + excluded.bytes_received, \
-             first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), \
-             last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
-        );
-        q.build().execute(&mut *tx).await?;
-    }
-    tx.commit().await?;
-    Ok(Recorded::New { requests })
-}
-
-/// Which usage a query covers. Times are Unix milliseconds.
-#[derive(Debug, Default, Clone)]
-pub struct Filter {
-    pub credential: Option<String>,
-    pub workload: Option<String>,
-    pub upstream: Option<String>,
-    pub since_ms: Option<i64>,
-    pub until_ms: Option<i64>,
-}
-
-impl Filter {
-    fn push_where(&self, q: &mut sqlx::QueryBuilder<sqlx::Sqlite>) {
-        q.push(" WHERE 1 = 1");
-        if let Some(c) = &self.credential {
-            q.push(" AND credential_id = ").push_bind(c.clone());
-        }
-        if let Some(w) = &self.workload {
-            q.push(" AND workload = ").push_bind(w.clone());
-        }
-        if let Some(u) = &self.upstream {
-            q.push(" AND upstream = ").push_bind(u.clone());
-        }
-        if let Some(s) = self.since_ms {
-            q.push(" AND last_seen_ms >= ").push_bind(s);
-        }
-        if let Some(u) = self.until_ms {
-            q.push(" AND first_seen_ms < ").push_bind(u);
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
-pub struct UsageRow {
-    pub workload: String,
-    pub upstream: String,
-    pub credential_id: String,
-    pub credential_kind: String,
-    pub method: String,
-    pub status_class: String,
-    pub requests: i64,
-    pub bytes_sent: i64,
-    pub bytes_received: i64,
-    pub first_seen_ms: i64,
-    pub last_seen_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -169,48 +78,8 @@ pub struct Summary {
 
 /// Usage grouped by workload, upstream, credential, method and status class.
 pub async fn summary(store: &Store, f: &Filter) -> Result<Summary, StoreError> {
-    let mut q = sqlx::QueryBuilder::new(
-        "SELECT workload, upstream, credential_id, credential_kind, method, status_class, \
-         SUM(requests) AS requests, SUM(bytes_sent) AS bytes_sent, SUM(bytes_received) AS bytes_received, \
-         MIN(first_seen_ms) AS first_seen_ms, MAX(last_seen_ms) AS last_seen_ms FROM usage",
-    );
-    f.push_where(&mut q);
-    q.push(
-        " GROUP BY workload, upstream, credential_id, credential_kind, method, status_class \
-         ORDER BY workload, upstream, last_seen_ms DESC, method, status_class LIMIT 10000",
-    );
-    let rows: Vec<UsageRow> = q
-        .build()
-        .fetch_all(store.pool())
-        .await?
-        .iter()
-        .map(|r| UsageRow {
-            workload: r.get("workload"),
-            upstream: r.get("upstream"),
-            credential_id: r.get("credential_id"),
-            credential_kind: r.get("credential_kind"),
-            method: r.get("method"),
-            status_class: r.get("status_class"),
-            requests: r.get("requests"),
-            bytes_sent: r.get("bytes_sent"),
-            bytes_received: r.get("bytes_received"),
-            first_seen_ms: r.get("first_seen_ms"),
-            last_seen_ms: r.get("last_seen_ms"),
-        })
-        .collect();
-    let mut d = sqlx::QueryBuilder::new(
-        "SELECT COALESCE(SUM(dropped_requests), 0) FROM usage_batches WHERE 1 = 1",
-    );
-    if let Some(w) = &f.workload {
-        d.push(" AND workload = ").push_bind(w.clone());
-    }
-    if let Some(s) = f.since_ms {
-        d.push(" AND received_at_ms >= ").push_bind(s);
-    }
-    if let Some(u) = f.until_ms {
-        d.push(" AND received_at_ms < ").push_bind(u);
-    }
-    let dropped_requests: i64 = d.build_query_scalar().fetch_one(store.pool()).await?;
+    let rows = store.usage_rows(f).await?;
+    let dropped_requests = store.dropped_requests(f).await?;
     Ok(Summary {
         requests: rows.iter().map(|r| r.requests).sum(),
         rows,
@@ -218,44 +87,8 @@ pub async fn summary(store: &Store, f: &Filter) -> Result<Summary, StoreError> {
     })
 }
 
-/// One edge of the dependency map: this workload calls this upstream.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
-pub struct Edge {
-    pub workload: String,
-    pub upstream: String,
-    pub credential_kind: String,
-    pub requests: i64,
-    /// Distinct credentials used on this edge.
-    pub credentials: i64,
-    pub errors: i64,
-    pub first_seen_ms: i64,
-    pub last_used_ms: i64,
-}
-
 pub async fn dependencies(store: &Store, f: &Filter) -> Result<Vec<Edge>, StoreError> {
-    let mut q = sqlx::QueryBuilder::new(
-        "SELECT workload, upstream, credential_kind, SUM(requests) AS requests, \
-         COUNT(DISTINCT credential_id) AS credentials, \
-         SUM(CASE WHEN status_class IN ('5xx', 'error') THEN requests ELSE 0 END) AS errors, \
-         MIN(first_seen_ms) AS first_seen_ms, MAX(last_seen_ms) AS last_used_ms FROM usage",
-    );
-    f.push_where(&mut q);
-    q.push(" GROUP BY workload, upstream, credential_kind ORDER BY workload, upstream");
-    Ok(q.build()
-        .fetch_all(store.pool())
-        .await?
-        .iter()
-        .map(|r| Edge {
-            workload: r.get("workload"),
-            upstream: r.get("upstream"),
-            credential_kind: r.get("credential_kind"),
-            requests: r.get("requests"),
-            credentials: r.get("credentials"),
-            errors: r.get("errors"),
-            first_seen_ms: r.get("first_seen_ms"),
-            last_used_ms: r.get("last_used_ms"),
-        })
-        .collect())
+    store.usage_edges(f).await
 }
 
 /// A grant of the current policy that no matching workload used since T.
@@ -266,25 +99,6 @@ pub struct UnusedGrant {
     pub upstream: String,
     /// The last use ever recorded, if any (before `since`).
     pub last_used_ms: Option<i64>,
-}
-
-/// SQL condition selecting the workloads a matcher matches.
-fn push_workload_match(q: &mut sqlx::QueryBuilder<sqlx::Sqlite>, m: &WorkloadMatcher) {
-    match m {
-        WorkloadMatcher::Exact(id) => {
-            q.push(" workload = ").push_bind(id.clone());
-        }
-        WorkloadMatcher::Prefix(prefix) => {
-            // Compared as a substring, not with LIKE: no escaping to get wrong.
-            q.push(" (length(workload) > ")
-                .push_bind(i64::try_from(prefix.len()).unwrap_or(i64::MAX))
-                .push(" AND substr(workload, 1, ")
-                .push_bind(i64::try_from(prefix.len()).unwrap_or(i64::MAX))
-                .push(") = ")
-                .push_bind(prefix.clone())
-                .push(")");
-        }
-    }
 }
 
 pub async fn unused_grants(
@@ -298,12 +112,7 @@ pub async fn unused_grants(
             continue;
         };
         for upstream in &grant.upstreams {
-            let mut q = sqlx::QueryBuilder::new(
-                "SELECT MAX(last_seen_ms) AS last_used FROM usage WHERE upstream = ",
-            );
-            q.push_bind(upstream.clone()).push(" AND");
-            push_workload_match(&mut q, &matcher);
-            let last: Option<i64> = q.build_query_scalar().fetch_one(store.pool()).await?;
+            let last = store.last_use(upstream, &matcher).await?;
             if last.is_none_or(|l| l < since_ms) {
                 out.push(UnusedGrant {
                     workload: grant.workload.clone(),
@@ -343,40 +152,31 @@ pub async fn after_revocation(store: &Store) -> Result<Vec<UseAfterRevocation>, 
         let Some(kind) = RevocationKind::of(r) else {
             continue;
         };
-        let mut q = sqlx::QueryBuilder::new(
-            "SELECT workload, upstream, credential_id, SUM(requests) AS requests, MAX(last_seen_ms) AS last_seen_ms \
-             FROM usage WHERE last_seen_ms > ",
-        );
-        q.push_bind(r.revoked_at_ms);
-        if let Some(restore) = &stored.restored {
-            q.push(" AND first_seen_ms < ").push_bind(restore.at_ms);
-        }
         let workload = || WorkloadMatcher::parse(&r.workload);
-        match kind {
-            RevocationKind::Credential => {
-                q.push(" AND credential_id = ")
-                    .push_bind(r.credential_id.clone());
-            }
-            RevocationKind::Upstream => {
-                q.push(" AND upstream = ").push_bind(r.upstream.clone());
-            }
+        let scope = match kind {
+            RevocationKind::Credential => UsageScope::Credential(r.credential_id.clone()),
+            RevocationKind::Upstream => UsageScope::Upstream(r.upstream.clone()),
             RevocationKind::Grant => {
                 let Ok(m) = workload() else { continue };
-                q.push(" AND upstream = ")
-                    .push_bind(r.upstream.clone())
-                    .push(" AND");
-                push_workload_match(&mut q, &m);
+                UsageScope::Grant {
+                    upstream: r.upstream.clone(),
+                    workload: m,
+                }
             }
             RevocationKind::Workload => {
                 let Ok(m) = workload() else { continue };
-                q.push(" AND");
-                push_workload_match(&mut q, &m);
+                UsageScope::Workload(m)
             }
             // Leaked values are refused before any credential is used.
             _ => continue,
-        }
-        q.push(" GROUP BY workload, upstream, credential_id");
-        let rows = q.build().fetch_all(store.pool()).await?;
+        };
+        let rows = store
+            .usage_after(
+                &scope,
+                r.revoked_at_ms,
+                stored.restored.as_ref().map(|restore| restore.at_ms),
+            )
+            .await?;
         if rows.is_empty() {
             continue;
         }
@@ -387,20 +187,18 @@ pub async fn after_revocation(store: &Store) -> Result<Vec<UseAfterRevocation>, 
             *e = (*e).max(at);
         }
         for row in rows {
-            let workload: String = row.get("workload");
-            let last_seen_ms: i64 = row.get("last_seen_ms");
-            let acknowledged_at_ms = acked.get(&workload).copied();
+            let acknowledged_at_ms = acked.get(&row.workload).copied();
             out.push(UseAfterRevocation {
                 revocation_id: r.id.clone(),
                 kind: r.kind().as_str().to_owned(),
                 revoked_at_ms: r.revoked_at_ms,
-                upstream: row.get("upstream"),
-                credential_id: row.get("credential_id"),
-                requests: row.get("requests"),
-                violation: acknowledged_at_ms.is_none_or(|a| last_seen_ms > a),
+                upstream: row.upstream,
+                credential_id: row.credential_id,
+                requests: row.requests,
+                violation: acknowledged_at_ms.is_none_or(|a| row.last_seen_ms > a),
                 acknowledged_at_ms,
-                last_seen_ms,
-                workload,
+                last_seen_ms: row.last_seen_ms,
+                workload: row.workload,
             });
         }
     }

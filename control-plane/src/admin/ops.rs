@@ -58,8 +58,7 @@ pub(super) async fn jwks(State(s): State<AdminState>, headers: HeaderMap) -> Res
     let body = s.cp.issuer.jwks().to_string();
     let etag = format!(
         "\"{}\"",
-        &crate::store::hex(ring::digest::digest(&ring::digest::SHA256, body.as_bytes()).as_ref())
-            [..32]
+        &hex::encode(ring::digest::digest(&ring::digest::SHA256, body.as_bytes()))[..32]
     );
     let cache = [
         (header::CACHE_CONTROL, "public, max-age=60".to_owned()),

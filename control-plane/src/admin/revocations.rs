@@ -30,7 +30,7 @@ pub(super) fn revocation(r: &StoredRevocation) -> Revocation {
         seq: r.revoke_seq,
         active: r.restored.is_none(),
         // A short public handle, not the fingerprint itself.
-        fingerprint_id: r.revocation.fingerprint.get(..4).map(crate::store::hex),
+        fingerprint_id: r.revocation.fingerprint.get(..4).map(hex::encode),
         restored: r.restored.as_ref().map(|x| Restored {
             by: x.by.clone(),
             reason: x.reason.clone(),

@@ -1,0 +1,183 @@
+//! The control plane's own keys at rest: JWT signing keys (`signing_keys`)
+//! and the leak fingerprint key (`store_meta`), sealed under the master key
+//! when there is one; and the store's identity.
+
+use zeroize::Zeroizing;
+
+use super::{Store, StoreError, unhex};
+
+/// A JWT signing key as stored (the private key is PKCS#8 DER).
+pub struct StoredKey {
+    pub kid: String,
+    pub pkcs8: Zeroizing<Vec<u8>>,
+    pub created_at_ms: i64,
+}
+
+/// How a sealed key stored as text starts (hex of the sealed bytes follows).
+const SEALED_TEXT: &str = "sealed:";
+
+/// Bytes of the leak fingerprint key.
+const FINGERPRINT_KEY_LEN: usize = 16;
+
+fn seal_text(key: &crate::secrets::MasterKey, clear: &[u8]) -> String {
+    format!(
+        "{SEALED_TEXT}{}",
+        hex::encode(key.seal_key("fingerprint", "fingerprint_key", clear))
+    )
+}
+
+impl Store {
+    /// Seals keys stored in the clear, when there is a master key.
+    pub(super) async fn seal_clear_keys(&self) -> Result<(), StoreError> {
+        let Some(key) = &self.master_key else {
+            return Ok(());
+        };
+        let mut sealed = 0;
+        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT kid, pkcs8 FROM signing_keys")
+            .fetch_all(&self.pool)
+            .await?;
+        for (kid, stored) in rows {
+            let stored = Zeroizing::new(stored);
+            if stored.starts_with(crate::secrets::SEALED_KEY) {
+                continue;
+            }
+            sqlx::query("UPDATE signing_keys SET pkcs8 = ? WHERE kid = ?")
+                .bind(key.seal_key("jwt-signing", &kid, &stored))
+                .bind(&kid)
+                .execute(&self.pool)
+                .await?;
+            sealed += 1;
+        }
+        let value: Option<String> =
+            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'fingerprint_key'")
+                .fetch_optional(&self.pool)
+                .await?;
+        if let Some(value) = value.filter(|v| !v.starts_with(SEALED_TEXT)) {
+            let clear = Zeroizing::new(unhex("store_meta.value", "fingerprint_key", &value)?);
+            fingerprint_key_of(&clear)?;
+            sqlx::query("UPDATE store_meta SET value = ? WHERE key = 'fingerprint_key'")
+                .bind(seal_text(key, &clear))
+                .execute(&self.pool)
+                .await?;
+            sealed += 1;
+        }
+        if sealed > 0 {
+            // The clear pages leave the write-ahead log too.
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.pool)
+                .await?;
+            tracing::info!(
+                keys = sealed,
+                "keys stored in the clear are now sealed under the master key"
+            );
+        }
+        Ok(())
+    }
+
+    /// Opens a stored key: sealed ones need the master key.
+    fn open_key(
+        &self,
+        purpose: &str,
+        id: &str,
+        stored: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        if !stored.starts_with(crate::secrets::SEALED_KEY) {
+            return Ok(Zeroizing::new(stored.to_vec()));
+        }
+        let key = self.master_key.as_ref().ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "{purpose} key {id} is sealed under a master key and none was given"
+            ))
+        })?;
+        key.open_key(purpose, id, stored).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "{purpose} key {id} cannot be opened with this master key (a different one sealed it?)"
+            ))
+        })
+    }
+
+    /// Signing keys, newest first.
+    pub async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
+        let rows: Vec<(String, Vec<u8>, i64)> = sqlx::query_as(
+            "SELECT kid, pkcs8, created_at_ms FROM signing_keys ORDER BY rowid DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(kid, stored, created_at_ms)| {
+                let stored = Zeroizing::new(stored);
+                Ok(StoredKey {
+                    pkcs8: self.open_key("jwt-signing", &kid, &stored)?,
+                    kid,
+                    created_at_ms,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn insert_signing_key(&self, key: &StoredKey) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO signing_keys (kid, alg, pkcs8, created_at_ms) VALUES (?, 'ES256', ?, ?)",
+        )
+        .bind(&key.kid)
+        .bind(match &self.master_key {
+            Some(m) => m.seal_key("jwt-signing", &key.kid, &key.pkcs8),
+            None => key.pkcs8.to_vec(),
+        })
+        .bind(key.created_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// This store's identity, created on first use.
+    pub async fn store_id(&self) -> Result<String, StoreError> {
+        let fresh = uuid::Uuid::new_v4().to_string();
+        sqlx::query("INSERT OR IGNORE INTO store_meta (key, value) VALUES ('store_id', ?)")
+            .bind(&fresh)
+            .execute(&self.pool)
+            .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'store_id'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The key of leaked-value fingerprints, created on first use.
+    pub async fn fingerprint_key(&self) -> Result<[u8; FINGERPRINT_KEY_LEN], StoreError> {
+        let mut fresh = [0u8; FINGERPRINT_KEY_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut fresh)
+            .map_err(|_| StoreError::NoEntropy)?;
+        let stored = match &self.master_key {
+            Some(key) => seal_text(key, &fresh),
+            None => hex::encode(fresh),
+        };
+        sqlx::query("INSERT OR IGNORE INTO store_meta (key, value) VALUES ('fingerprint_key', ?)")
+            .bind(stored)
+            .execute(&self.pool)
+            .await?;
+        let value: String =
+            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'fingerprint_key'")
+                .fetch_one(&self.pool)
+                .await?;
+        let clear = match value.strip_prefix(SEALED_TEXT) {
+            Some(sealed) => self.open_key(
+                "fingerprint",
+                "fingerprint_key",
+                &unhex("store_meta.value", "fingerprint_key", sealed)?,
+            )?,
+            None => Zeroizing::new(unhex("store_meta.value", "fingerprint_key", &value)?),
+        };
+        fingerprint_key_of(&clear)
+    }
+}
+
+fn fingerprint_key_of(clear: &[u8]) -> Result<[u8; FINGERPRINT_KEY_LEN], StoreError> {
+    clear.try_into().map_err(|_| {
+        StoreError::Corrupt(format!(
+            "store_meta.value of fingerprint_key is {} bytes, not {FINGERPRINT_KEY_LEN}",
+            clear.len()
+        ))
+    })
+}

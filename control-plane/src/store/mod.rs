@@ -1,0 +1,228 @@
+//! Durable state in embedded SQLite: opening, pragmas, migrations and the
+//! private-file checks; each table group lives in its own submodule. Writes
+//! use `synchronous = FULL` so that an answer given to a caller survives a
+//! crash right after it.
+
+mod audit;
+mod credentials;
+mod keys;
+mod revocations;
+mod secrets;
+mod tokens;
+mod usage;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use sqlx::migrate::Migrator;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+pub use audit::{AuditEntry, AuditVerdict, audit_hash};
+pub use credentials::CredentialRecord;
+pub use keys::StoredKey;
+pub use revocations::{AckRecord, Restore, SessionRecord, StoredRevocation};
+pub use secrets::SecretVersion;
+pub use tokens::TokenRecord;
+pub use usage::{BUCKET_MS, Edge, Sighting, UsageFilter, UsageRow, UsageScope, UsedAfter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("the operating system gave no random bytes for a new key")]
+    NoEntropy,
+    #[error("stored data cannot be used: {0}")]
+    Corrupt(String),
+    #[error(
+        "{path} is readable by group or others (mode {mode:o}); it holds keys and tokens: chmod {} {path}",
+        if *mode & 0o100 != 0 { "700" } else { "600" }
+    )]
+    NotPrivate { path: String, mode: u32 },
+}
+
+/// Decodes hex read from `table.column` (of row `id`): anything but whole,
+/// valid hex is corrupt, never a shorter value.
+fn unhex(table_column: &str, id: &str, text: &str) -> Result<Vec<u8>, StoreError> {
+    hex::decode(text)
+        .map_err(|e| StoreError::Corrupt(format!("{table_column} of {id} is not valid hex: {e}")))
+}
+
+/// A sequence or count read back from the database: never negative.
+fn unsigned(table_column: &str, value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value)
+        .map_err(|_| StoreError::Corrupt(format!("{table_column} is negative ({value})")))
+}
+
+/// What is bound for a `u64` (sequences, counts): SQLite integers are i64.
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Schema migrations (`control-plane/migrations/`), embedded at build time.
+static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// The bookkeeping table of the hand-written runner that preceded
+/// `sqlx::migrate!` (one row per applied version).
+const OLD_MIGRATIONS_TABLE: &str = "schema_migrations";
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    /// Audit entries are chained: one append at a time.
+    audit_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Seals the control plane's own keys (JWT signing keys, the leak
+    /// fingerprint key) at rest. None only with `--insecure-dev`.
+    master_key: Option<std::sync::Arc<crate::secrets::MasterKey>>,
+}
+
+/// Files of the data directory that must be readable by their owner only.
+pub const PRIVATE_FILES: [&str; 4] = ["leash.db", "leash.db-wal", "leash.db-shm", "admin-token"];
+
+/// Refuses a data directory (or one of its files) that others can read:
+/// it holds the signing keys, tokens' hashes and the audit log.
+fn check_private(data_dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let paths =
+        std::iter::once(data_dir.to_owned()).chain(PRIVATE_FILES.iter().map(|f| data_dir.join(f)));
+    for path in paths {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(StoreError::NotPrivate {
+                path: path.display().to_string(),
+                mode,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Creates `leash.db` 0600 (if missing) before SQLite opens it; SQLite
+/// gives its WAL and shared-memory files the database file's mode.
+fn create_database_file(data_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(data_dir.join("leash.db"))
+        .map(drop)
+}
+
+impl Store {
+    /// Opens (or creates) the store in `data_dir`: the directory 0700 and
+    /// the database 0600, refused if others can read them, then migrates
+    /// it. With a master key, keys still stored in the clear (from an
+    /// `--insecure-dev` run or an older version) are sealed at once.
+    pub async fn open(
+        data_dir: &Path,
+        master_key: Option<std::sync::Arc<crate::secrets::MasterKey>>,
+    ) -> Result<Self, StoreError> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let dir_error = |source| StoreError::DataDir {
+            path: data_dir.display().to_string(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .map_err(dir_error)?;
+        check_private(data_dir)?;
+        create_database_file(data_dir).map_err(dir_error)?;
+        let opts = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(data_dir.join("leash.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            // Deleted or rewritten content (a key sealed after the fact) is
+            // overwritten, not left in free pages.
+            .pragma("secure_delete", "on")
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        let store = Self {
+            pool,
+            audit_lock: std::sync::Arc::default(),
+            master_key,
+        };
+        store.migrate().await?;
+        store.seal_clear_keys().await?;
+        Ok(store)
+    }
+
+    /// Applies the pending migrations. A database the old hand-written
+    /// runner migrated has its applied versions recorded for sqlx first
+    /// (marked applied, not run again), then loses the old table.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let old: Option<String> =
+            sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?")
+                .bind(OLD_MIGRATIONS_TABLE)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if old.is_some() {
+            let versions: Vec<i64> =
+                sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+                    .fetch_all(&mut *conn)
+                    .await?;
+            // The old runner applied versions in order, one transaction each:
+            // what it recorded is always 1..=n.
+            let applied = versions.last().copied().unwrap_or(0);
+            if versions.iter().copied().ne(1..=applied)
+                || (applied > 0 && !MIGRATOR.version_exists(applied))
+            {
+                return Err(StoreError::Corrupt(format!(
+                    "schema_migrations records versions {versions:?}, not 1..=n of this build's migrations"
+                )));
+            }
+            if applied > 0 {
+                MIGRATOR.skip(&mut *conn, Some(applied)).await?;
+            }
+            // Dropped only once sqlx has the versions: a crash in between
+            // repeats the (idempotent) skip.
+            sqlx::query("DROP TABLE schema_migrations")
+                .execute(&mut *conn)
+                .await?;
+            tracing::info!(
+                versions = applied,
+                "migration bookkeeping moved from schema_migrations to _sqlx_migrations"
+            );
+        }
+        MIGRATOR.run(&mut *conn).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

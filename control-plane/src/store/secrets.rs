@@ -1,0 +1,94 @@
+//! Versions of brokered upstream secrets (`secret_versions`), encrypted
+//! under the master key, and their revocation.
+
+use leash_api::v1::Revocation;
+
+use super::revocations::insert_revocation_in;
+use super::{Store, StoreError};
+
+/// One version of a brokered secret, as stored: encrypted.
+#[derive(Clone, sqlx::FromRow)]
+pub struct SecretVersion {
+    pub upstream: String,
+    pub version: i64,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub created_at_ms: i64,
+    pub created_by: String,
+    pub revoked_at_ms: Option<i64>,
+}
+
+impl Store {
+    pub async fn next_secret_version(&self, upstream: &str) -> Result<i64, StoreError> {
+        let max: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM secret_versions WHERE upstream = ?")
+                .bind(upstream)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(max.unwrap_or(0) + 1)
+    }
+
+    pub async fn insert_secret_version(&self, v: &SecretVersion) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO secret_versions (upstream, version, nonce, ciphertext, created_at_ms, created_by) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&v.upstream)
+        .bind(v.version)
+        .bind(&v.nonce)
+        .bind(&v.ciphertext)
+        .bind(v.created_at_ms)
+        .bind(&v.created_by)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Versions of an upstream's secret, newest first.
+    pub async fn secret_versions(&self, upstream: &str) -> Result<Vec<SecretVersion>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT upstream, version, nonce, ciphertext, created_at_ms, created_by, revoked_at_ms FROM secret_versions \
+             WHERE upstream = ? ORDER BY version DESC",
+        )
+        .bind(upstream)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The newest version, revoked or not: revoking it never makes an older
+    /// one current again (a new version must be put).
+    pub async fn current_secret_version(
+        &self,
+        upstream: &str,
+    ) -> Result<Option<SecretVersion>, StoreError> {
+        Ok(self.secret_versions(upstream).await?.into_iter().next())
+    }
+
+    /// Marks a version revoked and commits `revocation` (of its lease) in
+    /// the same transaction: neither without the other. Returns the
+    /// revocation's sequence, or `None` (nothing written) if the version does
+    /// not exist or already was revoked.
+    pub async fn revoke_secret_version(
+        &self,
+        upstream: &str,
+        version: i64,
+        revocation: &Revocation,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE secret_versions SET revoked_at_ms = ? WHERE upstream = ? AND version = ? AND revoked_at_ms IS NULL",
+        )
+        .bind(revocation.revoked_at_ms)
+        .bind(upstream)
+        .bind(version)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n != 1 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let seq = insert_revocation_in(&mut tx, revocation).await?;
+        tx.commit().await?;
+        Ok(Some(seq))
+    }
+}

@@ -1,0 +1,382 @@
+//! What the sidecars report, at rest: usage per minute bucket and the
+//! batches it came in (`usage`, `usage_batches`), leaked-value sightings
+//! (`leak_sightings`), stripped and echoed credentials.
+
+use leash_api::policy::WorkloadMatcher;
+use leash_api::v1::UsageBatch;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{Store, StoreError, i64_of, now_ms};
+
+/// Usage is stored in buckets of this width (of the batch's first use).
+pub const BUCKET_MS: i64 = 60_000;
+
+/// One (leaked value, workload, upstream, place) seen, with how often and when.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema, sqlx::FromRow)]
+pub struct Sighting {
+    pub revocation_id: String,
+    pub workload: String,
+    pub upstream: String,
+    pub host: String,
+    pub location: String,
+    pub count: i64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+/// Which usage a query covers. Times are Unix milliseconds.
+#[derive(Debug, Default, Clone)]
+pub struct UsageFilter {
+    pub credential: Option<String>,
+    pub workload: Option<String>,
+    pub upstream: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+}
+
+impl UsageFilter {
+    fn push_where(&self, q: &mut sqlx::QueryBuilder<sqlx::Sqlite>) {
+        q.push(" WHERE 1 = 1");
+        if let Some(c) = &self.credential {
+            q.push(" AND credential_id = ").push_bind(c.clone());
+        }
+        if let Some(w) = &self.workload {
+            q.push(" AND workload = ").push_bind(w.clone());
+        }
+        if let Some(u) = &self.upstream {
+            q.push(" AND upstream = ").push_bind(u.clone());
+        }
+        if let Some(s) = self.since_ms {
+            q.push(" AND last_seen_ms >= ").push_bind(s);
+        }
+        if let Some(u) = self.until_ms {
+            q.push(" AND first_seen_ms < ").push_bind(u);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema, sqlx::FromRow)]
+pub struct UsageRow {
+    pub workload: String,
+    pub upstream: String,
+    pub credential_id: String,
+    pub credential_kind: String,
+    pub method: String,
+    pub status_class: String,
+    pub requests: i64,
+    pub bytes_sent: i64,
+    pub bytes_received: i64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+/// One edge of the dependency map: this workload calls this upstream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema, sqlx::FromRow)]
+pub struct Edge {
+    pub workload: String,
+    pub upstream: String,
+    pub credential_kind: String,
+    pub requests: i64,
+    /// Distinct credentials used on this edge.
+    pub credentials: i64,
+    pub errors: i64,
+    pub first_seen_ms: i64,
+    pub last_used_ms: i64,
+}
+
+/// Which usage a revocation covers (see `Store::usage_after`).
+#[derive(Debug, Clone)]
+pub enum UsageScope {
+    Credential(String),
+    Upstream(String),
+    Grant {
+        upstream: String,
+        workload: WorkloadMatcher,
+    },
+    Workload(WorkloadMatcher),
+}
+
+/// Usage of one (workload, upstream, credential) after a time.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UsedAfter {
+    pub workload: String,
+    pub upstream: String,
+    pub credential_id: String,
+    pub requests: i64,
+    pub last_seen_ms: i64,
+}
+
+/// SQL condition selecting the workloads a matcher matches.
+fn push_workload_match(q: &mut sqlx::QueryBuilder<sqlx::Sqlite>, m: &WorkloadMatcher) {
+    match m {
+        WorkloadMatcher::Exact(id) => {
+            q.push(" workload = ").push_bind(id.clone());
+        }
+        WorkloadMatcher::Prefix(prefix) => {
+            // Compared as a substring, not with LIKE: no escaping to get wrong.
+            q.push(" (length(workload) > ")
+                .push_bind(i64::try_from(prefix.len()).unwrap_or(i64::MAX))
+                .push(" AND substr(workload, 1, ")
+                .push_bind(i64::try_from(prefix.len()).unwrap_or(i64::MAX))
+                .push(") = ")
+                .push_bind(prefix.clone())
+                .push(")");
+        }
+    }
+}
+
+impl Store {
+    /// Stores a batch once: the batch row and its counts commit together, so
+    /// a resent batch (same sidecar process, same sequence) changes nothing.
+    /// False if it was stored before.
+    pub async fn record_usage(
+        &self,
+        sidecar_id: &str,
+        workload: &str,
+        batch: &UsageBatch,
+        requests: u64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO usage_batches (sidecar_id, batch_seq, workload, received_at_ms, requests, dropped_requests, dropped_records) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(sidecar_id)
+        .bind(i64_of(batch.batch_seq))
+        .bind(workload)
+        .bind(now_ms())
+        .bind(i64_of(requests))
+        .bind(i64_of(batch.dropped_requests))
+        .bind(i64_of(batch.dropped_records))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(false);
+        }
+        for chunk in batch.records.chunks(100) {
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT INTO usage (bucket_ms, workload, upstream, credential_id, credential_kind, method, status_class, \
+                 requests, bytes_sent, bytes_received, first_seen_ms, last_seen_ms) ",
+            );
+            q.push_values(chunk, |mut row, r| {
+                row.push_bind(r.first_seen_ms - r.first_seen_ms.rem_euclid(BUCKET_MS))
+                    .push_bind(workload)
+                    .push_bind(&r.upstream)
+                    .push_bind(&r.credential_id)
+                    .push_bind(&r.credential_kind)
+                    .push_bind(leash_api::usage::method_name(r.method).unwrap_or_default())
+                    .push_bind(
+                        leash_api::usage::status_class_name(r.status_class).unwrap_or_default(),
+                    )
+                    .push_bind(i64_of(r.requests))
+                    .push_bind(i64_of(r.bytes_sent))
+                    .push_bind(i64_of(r.bytes_received))
+                    .push_bind(r.first_seen_ms)
+                    .push_bind(r.last_seen_ms);
+            });
+            q.push(
+                " ON CONFLICT (bucket_ms, workload, upstream, credential_id, method, status_class) DO UPDATE SET \
+                 requests = requests + excluded.requests, bytes_sent = bytes_sent + excluded.bytes_sent, \
+                 bytes_received = bytes_received + excluded.bytes_received, \
+                 first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), \
+                 last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+            );
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Usage grouped by workload, upstream, credential, method and status
+    /// class (at most 10,000 rows).
+    pub async fn usage_rows(&self, f: &UsageFilter) -> Result<Vec<UsageRow>, StoreError> {
+        let mut q = sqlx::QueryBuilder::new(
+            "SELECT workload, upstream, credential_id, credential_kind, method, status_class, \
+             SUM(requests) AS requests, SUM(bytes_sent) AS bytes_sent, SUM(bytes_received) AS bytes_received, \
+             MIN(first_seen_ms) AS first_seen_ms, MAX(last_seen_ms) AS last_seen_ms FROM usage",
+        );
+        f.push_where(&mut q);
+        q.push(
+            " GROUP BY workload, upstream, credential_id, credential_kind, method, status_class \
+             ORDER BY workload, upstream, last_seen_ms DESC, method, status_class LIMIT 10000",
+        );
+        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+    }
+
+    /// Requests the sidecars counted but dropped, by the batches' arrival
+    /// (the filter's workload and time range; credential and upstream are
+    /// not known for them).
+    pub async fn dropped_requests(&self, f: &UsageFilter) -> Result<i64, StoreError> {
+        let mut d = sqlx::QueryBuilder::new(
+            "SELECT COALESCE(SUM(dropped_requests), 0) FROM usage_batches WHERE 1 = 1",
+        );
+        if let Some(w) = &f.workload {
+            d.push(" AND workload = ").push_bind(w.clone());
+        }
+        if let Some(s) = f.since_ms {
+            d.push(" AND received_at_ms >= ").push_bind(s);
+        }
+        if let Some(u) = f.until_ms {
+            d.push(" AND received_at_ms < ").push_bind(u);
+        }
+        Ok(d.build_query_scalar().fetch_one(&self.pool).await?)
+    }
+
+    /// The dependency map: usage grouped by workload, upstream and kind.
+    pub async fn usage_edges(&self, f: &UsageFilter) -> Result<Vec<Edge>, StoreError> {
+        let mut q = sqlx::QueryBuilder::new(
+            "SELECT workload, upstream, credential_kind, SUM(requests) AS requests, \
+             COUNT(DISTINCT credential_id) AS credentials, \
+             SUM(CASE WHEN status_class IN ('5xx', 'error') THEN requests ELSE 0 END) AS errors, \
+             MIN(first_seen_ms) AS first_seen_ms, MAX(last_seen_ms) AS last_used_ms FROM usage",
+        );
+        f.push_where(&mut q);
+        q.push(" GROUP BY workload, upstream, credential_kind ORDER BY workload, upstream");
+        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+    }
+
+    /// The last use of `upstream` by any workload `workload` matches.
+    pub async fn last_use(
+        &self,
+        upstream: &str,
+        workload: &WorkloadMatcher,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut q = sqlx::QueryBuilder::new(
+            "SELECT MAX(last_seen_ms) AS last_used FROM usage WHERE upstream = ",
+        );
+        q.push_bind(upstream.to_owned()).push(" AND");
+        push_workload_match(&mut q, workload);
+        Ok(q.build_query_scalar().fetch_one(&self.pool).await?)
+    }
+
+    /// Usage in `scope` seen after `after_ms` (and begun before `until_ms`,
+    /// if given), per workload, upstream and credential.
+    pub async fn usage_after(
+        &self,
+        scope: &UsageScope,
+        after_ms: i64,
+        until_ms: Option<i64>,
+    ) -> Result<Vec<UsedAfter>, StoreError> {
+        let mut q = sqlx::QueryBuilder::new(
+            "SELECT workload, upstream, credential_id, SUM(requests) AS requests, MAX(last_seen_ms) AS last_seen_ms \
+             FROM usage WHERE last_seen_ms > ",
+        );
+        q.push_bind(after_ms);
+        if let Some(until) = until_ms {
+            q.push(" AND first_seen_ms < ").push_bind(until);
+        }
+        match scope {
+            UsageScope::Credential(id) => {
+                q.push(" AND credential_id = ").push_bind(id.clone());
+            }
+            UsageScope::Upstream(upstream) => {
+                q.push(" AND upstream = ").push_bind(upstream.clone());
+            }
+            UsageScope::Grant { upstream, workload } => {
+                q.push(" AND upstream = ")
+                    .push_bind(upstream.clone())
+                    .push(" AND");
+                push_workload_match(&mut q, workload);
+            }
+            UsageScope::Workload(workload) => {
+                q.push(" AND");
+                push_workload_match(&mut q, workload);
+            }
+        }
+        q.push(" GROUP BY workload, upstream, credential_id");
+        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+    }
+
+    /// Counts one sighting of a leaked value.
+    pub async fn record_sighting(&self, s: &Sighting) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO leak_sightings (revocation_id, workload, upstream, host, location, count, first_seen_ms, last_seen_ms) \
+             VALUES (?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (revocation_id, workload, upstream, host, location) \
+             DO UPDATE SET count = count + 1, last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)",
+        )
+        .bind(&s.revocation_id)
+        .bind(&s.workload)
+        .bind(&s.upstream)
+        .bind(&s.host)
+        .bind(&s.location)
+        .bind(s.first_seen_ms)
+        .bind(s.last_seen_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn sightings(&self, revocation_id: &str) -> Result<Vec<Sighting>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT revocation_id, workload, upstream, host, location, count, first_seen_ms, last_seen_ms \
+             FROM leak_sightings WHERE revocation_id = ? ORDER BY last_seen_ms DESC",
+        )
+        .bind(revocation_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn record_stripped(
+        &self,
+        workload: &str,
+        upstream: &str,
+        count: u64,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO stripped_credentials (workload, upstream, count, first_seen_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (workload, upstream) DO UPDATE SET count = count + excluded.count, last_seen_ms = excluded.last_seen_ms",
+        )
+        .bind(workload)
+        .bind(upstream)
+        .bind(i64_of(count))
+        .bind(at_ms)
+        .bind(at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn record_echo(
+        &self,
+        workload: &str,
+        upstream: &str,
+        header: &str,
+        count: u64,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO echoed_credentials (workload, upstream, header, count, first_seen_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (workload, upstream, header) DO UPDATE SET count = count + excluded.count, last_seen_ms = excluded.last_seen_ms",
+        )
+        .bind(workload)
+        .bind(upstream)
+        .bind(header)
+        .bind(i64_of(count))
+        .bind(at_ms)
+        .bind(at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// (workload, upstream, header, count, last seen), most recent first.
+    pub async fn echoes(&self) -> Result<Vec<(String, String, String, i64, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT workload, upstream, header, count, last_seen_ms FROM echoed_credentials ORDER BY last_seen_ms DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// (workload, upstream, count, first seen, last seen), most recent first.
+    pub async fn stripped(&self) -> Result<Vec<(String, String, i64, i64, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT workload, upstream, count, first_seen_ms, last_seen_ms FROM stripped_credentials ORDER BY last_seen_ms DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
