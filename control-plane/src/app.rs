@@ -32,6 +32,9 @@ pub struct ServeConfig {
     pub policy_poll: Duration,
     /// How often each sidecar session gets a heartbeat.
     pub heartbeat: Duration,
+    /// How often every mission's criteria are computed (closing and
+    /// reopening missions).
+    pub mission_interval: Duration,
     /// Encrypts brokered secrets; without it, `static` upstreams are denied.
     pub master_key: Option<Arc<crate::secrets::MasterKey>>,
     /// OpenTelemetry export (None: off).
@@ -289,6 +292,22 @@ impl ControlPlane {
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(60)) => {}
                     _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
+
+        // Missions close and reopen themselves as their criteria change.
+        let mut stop = shutdown.subscribe();
+        let sweep = state.clone();
+        let every = config.mission_interval;
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                if let Err(e) = crate::missions::sweep(&sweep, &sweep.metrics.missions).await {
+                    tracing::warn!(error = %e, "cannot compute the missions' criteria");
                 }
             }
         });

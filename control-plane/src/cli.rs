@@ -88,6 +88,10 @@ pub struct ServeArgs {
     /// so keep this well below it.
     #[arg(long, env = "LEASH_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
+    /// How often every remediation mission's criteria are computed; a
+    /// mission closes (or reopens) at most this long after they change.
+    #[arg(long, env = "LEASH_MISSION_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub mission_interval: Duration,
     /// File holding the master key (32 bytes, base64) that encrypts brokered
     /// secrets. Alternatively set LEASH_MASTER_KEY to the key itself. Never
     /// stored in the database; without it `static` upstreams are denied.
@@ -220,6 +224,11 @@ pub enum LeashctlCommand {
     /// by credential, workload, upstream and time; the dependency map;
     /// grants nobody uses; uses after a revocation.
     Usage(UsageArgs),
+    /// Remediation missions: findings grouped under an objective, owner and
+    /// deadline, closed when their criteria (computed from what the sidecars
+    /// see) hold, reopened when they stop holding.
+    #[command(subcommand)]
+    Mission(MissionCommand),
     /// The newest audit log entries (admin role); `audit verify` checks the
     /// hash chain.
     Audit(AuditArgs),
@@ -358,11 +367,83 @@ pub enum LeakedCommand {
         #[arg(long)]
         file: Option<PathBuf>,
     },
+    /// Register every secret a scanner found, from its JSON report (the
+    /// values are fingerprinted by the control plane, never stored or
+    /// printed), and group them, one finding per secret with where it was
+    /// found, into a mission (a new one unless --mission).
+    Import {
+        #[arg(long, value_enum)]
+        format: crate::scanners::Format,
+        report: PathBuf,
+        /// The directory the scan ran in (detect-secrets names files
+        /// relative to it and keeps only hashes: the values are read back
+        /// from the files). Default: the current directory.
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// Add the findings to this mission instead of opening one.
+        #[arg(long)]
+        mission: Option<String>,
+        /// Owner of the new mission.
+        #[arg(long, required_unless_present = "mission")]
+        owner: Option<String>,
+        /// The new mission's window (see `mission create`).
+        #[arg(long)]
+        window: Option<String>,
+        /// The new mission's deadline.
+        #[arg(long)]
+        deadline: Option<String>,
+    },
     /// Registered leaked values.
     List,
     /// The forgotten consumers: every workload that sent the value since it
     /// was registered, to which upstream, how often, first and last seen.
     Show { revocation_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum MissionCommand {
+    /// Open a mission. Findings: leaked:ID, revocation:ID,
+    /// secret-version:UPSTREAM/VERSION, stripped:WORKLOAD@UPSTREAM,
+    /// grant:WORKLOAD@UPSTREAM, sighting:ID@WORKLOAD.
+    Create {
+        #[arg(long)]
+        objective: String,
+        #[arg(long)]
+        owner: String,
+        /// Due: a duration from now (72h, 7d), RFC 3339 or Unix milliseconds.
+        #[arg(long)]
+        deadline: Option<String>,
+        /// How long nothing may be seen before no-use, no-sightings and
+        /// consumers-migrated hold (1s to 90d; default 24h).
+        #[arg(long)]
+        window: Option<String>,
+        /// A finding (repeat for more).
+        #[arg(long = "finding", value_name = "KIND:REF")]
+        findings: Vec<crate::missions::Finding>,
+    },
+    /// Missions, newest first, with how many criteria hold.
+    List,
+    /// A mission's findings, each criterion with what it was computed from,
+    /// and its history.
+    Show { id: String },
+    /// Add findings to a mission.
+    Add {
+        id: String,
+        #[arg(required = true, value_name = "KIND:REF")]
+        findings: Vec<crate::missions::Finding>,
+    },
+    /// Close a mission by hand (marked so; its criteria no longer reopen it).
+    Close {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Reopen a mission by hand.
+    Reopen {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]

@@ -11,6 +11,7 @@ pub mod devid;
 pub mod jwt;
 pub mod listeners;
 pub mod metrics;
+pub mod missions;
 pub mod mtls;
 pub mod oauth2;
 pub mod revocations;

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub policy_rejected: AtomicU64,
     /// Commit of a revocation → a sidecar's acknowledgement of it.
     pub revocation_propagation: Histogram,
+    pub missions: crate::missions::MissionMetrics,
 }
 
 impl Default for Metrics {
@@ -42,6 +43,7 @@ impl Default for Metrics {
             policy_reloads: AtomicU64::new(0),
             policy_rejected: AtomicU64::new(0),
             revocation_propagation: Histogram::new(PROPAGATION_BUCKETS),
+            missions: crate::missions::MissionMetrics::default(),
         }
     }
 }
@@ -80,6 +82,22 @@ impl Metrics {
             "leash_cp_audit_write_failures_total",
             "Admin calls whose audit entry could not be written (reads were still answered, changes refused).",
             &self.audit_write_failures,
+        );
+        let m = &self.missions;
+        let _ = writeln!(
+            out,
+            "# HELP leash_cp_missions Remediation missions by state (overdue: open past the deadline).\n# TYPE leash_cp_missions gauge\n\
+             leash_cp_missions{{state=\"open\"}} {}\nleash_cp_missions{{state=\"closed\"}} {}\nleash_cp_missions{{state=\"overdue\"}} {}",
+            m.open.load(Ordering::Relaxed),
+            m.closed.load(Ordering::Relaxed),
+            m.overdue.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP leash_cp_mission_changes_total Missions closed and reopened by their criteria.\n# TYPE leash_cp_mission_changes_total counter\n\
+             leash_cp_mission_changes_total{{to=\"closed\"}} {}\nleash_cp_mission_changes_total{{to=\"open\"}} {}",
+            m.closed_total.load(Ordering::Relaxed),
+            m.reopened_total.load(Ordering::Relaxed),
         );
         counter(
             &mut out,

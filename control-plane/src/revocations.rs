@@ -259,12 +259,15 @@ impl RevocationLog {
     /// Registers a leaked value: only its keyed fingerprint is kept, and it is
     /// refused by every sidecar wherever it appears. The caller's copy of the
     /// value is zeroized when dropped.
+    /// Registers a leaked value. One registered already is a conflict, or,
+    /// with `existing_ok`, that registration (the second value says new).
     pub async fn register_leaked(
         &self,
         value: zeroize::Zeroizing<String>,
         reason: &str,
         by: &str,
-    ) -> Result<StoredRevocation, RevokeError> {
+        existing_ok: bool,
+    ) -> Result<(StoredRevocation, bool), RevokeError> {
         let value = value.trim();
         if value.len() < MIN_LEAKED_LEN {
             return Err(RevokeError::Invalid(format!(
@@ -285,6 +288,9 @@ impl RevocationLog {
             .active()
             .find(|r| r.kind() == RevocationKind::Leaked && r.fingerprint == fp)
         {
+            if existing_ok && let Some(stored) = self.store.revocation(&dup.id).await? {
+                return Ok((stored, false));
+            }
             return Err(RevokeError::Conflict(format!(
                 "already registered as {}",
                 dup.id
@@ -299,7 +305,7 @@ impl RevocationLog {
             fingerprint: fp,
             ..Default::default()
         };
-        self.commit(current, revocation, None).await
+        Ok((self.commit(current, revocation, None).await?, true))
     }
 
     /// Revokes one version of a brokered secret: it is marked revoked (no

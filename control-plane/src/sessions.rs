@@ -15,11 +15,12 @@ use leash_api::v1::{
 use tokio::sync::{broadcast, mpsc};
 use tonic::{Status, Streaming};
 
+use crate::admin::types::{Acknowledgement, PendingSidecar, Propagation};
 use crate::metrics::Metrics;
 use crate::revocations::RevocationLog;
 use crate::sidecar_api::routes_for;
 use crate::state::ControlPlaneState;
-use crate::store::{AckRecord, SessionRecord, Store, now_ms};
+use crate::store::{AckRecord, SessionRecord, Store, StoreError, now_ms};
 
 /// A connected sidecar, as the admin API shows it.
 pub struct SessionInfo {
@@ -590,6 +591,57 @@ fn check_header_name(name: &str) -> Result<(), String> {
         return Err("header is not a header name".into());
     }
     Ok(())
+}
+
+/// Which sidecars have acknowledged `seq` (durable record) and which of the
+/// connected ones have not yet.
+pub async fn propagation(
+    store: &Store,
+    sessions: &SessionRegistry,
+    seq: u64,
+) -> Result<Propagation, StoreError> {
+    let committed_at = store
+        .revocations(false)
+        .await?
+        .into_iter()
+        .find_map(|r| {
+            if r.revoke_seq == seq {
+                Some(r.revocation.revoked_at_ms)
+            } else {
+                r.restored.filter(|x| x.seq == seq).map(|x| x.at_ms)
+            }
+        })
+        .unwrap_or(0);
+    let acknowledged = store
+        .acks_for(seq)
+        .await?
+        .into_iter()
+        .map(|(session, at)| Acknowledgement {
+            session_id: session.id,
+            spiffe_id: session.spiffe_id,
+            version: session.version,
+            acked_at_ms: at,
+            latency_ms: (at - committed_at).max(0),
+        })
+        .collect();
+    let connected = sessions.list();
+    let pending = connected
+        .iter()
+        .filter(|c| c.last_ack_seq.load(Ordering::Relaxed) < seq)
+        .map(|c| PendingSidecar {
+            session_id: c.id.clone(),
+            spiffe_id: c.spiffe_id.to_string(),
+            version: c.version.clone(),
+            last_ack_seq: c.last_ack_seq.load(Ordering::Relaxed),
+            last_heard_ms: c.last_heard_ms.load(Ordering::Relaxed),
+        })
+        .collect();
+    Ok(Propagation {
+        seq,
+        connected: connected.len(),
+        acknowledged,
+        pending,
+    })
 }
 
 #[cfg(test)]

@@ -311,6 +311,7 @@ pub async fn start_control_plane_limited(
             issuer: Some("leash-test".into()),
             policy_poll: Duration::from_millis(100),
             heartbeat: Duration::from_millis(500),
+            mission_interval: Duration::from_millis(200),
             master_key: Some(std::sync::Arc::new(test_master_key(data_dir))),
             otel,
             admin_auth_failures_per_minute: 10,

@@ -190,6 +190,7 @@ async fn invalid_policy_is_refused_with_the_field() {
             issuer: None,
             policy_poll: Duration::from_secs(1),
             heartbeat: Duration::from_secs(1),
+            mission_interval: Duration::from_secs(1),
             master_key: None,
             otel: None,
             admin_auth_failures_per_minute: 10,

@@ -21,7 +21,9 @@ use super::{AdminState, ApiError, Audited, Responder, Viewer, body_status};
 /// Role: responder.
 #[utoipa::path(post, path = "/v1/leaked", operation_id = "register_leaked", tag = "leaked",
     request_body = LeakedRequest, security(("bearer" = [])),
-    responses((status = 201, body = Revocation), (status = 400, body = ErrorBody),
+    responses((status = 201, body = Revocation),
+        (status = 200, body = Revocation, description = "Registered already (with `existing_ok`)"),
+        (status = 400, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn register(
     State(s): State<AdminState>,
@@ -36,10 +38,17 @@ pub(super) async fn register(
             "expected {\"value\": \"…\", \"reason\": \"…\"}",
         )
     })?;
-    let stored =
+    let (stored, new) =
         s.cp.revocations
-            .register_leaked(req.value, &req.reason, &caller.actor)
+            .register_leaked(req.value, &req.reason, &caller.actor, req.existing_ok)
             .await?;
+    if !new {
+        let detail = format!(
+            "leaked value already registered as {}",
+            stored.revocation.id
+        );
+        return Ok(Audited(StatusCode::OK, revocation(&stored), detail));
+    }
     let detail = format!(
         "registered leaked value {} seq {}: {}",
         stored.revocation.id, stored.revoke_seq, stored.revocation.reason

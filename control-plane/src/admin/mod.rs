@@ -23,6 +23,7 @@ use crate::revocations::RevokeError;
 mod access;
 mod audit;
 mod leaked;
+mod missions;
 mod ops;
 mod revocations;
 mod secrets;
@@ -111,6 +112,11 @@ fn v1_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(ops::get_logging, ops::set_logging))
         .routes(routes!(ops::config_dump))
         .routes(routes!(tokens::create))
+        .routes(routes!(missions::list, missions::create))
+        .routes(routes!(missions::show))
+        .routes(routes!(missions::add))
+        .routes(routes!(missions::close))
+        .routes(routes!(missions::reopen))
 }
 
 fn api() -> OpenApiRouter<AdminState> {

@@ -10,8 +10,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 
 use super::types::{
-    Acknowledgement, ErrorBody, PendingSidecar, Propagation, ReasonRequest, Restored, Revocation,
-    RevocationList, RevocationListQuery, RevocationStatus, RevokeRequest, Sidecar, SidecarList,
+    ErrorBody, Propagation, ReasonRequest, Restored, Revocation, RevocationList,
+    RevocationListQuery, RevocationStatus, RevokeRequest, Sidecar, SidecarList,
 };
 use super::{AdminState, ApiError, Audited, Responder, Viewer};
 use crate::store::StoredRevocation;
@@ -123,53 +123,9 @@ pub(super) async fn status(
     }))
 }
 
-/// Which sidecars have acknowledged `seq` (durable record) and which of the
-/// connected ones have not yet.
+/// See [`crate::sessions::propagation`].
 pub(super) async fn propagation(s: &AdminState, seq: u64) -> Result<Propagation, ApiError> {
-    let committed_at =
-        s.cp.store
-            .revocations(false)
-            .await?
-            .into_iter()
-            .find_map(|r| {
-                if r.revoke_seq == seq {
-                    Some(r.revocation.revoked_at_ms)
-                } else {
-                    r.restored.filter(|x| x.seq == seq).map(|x| x.at_ms)
-                }
-            })
-            .unwrap_or(0);
-    let acknowledged =
-        s.cp.store
-            .acks_for(seq)
-            .await?
-            .into_iter()
-            .map(|(session, at)| Acknowledgement {
-                session_id: session.id,
-                spiffe_id: session.spiffe_id,
-                version: session.version,
-                acked_at_ms: at,
-                latency_ms: (at - committed_at).max(0),
-            })
-            .collect();
-    let connected = s.cp.sessions.list();
-    let pending = connected
-        .iter()
-        .filter(|c| c.last_ack_seq.load(Ordering::Relaxed) < seq)
-        .map(|c| PendingSidecar {
-            session_id: c.id.clone(),
-            spiffe_id: c.spiffe_id.to_string(),
-            version: c.version.clone(),
-            last_ack_seq: c.last_ack_seq.load(Ordering::Relaxed),
-            last_heard_ms: c.last_heard_ms.load(Ordering::Relaxed),
-        })
-        .collect();
-    Ok(Propagation {
-        seq,
-        connected: connected.len(),
-        acknowledged,
-        pending,
-    })
+    Ok(crate::sessions::propagation(&s.cp.store, &s.cp.sessions, seq).await?)
 }
 
 /// Restore a grant, workload or upstream revocation (credential

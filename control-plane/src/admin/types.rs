@@ -139,6 +139,10 @@ pub struct LeakedRequest {
     #[schema(value_type = String)]
     pub value: zeroize::Zeroizing<String>,
     pub reason: String,
+    /// If the value is registered already: 200 with that registration
+    /// (without it: 409).
+    #[serde(default)]
+    pub existing_ok: bool,
 }
 
 /// `GET /v1/leaked`.
@@ -337,4 +341,110 @@ pub struct TokenCreated {
     pub name: String,
     pub role: String,
     pub token: String,
+}
+
+pub use crate::missions::{Check, Finding};
+
+/// A finding to add to a mission, with metadata kept beside it (where a
+/// scanner found a secret, say; never a secret itself).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FindingEntry {
+    pub finding: Finding,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    #[schema(value_type = Object)]
+    pub note: serde_json::Value,
+}
+
+/// `POST /v1/missions`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MissionRequest {
+    /// What closing the mission achieves, 1 to 1024 bytes.
+    pub objective: String,
+    /// Who answers for it (a person or team), 1 to 256 bytes.
+    pub owner: String,
+    /// When it is due: RFC 3339, Unix milliseconds, or a duration from now
+    /// (`72h`, `7d`). Past it, an open mission is overdue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
+    /// How long nothing may be seen (no use, no sightings, no credential of
+    /// its own) before those criteria hold: `1s` to `90d`; default `24h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    #[serde(default)]
+    pub findings: Vec<FindingEntry>,
+}
+
+/// `POST /v1/missions/{id}/findings`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FindingsRequest {
+    pub findings: Vec<FindingEntry>,
+}
+
+/// A finding as its mission holds it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FindingView {
+    pub seq: i64,
+    pub finding: Finding,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    #[schema(value_type = Object)]
+    pub note: serde_json::Value,
+    pub added_at_ms: i64,
+    pub added_by: String,
+}
+
+/// A change of a mission's state, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MissionChangeView {
+    pub at_ms: i64,
+    pub state: String,
+    pub reason: String,
+    pub actor: String,
+}
+
+/// A mission with its findings, each criterion as computed now, and its
+/// history.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MissionView {
+    pub id: String,
+    pub objective: String,
+    pub owner: String,
+    pub deadline_ms: Option<i64>,
+    pub window_ms: i64,
+    /// `open` or `closed`.
+    pub state: String,
+    /// Closed by a responder rather than by its criteria.
+    pub closed_by_hand: bool,
+    /// Open past its deadline.
+    pub overdue: bool,
+    pub created_at_ms: i64,
+    pub created_by: String,
+    pub changed_at_ms: i64,
+    pub findings: Vec<FindingView>,
+    pub criteria: Vec<Check>,
+    /// Every criterion holds (and there is at least one).
+    pub all_hold: bool,
+    pub changes: Vec<MissionChangeView>,
+}
+
+/// One line of `GET /v1/missions`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MissionSummary {
+    pub id: String,
+    pub objective: String,
+    pub owner: String,
+    pub state: String,
+    pub overdue: bool,
+    pub deadline_ms: Option<i64>,
+    pub findings: usize,
+    pub criteria: usize,
+    pub criteria_holding: usize,
+}
+
+/// `GET /v1/missions`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MissionList {
+    pub missions: Vec<MissionSummary>,
 }

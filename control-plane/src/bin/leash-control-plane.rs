@@ -105,6 +105,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         issuer: args.issuer,
         policy_poll: Duration::from_secs(2),
         heartbeat: args.heartbeat_interval,
+        mission_interval: args.mission_interval,
         master_key,
         admin_auth_failures_per_minute: args.admin_auth_failures_per_minute,
         limits: args.limits,

@@ -13,10 +13,13 @@ use leash_control_plane::admin::types::{
     SecretRequest, SecretStored, SecretVersions, SidecarList, SignedHead, StrippedReport,
     TokenCreated, TokenRequest, UnusedGrants, UsageSummary,
 };
+use leash_control_plane::admin::types::{
+    Finding, FindingEntry, FindingsRequest, MissionList, MissionRequest, MissionView,
+};
 use leash_control_plane::cli::{
     AuditArgs, AuditCommand, LeakedCommand, LeashctlCli as Cli, LeashctlCommand as Command,
-    PolicyCommand, RevokeCommand, SecretCommand, TokenCommand, UsageArgs, UsageCommand,
-    UsageFilter,
+    MissionCommand, PolicyCommand, RevokeCommand, SecretCommand, TokenCommand, UsageArgs,
+    UsageCommand, UsageFilter,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -324,6 +327,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             let req = LeakedRequest {
                 value: read_secret(file.as_deref())?,
                 reason: reason.clone(),
+                existing_ok: false,
             };
             let r: Revocation = post(cli, "/v1/leaked", &req).await?;
             let text = format!("registered: {} (seq {})\n", r.id, r.seq);
@@ -439,6 +443,27 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             Output::new(&v, text)
         }
         Command::Usage(args) => return usage(cli, args).await,
+        Command::Mission(m) => return mission(cli, m).await,
+        Command::Leaked(LeakedCommand::Import {
+            format,
+            report,
+            root,
+            mission,
+            owner,
+            window,
+            deadline,
+        }) => {
+            let import = Import {
+                format: *format,
+                report,
+                root: root.as_deref(),
+                mission: mission.as_deref(),
+                owner: owner.as_deref(),
+                window: window.as_deref(),
+                deadline: deadline.as_deref(),
+            };
+            return import_report(cli, &import).await;
+        }
         Command::Stripped => {
             let v: StrippedReport = get(cli, "/v1/stripped").await?;
             let rows = v
@@ -778,4 +803,253 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
         out.push_str(&line(row));
     }
     out
+}
+
+async fn mission(cli: &Cli, cmd: &MissionCommand) -> Result<(), Failure> {
+    let entries = |findings: &[Finding]| {
+        findings
+            .iter()
+            .map(|f| FindingEntry {
+                finding: f.clone(),
+                note: serde_json::Value::Null,
+            })
+            .collect::<Vec<_>>()
+    };
+    let view: MissionView = match cmd {
+        MissionCommand::List => {
+            let v: MissionList = get(cli, "/v1/missions").await?;
+            let rows = v
+                .missions
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.id.clone(),
+                        if m.overdue {
+                            format!("{} (OVERDUE)", m.state)
+                        } else {
+                            m.state.clone()
+                        },
+                        format!("{}/{}", m.criteria_holding, m.criteria),
+                        m.findings.to_string(),
+                        m.owner.clone(),
+                        m.objective.clone(),
+                    ]
+                })
+                .collect();
+            let text = table(
+                &["ID", "STATE", "CRITERIA", "FINDINGS", "OWNER", "OBJECTIVE"],
+                rows,
+            );
+            print(cli, Output::new(&v, text));
+            return Ok(());
+        }
+        MissionCommand::Create {
+            objective,
+            owner,
+            deadline,
+            window,
+            findings,
+        } => {
+            let req = MissionRequest {
+                objective: objective.clone(),
+                owner: owner.clone(),
+                deadline: deadline.clone(),
+                window: window.clone(),
+                findings: entries(findings),
+            };
+            post(cli, "/v1/missions", &req).await?
+        }
+        MissionCommand::Show { id } => get(cli, &format!("/v1/missions/{id}")).await?,
+        MissionCommand::Add { id, findings } => {
+            let req = FindingsRequest {
+                findings: entries(findings),
+            };
+            post(cli, &format!("/v1/missions/{id}/findings"), &req).await?
+        }
+        MissionCommand::Close { id, reason } | MissionCommand::Reopen { id, reason } => {
+            let verb = if matches!(cmd, MissionCommand::Close { .. }) {
+                "close"
+            } else {
+                "reopen"
+            };
+            let req = ReasonRequest {
+                reason: reason.clone(),
+            };
+            post(cli, &format!("/v1/missions/{id}/{verb}"), &req).await?
+        }
+    };
+    let text = mission_text(&view);
+    print(cli, Output::new(&view, text));
+    Ok(())
+}
+
+fn mission_text(m: &MissionView) -> String {
+    let mut out = format!(
+        "{}  {}{}{}\nobjective: {}\nowner: {}  deadline: {}  window: {} ms\n\n",
+        m.id,
+        m.state,
+        if m.closed_by_hand { " (by hand)" } else { "" },
+        if m.overdue { " OVERDUE" } else { "" },
+        m.objective,
+        m.owner,
+        or_null(m.deadline_ms),
+        m.window_ms,
+    );
+    let findings = m
+        .findings
+        .iter()
+        .map(|f| {
+            vec![
+                f.seq.to_string(),
+                serde_json::to_string(&f.finding).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["#", "FINDING"], findings));
+    out.push('\n');
+    let criteria = m
+        .criteria
+        .iter()
+        .map(|c| {
+            vec![
+                c.finding.to_string(),
+                c.criterion.clone(),
+                if c.holds { "holds" } else { "NOT YET" }.to_owned(),
+                c.detail.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["#", "CRITERION", "", "DETAIL"], criteria));
+    out.push('\n');
+    let changes = m
+        .changes
+        .iter()
+        .map(|c| {
+            vec![
+                ago(Some(c.at_ms)),
+                c.state.clone(),
+                c.actor.clone(),
+                c.reason.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["WHEN", "STATE", "BY", "WHY"], changes));
+    out
+}
+
+/// What `leaked import` was asked to do.
+struct Import<'a> {
+    format: leash_control_plane::scanners::Format,
+    report: &'a std::path::Path,
+    root: Option<&'a std::path::Path>,
+    mission: Option<&'a str>,
+    owner: Option<&'a str>,
+    window: Option<&'a str>,
+    deadline: Option<&'a str>,
+}
+
+/// Largest scanner report read.
+const MAX_REPORT: u64 = 64 * 1024 * 1024;
+/// Locations kept with one finding (the count says how many there were).
+const MAX_LOCATIONS: usize = 20;
+/// Findings sent in one call.
+const FINDINGS_PER_CALL: usize = 10;
+
+async fn import_report(cli: &Cli, import: &Import<'_>) -> Result<(), Failure> {
+    use leash_control_plane::scanners;
+    let format_name = match import.format {
+        scanners::Format::Gitleaks => "gitleaks",
+        scanners::Format::Trufflehog => "trufflehog",
+        scanners::Format::DetectSecrets => "detect-secrets",
+    };
+    let path = import.report;
+    let size = std::fs::metadata(path)
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?
+        .len();
+    if size > MAX_REPORT {
+        return Err(Failure::Usage(format!(
+            "{} is larger than {MAX_REPORT} bytes",
+            path.display()
+        )));
+    }
+    let bytes = zeroize::Zeroizing::new(
+        std::fs::read(path)
+            .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))?,
+    );
+    let root = import.root.unwrap_or_else(|| std::path::Path::new("."));
+    // Everything is read and understood before anything is registered.
+    let secrets = scanners::read(import.format, &bytes, root)
+        .map_err(|e| Failure::Usage(format!("{}: {e}; nothing was registered", path.display())))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut findings = Vec::new();
+    let mut rows = Vec::new();
+    for secret in &secrets {
+        let first = &secret.locations[0];
+        let req = LeakedRequest {
+            value: secret.value.clone(),
+            reason: format!(
+                "found by {format_name} in {}:{} ({name})",
+                first.file, first.line
+            ),
+            existing_ok: true,
+        };
+        let r: Revocation = post(cli, "/v1/leaked", &req).await?;
+        rows.push(vec![
+            r.id.clone(),
+            format!("{}:{}", first.file, first.line),
+            secret.locations.len().to_string(),
+        ]);
+        findings.push(FindingEntry {
+            finding: Finding::Leaked {
+                revocation_id: r.id.clone(),
+            },
+            note: serde_json::json!({
+                "scanner": format_name,
+                "report": name,
+                "locations_total": secret.locations.len(),
+                "locations": secret.locations.iter().take(MAX_LOCATIONS).collect::<Vec<_>>(),
+            }),
+        });
+    }
+    let mut chunks = findings.chunks(FINDINGS_PER_CALL);
+    let mission_id = match import.mission {
+        Some(id) => id.to_owned(),
+        None => {
+            let req = MissionRequest {
+                objective: format!(
+                    "Retire the {} secret(s) {format_name} found ({name})",
+                    secrets.len()
+                ),
+                owner: import.owner.unwrap_or_default().to_owned(),
+                deadline: import.deadline.map(str::to_owned),
+                window: import.window.map(str::to_owned),
+                findings: chunks.next().map(<[_]>::to_vec).unwrap_or_default(),
+            };
+            let m: MissionView = post(cli, "/v1/missions", &req).await?;
+            m.id
+        }
+    };
+    for chunk in chunks {
+        let req = FindingsRequest {
+            findings: chunk.to_vec(),
+        };
+        let _: MissionView =
+            post(cli, &format!("/v1/missions/{mission_id}/findings"), &req).await?;
+    }
+    let summary = serde_json::json!({
+        "mission": mission_id,
+        "secrets": secrets.len(),
+        "registered": rows.iter().map(|r| &r[0]).collect::<Vec<_>>(),
+    });
+    let mut text = format!(
+        "{} secret(s) from {} finding(s) registered; mission {mission_id}\n",
+        secrets.len(),
+        secrets.iter().map(|s| s.locations.len()).sum::<usize>()
+    );
+    text.push_str(&table(&["REVOCATION", "FIRST FOUND", "PLACES"], rows));
+    print(cli, Output::new(&summary, text));
+    Ok(())
 }

@@ -6,6 +6,7 @@
 mod audit;
 mod credentials;
 mod keys;
+mod missions;
 mod revocations;
 mod secrets;
 mod tokens;
@@ -22,6 +23,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 pub use audit::{AuditEntry, AuditVerdict, audit_hash};
 pub use credentials::CredentialRecord;
 pub use keys::StoredKey;
+pub use missions::{FindingRow, MissionChange, MissionRow};
 pub use revocations::{AckRecord, Restore, SessionRecord, StoredRevocation};
 pub use secrets::SecretVersion;
 pub use tokens::TokenRecord;
@@ -206,6 +208,14 @@ impl Store {
         }
         MIGRATOR.run(&mut *conn).await?;
         Ok(())
+    }
+
+    /// A write transaction, holding SQLite's write lock from its start
+    /// (`BEGIN IMMEDIATE`): one that reads and then writes would otherwise
+    /// fail at once with "database is locked" when another connection
+    /// wrote in between (the busy timeout does not apply to that upgrade).
+    async fn write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
     pub async fn ping(&self) -> bool {

@@ -152,7 +152,7 @@ pub(super) async fn insert_revocation_in(
 impl Store {
     /// Commits a new revocation and its event; returns the event's sequence.
     pub async fn insert_revocation(&self, r: &Revocation) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let seq = insert_revocation_in(&mut tx, r).await?;
         tx.commit().await?;
         Ok(seq)
@@ -167,7 +167,7 @@ impl Store {
         reason: &str,
         at_ms: i64,
     ) -> Result<Option<u64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let seq = sqlx::query(
             "INSERT INTO revocation_events (revocation_id, restored, at_ms) VALUES (?, 1, ?)",
         )
@@ -297,7 +297,7 @@ impl Store {
     /// Records acknowledgements in one transaction, many rows per statement
     /// (a revocation acknowledged by a thousand sidecars is a thousand rows).
     pub async fn insert_acks(&self, acks: &[AckRecord]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         for chunk in acks.chunks(200) {
             let mut q = sqlx::QueryBuilder::new(
                 "INSERT OR IGNORE INTO acks (session_id, from_seq, to_seq, acked_at_ms) ",

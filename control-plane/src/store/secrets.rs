@@ -73,7 +73,7 @@ impl Store {
         version: i64,
         revocation: &Revocation,
     ) -> Result<Option<u64>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let n = sqlx::query(
             "UPDATE secret_versions SET revoked_at_ms = ? WHERE upstream = ? AND version = ? AND revoked_at_ms IS NULL",
         )

@@ -137,7 +137,7 @@ impl Store {
         batch: &UsageBatch,
         requests: u64,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write().await?;
         let inserted = sqlx::query(
             "INSERT INTO usage_batches (sidecar_id, batch_seq, workload, received_at_ms, requests, dropped_requests, dropped_records) \
              VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
