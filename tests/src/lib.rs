@@ -175,6 +175,7 @@ impl PolicyBuilder {
             },
             inject: leash_api::policy::InjectSpec::default(),
             scan_body_bytes: 0,
+            deactivation_probe: None,
         });
         self
     }
