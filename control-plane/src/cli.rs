@@ -105,6 +105,11 @@ pub struct ServeArgs {
     /// past that the address gets 429 until the minute is over.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub admin_auth_failures_per_minute: u32,
+    /// How long a provider has to answer a deactivation probe (sent once
+    /// to an upstream with a revoked secret version when its policy has a
+    /// `deactivation_probe`); no answer in time is recorded as `error`.
+    #[arg(long, env = "LEASH_PROBE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub probe_timeout: Duration,
     #[command(flatten)]
     pub limits: crate::listeners::ListenerLimits,
     /// Serve the admin port over TLS with this certificate chain (PEM);

@@ -302,28 +302,43 @@ pub async fn start_control_plane_limited(
     otel: Option<leash_api::telemetry::Otel>,
     limits: leash_control_plane::listeners::ListenerLimits,
 ) -> ControlPlane {
+    start_control_plane_configured(ids, cp_id, policy, data_dir, sidecar_listener, |c| {
+        c.otel = otel;
+        c.limits = limits;
+    })
+    .await
+}
+
+/// The control plane as tests run it, with `configure` applied to its
+/// configuration first.
+pub async fn start_control_plane_configured(
+    ids: &Identities,
+    cp_id: &str,
+    policy: &Path,
+    data_dir: &Path,
+    sidecar_listener: TcpListener,
+    configure: impl FnOnce(&mut ServeConfig),
+) -> ControlPlane {
     let source = leash_api::identity::x509_source(&ids.endpoint(cp_id), Duration::from_secs(10))
         .await
         .expect("control plane identity");
-    ControlPlane::start(
-        ServeConfig {
-            policy: policy.to_owned(),
-            data_dir: data_dir.to_owned(),
-            issuer: Some("leash-test".into()),
-            policy_poll: Duration::from_millis(100),
-            heartbeat: Duration::from_millis(500),
-            master_key: Some(std::sync::Arc::new(test_master_key(data_dir))),
-            otel,
-            admin_auth_failures_per_minute: 10,
-            limits,
-            admin_tls: None,
-        },
-        source,
-        sidecar_listener,
-        listener().await,
-    )
-    .await
-    .expect("control plane starts")
+    let mut config = ServeConfig {
+        policy: policy.to_owned(),
+        data_dir: data_dir.to_owned(),
+        issuer: Some("leash-test".into()),
+        policy_poll: Duration::from_millis(100),
+        heartbeat: Duration::from_millis(500),
+        master_key: Some(std::sync::Arc::new(test_master_key(data_dir))),
+        otel: None,
+        admin_auth_failures_per_minute: 10,
+        limits: Default::default(),
+        admin_tls: None,
+        probe_timeout: leash_control_plane::probes::DEFAULT_TIMEOUT,
+    };
+    configure(&mut config);
+    ControlPlane::start(config, source, sidecar_listener, listener().await)
+        .await
+        .expect("control plane starts")
 }
 
 /// The deployment's master key, kept beside its data directory so that a

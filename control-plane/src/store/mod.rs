@@ -6,6 +6,7 @@
 mod audit;
 mod credentials;
 mod keys;
+mod probes;
 mod revocations;
 mod secrets;
 mod tokens;
@@ -22,6 +23,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 pub use audit::{AuditEntry, AuditVerdict, audit_hash};
 pub use credentials::CredentialRecord;
 pub use keys::StoredKey;
+pub use probes::ProbeResult;
 pub use revocations::{AckRecord, Restore, SessionRecord, StoredRevocation};
 pub use secrets::SecretVersion;
 pub use tokens::TokenRecord;
