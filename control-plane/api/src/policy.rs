@@ -781,16 +781,22 @@ grants:
         let probed = |kind: &str, probe: &str| {
             GOOD.replace(
                 "credential: { kind: jwt, ttl: 2m }",
-                &format!("credential: {{ kind: {kind}, ttl: 2m }}\n    deactivation_probe: {probe}"),
+                &format!(
+                    "credential: {{ kind: {kind}, ttl: 2m }}\n    deactivation_probe: {probe}"
+                ),
             )
         };
         let ok = parse(
-            &probed("static", "{ method: GET, path: /v1/me, expect: [401, 403] }"),
+            &probed(
+                "static",
+                "{ method: GET, path: /v1/me, expect: [401, 403] }",
+            ),
             Path::new("."),
         )
         .expect("valid probe");
         assert_eq!(
-            ok.upstream("payments").and_then(|u| u.deactivation_probe.clone()),
+            ok.upstream("payments")
+                .and_then(|u| u.deactivation_probe.clone()),
             Some(DeactivationProbe {
                 method: "GET".into(),
                 path: "/v1/me".into(),
