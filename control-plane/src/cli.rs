@@ -395,6 +395,12 @@ pub enum SecretCommand {
     },
     /// Versions of an upstream's secret (never their values).
     List { upstream: String },
+    /// What the provider answered each time a revoked version was sent to it
+    /// (its policy's deactivation_probe), newest first.
+    Probes { upstream: String, version: i64 },
+    /// Send a revoked version's deactivation_probe to its provider again and
+    /// show the answer (at most once a minute per version; never a live one).
+    Probe { upstream: String, version: i64 },
 }
 
 #[derive(Subcommand)]

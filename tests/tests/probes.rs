@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
+use leash_control_plane::admin::types::ProbeResults;
 use leash_control_plane::app::ControlPlane;
 use leash_tests::*;
 use serde_json::json;
@@ -281,8 +282,26 @@ async fn a_revoked_version_is_proved_dead_at_the_provider_once() {
         }],
         "exactly one probe, carrying v1 where the policy injects it"
     );
-    let list = admin.get("/v1/secrets/vault-api/versions/1/probes").await;
-    assert_eq!(list.json()["probes"].as_array().unwrap().len(), 1);
+    // As leashctl reads it: the typed contract.
+    let list: ProbeResults = serde_json::from_slice(
+        &admin
+            .get("/v1/secrets/vault-api/versions/1/probes")
+            .await
+            .body,
+    )
+    .unwrap();
+    assert_eq!(list.probes.len(), 1);
+    assert_eq!(list.probes[0].status, Some(401));
+    assert_eq!(list.probes[0].outcome, "dead");
+    // The mission engine's view: the same, from the store.
+    assert_eq!(
+        p.cp.state
+            .store
+            .probe_results("vault-api", 1)
+            .await
+            .unwrap(),
+        list.probes
+    );
     assert_eq!(probe_metric(p.cp.admin_addr, "dead").await, 1.0);
     assert_eq!(probe_metric(p.cp.admin_addr, "limited").await, 1.0);
     assert_eq!(probe_metric(p.cp.admin_addr, "alive").await, 0.0);
