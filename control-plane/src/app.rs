@@ -45,6 +45,8 @@ pub struct ServeConfig {
     pub limits: crate::listeners::ListenerLimits,
     /// TLS on the admin port (admin API, JWKS, metrics); None: plain HTTP.
     pub admin_tls: Option<crate::listeners::AdminTls>,
+    /// How long a provider has to answer a deactivation probe.
+    pub probe_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +174,7 @@ impl ControlPlane {
             tokens: crate::oauth2::TokenCache::default(),
             otel: config.otel.clone(),
             refused: crate::unauthenticated::RefusedCalls::default(),
+            prober: crate::probes::Prober::new(config.probe_timeout),
         });
         if let Some(otel) = &config.otel {
             crate::telemetry::register_observables(otel, &state);
@@ -229,6 +232,7 @@ impl ControlPlane {
             "listeners": {"sidecar_api": sidecar_addr, "admin": admin_addr},
             "limits": config.limits,
             "admin_tls": config.admin_tls,
+            "probe_timeout_ms": u64::try_from(config.probe_timeout.as_millis()).unwrap_or(u64::MAX),
         });
         let router = admin::router(AdminState {
             cp: state.clone(),

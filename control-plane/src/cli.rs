@@ -109,6 +109,11 @@ pub struct ServeArgs {
     /// past that the address gets 429 until the minute is over.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub admin_auth_failures_per_minute: u32,
+    /// How long a provider has to answer a deactivation probe (sent once
+    /// to an upstream with a revoked secret version when its policy has a
+    /// `deactivation_probe`); no answer in time is recorded as `error`.
+    #[arg(long, env = "LEASH_PROBE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub probe_timeout: Duration,
     #[command(flatten)]
     pub limits: crate::listeners::ListenerLimits,
     /// Serve the admin port over TLS with this certificate chain (PEM);
@@ -471,6 +476,12 @@ pub enum SecretCommand {
     },
     /// Versions of an upstream's secret (never their values).
     List { upstream: String },
+    /// What the provider answered each time a revoked version was sent to it
+    /// (its policy's deactivation_probe), newest first.
+    Probes { upstream: String, version: i64 },
+    /// Send a revoked version's deactivation_probe to its provider again and
+    /// show the answer (at most once a minute per version; never a live one).
+    Probe { upstream: String, version: i64 },
 }
 
 #[derive(Subcommand)]

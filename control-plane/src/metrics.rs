@@ -5,6 +5,8 @@ use leash_api::metrics::{self, Histogram, PROPAGATION_BUCKETS};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::probes::Outcome;
+
 pub struct Metrics {
     pub credentials_issued: AtomicU64,
     pub issue_denied: AtomicU64,
@@ -25,6 +27,8 @@ pub struct Metrics {
     /// Commit of a revocation → a sidecar's acknowledgement of it.
     pub revocation_propagation: Histogram,
     pub missions: crate::missions::MissionMetrics,
+    /// Deactivation probes by outcome, in `probes::Outcome::ALL` order.
+    deactivation_probes: [AtomicU64; 4],
 }
 
 impl Default for Metrics {
@@ -44,6 +48,7 @@ impl Default for Metrics {
             policy_rejected: AtomicU64::new(0),
             revocation_propagation: Histogram::new(PROPAGATION_BUCKETS),
             missions: crate::missions::MissionMetrics::default(),
+            deactivation_probes: Default::default(),
         }
     }
 }
@@ -57,6 +62,11 @@ fn counter(out: &mut String, name: &str, help: &str, v: &AtomicU64) {
 }
 
 impl Metrics {
+    pub fn count_probe(&self, outcome: Outcome) {
+        let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.deactivation_probes[i].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn render(&self, sessions: usize, seq: u64) -> String {
         let mut out = String::with_capacity(2048);
         counter(
@@ -147,6 +157,21 @@ impl Metrics {
             "Requests sidecars counted but dropped before delivery (buffer overflow).",
             &self.usage_dropped_requests,
         );
+        let name = "leash_cp_deactivation_probes_total";
+        metrics::header(
+            &mut out,
+            name,
+            "counter",
+            "Deactivation probes of revoked secret versions by outcome: dead (refused by the provider), alive, error (no answer), limited (not sent: rate limit).",
+        );
+        for (outcome, n) in Outcome::ALL.iter().zip(&self.deactivation_probes) {
+            let _ = writeln!(
+                out,
+                "{name}{{outcome=\"{}\"}} {}",
+                outcome.as_str(),
+                n.load(Ordering::Relaxed)
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP leash_cp_sessions Connected sidecar sessions.\n# TYPE leash_cp_sessions gauge\nleash_cp_sessions {sessions}"

@@ -12,11 +12,9 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use zeroize::Zeroizing;
+
+use crate::https::HttpsClient;
 
 /// A token is not leased in the last part of its life: 10 % of it, at least 5 s.
 fn margin(lifetime: Duration) -> Duration {
@@ -62,25 +60,13 @@ pub struct Exchange<'a> {
 #[derive(Default)]
 pub struct TokenCache {
     tokens: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<AccessToken>>>>>,
-    client: std::sync::OnceLock<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>,
+    client: std::sync::OnceLock<HttpsClient>,
 }
 
 impl TokenCache {
-    fn client(&self) -> &Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
-        self.client.get_or_init(|| {
-            let mut roots = rustls::RootCertStore::empty();
-            let (_added, _ignored) =
-                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-            let tls = rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let connector = HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_or_http()
-                .enable_http1()
-                .build();
-            Client::builder(TokioExecutor::new()).build(connector)
-        })
+    fn client(&self) -> &HttpsClient {
+        self.client
+            .get_or_init(|| crate::https::client(crate::https::system_trust(), None))
     }
 
     /// Drops the cached token whose lease id is `id` (it was revoked): the

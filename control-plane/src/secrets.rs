@@ -121,8 +121,13 @@ impl MasterKey {
         self.aead_seal(Self::aad(upstream, version), plaintext)
     }
 
-    fn open(&self, v: &SecretVersion) -> Option<Zeroizing<Vec<u8>>> {
+    /// A stored version's value, decrypted (revoked or not: the caller decides).
+    pub fn open(&self, v: &SecretVersion) -> Result<Zeroizing<Vec<u8>>, SecretError> {
         self.aead_open(Self::aad(&v.upstream, v.version), &v.nonce, &v.ciphertext)
+            .ok_or_else(|| SecretError::Decrypt {
+                upstream: v.upstream.clone(),
+                version: v.version,
+            })
     }
 
     /// AES-256-GCM with a fresh random nonce: (nonce, ciphertext ‖ tag).
@@ -210,11 +215,7 @@ pub async fn current(
             version: v.version,
         });
     }
-    let plain = key.open(&v).ok_or(SecretError::Decrypt {
-        upstream: upstream.to_owned(),
-        version: v.version,
-    })?;
-    Ok((v.version, plain))
+    Ok((v.version, key.open(&v)?))
 }
 
 /// The credential id under which a version is leased (and revoked).

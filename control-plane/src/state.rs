@@ -52,6 +52,8 @@ pub struct ControlPlaneState {
     /// Admin-API calls refused for want of a valid token, summarised into
     /// the audit log once a minute.
     pub refused: crate::unauthenticated::RefusedCalls,
+    /// Deactivation probes of revoked secret versions and their limits.
+    pub prober: crate::probes::Prober,
 }
 
 impl ControlPlaneState {

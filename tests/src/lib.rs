@@ -37,6 +37,55 @@ pub fn init() {
     leash_api::process::init_test_logging();
 }
 
+/// Everything this test process logs from now on, at debug level: installs
+/// the process-wide subscriber once (call it before anything that logs, in
+/// every test of a binary that searches its logs).
+pub fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    #[derive(Clone)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = Captured(buf.clone());
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .with_writer(move || writer.clone())
+            .init();
+        buf
+    })
+    .clone()
+}
+
+/// Asserts that no `(what, value)` appears in plaintext in the captured
+/// logs or the SQLite files of `data_dir` (read after the control plane
+/// shut down).
+pub fn assert_nowhere(data_dir: &Path, values: &[(&str, &str)]) {
+    let mut haystacks = vec![("logs".to_owned(), captured_logs().lock().unwrap().clone())];
+    for file in ["leash.db", "leash.db-wal", "leash.db-shm"] {
+        if let Ok(bytes) = std::fs::read(data_dir.join(file)) {
+            haystacks.push((file.to_owned(), bytes));
+        }
+    }
+    assert!(haystacks[0].1.len() > 1_000, "the logs were captured");
+    for (name, bytes) in &haystacks {
+        for (what, value) in values {
+            assert!(
+                !bytes.windows(value.len()).any(|w| w == value.as_bytes()),
+                "{name} contains the {what} in plaintext"
+            );
+        }
+    }
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
@@ -175,6 +224,7 @@ impl PolicyBuilder {
             },
             inject: leash_api::policy::InjectSpec::default(),
             scan_body_bytes: 0,
+            deactivation_probe: None,
         });
         self
     }
@@ -301,29 +351,44 @@ pub async fn start_control_plane_limited(
     otel: Option<leash_api::telemetry::Otel>,
     limits: leash_control_plane::listeners::ListenerLimits,
 ) -> ControlPlane {
+    start_control_plane_configured(ids, cp_id, policy, data_dir, sidecar_listener, |c| {
+        c.otel = otel;
+        c.limits = limits;
+    })
+    .await
+}
+
+/// The control plane as tests run it, with `configure` applied to its
+/// configuration first.
+pub async fn start_control_plane_configured(
+    ids: &Identities,
+    cp_id: &str,
+    policy: &Path,
+    data_dir: &Path,
+    sidecar_listener: TcpListener,
+    configure: impl FnOnce(&mut ServeConfig),
+) -> ControlPlane {
     let source = leash_api::identity::x509_source(&ids.endpoint(cp_id), Duration::from_secs(10))
         .await
         .expect("control plane identity");
-    ControlPlane::start(
-        ServeConfig {
-            policy: policy.to_owned(),
-            data_dir: data_dir.to_owned(),
-            issuer: Some("leash-test".into()),
-            policy_poll: Duration::from_millis(100),
-            heartbeat: Duration::from_millis(500),
-            mission_interval: Duration::from_millis(200),
-            master_key: Some(std::sync::Arc::new(test_master_key(data_dir))),
-            otel,
-            admin_auth_failures_per_minute: 10,
-            limits,
-            admin_tls: None,
-        },
-        source,
-        sidecar_listener,
-        listener().await,
-    )
-    .await
-    .expect("control plane starts")
+    let mut config = ServeConfig {
+        policy: policy.to_owned(),
+        data_dir: data_dir.to_owned(),
+        issuer: Some("leash-test".into()),
+        policy_poll: Duration::from_millis(100),
+        heartbeat: Duration::from_millis(500),
+        mission_interval: Duration::from_millis(200),
+        master_key: Some(std::sync::Arc::new(test_master_key(data_dir))),
+        otel: None,
+        admin_auth_failures_per_minute: 10,
+        limits: Default::default(),
+        admin_tls: None,
+        probe_timeout: leash_control_plane::probes::DEFAULT_TIMEOUT,
+    };
+    configure(&mut config);
+    ControlPlane::start(config, source, sidecar_listener, listener().await)
+        .await
+        .expect("control plane starts")
 }
 
 /// The deployment's master key, kept beside its data directory so that a

@@ -196,6 +196,7 @@ async fn invalid_policy_is_refused_with_the_field() {
             admin_auth_failures_per_minute: 10,
             limits: Default::default(),
             admin_tls: None,
+            probe_timeout: leash_control_plane::probes::DEFAULT_TIMEOUT,
         },
         source,
         listener().await,

@@ -47,6 +47,24 @@ pub struct Upstream {
     /// (0, the default: headers and query only). At most 65536.
     #[serde(default)]
     pub scan_body_bytes: u32,
+    /// `static` only: how the control plane checks, after a secret version
+    /// is revoked, that the provider itself refuses the old value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deactivation_probe: Option<DeactivationProbe>,
+}
+
+/// One request sent to the upstream's `target` with a revoked secret
+/// version, injected as `inject` says; an answer in `expect` proves the
+/// provider refuses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeactivationProbe {
+    /// An HTTP method, e.g. `GET`.
+    pub method: String,
+    /// Origin-form path (and query), starting with `/`.
+    pub path: String,
+    /// Statuses that mean "refused", e.g. `[401, 403]`.
+    pub expect: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -420,6 +438,17 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
                 "token_url, client_id and scopes belong to oauth2-client-credentials".into(),
             );
         }
+        if let Some(probe) = &up.deactivation_probe {
+            if up.credential.kind != CredentialKind::Static {
+                bad(
+                    at("deactivation_probe"),
+                    "only a static credential can be probed (credential.kind: static)".into(),
+                );
+            }
+            for (field, reason) in check_probe(probe) {
+                bad(at(&format!("deactivation_probe.{field}")), reason);
+            }
+        }
         if up.scan_body_bytes > 65_536 {
             bad(at("scan_body_bytes"), "must be at most 65536".into());
         }
@@ -505,6 +534,37 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
     } else {
         Err(issues)
     }
+}
+
+/// Each problem of a deactivation probe: (field, reason).
+fn check_probe(probe: &DeactivationProbe) -> Vec<(&'static str, String)> {
+    let mut issues = Vec::new();
+    // RFC 9110 §5.6.2 `token`.
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if probe.method.is_empty() || !probe.method.bytes().all(tchar) {
+        issues.push((
+            "method",
+            format!("{:?} is not an HTTP method", probe.method),
+        ));
+    }
+    if !probe.path.starts_with('/')
+        || probe.path.parse::<http::uri::PathAndQuery>().is_err()
+        || probe.path.contains('#')
+    {
+        issues.push((
+            "path",
+            format!(
+                "{:?} must be a path starting with / (and an optional query)",
+                probe.path
+            ),
+        ));
+    }
+    if probe.expect.is_empty() {
+        issues.push(("expect", "at least one status is required".into()));
+    } else if let Some(s) = probe.expect.iter().find(|s| !(100..=599).contains(*s)) {
+        issues.push(("expect", format!("{s} is not an HTTP status (100-599)")));
+    }
+    issues
 }
 
 fn valid_name(s: &str) -> bool {
@@ -713,6 +773,80 @@ grants:
         assert_eq!(
             fields,
             ["upstreams[0].inject.name", "upstreams[0].inject.format"]
+        );
+    }
+
+    #[test]
+    fn deactivation_probes() {
+        let probed = |kind: &str, probe: &str| {
+            GOOD.replace(
+                "credential: { kind: jwt, ttl: 2m }",
+                &format!(
+                    "credential: {{ kind: {kind}, ttl: 2m }}\n    deactivation_probe: {probe}"
+                ),
+            )
+        };
+        let ok = parse(
+            &probed(
+                "static",
+                "{ method: GET, path: /v1/me, expect: [401, 403] }",
+            ),
+            Path::new("."),
+        )
+        .expect("valid probe");
+        assert_eq!(
+            ok.upstream("payments")
+                .and_then(|u| u.deactivation_probe.clone()),
+            Some(DeactivationProbe {
+                method: "GET".into(),
+                path: "/v1/me".into(),
+                expect: vec![401, 403],
+            })
+        );
+        let fields = |text: &str| -> Vec<(String, String)> {
+            issues(text)
+                .into_iter()
+                .map(|i| (i.field, i.reason))
+                .collect()
+        };
+        let bad = fields(&probed(
+            "static",
+            "{ method: \"GE T\", path: v1/me, expect: [401, 99] }",
+        ));
+        let names: Vec<_> = bad.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "upstreams[0].deactivation_probe.method",
+                "upstreams[0].deactivation_probe.path",
+                "upstreams[0].deactivation_probe.expect",
+            ],
+            "{bad:?}"
+        );
+        assert!(bad[2].1.contains("99"), "{bad:?}");
+        let empty = fields(&probed(
+            "static",
+            "{ method: GET, path: /v1/me, expect: [] }",
+        ));
+        assert_eq!(empty[0].0, "upstreams[0].deactivation_probe.expect");
+        let jwt = fields(&probed(
+            "jwt",
+            "{ method: GET, path: /v1/me, expect: [401] }",
+        ));
+        assert_eq!(jwt[0].0, "upstreams[0].deactivation_probe");
+        assert!(jwt[0].1.contains("static"), "{jwt:?}");
+        let unknown = fields(&probed(
+            "static",
+            "{ method: GET, path: /v1/me, expect: [401], retry: 3 }",
+        ));
+        assert_eq!(unknown[0].0, "upstreams[0].deactivation_probe.retry");
+        let out_of_range = fields(&probed(
+            "static",
+            "{ method: GET, path: /v1/me, expect: [70000] }",
+        ));
+        assert_eq!(
+            out_of_range[0].0,
+            "upstreams[0].deactivation_probe.expect[0]"
         );
     }
 

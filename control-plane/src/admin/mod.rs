@@ -106,6 +106,8 @@ fn v1_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(usage::after_revocation))
         .routes(routes!(secrets::list, secrets::put))
         .routes(routes!(secrets::revoke_version))
+        .routes(routes!(secrets::probe_version))
+        .routes(routes!(secrets::probes))
         .routes(routes!(audit::entries))
         .routes(routes!(audit::verify))
         .routes(routes!(audit::head))
@@ -210,6 +212,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Seconds, for a `Retry-After` header.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -218,6 +222,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -237,7 +242,12 @@ impl IntoResponse for ApiError {
             error: self.code.to_owned(),
             message: self.message,
         };
-        with_detail((self.status, Json(body)).into_response(), detail.0)
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        with_detail(resp, detail.0)
     }
 }
 
@@ -337,7 +347,7 @@ mod tests {
                 }
             }
         }
-        assert!(operations >= 27, "{operations} operations");
+        assert!(operations >= 29, "{operations} operations");
         let mut ids: Vec<&str> = doc["paths"]
             .as_object()
             .unwrap()

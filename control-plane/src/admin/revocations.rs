@@ -78,9 +78,12 @@ pub(super) async fn revoke(
     .flatten()
     {
         // A static lease is a secret version: revoking it revokes the version.
-        s.cp.revocations
-            .revoke_secret_version(&upstream, version, &req.reason, &caller.actor)
-            .await?
+        let stored =
+            s.cp.revocations
+                .revoke_secret_version(&upstream, version, &req.reason, &caller.actor)
+                .await?;
+        crate::probes::after_revocation(&s.cp, &upstream, version);
+        stored
     } else {
         if req.kind == RevocationKind::Credential.as_str()
             && req.credential_id.starts_with("oauth2:")

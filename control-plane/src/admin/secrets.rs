@@ -1,5 +1,6 @@
 //! `/v1/secrets/{upstream}`: brokered secrets: put a new version, list the
-//! versions (never their values), revoke one.
+//! versions (never their values), revoke one, probe a revoked one at its
+//! provider and read what it answered.
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
@@ -8,10 +9,11 @@ use axum::http::StatusCode;
 
 use super::revocations::revocation;
 use super::types::{
-    ErrorBody, ReasonRequest, Revocation, SecretRequest, SecretStored, SecretVersion,
-    SecretVersions,
+    ErrorBody, ProbeResult, ProbeResults, ReasonRequest, Revocation, SecretRequest, SecretStored,
+    SecretVersion, SecretVersions,
 };
 use super::{AdminRole, AdminState, ApiError, Audited, Responder, Viewer};
+use crate::probes::ProbeError;
 use crate::secrets::SecretError;
 
 fn secret_error(e: SecretError) -> ApiError {
@@ -158,9 +160,82 @@ pub(super) async fn revoke_version(
         s.cp.revocations
             .revoke_secret_version(&upstream, version, &req.reason, &caller.actor)
             .await?;
+    crate::probes::after_revocation(&s.cp, &upstream, version);
     let detail = format!(
         "revoked version {version} of {upstream}'s secret as {}",
         stored.revocation.id
     );
     Ok(Audited(StatusCode::CREATED, revocation(&stored), detail))
+}
+
+fn probe_error(e: ProbeError) -> ApiError {
+    match e {
+        ProbeError::UnknownUpstream(_) | ProbeError::NoProbe(_) => ApiError::invalid(e.to_string()),
+        ProbeError::NoVersion { .. } => ApiError::not_found(e.to_string()),
+        ProbeError::NotRevoked { .. } => {
+            ApiError::new(StatusCode::CONFLICT, "not_revoked", e.to_string())
+        }
+        ProbeError::Limited { retry_after, .. } => {
+            let mut api = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "probe_limited",
+                e.to_string(),
+            );
+            api.retry_after = Some(retry_after.as_secs().max(1));
+            api
+        }
+        ProbeError::Secret(e) => secret_error(e),
+        ProbeError::Store(e) => e.into(),
+    }
+}
+
+/// Send a revoked version's `deactivation_probe` to its provider again, and
+/// record and return what it answered. Never for a version that is not
+/// revoked; at most once a minute per version and ten times a minute per
+/// upstream. Answers when the probe ends (within `--probe-timeout`).
+///
+/// Role: responder.
+#[utoipa::path(post, path = "/v1/secrets/{upstream}/versions/{version}/probe", tag = "secrets",
+    params(("upstream" = String, Path, description = "Upstream name from policy"),
+        ("version" = i64, Path, description = "Secret version")),
+    security(("bearer" = [])),
+    responses((status = 201, body = ProbeResult), (status = 400, body = ErrorBody,
+        description = "invalid: the policy declares no deactivation_probe for the upstream"),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "not_revoked: a live secret is never sent"),
+        (status = 429, body = ErrorBody, description = "probe_limited (Retry-After)")))]
+pub(super) async fn probe_version(
+    State(s): State<AdminState>,
+    Path((upstream, version)): Path<(String, i64)>,
+    Responder(_): Responder,
+) -> Result<Audited<ProbeResult>, ApiError> {
+    let result = crate::probes::probe(&s.cp, &upstream, version)
+        .await
+        .map_err(probe_error)?;
+    let detail = format!(
+        "probed version {version} of {upstream}'s secret: {} ({})",
+        result.outcome, result.detail
+    );
+    Ok(Audited(StatusCode::CREATED, result, detail))
+}
+
+/// What the provider answered each time a revoked version was probed,
+/// newest first.
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/secrets/{upstream}/versions/{version}/probes", operation_id = "list_probes", tag = "secrets",
+    params(("upstream" = String, Path, description = "Upstream name from policy"),
+        ("version" = i64, Path, description = "Secret version")),
+    security(("bearer" = [])), responses((status = 200, body = ProbeResults)))]
+pub(super) async fn probes(
+    State(s): State<AdminState>,
+    Path((upstream, version)): Path<(String, i64)>,
+    _: Viewer,
+) -> Result<Json<ProbeResults>, ApiError> {
+    let probes = s.cp.store.probe_results(&upstream, version).await?;
+    Ok(Json(ProbeResults {
+        upstream,
+        version,
+        probes,
+    }))
 }

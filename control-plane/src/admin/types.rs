@@ -8,7 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 
 pub use crate::anchor::SignedHead;
 pub use crate::revocations::RevokeRequest;
-pub use crate::store::{AuditEntry, AuditVerdict, Sighting};
+pub use crate::store::{AuditEntry, AuditVerdict, ProbeResult, Sighting};
 pub use crate::usage::{Edge, Summary as UsageSummary, UnusedGrant, UsageRow, UseAfterRevocation};
 
 /// Every refusal: a stable code and a human message.
@@ -16,7 +16,8 @@ pub use crate::usage::{Edge, Summary as UsageSummary, UnusedGrant, UsageRow, Use
 pub struct ErrorBody {
     /// Stable code: invalid, bad_body, not_found, conflict, revoked,
     /// unauthenticated, too_many_failures, forbidden, store_unavailable,
-    /// audit_unavailable, audit_broken, no_master_key.
+    /// audit_unavailable, audit_broken, no_master_key, not_revoked,
+    /// probe_limited.
     pub error: String,
     pub message: String,
 }
@@ -263,6 +264,15 @@ pub struct SecretVersion {
     pub created_at_ms: i64,
     pub created_by: String,
     pub revoked_at_ms: Option<i64>,
+}
+
+/// `GET /v1/secrets/{upstream}/versions/{version}/probes`: what the
+/// provider answered when sent this (revoked) version, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProbeResults {
+    pub upstream: String,
+    pub version: i64,
+    pub probes: Vec<ProbeResult>,
 }
 
 #[derive(Debug, Clone, Deserialize, IntoParams)]

@@ -109,6 +109,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         master_key,
         admin_auth_failures_per_minute: args.admin_auth_failures_per_minute,
         limits: args.limits,
+        probe_timeout: args.probe_timeout,
         admin_tls: match (args.admin_tls_cert, args.admin_tls_key) {
             (Some(cert), Some(key)) => Some(leash_control_plane::listeners::AdminTls { cert, key }),
             _ => None,

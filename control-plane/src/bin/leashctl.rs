@@ -9,9 +9,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use leash_control_plane::admin::types::{
     AfterRevocation, AuditLog, AuditVerdict, Dependencies, ErrorBody, LeakedList, LeakedRequest,
-    LeakedStatus, ReasonRequest, Revocation, RevocationList, RevocationStatus, RevokeRequest,
-    SecretRequest, SecretStored, SecretVersions, SidecarList, SignedHead, StrippedReport,
-    TokenCreated, TokenRequest, UnusedGrants, UsageSummary,
+    LeakedStatus, ProbeResult, ProbeResults, ReasonRequest, Revocation, RevocationList,
+    RevocationStatus, RevokeRequest, SecretRequest, SecretStored, SecretVersions, SidecarList,
+    SignedHead, StrippedReport, TokenCreated, TokenRequest, UnusedGrants, UsageSummary,
 };
 use leash_control_plane::admin::types::{
     Finding, FindingEntry, FindingsRequest, MissionList, MissionRequest, MissionView,
@@ -85,6 +85,15 @@ enum Failure {
     Usage(String),
     /// The command worked and found something a script should fail on.
     Violations,
+}
+
+fn probe_row(p: &ProbeResult) -> Vec<String> {
+    vec![
+        p.outcome.clone(),
+        p.status.map_or_else(|| "-".to_owned(), |s| s.to_string()),
+        ago(Some(p.at_ms)),
+        p.detail.clone(),
+    ]
 }
 
 async fn get<T: DeserializeOwned>(cli: &Cli, path: &str) -> Result<T, Failure> {
@@ -441,6 +450,32 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 text.push_str(&format!("\n{}: {}\n", upstream, v.state));
             }
             Output::new(&v, text)
+        }
+        Command::Secret(SecretCommand::Probes { upstream, version }) => {
+            let v: ProbeResults = get(
+                cli,
+                &format!("/v1/secrets/{upstream}/versions/{version}/probes"),
+            )
+            .await?;
+            let rows = v.probes.iter().map(probe_row).collect();
+            let mut text = table(&["OUTCOME", "STATUS", "WHEN", "DETAIL"], rows);
+            if v.probes.is_empty() {
+                text = format!("{upstream} v{version}: never probed\n");
+            }
+            Output::new(&v, text)
+        }
+        Command::Secret(SecretCommand::Probe { upstream, version }) => {
+            let r: ProbeResult = post(
+                cli,
+                &format!("/v1/secrets/{upstream}/versions/{version}/probe"),
+                &serde_json::Map::new(),
+            )
+            .await?;
+            let text = table(
+                &["OUTCOME", "STATUS", "WHEN", "DETAIL"],
+                vec![probe_row(&r)],
+            );
+            Output::new(&r, text)
         }
         Command::Usage(args) => return usage(cli, args).await,
         Command::Mission(m) => return mission(cli, m).await,

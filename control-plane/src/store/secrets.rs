@@ -54,6 +54,22 @@ impl Store {
         .await?)
     }
 
+    /// One version, revoked or not.
+    pub async fn secret_version(
+        &self,
+        upstream: &str,
+        version: i64,
+    ) -> Result<Option<SecretVersion>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT upstream, version, nonce, ciphertext, created_at_ms, created_by, revoked_at_ms FROM secret_versions \
+             WHERE upstream = ? AND version = ?",
+        )
+        .bind(upstream)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     /// The newest version, revoked or not: revoking it never makes an older
     /// one current again (a new version must be put).
     pub async fn current_secret_version(
