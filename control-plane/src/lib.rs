@@ -13,6 +13,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod mtls;
 pub mod oauth2;
+pub mod posture;
 pub mod revocations;
 pub mod scanners;
 pub mod secrets;

@@ -25,7 +25,9 @@ pub use keys::StoredKey;
 pub use revocations::{AckRecord, Restore, SessionRecord, StoredRevocation};
 pub use secrets::SecretVersion;
 pub use tokens::TokenRecord;
-pub use usage::{BUCKET_MS, Edge, Sighting, UsageFilter, UsageRow, UsageScope, UsedAfter};
+pub use usage::{
+    BUCKET_MS, CredentialSpan, Edge, Sighting, UsageFilter, UsageRow, UsageScope, UsedAfter,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

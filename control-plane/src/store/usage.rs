@@ -85,6 +85,19 @@ pub struct Edge {
     pub last_used_ms: i64,
 }
 
+/// How long the credentials one workload used for one upstream were in
+/// use: per credential, its last use minus its first (within the window).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct CredentialSpan {
+    pub upstream: String,
+    pub workload: String,
+    /// The longest span of any one credential.
+    pub longest_span_ms: i64,
+    /// Distinct credentials used.
+    pub credentials: i64,
+    pub requests: i64,
+}
+
 /// Which usage a revocation covers (see `Store::usage_after`).
 #[derive(Debug, Clone)]
 pub enum UsageScope {
@@ -249,6 +262,22 @@ impl Store {
         q.push_bind(upstream.to_owned()).push(" AND");
         push_workload_match(&mut q, workload);
         Ok(q.build_query_scalar().fetch_one(&self.pool).await?)
+    }
+
+    /// Per upstream and workload, how long each credential was in use
+    /// (its buckets seen at or after `since_ms`).
+    pub async fn credential_spans(&self, since_ms: i64) -> Result<Vec<CredentialSpan>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT upstream, workload, MAX(span) AS longest_span_ms, COUNT(*) AS credentials, \
+             SUM(requests) AS requests FROM ( \
+               SELECT upstream, workload, credential_id, MAX(last_seen_ms) - MIN(first_seen_ms) AS span, \
+               SUM(requests) AS requests FROM usage WHERE last_seen_ms >= ? \
+               GROUP BY upstream, workload, credential_id) \
+             GROUP BY upstream, workload ORDER BY upstream, workload",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Usage in `scope` seen after `after_ms` (and begun before `until_ms`,
