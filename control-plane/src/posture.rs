@@ -10,7 +10,7 @@ use std::time::Duration;
 use leash_api::policy::{Policy, ValidPolicy};
 
 use crate::admin::types::{
-    BrokenConsumer, OversizedTtl, PolicyDiff, Posture, Stripped, UnusedGrant, WorkloadSpan,
+    BrokenConsumer, OversizedTtl, PolicyDiff, Posture, UnusedGrant, WorkloadSpan,
 };
 use crate::state::PolicySnapshot;
 use crate::store::{CredentialSpan, Edge, Store, StoreError, UsageFilter, now_ms};
@@ -63,21 +63,7 @@ pub async fn posture(
     let unused_grants = crate::usage::unused_grants(store, policy, since_ms).await?;
     let spans = store.credential_spans(since_ms).await?;
     let oversized_ttls = oversized_ttls(&policy.policy, &spans);
-    let own_secrets = store
-        .stripped()
-        .await?
-        .into_iter()
-        .filter(|(_, _, _, _, last_seen_ms)| *last_seen_ms >= since_ms)
-        .map(
-            |(workload, upstream, count, first_seen_ms, last_seen_ms)| Stripped {
-                workload,
-                upstream,
-                count,
-                first_seen_ms,
-                last_seen_ms,
-            },
-        )
-        .collect();
+    let own_secrets = store.stripped(Some(since_ms)).await?;
     let proposed = narrowed(&policy.policy, &unused_grants, &oversized_ttls);
     let current_yaml = serde_yaml_ng::to_string(&policy.policy)?;
     let yaml = serde_yaml_ng::to_string(&proposed)?;

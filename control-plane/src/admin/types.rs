@@ -8,7 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 
 pub use crate::anchor::SignedHead;
 pub use crate::revocations::RevokeRequest;
-pub use crate::store::{AuditEntry, AuditVerdict, Sighting};
+pub use crate::store::{AuditEntry, AuditVerdict, Sighting, Stripped};
 pub use crate::usage::{Edge, Summary as UsageSummary, UnusedGrant, UsageRow, UseAfterRevocation};
 
 /// Every refusal: a stable code and a human message.
@@ -164,15 +164,6 @@ pub struct StrippedReport {
     /// Injected credentials an upstream sent back (removed before the
     /// workload saw them).
     pub echoed: Vec<Echoed>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Stripped {
-    pub workload: String,
-    pub upstream: String,
-    pub count: i64,
-    pub first_seen_ms: i64,
-    pub last_seen_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -26,7 +26,8 @@ pub use revocations::{AckRecord, Restore, SessionRecord, StoredRevocation};
 pub use secrets::SecretVersion;
 pub use tokens::TokenRecord;
 pub use usage::{
-    BUCKET_MS, CredentialSpan, Edge, Sighting, UsageFilter, UsageRow, UsageScope, UsedAfter,
+    BUCKET_MS, CredentialSpan, Edge, Sighting, Stripped, UsageFilter, UsageRow, UsageScope,
+    UsedAfter,
 };
 
 #[derive(Debug, thiserror::Error)]

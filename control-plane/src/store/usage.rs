@@ -25,6 +25,17 @@ pub struct Sighting {
     pub last_seen_ms: i64,
 }
 
+/// A workload that sent its own credential to a managed upstream (the
+/// sidecar stripped it): how often since first seen, and when.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Stripped {
+    pub workload: String,
+    pub upstream: String,
+    pub count: i64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
 /// Which usage a query covers. Times are Unix milliseconds.
 #[derive(Debug, Default, Clone)]
 pub struct UsageFilter {
@@ -400,11 +411,14 @@ impl Store {
         .await?)
     }
 
-    /// (workload, upstream, count, first seen, last seen), most recent first.
-    pub async fn stripped(&self) -> Result<Vec<(String, String, i64, i64, i64)>, StoreError> {
+    /// Stripped credentials last seen at or after `since_ms` (all when
+    /// None), most recent first.
+    pub async fn stripped(&self, since_ms: Option<i64>) -> Result<Vec<Stripped>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT workload, upstream, count, first_seen_ms, last_seen_ms FROM stripped_credentials ORDER BY last_seen_ms DESC",
+            "SELECT workload, upstream, count, first_seen_ms, last_seen_ms FROM stripped_credentials \
+             WHERE last_seen_ms >= ? ORDER BY last_seen_ms DESC",
         )
+        .bind(since_ms.unwrap_or(i64::MIN))
         .fetch_all(&self.pool)
         .await?)
     }
