@@ -237,6 +237,14 @@ pub enum LeashctlCommand {
     /// The newest audit log entries (admin role); `audit verify` checks the
     /// hash chain.
     Audit(AuditArgs),
+    /// Posture after an incident: grants nobody used, credential lifetimes
+    /// far above their use, workloads still sending their own credential,
+    /// and the policy diff that removes or narrows them (nothing is applied).
+    Posture {
+        /// Usage since this time: a duration ago (30d), RFC 3339 or Unix ms.
+        #[arg(long, default_value = "30d")]
+        since: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -498,5 +506,15 @@ pub enum TokenCommand {
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// Validate a policy file offline: exits non-zero naming each bad field.
-    Check { file: PathBuf },
+    /// With --against-usage, the control plane validates it and lists the
+    /// live consumers it would break: exit 0 when none, 1 when any would
+    /// break (or the file is invalid).
+    Check {
+        file: PathBuf,
+        /// Check against the usage since this time (e.g. 30d, or an RFC
+        /// 3339 time): every workload/upstream pair with requests since
+        /// then that the file no longer grants is listed.
+        #[arg(long, value_name = "SINCE")]
+        against_usage: Option<String>,
+    },
 }

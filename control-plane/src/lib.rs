@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod missions;
 pub mod mtls;
 pub mod oauth2;
+pub mod posture;
 pub mod probes;
 pub mod revocations;
 pub mod scanners;

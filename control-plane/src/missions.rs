@@ -126,10 +126,10 @@ pub async fn validate(cp: &ControlPlaneState, f: &Finding) -> Result<(), Mission
             let known = cp.policy.load().policy.upstream(upstream).is_some()
                 || cp
                     .store
-                    .stripped()
+                    .stripped(None)
                     .await?
                     .iter()
-                    .any(|(_, u, ..)| u == upstream);
+                    .any(|s| s.upstream == *upstream);
             if !known {
                 return invalid(format!("no upstream {upstream:?} in policy or reports"));
             }
@@ -372,11 +372,13 @@ async fn migrated(
     now: i64,
 ) -> Result<Outcome, StoreError> {
     let reports: Vec<_> = store
-        .stripped()
+        .stripped(None)
         .await?
         .into_iter()
-        .filter(|(w, u, ..)| w == workload && u == upstream)
-        .map(|(_, _, count, first, last)| json!({"count": count, "first_seen_ms": first, "last_seen_ms": last}))
+        .filter(|s| s.workload == workload && s.upstream == upstream)
+        .map(|s| {
+            json!({"count": s.count, "first_seen_ms": s.first_seen_ms, "last_seen_ms": s.last_seen_ms})
+        })
         .collect();
     let last = reports
         .iter()

@@ -117,6 +117,8 @@ async fn the_document_and_the_router_describe_the_same_api() {
         "/v1/secrets/{upstream}/versions/{version}/revoke",
         "/v1/audit/verify",
         "/v1/audit/head",
+        "/v1/posture",
+        "/v1/policy/check",
     ] {
         assert!(paths.contains_key(must), "{must} is not documented");
     }

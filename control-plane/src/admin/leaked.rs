@@ -10,8 +10,7 @@ use leash_api::revocation::RevocationKind;
 
 use super::revocations::{propagation, revocation};
 use super::types::{
-    Echoed, ErrorBody, LeakedList, LeakedRequest, LeakedStatus, Revocation, Stripped,
-    StrippedReport,
+    Echoed, ErrorBody, LeakedList, LeakedRequest, LeakedStatus, Revocation, StrippedReport,
 };
 use super::{AdminState, ApiError, Audited, Responder, Viewer, body_status};
 
@@ -112,21 +111,7 @@ pub(super) async fn stripped(
     State(s): State<AdminState>,
     _: Viewer,
 ) -> Result<Json<StrippedReport>, ApiError> {
-    let stripped =
-        s.cp.store
-            .stripped()
-            .await?
-            .into_iter()
-            .map(
-                |(workload, upstream, count, first_seen_ms, last_seen_ms)| Stripped {
-                    workload,
-                    upstream,
-                    count,
-                    first_seen_ms,
-                    last_seen_ms,
-                },
-            )
-            .collect();
+    let stripped = s.cp.store.stripped(None).await?;
     let echoed =
         s.cp.store
             .echoes()

@@ -25,6 +25,7 @@ mod audit;
 mod leaked;
 mod missions;
 mod ops;
+mod posture;
 mod revocations;
 mod secrets;
 mod tokens;
@@ -104,6 +105,8 @@ fn v1_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(usage::dependencies))
         .routes(routes!(usage::unused_grants))
         .routes(routes!(usage::after_revocation))
+        .routes(routes!(posture::posture))
+        .routes(routes!(posture::check))
         .routes(routes!(secrets::list, secrets::put))
         .routes(routes!(secrets::revoke_version))
         .routes(routes!(secrets::probe_version))

@@ -8,7 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 
 pub use crate::anchor::SignedHead;
 pub use crate::revocations::RevokeRequest;
-pub use crate::store::{AuditEntry, AuditVerdict, ProbeResult, Sighting};
+pub use crate::store::{AuditEntry, AuditVerdict, ProbeResult, Sighting, Stripped};
 pub use crate::usage::{Edge, Summary as UsageSummary, UnusedGrant, UsageRow, UseAfterRevocation};
 
 /// Every refusal: a stable code and a human message.
@@ -17,7 +17,7 @@ pub struct ErrorBody {
     /// Stable code: invalid, bad_body, not_found, conflict, revoked,
     /// unauthenticated, too_many_failures, forbidden, store_unavailable,
     /// audit_unavailable, audit_broken, no_master_key, not_revoked,
-    /// probe_limited.
+    /// probe_limited, internal.
     pub error: String,
     pub message: String,
 }
@@ -169,15 +169,6 @@ pub struct StrippedReport {
     /// Injected credentials an upstream sent back (removed before the
     /// workload saw them).
     pub echoed: Vec<Echoed>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Stripped {
-    pub workload: String,
-    pub upstream: String,
-    pub count: i64,
-    pub first_seen_ms: i64,
-    pub last_seen_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -457,4 +448,106 @@ pub struct MissionSummary {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MissionList {
     pub missions: Vec<MissionSummary>,
+}
+
+/// `GET /v1/posture` and `POST /v1/policy/check`: the window of usage
+/// looked at. Unix milliseconds, RFC 3339, or a duration ago; 30d when
+/// not given.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PostureQuery {
+    /// Start of the window (default 30d).
+    pub since: Option<String>,
+}
+
+/// `GET /v1/posture`: what the policy in force grants or allows beyond
+/// what the window's usage needed, and the edit that would take it back.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Posture {
+    pub since_ms: i64,
+    /// The policy in force the findings are about.
+    pub policy_version: String,
+    /// (grant workload, upstream) pairs no matching workload used in the
+    /// window.
+    pub unused_grants: Vec<UnusedGrant>,
+    /// Upstreams whose credential lifetime is far above how long any one
+    /// credential was in use.
+    pub oversized_ttls: Vec<OversizedTtl>,
+    /// Workloads that sent their own credential (stripped by the sidecar)
+    /// in the window.
+    pub own_secrets: Vec<Stripped>,
+    pub policy_diff: PolicyDiff,
+}
+
+/// An upstream whose `credential.ttl` is more than 4× the longest time
+/// any one of its credentials was in use, and above 5 minutes.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OversizedTtl {
+    pub upstream: String,
+    pub ttl_secs: u64,
+    /// The longest use of one credential over every workload.
+    pub longest_span_ms: i64,
+    /// 2× the longest span, rounded up to 1m, 2m, 5m, 10m, 15m, 30m, 1h,
+    /// 2h, 4h, 8h, 12h or 24h.
+    pub suggested_ttl_secs: u64,
+    /// Each workload's longest use of one credential.
+    pub workloads: Vec<WorkloadSpan>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WorkloadSpan {
+    pub workload: String,
+    pub longest_span_ms: i64,
+    /// Distinct credentials it used in the window.
+    pub credentials: i64,
+    pub requests: i64,
+}
+
+/// The policy in force with the unused grants removed and the oversized
+/// lifetimes lowered.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PolicyDiff {
+    /// False when there is nothing to remove or narrow.
+    pub changed: bool,
+    /// The proposed policy file.
+    pub yaml: String,
+    /// Unified diff from the policy in force (as Leash writes it: the same
+    /// form as `yaml`, without the file's comments) to `yaml`; empty when
+    /// unchanged.
+    pub diff: String,
+}
+
+/// `POST /v1/policy/check`: the window of usage a proposed policy is
+/// checked against (default 30d).
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PolicyCheckQuery {
+    /// Start of the window: Unix ms, RFC 3339 or a duration ago (default 30d).
+    pub against_usage: Option<String>,
+}
+
+/// The answer to `POST /v1/policy/check`: the proposal is valid; these
+/// live consumers would lose access if it were applied.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PolicyCheck {
+    pub since_ms: i64,
+    /// The policy in force now.
+    pub policy_version: String,
+    pub upstreams: usize,
+    pub grants: usize,
+    pub broken: Vec<BrokenConsumer>,
+}
+
+/// A (workload, upstream) pair with requests in the window that the
+/// proposed policy would refuse.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct BrokenConsumer {
+    pub workload: String,
+    pub upstream: String,
+    /// upstream_removed, or not_granted.
+    pub reason: String,
+    pub requests: i64,
+    pub last_used_ms: i64,
 }

@@ -9,9 +9,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use leash_control_plane::admin::types::{
     AfterRevocation, AuditLog, AuditVerdict, Dependencies, ErrorBody, LeakedList, LeakedRequest,
-    LeakedStatus, ProbeResult, ProbeResults, ReasonRequest, Revocation, RevocationList,
-    RevocationStatus, RevokeRequest, SecretRequest, SecretStored, SecretVersions, SidecarList,
-    SignedHead, StrippedReport, TokenCreated, TokenRequest, UnusedGrants, UsageSummary,
+    LeakedStatus, PolicyCheck, Posture, ProbeResult, ProbeResults, ReasonRequest, Revocation,
+    RevocationList, RevocationStatus, RevokeRequest, SecretRequest, SecretStored, SecretVersions,
+    SidecarList, SignedHead, StrippedReport, TokenCreated, TokenRequest, UnusedGrants,
+    UsageSummary,
 };
 use leash_control_plane::admin::types::{
     Finding, FindingEntry, FindingsRequest, MissionList, MissionRequest, MissionView,
@@ -30,7 +31,11 @@ const UNREACHABLE: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Policy(PolicyCommand::Check { file }) = &cli.command {
+    if let Command::Policy(PolicyCommand::Check {
+        file,
+        against_usage: None,
+    }) = &cli.command
+    {
         return policy_check(file);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -97,7 +102,7 @@ fn probe_row(p: &ProbeResult) -> Vec<String> {
 }
 
 async fn get<T: DeserializeOwned>(cli: &Cli, path: &str) -> Result<T, Failure> {
-    call(cli, "GET", path, None).await
+    call(cli, "GET", path, None, "application/json").await
 }
 
 async fn post<T: DeserializeOwned>(
@@ -107,7 +112,7 @@ async fn post<T: DeserializeOwned>(
 ) -> Result<T, Failure> {
     let body = serde_json::to_vec(body)
         .map_err(|e| Failure::Usage(format!("cannot encode the request: {e}")))?;
-    call(cli, "POST", path, Some(body)).await
+    call(cli, "POST", path, Some(body), "application/json").await
 }
 
 async fn call<T: DeserializeOwned>(
@@ -115,12 +120,13 @@ async fn call<T: DeserializeOwned>(
     method: &str,
     path: &str,
     body: Option<Vec<u8>>,
+    content_type: &str,
 ) -> Result<T, Failure> {
     let url = format!("{}{}", cli.addr.trim_end_matches('/'), path);
     let mut req = http::Request::builder()
         .method(method)
         .uri(&url)
-        .header("content-type", "application/json");
+        .header("content-type", content_type);
     if let Some(token) = &cli.token {
         req = req.header("authorization", format!("Bearer {token}"));
     }
@@ -193,7 +199,12 @@ fn connector(
 
 async fn run(cli: &Cli) -> Result<(), Failure> {
     let out = match &cli.command {
+        Command::Policy(PolicyCommand::Check {
+            file,
+            against_usage: Some(since),
+        }) => return check_against_usage(cli, file, since).await,
         Command::Policy(_) => return Ok(()),
+        Command::Posture { since } => return posture(cli, since).await,
         Command::Revoke(r) => {
             let req = match r {
                 RevokeCommand::Workload { spiffe_id, reason } => RevokeRequest {
@@ -758,6 +769,160 @@ async fn usage(cli: &Cli, args: &UsageArgs) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+async fn posture(cli: &Cli, since: &str) -> Result<(), Failure> {
+    let q = UsageFilter {
+        since: Some(since.to_owned()),
+        ..UsageFilter::default()
+    }
+    .query();
+    let v: Posture = get(cli, &format!("/v1/posture{q}")).await?;
+    let mut text = format!(
+        "Posture of policy {} since {} ({})\n",
+        v.policy_version,
+        when(v.since_ms),
+        ago(Some(v.since_ms))
+    );
+    text.push_str(&format!(
+        "\nGrants nobody used ({}): remove them\n",
+        v.unused_grants.len()
+    ));
+    let rows = v
+        .unused_grants
+        .iter()
+        .map(|x| vec![x.workload.clone(), x.upstream.clone(), ago(x.last_used_ms)])
+        .collect();
+    text.push_str(&table(&["WORKLOAD", "UPSTREAM", "LAST USE EVER"], rows));
+    text.push_str(&format!(
+        "\nCredential lifetimes far above their use ({}): lower them\n",
+        v.oversized_ttls.len()
+    ));
+    let rows = v
+        .oversized_ttls
+        .iter()
+        .map(|x| {
+            vec![
+                x.upstream.clone(),
+                secs(x.ttl_secs),
+                span(x.longest_span_ms),
+                secs(x.suggested_ttl_secs),
+            ]
+        })
+        .collect();
+    text.push_str(&table(
+        &[
+            "UPSTREAM",
+            "TTL",
+            "LONGEST USE OF ONE CREDENTIAL",
+            "SUGGESTED",
+        ],
+        rows,
+    ));
+    text.push_str(&format!(
+        "\nWorkloads still sending their own credential ({}): find and revoke that secret\n",
+        v.own_secrets.len()
+    ));
+    let rows = v
+        .own_secrets
+        .iter()
+        .map(|x| {
+            vec![
+                x.workload.clone(),
+                x.upstream.clone(),
+                x.count.to_string(),
+                ago(Some(x.last_seen_ms)),
+            ]
+        })
+        .collect();
+    text.push_str(&table(
+        &["WORKLOAD", "UPSTREAM", "COUNT", "LAST SEEN"],
+        rows,
+    ));
+    if v.policy_diff.changed {
+        text.push_str(
+            "\nThe policy without them (check it with `leashctl policy check --against-usage`):\n",
+        );
+        text.push_str(&v.policy_diff.diff);
+    } else {
+        text.push_str("\nNothing to remove or narrow in the policy.\n");
+    }
+    print(cli, Output::new(&v, text));
+    Ok(())
+}
+
+async fn check_against_usage(
+    cli: &Cli,
+    file: &std::path::Path,
+    since: &str,
+) -> Result<(), Failure> {
+    let body = std::fs::read(file)
+        .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", file.display())))?;
+    let q = form_urlencoded::Serializer::new(String::new())
+        .append_pair("against_usage", since)
+        .finish();
+    let v: PolicyCheck = call(
+        cli,
+        "POST",
+        &format!("/v1/policy/check?{q}"),
+        Some(body),
+        "application/yaml",
+    )
+    .await?;
+    let mut text = format!(
+        "{}: valid ({} upstreams, {} grants); checked against usage since {}\n",
+        file.display(),
+        v.upstreams,
+        v.grants,
+        when(v.since_ms)
+    );
+    if v.broken.is_empty() {
+        text.push_str("no live consumer would break\n");
+    } else {
+        text.push_str(&format!(
+            "{} live consumer(s) would break:\n",
+            v.broken.len()
+        ));
+        let rows = v
+            .broken
+            .iter()
+            .map(|x| {
+                vec![
+                    x.workload.clone(),
+                    x.upstream.clone(),
+                    x.reason.clone(),
+                    x.requests.to_string(),
+                    ago(Some(x.last_used_ms)),
+                ]
+            })
+            .collect();
+        text.push_str(&table(
+            &["WORKLOAD", "UPSTREAM", "WHY", "REQUESTS", "LAST USE"],
+            rows,
+        ));
+    }
+    let breaks = !v.broken.is_empty();
+    print(cli, Output::new(&v, text));
+    if breaks {
+        return Err(Failure::Violations);
+    }
+    Ok(())
+}
+
+/// Unix milliseconds as RFC 3339 (UTC, seconds).
+fn when(ms: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn secs(s: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(s)).to_string()
+}
+
+/// A span to the tenth of a second.
+fn span(ms: i64) -> String {
+    format!("{:.1}s", ms.max(0) as f64 / 1000.0)
 }
 
 /// A secret from a file or standard input, without its trailing newline.

@@ -29,7 +29,10 @@ pub use probes::ProbeResult;
 pub use revocations::{AckRecord, Restore, SessionRecord, StoredRevocation};
 pub use secrets::SecretVersion;
 pub use tokens::TokenRecord;
-pub use usage::{BUCKET_MS, Edge, Sighting, UsageFilter, UsageRow, UsageScope, UsedAfter};
+pub use usage::{
+    BUCKET_MS, CredentialSpan, Edge, Sighting, Stripped, UsageFilter, UsageRow, UsageScope,
+    UsedAfter,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

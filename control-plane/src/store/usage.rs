@@ -25,6 +25,17 @@ pub struct Sighting {
     pub last_seen_ms: i64,
 }
 
+/// A workload that sent its own credential to a managed upstream (the
+/// sidecar stripped it): how often since first seen, and when.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Stripped {
+    pub workload: String,
+    pub upstream: String,
+    pub count: i64,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
 /// Which usage a query covers. Times are Unix milliseconds.
 #[derive(Debug, Default, Clone)]
 pub struct UsageFilter {
@@ -83,6 +94,19 @@ pub struct Edge {
     pub errors: i64,
     pub first_seen_ms: i64,
     pub last_used_ms: i64,
+}
+
+/// How long the credentials one workload used for one upstream were in
+/// use: per credential, its last use minus its first (within the window).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct CredentialSpan {
+    pub upstream: String,
+    pub workload: String,
+    /// The longest span of any one credential.
+    pub longest_span_ms: i64,
+    /// Distinct credentials used.
+    pub credentials: i64,
+    pub requests: i64,
 }
 
 /// Which usage a revocation covers (see `Store::usage_after`).
@@ -251,6 +275,22 @@ impl Store {
         Ok(q.build_query_scalar().fetch_one(&self.pool).await?)
     }
 
+    /// Per upstream and workload, how long each credential was in use
+    /// (its buckets seen at or after `since_ms`).
+    pub async fn credential_spans(&self, since_ms: i64) -> Result<Vec<CredentialSpan>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT upstream, workload, MAX(span) AS longest_span_ms, COUNT(*) AS credentials, \
+             SUM(requests) AS requests FROM ( \
+               SELECT upstream, workload, credential_id, MAX(last_seen_ms) - MIN(first_seen_ms) AS span, \
+               SUM(requests) AS requests FROM usage WHERE last_seen_ms >= ? \
+               GROUP BY upstream, workload, credential_id) \
+             GROUP BY upstream, workload ORDER BY upstream, workload",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Usage in `scope` seen after `after_ms` (and begun before `until_ms`,
     /// if given), per workload, upstream and credential.
     pub async fn usage_after(
@@ -371,11 +411,14 @@ impl Store {
         .await?)
     }
 
-    /// (workload, upstream, count, first seen, last seen), most recent first.
-    pub async fn stripped(&self) -> Result<Vec<(String, String, i64, i64, i64)>, StoreError> {
+    /// Stripped credentials last seen at or after `since_ms` (all when
+    /// None), most recent first.
+    pub async fn stripped(&self, since_ms: Option<i64>) -> Result<Vec<Stripped>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT workload, upstream, count, first_seen_ms, last_seen_ms FROM stripped_credentials ORDER BY last_seen_ms DESC",
+            "SELECT workload, upstream, count, first_seen_ms, last_seen_ms FROM stripped_credentials \
+             WHERE last_seen_ms >= ? ORDER BY last_seen_ms DESC",
         )
+        .bind(since_ms.unwrap_or(i64::MIN))
         .fetch_all(&self.pool)
         .await?)
     }
