@@ -11,7 +11,7 @@
 //! |---|---|
 //! | `leaked` (a registered leaked value) | `acknowledged`, `no-sightings` |
 //! | `revocation` | `acknowledged`, `no-use` |
-//! | `secret-version` | `rotated`, `acknowledged`, `no-use` |
+//! | `secret-version` | `rotated`, `acknowledged`, `no-use`, and `deactivated-at-source` when its upstream declares a probe |
 //! | `stripped` (a workload sending its own credential) | `consumers-migrated` |
 //! | `grant` | `grants-cleaned` |
 //! | `sighting` (a forgotten consumer of a leaked value) | `no-sightings` by that workload |
@@ -61,7 +61,7 @@ pub struct Check {
     /// The finding's number in its mission.
     pub finding: i64,
     /// `acknowledged`, `no-use`, `no-sightings`, `consumers-migrated`,
-    /// `rotated` or `grants-cleaned`.
+    /// `rotated`, `deactivated-at-source` or `grants-cleaned`.
     pub criterion: String,
     pub holds: bool,
     /// Why it holds or not, in words.
@@ -199,6 +199,18 @@ pub async fn evaluate(cp: &ControlPlaneState, m: &MissionRow) -> Result<Vec<Chec
                     "no-use",
                     no_use(&cp.store, r.as_ref(), m.window_ms, now).await?,
                 );
+                let probed = cp
+                    .policy
+                    .load()
+                    .policy
+                    .upstream(upstream)
+                    .is_some_and(|u| u.deactivation_probe.is_some());
+                if probed {
+                    push(
+                        "deactivated-at-source",
+                        deactivated(&cp.store, upstream, *version).await?,
+                    );
+                }
             }
             Finding::Stripped { workload, upstream } => {
                 push(
@@ -424,6 +436,27 @@ async fn rotated(store: &Store, upstream: &str, version: i64) -> Result<Outcome,
             "revoked_at_ms": v.revoked_at_ms,
         })).collect::<Vec<_>>(),
     });
+    Ok((holds, detail, inputs))
+}
+
+/// The provider itself refuses the old value: the newest deactivation
+/// probe of the version (sent by the control plane once it was revoked)
+/// got a status the policy expects.
+async fn deactivated(store: &Store, upstream: &str, version: i64) -> Result<Outcome, StoreError> {
+    let results = store.probe_results(upstream, version).await?;
+    let newest = results.first();
+    let holds = newest.is_some_and(|p| p.outcome == "dead");
+    let detail = match newest {
+        None => format!("version {version} not probed yet (it is probed once revoked)"),
+        Some(p) => format!(
+            "the provider answered version {version} with {} ({}): {}",
+            p.status
+                .map_or_else(|| "nothing".to_owned(), |s| s.to_string()),
+            p.outcome,
+            p.detail
+        ),
+    };
+    let inputs = json!({"upstream": upstream, "version": version, "probes": results});
     Ok((holds, detail, inputs))
 }
 

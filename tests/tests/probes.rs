@@ -377,3 +377,75 @@ async fn a_bad_probe_is_refused_with_its_field() {
         "{err}"
     );
 }
+
+/// A mission to retire a secret version closes itself once the version is
+/// rotated, revoked, acknowledged, unused for the window and proved dead at
+/// the provider; before that it says which of those is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mission_to_retire_a_version_closes_once_the_provider_refuses_it() {
+    const V1: &str = "probe-secret-v1-TWlzc2lvbiBvbmU";
+    const V2: &str = "probe-secret-v2-TWlzc2lvbiB0d28";
+    let (provider_addr, _) = provider(&[V2]).await;
+    let p = plane(&policy(provider_addr, HEADER), Duration::from_secs(5)).await;
+    put(&p.admin, V1).await;
+    let r = p
+        .admin
+        .post(
+            "/v1/missions",
+            json!({
+                "objective": "retire the exposed vault-api key",
+                "owner": "platform",
+                "window": "1s",
+                "findings": [{"finding": {"kind": "secret-version", "upstream": "vault-api", "version": 1}}],
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let m = r.json();
+    let id = m["id"].as_str().unwrap().to_owned();
+    let criteria: Vec<(String, bool)> = m["criteria"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["criterion"].as_str().unwrap().to_owned(),
+                c["holds"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(
+        criteria,
+        [
+            ("rotated".to_owned(), false),
+            ("acknowledged".to_owned(), false),
+            ("no-use".to_owned(), false),
+            ("deactivated-at-source".to_owned(), false),
+        ]
+    );
+    put(&p.admin, V2).await;
+    let r = p
+        .admin
+        .post(
+            "/v1/secrets/vault-api/versions/1/revoke",
+            json!({"reason": "exposed in a CI log"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let closed = eventually(Duration::from_secs(20), "the mission closed", || async {
+        let m = p.admin.get(&format!("/v1/missions/{id}")).await.json();
+        (m["state"] == "closed").then_some(m)
+    })
+    .await;
+    let source = closed["criteria"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["criterion"] == "deactivated-at-source")
+        .unwrap()
+        .clone();
+    assert_eq!(source["inputs"]["probes"][0]["status"], 401, "{source}");
+    assert_eq!(source["inputs"]["probes"][0]["outcome"], "dead");
+    assert!(!closed.to_string().contains(V1));
+    shut_down_and_find_nowhere(p, &[V1, V2]).await;
+}
