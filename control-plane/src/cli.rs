@@ -234,6 +234,9 @@ pub enum LeashctlCommand {
     /// see) hold, reopened when they stop holding.
     #[command(subcommand)]
     Mission(MissionCommand),
+    /// Evidence bundles exported by `mission evidence`.
+    #[command(subcommand)]
+    Evidence(EvidenceCommand),
     /// The newest audit log entries (admin role); `audit verify` checks the
     /// hash chain.
     Audit(AuditArgs),
@@ -456,6 +459,26 @@ pub enum MissionCommand {
         id: String,
         #[arg(long)]
         reason: String,
+    },
+    /// Export the mission's signed evidence to FILE (a flattened JWS: verify
+    /// it with `leashctl evidence verify`) and a readable report to
+    /// FILE.html (one file, no external assets).
+    Evidence {
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum EvidenceCommand {
+    /// Verify an evidence bundle offline against the control plane's JWKS
+    /// (a file, or its URL: `https://…/.well-known/jwks.json`). Exits 0 when
+    /// the signature holds, 1 when it does not.
+    Verify {
+        file: PathBuf,
+        #[arg(long)]
+        jwks: String,
     },
 }
 

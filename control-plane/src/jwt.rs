@@ -93,6 +93,8 @@ pub struct JwtIssuer {
     issuer: String,
     ring: ArcSwap<KeyRing>,
     rng: SystemRandom,
+    /// Signs evidence bundles; published beside the signing keys.
+    evidence: SigningKey,
 }
 
 impl JwtIssuer {
@@ -102,10 +104,12 @@ impl JwtIssuer {
             rotate(store).await?;
         }
         let ring = load_ring(store).await?;
+        let evidence = SigningKey::from_stored(&store.evidence_key().await?)?;
         Ok(Self {
             issuer,
             ring: ArcSwap::from_pointee(ring),
             rng: SystemRandom::new(),
+            evidence,
         })
     }
 
@@ -157,10 +161,41 @@ impl JwtIssuer {
         Ok(token)
     }
 
-    /// The published keys as an RFC 7517 JWK Set.
+    /// The published keys as an RFC 7517 JWK Set: the credential signing
+    /// keys and the evidence key.
     pub fn jwks(&self) -> serde_json::Value {
         let ring = self.ring.load();
-        serde_json::json!({ "keys": ring.keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() })
+        let keys: Vec<_> = ring
+            .keys
+            .iter()
+            .map(|k| k.jwk.clone())
+            .chain(std::iter::once(self.evidence.jwk.clone()))
+            .collect();
+        serde_json::json!({ "keys": keys })
+    }
+
+    /// Signs `payload` as a flattened JWS JSON serialization (RFC 7515
+    /// §7.2.2), ES256, with the evidence key: verifiable offline against
+    /// the published JWKS.
+    pub fn sign_evidence(&self, payload: &[u8]) -> Result<SignedEvidence, JwtError> {
+        let header = serde_json::json!({
+            "alg": "ES256",
+            "kid": self.evidence.kid,
+            "typ": EVIDENCE_TYPE,
+        });
+        let protected = B64.encode(header.to_string());
+        let payload = B64.encode(payload);
+        let input = format!("{protected}.{payload}");
+        let sig = self
+            .evidence
+            .pair
+            .sign(&self.rng, input.as_bytes())
+            .map_err(|_| JwtError::Sign)?;
+        Ok(SignedEvidence {
+            protected,
+            payload,
+            signature: B64.encode(sig.as_ref()),
+        })
     }
 }
 
@@ -172,6 +207,76 @@ async fn load_ring(store: &Store) -> Result<KeyRing, JwtError> {
         .map(SigningKey::from_stored)
         .collect::<Result<Vec<_>, _>>()?;
     Ok(KeyRing { keys })
+}
+
+/// The JWS `typ` of an evidence bundle.
+pub const EVIDENCE_TYPE: &str = "leash-evidence+json";
+
+/// A flattened JWS (RFC 7515 §7.2.2): base64url of the protected header,
+/// of the payload, and of the signature over `protected.payload`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct SignedEvidence {
+    pub protected: String,
+    pub payload: String,
+    pub signature: String,
+}
+
+/// Why a bundle does not verify.
+#[derive(Debug, thiserror::Error)]
+pub enum EvidenceError {
+    #[error("not a flattened JWS: {0}")]
+    Malformed(String),
+    #[error("signed with {0:?}, which the JWKS does not hold")]
+    UnknownKey(String),
+    #[error("the signature does not match the content (changed since it was signed?)")]
+    BadSignature,
+}
+
+/// Verifies a bundle against a JWK Set; returns the payload and the kid.
+pub fn verify_evidence(
+    bundle: &SignedEvidence,
+    jwks: &serde_json::Value,
+) -> Result<(Vec<u8>, String), EvidenceError> {
+    let bad = |m: &str| EvidenceError::Malformed(m.to_owned());
+    let header: serde_json::Value = serde_json::from_slice(
+        &B64.decode(&bundle.protected)
+            .map_err(|_| bad("protected is not base64url"))?,
+    )
+    .map_err(|_| bad("protected is not JSON"))?;
+    if header["alg"] != "ES256" || header["typ"] != EVIDENCE_TYPE {
+        return Err(bad("not an ES256 Leash evidence bundle"));
+    }
+    let kid = header["kid"]
+        .as_str()
+        .ok_or_else(|| bad("no kid"))?
+        .to_owned();
+    let jwk = jwks["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|k| k["kid"] == kid.as_str() && k["kty"] == "EC" && k["crv"] == "P-256")
+        .ok_or_else(|| EvidenceError::UnknownKey(kid.clone()))?;
+    let coordinate = |name: &str| {
+        jwk[name]
+            .as_str()
+            .and_then(|c| B64.decode(c).ok())
+            .filter(|c| c.len() == 32)
+            .ok_or_else(|| bad("the JWK's point is not P-256"))
+    };
+    let mut point = vec![4u8];
+    point.extend(coordinate("x")?);
+    point.extend(coordinate("y")?);
+    let signature = B64
+        .decode(&bundle.signature)
+        .map_err(|_| bad("signature is not base64url"))?;
+    let input = format!("{}.{}", bundle.protected, bundle.payload);
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, &point)
+        .verify(input.as_bytes(), &signature)
+        .map_err(|_| EvidenceError::BadSignature)?;
+    let payload = B64
+        .decode(&bundle.payload)
+        .map_err(|_| bad("payload is not base64url"))?;
+    Ok((payload, kid))
 }
 
 /// Generates a new ES256 key and makes it the active one. Returns its `kid`.

@@ -365,6 +365,100 @@ async fn an_incident_from_scanner_report_to_a_mission_that_closes_and_reopens_it
         "{last}"
     );
 
+    // The evidence, signed; verified offline against the published JWKS
+    // (by URL and from a file); one byte changed and it no longer verifies.
+    let bundle = d.join("evidence.json");
+    let (code, _, err) = leashctl(
+        admin,
+        Some(&token),
+        &[
+            "mission",
+            "evidence",
+            &mission,
+            "--out",
+            bundle.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let report = std::fs::read_to_string(d.join("evidence.json.html")).unwrap();
+    assert!(
+        report.contains(&mission) && report.contains("CLOSED"),
+        "{report}"
+    );
+    // One file: nothing loaded from anywhere.
+    for external in ["<script", "src=", "href=", "<link", "url("] {
+        assert!(!report.contains(external), "{external} in the report");
+    }
+    let jwks_url = format!("http://{admin}/.well-known/jwks.json");
+    let (code, out, err) = leashctl(
+        admin,
+        None,
+        &[
+            "--json",
+            "evidence",
+            "verify",
+            bundle.to_str().unwrap(),
+            "--jwks",
+            &jwks_url,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let verdict = json(&out);
+    assert_eq!(verdict["valid"], true);
+    assert_eq!(verdict["open"], false);
+    assert!(verdict["kid"].as_str().unwrap().starts_with("evidence-"));
+    let signed = json(&std::fs::read_to_string(&bundle).unwrap());
+    let payload = base64_decode(signed["payload"].as_str().unwrap());
+    let evidence: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(evidence["mission"]["state"], "closed");
+    assert!(evidence["revocations"][0]["propagation"]["acknowledged"][0]["latency_ms"].is_i64());
+    assert!(
+        evidence["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "mission.closed" && a["hash"].is_string())
+    );
+    let text = String::from_utf8_lossy(&payload).into_owned();
+    assert!(!text.contains(LEAKED_AWS) && !text.contains(LEAKED_TOKEN));
+    let (_, jwks) = get(admin, &jwks_url).await.unwrap();
+    let jwks_file = d.join("jwks.json");
+    std::fs::write(&jwks_file, jwks.to_string()).unwrap();
+    let (code, _, err) = leashctl(
+        admin,
+        None,
+        &[
+            "evidence",
+            "verify",
+            bundle.to_str().unwrap(),
+            "--jwks",
+            jwks_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let mut tampered = std::fs::read(&bundle).unwrap();
+    let at = tampered
+        .windows(12)
+        .position(|w| w == b"\"payload\": \"")
+        .unwrap()
+        + 40;
+    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+    let forged = d.join("forged.json");
+    std::fs::write(&forged, tampered).unwrap();
+    let (code, _, err) = leashctl(
+        admin,
+        None,
+        &[
+            "evidence",
+            "verify",
+            forged.to_str().unwrap(),
+            "--jwks",
+            jwks_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("INVALID"), "{err}");
+
     // A new sighting reopens it, with the reason.
     assert_eq!(
         send(proxy, payments, &[("x-api-key", LEAKED_AWS)]).await,
@@ -381,6 +475,22 @@ async fn an_incident_from_scanner_report_to_a_mission_that_closes_and_reopens_it
         last["reason"].as_str().unwrap().contains("no-sightings"),
         "{last}"
     );
+
+    // Evidence of an open mission is exported, and says it is open.
+    let (code, out, err) = leashctl(
+        admin,
+        Some(&token),
+        &[
+            "--json",
+            "mission",
+            "evidence",
+            &mission,
+            "--out",
+            d.join("open.json").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["open"], true);
 
     // Both changes are in the audit log and counted.
     let (_, out, _) = leashctl(admin, Some(&token), &["--json", "audit", "--limit", "200"]);
@@ -531,4 +641,11 @@ async fn text_of(admin: SocketAddr, path: &str) -> String {
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .unwrap()
 }

@@ -8,8 +8,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 
 use super::types::{
-    ErrorBody, FindingEntry, FindingView, FindingsRequest, MissionChangeView, MissionList,
-    MissionRequest, MissionSummary, MissionView, ReasonRequest,
+    ChainHead, ErrorBody, Evidence, FindingEntry, FindingView, FindingsRequest, MissionChangeView,
+    MissionList, MissionRequest, MissionSummary, MissionView, ReasonRequest, RevocationEvidence,
+    SignedEvidence,
 };
 use super::{AdminState, ApiError, Audited, Responder, Viewer};
 use crate::missions::{self, Finding, MissionError};
@@ -183,6 +184,84 @@ pub(super) async fn reopen(
     body: Result<Json<ReasonRequest>, JsonRejection>,
 ) -> Result<Audited<MissionView>, ApiError> {
     set_state(&s, &caller.actor, &id, body, "open").await
+}
+
+/// The mission's evidence, signed (ES256, the evidence key in the JWKS,
+/// flattened JWS): findings, each criterion with its inputs, each
+/// revocation with every sidecar's acknowledgement and latency, and every
+/// audit entry about them with its chain hash. Verify it offline with
+/// `leashctl evidence verify FILE --jwks URL|FILE`. An open mission's
+/// evidence says so (`open: true`).
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/missions/{id}/evidence", operation_id = "mission_evidence",
+    tag = "missions", params(("id" = String, Path, description = "Mission id")),
+    security(("bearer" = [])),
+    responses((status = 200, body = SignedEvidence), (status = 404, body = ErrorBody)))]
+pub(super) async fn evidence(
+    State(s): State<AdminState>,
+    _: Viewer,
+    Path(id): Path<String>,
+) -> Result<Json<SignedEvidence>, ApiError> {
+    let m = mission(&s, &id).await?;
+    let mission = view(&s, m).await?;
+    let mut ids: Vec<String> = Vec::new();
+    for f in &mission.findings {
+        if let Finding::Leaked { revocation_id }
+        | Finding::Revocation { revocation_id }
+        | Finding::Sighting { revocation_id, .. } = &f.finding
+        {
+            ids.push(revocation_id.clone());
+        }
+    }
+    for c in &mission.criteria {
+        if let Some(id) = c.inputs["revocation_id"].as_str() {
+            ids.push(id.to_owned());
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    let mut revocations = Vec::new();
+    for rid in &ids {
+        if let Some(stored) = s.cp.store.revocation(rid).await? {
+            revocations.push(RevocationEvidence {
+                propagation: super::revocations::propagation(&s, stored.revoke_seq).await?,
+                revocation: super::revocations::revocation(&stored),
+            });
+        }
+    }
+    let mut needles = ids.clone();
+    needles.push(mission.id.clone());
+    let audit = s.cp.store.audit_mentioning(&needles).await?;
+    let verdict = s.cp.store.verify_audit().await?;
+    // A broken chain has no signed head (the verdict says it is broken).
+    let signed = s.cp.store.signed_head().await?.unwrap_or_default();
+    let bundle = Evidence {
+        format: "leash-evidence/1".into(),
+        generated_at_ms: now_ms(),
+        issuer: s.cp.issuer.issuer().to_owned(),
+        open: mission.state == "open",
+        mission,
+        revocations,
+        audit,
+        audit_chain: ChainHead {
+            verified: verdict.ok,
+            head_id: verdict.head_id,
+            head: verdict.head,
+            signed,
+        },
+    };
+    let payload = serde_json::to_vec(&bundle)
+        .map_err(|_| ApiError::invalid("the evidence cannot be encoded"))?;
+    let signed = s.cp.issuer.sign_evidence(&payload).map_err(|e| {
+        tracing::error!(error = %e, "cannot sign evidence");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "signing_unavailable",
+            "the evidence key cannot sign",
+        )
+    })?;
+    Ok(Json(signed))
 }
 
 async fn set_state(

@@ -122,6 +122,7 @@ fn v1_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(missions::add))
         .routes(routes!(missions::close))
         .routes(routes!(missions::reopen))
+        .routes(routes!(missions::evidence))
 }
 
 fn api() -> OpenApiRouter<AdminState> {

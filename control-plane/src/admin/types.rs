@@ -551,3 +551,47 @@ pub struct BrokenConsumer {
     pub requests: i64,
     pub last_used_ms: i64,
 }
+
+pub use crate::jwt::SignedEvidence;
+pub use crate::store::ChainedEntry;
+
+/// A revocation a mission rests on, with every sidecar's acknowledgement.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RevocationEvidence {
+    pub revocation: Revocation,
+    pub propagation: Propagation,
+}
+
+/// The state of the audit chain when the evidence was taken.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChainHead {
+    /// The chain verified from its first entry to its head.
+    pub verified: bool,
+    pub head_id: Option<i64>,
+    pub head: Option<String>,
+    /// The head signed with the audit anchor key (with a master key).
+    pub signed: Option<SignedHead>,
+}
+
+/// What `GET /v1/missions/{id}/evidence` signs: everything the mission's
+/// state was judged from.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Evidence {
+    /// `leash-evidence/1`.
+    pub format: String,
+    pub generated_at_ms: i64,
+    /// The control plane that signed it (its JWT issuer).
+    pub issuer: String,
+    /// The mission was still open when this was taken: proof of what is
+    /// done so far, not of closure.
+    pub open: bool,
+    /// Findings, every criterion with the data it was computed from (uses
+    /// before and after each revocation with the last use per consumer,
+    /// sightings, stripped credentials, probe results), and every change.
+    pub mission: MissionView,
+    pub revocations: Vec<RevocationEvidence>,
+    /// Every audit entry naming the mission or its revocations, with its
+    /// hash in the chain.
+    pub audit: Vec<ChainedEntry>,
+    pub audit_chain: ChainHead,
+}

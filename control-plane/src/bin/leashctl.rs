@@ -15,12 +15,13 @@ use leash_control_plane::admin::types::{
     UsageSummary,
 };
 use leash_control_plane::admin::types::{
-    Finding, FindingEntry, FindingsRequest, MissionList, MissionRequest, MissionView,
+    Evidence, Finding, FindingEntry, FindingsRequest, MissionList, MissionRequest, MissionView,
+    SignedEvidence,
 };
 use leash_control_plane::cli::{
-    AuditArgs, AuditCommand, LeakedCommand, LeashctlCli as Cli, LeashctlCommand as Command,
-    MissionCommand, PolicyCommand, RevokeCommand, SecretCommand, TokenCommand, UsageArgs,
-    UsageCommand, UsageFilter,
+    AuditArgs, AuditCommand, EvidenceCommand, LeakedCommand, LeashctlCli as Cli,
+    LeashctlCommand as Command, MissionCommand, PolicyCommand, RevokeCommand, SecretCommand,
+    TokenCommand, UsageArgs, UsageCommand, UsageFilter,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -489,7 +490,13 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             Output::new(&r, text)
         }
         Command::Usage(args) => return usage(cli, args).await,
+        Command::Mission(MissionCommand::Evidence { id, out }) => {
+            return export_evidence(cli, id, out).await;
+        }
         Command::Mission(m) => return mission(cli, m).await,
+        Command::Evidence(EvidenceCommand::Verify { file, jwks }) => {
+            return verify_evidence(cli, file, jwks).await;
+        }
         Command::Leaked(LeakedCommand::Import {
             format,
             report,
@@ -1066,6 +1073,7 @@ async fn mission(cli: &Cli, cmd: &MissionCommand) -> Result<(), Failure> {
             };
             post(cli, &format!("/v1/missions/{id}/findings"), &req).await?
         }
+        MissionCommand::Evidence { .. } => return Ok(()),
         MissionCommand::Close { id, reason } | MissionCommand::Reopen { id, reason } => {
             let verb = if matches!(cmd, MissionCommand::Close { .. }) {
                 "close"
@@ -1252,4 +1260,235 @@ async fn import_report(cli: &Cli, import: &Import<'_>) -> Result<(), Failure> {
     text.push_str(&table(&["REVOCATION", "FIRST FOUND", "PLACES"], rows));
     print(cli, Output::new(&summary, text));
     Ok(())
+}
+
+async fn export_evidence(cli: &Cli, id: &str, out: &std::path::Path) -> Result<(), Failure> {
+    let signed: SignedEvidence = get(cli, &format!("/v1/missions/{id}/evidence")).await?;
+    let evidence = decode_evidence(&signed)?;
+    let json = serde_json::to_vec_pretty(&signed)
+        .map_err(|e| Failure::Usage(format!("cannot encode the evidence: {e}")))?;
+    std::fs::write(out, json)
+        .map_err(|e| Failure::Usage(format!("cannot write {}: {e}", out.display())))?;
+    let html = out.with_extension(match out.extension() {
+        Some(e) => format!("{}.html", e.to_string_lossy()),
+        None => "html".into(),
+    });
+    std::fs::write(&html, evidence_html(&evidence))
+        .map_err(|e| Failure::Usage(format!("cannot write {}: {e}", html.display())))?;
+    let summary = serde_json::json!({
+        "mission": evidence.mission.id,
+        "open": evidence.open,
+        "file": out,
+        "report": html,
+    });
+    let text = format!(
+        "evidence of {} ({}) written to {} and {}\n",
+        evidence.mission.id,
+        if evidence.open { "OPEN" } else { "closed" },
+        out.display(),
+        html.display()
+    );
+    print(cli, Output::new(&summary, text));
+    Ok(())
+}
+
+fn decode_evidence(signed: &SignedEvidence) -> Result<Evidence, Failure> {
+    use base64::Engine as _;
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&signed.payload)
+        .map_err(|_| Failure::Usage("the evidence payload is not base64url".into()))?;
+    serde_json::from_slice(&payload)
+        .map_err(|e| Failure::Usage(format!("the evidence payload is not understood: {e}")))
+}
+
+async fn verify_evidence(cli: &Cli, file: &std::path::Path, jwks: &str) -> Result<(), Failure> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| Failure::Usage(format!("cannot read {}: {e}", path.display())))
+    };
+    let signed: SignedEvidence = serde_json::from_slice(&read(file)?).map_err(|e| {
+        Failure::Usage(format!("{} is not an evidence bundle: {e}", file.display()))
+    })?;
+    let keys: serde_json::Value = if jwks.starts_with("http://") || jwks.starts_with("https://") {
+        fetch_json(cli, jwks).await?
+    } else {
+        serde_json::from_slice(&read(std::path::Path::new(jwks))?)
+            .map_err(|e| Failure::Usage(format!("{jwks} is not a JWK Set: {e}")))?
+    };
+    match leash_control_plane::jwt::verify_evidence(&signed, &keys) {
+        Ok((_, kid)) => {
+            let evidence = decode_evidence(&signed)?;
+            let summary = serde_json::json!({
+                "valid": true,
+                "kid": kid,
+                "mission": evidence.mission.id,
+                "open": evidence.open,
+                "generated_at_ms": evidence.generated_at_ms,
+            });
+            let text = format!(
+                "valid: evidence of mission {} ({}), signed by {kid}\n",
+                evidence.mission.id,
+                if evidence.open {
+                    "OPEN when exported"
+                } else {
+                    "closed"
+                },
+            );
+            print(cli, Output::new(&summary, text));
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("leashctl: INVALID: {e}");
+            Err(Failure::Violations)
+        }
+    }
+}
+
+/// A JSON document by URL (the JWKS is public: no token is sent).
+async fn fetch_json(cli: &Cli, url: &str) -> Result<serde_json::Value, Failure> {
+    let req = http::Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| Failure::Usage(format!("bad URL {url}: {e}")))?;
+    let client = Client::builder(TokioExecutor::new()).build(connector(cli)?);
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(30), client.request(req))
+        .await
+        .map_err(|_| Failure::Unreachable(format!("{url}: no answer within 30 s")))?
+        .map_err(|e| Failure::Unreachable(format!("cannot reach {url}: {e}")))?;
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| Failure::Unreachable(format!("{url}: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Failure::Unreachable(format!("{url}: not JSON: {e}")))
+}
+
+/// HTML-escapes text.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// The evidence as one self-contained HTML page (inline style, no script,
+/// no external assets).
+fn evidence_html(e: &Evidence) -> String {
+    let m = &e.mission;
+    let mut h = String::with_capacity(16 * 1024);
+    h.push_str("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">");
+    h.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">");
+    h.push_str(&format!("<title>Evidence: {}</title>", esc(&m.objective)));
+    h.push_str("<style>body{font:15px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:70rem;padding:0 1rem;color:#1b1b1b}table{border-collapse:collapse;width:100%;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.3rem .5rem;text-align:left;vertical-align:top}th{background:#f2f2f2}.ok{color:#17652f;font-weight:600}.no{color:#a3191d;font-weight:600}code{font-size:.85em;word-break:break-all}.banner{padding:.6rem 1rem;border-radius:4px;margin:1rem 0}.open{background:#fdecea}.closed{background:#e8f5e9}</style></head><body>");
+    h.push_str(&format!("<h1>{}</h1>", esc(&m.objective)));
+    let state = if e.open { "open" } else { "closed" };
+    h.push_str(&format!(
+        "<div class=\"banner {state}\">Mission <code>{}</code> was <b>{}</b>{} when this evidence was taken ({} ms since the Unix epoch), by {}.</div>",
+        esc(&m.id),
+        state.to_uppercase(),
+        if m.closed_by_hand { " (closed by hand)" } else { "" },
+        e.generated_at_ms,
+        esc(&e.issuer)
+    ));
+    h.push_str(&format!(
+        "<p>Owner: {} &middot; deadline: {} &middot; window: {} ms{}</p>",
+        esc(&m.owner),
+        m.deadline_ms
+            .map_or_else(|| "none".to_owned(), |d| d.to_string()),
+        m.window_ms,
+        if m.overdue {
+            " &middot; <span class=\"no\">OVERDUE</span>"
+        } else {
+            ""
+        }
+    ));
+    h.push_str(
+        "<h2>Criteria</h2><table><tr><th>#</th><th>criterion</th><th></th><th>why</th></tr>",
+    );
+    for c in &m.criteria {
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td></tr>",
+            c.finding,
+            esc(&c.criterion),
+            if c.holds { "ok" } else { "no" },
+            if c.holds { "holds" } else { "not yet" },
+            esc(&c.detail)
+        ));
+    }
+    h.push_str("</table><h2>Findings</h2><table><tr><th>#</th><th>finding</th><th>noted</th></tr>");
+    for f in &m.findings {
+        h.push_str(&format!(
+            "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td></tr>",
+            f.seq,
+            esc(&serde_json::to_string(&f.finding).unwrap_or_default()),
+            esc(&f.note.to_string())
+        ));
+    }
+    h.push_str("</table><h2>Revocations and their acknowledgements</h2>");
+    for r in &e.revocations {
+        h.push_str(&format!(
+            "<h3><code>{}</code> ({}, seq {})</h3><p>{}</p><table><tr><th>sidecar</th><th>acknowledged at</th><th>latency</th></tr>",
+            esc(&r.revocation.id),
+            esc(&r.revocation.kind),
+            r.revocation.seq,
+            esc(&r.revocation.reason)
+        ));
+        for a in &r.propagation.acknowledged {
+            h.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{} ms</td></tr>",
+                esc(&a.spiffe_id),
+                a.acked_at_ms,
+                a.latency_ms
+            ));
+        }
+        for p in &r.propagation.pending {
+            h.push_str(&format!(
+                "<tr><td>{}</td><td class=\"no\">not yet</td><td></td></tr>",
+                esc(&p.spiffe_id)
+            ));
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("<h2>History</h2><table><tr><th>at</th><th>state</th><th>by</th><th>why</th></tr>");
+    for c in &m.changes {
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            c.at_ms,
+            esc(&c.state),
+            esc(&c.actor),
+            esc(&c.reason)
+        ));
+    }
+    h.push_str("</table><h2>Audit entries</h2><table><tr><th>id</th><th>at</th><th>actor</th><th>action</th><th>chain hash</th></tr>");
+    for a in &e.audit {
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+            a.id,
+            a.entry.at_ms,
+            esc(&a.entry.actor),
+            esc(&a.entry.action),
+            esc(a.hash.as_deref().unwrap_or("(before the chain)"))
+        ));
+    }
+    h.push_str(&format!(
+        "</table><p>Audit chain {} up to entry {} (head <code>{}</code>){}.</p>",
+        if e.audit_chain.verified {
+            "verified"
+        } else {
+            "<span class=\"no\">BROKEN</span>"
+        },
+        e.audit_chain
+            .head_id
+            .map_or_else(String::new, |i| i.to_string()),
+        esc(e.audit_chain.head.as_deref().unwrap_or("")),
+        if e.audit_chain.signed.is_some() {
+            ", head signed with the audit anchor key"
+        } else {
+            ""
+        }
+    ));
+    h.push_str("<p>This page is a rendering. The signed bundle beside it is the evidence: <code>leashctl evidence verify FILE --jwks URL</code>.</p></body></html>\n");
+    h
 }

@@ -276,3 +276,39 @@ pub fn audit_hash(prev: &str, id: i64, e: &AuditEntry) -> String {
     ctx.update(body.to_string().as_bytes());
     hex::encode(ctx.finish())
 }
+
+/// An audit entry with its place in the chain.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct ChainedEntry {
+    pub id: i64,
+    #[sqlx(flatten)]
+    #[serde(flatten)]
+    pub entry: AuditEntry,
+    /// The entry's hash in the chain (None: written before the chain).
+    pub hash: Option<String>,
+}
+
+impl Store {
+    /// Audit entries whose path or detail names any of `needles`, oldest
+    /// first (at most 10,000).
+    pub async fn audit_mentioning(
+        &self,
+        needles: &[String],
+    ) -> Result<Vec<ChainedEntry>, StoreError> {
+        if needles.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = sqlx::QueryBuilder::new(
+            "SELECT id, at_ms, actor, role, method, path, action, status, detail, hash FROM audit WHERE 0",
+        );
+        for n in needles {
+            q.push(" OR instr(path, ")
+                .push_bind(n.clone())
+                .push(") > 0 OR instr(detail, ")
+                .push_bind(n.clone())
+                .push(") > 0");
+        }
+        q.push(" ORDER BY id LIMIT 10000");
+        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+    }
+}

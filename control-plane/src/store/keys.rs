@@ -181,3 +181,38 @@ fn fingerprint_key_of(clear: &[u8]) -> Result<[u8; FINGERPRINT_KEY_LEN], StoreEr
         ))
     })
 }
+
+impl Store {
+    /// The key that signs evidence bundles (`evidence-…`), created on first
+    /// use and sealed under the master key like the signing keys.
+    pub async fn evidence_key(&self) -> Result<StoredKey, StoreError> {
+        let rng = ring::rand::SystemRandom::new();
+        let fresh = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &rng,
+        )
+        .map_err(|_| StoreError::NoEntropy)?;
+        let kid = format!("evidence-{}", uuid::Uuid::new_v4().simple());
+        let sealed = match &self.master_key {
+            Some(m) => m.seal_key("evidence-signing", &kid, fresh.as_ref()),
+            None => fresh.as_ref().to_vec(),
+        };
+        sqlx::query("INSERT OR IGNORE INTO store_meta (key, value) VALUES ('evidence_key', ?)")
+            .bind(format!("{kid} {}", hex::encode(sealed)))
+            .execute(&self.pool)
+            .await?;
+        let value: String =
+            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'evidence_key'")
+                .fetch_one(&self.pool)
+                .await?;
+        let (kid, stored) = value.split_once(' ').ok_or_else(|| {
+            StoreError::Corrupt("store_meta.value of evidence_key has no kid".into())
+        })?;
+        let stored = Zeroizing::new(unhex("store_meta.value", "evidence_key", stored)?);
+        Ok(StoredKey {
+            pkcs8: self.open_key("evidence-signing", kid, &stored)?,
+            kid: kid.to_owned(),
+            created_at_ms: 0,
+        })
+    }
+}

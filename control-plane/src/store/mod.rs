@@ -21,7 +21,7 @@ use sqlx::SqlitePool;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-pub use audit::{AuditEntry, AuditVerdict, audit_hash};
+pub use audit::{AuditEntry, AuditVerdict, ChainedEntry, audit_hash};
 pub use credentials::CredentialRecord;
 pub use keys::StoredKey;
 pub use missions::{FindingRow, MissionChange, MissionRow};
