@@ -98,15 +98,75 @@ fn scanned_repository(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (trufflehog, detect)
 }
 
-fn policy(upstream: SocketAddr, ledger_granted: bool) -> String {
+/// payments and ledger (JWTs), and vault-api (a brokered static key whose
+/// provider, at `provider`, can be asked whether an old key is dead).
+fn policy(upstream: SocketAddr, provider: SocketAddr, ledger_granted: bool) -> String {
     let granted = if ledger_granted {
         "[payments, ledger]"
     } else {
         "[payments]"
     };
     format!(
-        "version: 1\nupstreams:\n  - name: payments\n    hosts: [payments.leash.test]\n    target: http://{upstream}\n    credential: {{ kind: jwt, ttl: 5m }}\n  - name: ledger\n    hosts: [ledger.leash.test]\n    target: http://{upstream}\n    credential: {{ kind: jwt, ttl: 5m }}\ngrants:\n  - workload: {APP_ID}\n    upstreams: {granted}\n"
+        "version: 1\nupstreams:\n  - name: payments\n    hosts: [payments.leash.test]\n    target: http://{upstream}\n    credential: {{ kind: jwt, ttl: 5m }}\n  - name: ledger\n    hosts: [ledger.leash.test]\n    target: http://{upstream}\n    credential: {{ kind: jwt, ttl: 5m }}\n  - name: vault-api\n    hosts: [vault.leash.test]\n    target: http://{provider}\n    credential: {{ kind: static, ttl: 1m }}\n    inject: {{ type: header, name: x-api-key, format: \"{{token}}\" }}\n    deactivation_probe: {{ method: GET, path: /v1/me, expect: [401] }}\ngrants:\n  - workload: {APP_ID}\n    upstreams: {granted}\n"
     )
+}
+
+const VAULT_V1: &str = "vault-key-v1-RXhwb3NlZCBpbiBDSQ";
+const VAULT_V2: &str = "vault-key-v2-Um90YXRlZA";
+
+/// A provider that accepts only the current vault key; counts the
+/// requests that carried the old one.
+async fn provider() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let old = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = old.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let seen = seen.clone();
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let key = req
+                        .headers()
+                        .get("x-api-key")
+                        .map(|v| v.as_bytes().to_vec());
+                    if key.as_deref() == Some(VAULT_V1.as_bytes()) {
+                        seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    let status = if key.as_deref() == Some(VAULT_V2.as_bytes()) {
+                        200
+                    } else {
+                        401
+                    };
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            http::Response::builder()
+                                .status(status)
+                                .body(http_body_util::Full::new(Bytes::new()))
+                                .unwrap(),
+                        )
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc),
+            );
+        }
+    });
+    (addr, old)
+}
+
+/// A master key for the control plane, in a private file.
+fn master_key(dir: &Path) -> std::path::PathBuf {
+    let out = Command::new(env!("CARGO_BIN_EXE_leash-control-plane"))
+        .arg("master-key")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let path = dir.join("master.key");
+    std::fs::write(&path, &out.stdout).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
 }
 
 fn json(out: &str) -> serde_json::Value {
@@ -142,11 +202,18 @@ async fn an_incident_from_scanner_report_to_a_mission_that_closes_and_reopens_it
     let d = dir.path();
     let _identity = start_identity(d, "10m", "identity.log").await;
     let (upstream, _) = counting_upstream().await;
+    let (vault, old_key_seen) = provider().await;
     let policy_file = d.join("policy.yaml");
-    std::fs::write(&policy_file, policy(upstream, true)).unwrap();
+    std::fs::write(&policy_file, policy(upstream, vault, true)).unwrap();
     let (sidecar_api, admin) = (free_port(), free_port());
     let mut args = serve_args(d, sidecar_api, admin);
-    args.extend(["--mission-interval".to_owned(), "200ms".to_owned()]);
+    args.retain(|a| a != "--insecure-dev");
+    args.extend([
+        "--mission-interval".to_owned(),
+        "200ms".to_owned(),
+        "--master-key-file".to_owned(),
+        master_key(d).display().to_string(),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _cp = spawn(&args, &d.join("cp.log"));
     wait_ready(admin).await;
@@ -275,6 +342,49 @@ async fn an_incident_from_scanner_report_to_a_mission_that_closes_and_reopens_it
     );
     assert_eq!(code, 0, "{err}");
 
+    // The vault key exposed alongside: a new version goes in, the responder
+    // revokes the old one, and the control plane asks the provider.
+    for value in [VAULT_V1, VAULT_V2] {
+        let file = d.join("value");
+        std::fs::write(&file, value).unwrap();
+        let (code, _, err) = leashctl(
+            admin,
+            Some(&token),
+            &[
+                "secret",
+                "put",
+                "vault-api",
+                "--file",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        std::fs::remove_file(&file).unwrap();
+    }
+    let (code, _, err) = leashctl(
+        admin,
+        Some(&token),
+        &["mission", "add", &mission, "secret-version:vault-api/1"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = leashctl(
+        admin,
+        Some(&token),
+        &[
+            "secret",
+            "revoke-version",
+            "vault-api",
+            "1",
+            "--reason",
+            "exposed with the AWS key",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    wait_until("the provider probed with the old key", || {
+        old_key_seen.load(std::sync::atomic::Ordering::Relaxed) == 1
+    })
+    .await;
+
     // The forgotten consumer keeps sending the leaked key, and its own
     // credential to payments: refused and seen, stripped and reported.
     let payments = "http://payments.leash.test/";
@@ -342,7 +452,11 @@ async fn an_incident_from_scanner_report_to_a_mission_that_closes_and_reopens_it
         .iter()
         .filter(|c| c["criterion"] == "acknowledged")
         .collect::<Vec<_>>();
-    assert_eq!(acknowledged.len(), 2);
+    assert_eq!(
+        acknowledged.len(),
+        3,
+        "two leaked values and the vault key's version"
+    );
     assert!(
         acknowledged.iter().all(|c| c["holds"] == true),
         "{acknowledged:?}"
@@ -350,9 +464,17 @@ async fn an_incident_from_scanner_report_to_a_mission_that_closes_and_reopens_it
     assert!(acknowledged[0]["inputs"]["propagation"]["acknowledged"][0]["latency_ms"].is_i64());
 
     // Migrated: the consumer stops, the grant goes from the policy.
-    std::fs::write(&policy_file, policy(upstream, false)).unwrap();
+    std::fs::write(&policy_file, policy(upstream, vault, false)).unwrap();
     let closed = wait_state(admin, &token, &mission, "closed").await;
     assert!(closed["all_hold"] == true, "{closed}");
+    let source = closed["criteria"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["criterion"] == "deactivated-at-source")
+        .expect("the secret version is judged at its source")
+        .clone();
+    assert_eq!(source["inputs"]["probes"][0]["status"], 401, "{source}");
     let last = closed["changes"]
         .as_array()
         .unwrap()
@@ -420,7 +542,9 @@ async fn an_incident_from_scanner_report_to_a_mission_that_closes_and_reopens_it
             .any(|a| a["action"] == "mission.closed" && a["hash"].is_string())
     );
     let text = String::from_utf8_lossy(&payload).into_owned();
-    assert!(!text.contains(LEAKED_AWS) && !text.contains(LEAKED_TOKEN));
+    for secret in [LEAKED_AWS, LEAKED_TOKEN, VAULT_V1, VAULT_V2] {
+        assert!(!text.contains(secret), "a secret in the evidence");
+    }
     let (_, jwks) = get(admin, &jwks_url).await.unwrap();
     let jwks_file = d.join("jwks.json");
     std::fs::write(&jwks_file, jwks.to_string()).unwrap();
@@ -538,7 +662,7 @@ async fn bad_missions_are_refused_with_the_reason() {
     let d = dir.path();
     let _identity = start_identity(d, "10m", "identity.log").await;
     let (upstream, _) = counting_upstream().await;
-    std::fs::write(d.join("policy.yaml"), policy(upstream, true)).unwrap();
+    std::fs::write(d.join("policy.yaml"), policy(upstream, upstream, true)).unwrap();
     let (sidecar_api, admin) = (free_port(), free_port());
     let args = serve_args(d, sidecar_api, admin);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
