@@ -189,3 +189,31 @@ async fn the_document_and_the_router_describe_the_same_api() {
     assert!(!r.routed(), "{}", r.status);
     cp.shutdown(Duration::from_secs(5)).await;
 }
+
+/// The generated document is valid OpenAPI 3.1 to a validator no one here
+/// wrote (`openapi-spec-validator`, from PyPI; `.ci/run` installs it).
+#[test]
+fn the_document_is_valid_openapi_to_an_independent_validator() {
+    let found = std::process::Command::new("openapi-spec-validator")
+        .arg("--version")
+        .output();
+    assert!(
+        found.is_ok_and(|o| o.status.success()),
+        "openapi-spec-validator is not on PATH: pip install openapi-spec-validator (.ci/run does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("openapi.json");
+    let doc = serde_json::to_vec_pretty(&leash_control_plane::admin::openapi()).unwrap();
+    std::fs::write(&file, doc).unwrap();
+    let out = std::process::Command::new("openapi-spec-validator")
+        .args(["--schema", "3.1", "--errors", "all"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
