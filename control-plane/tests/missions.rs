@@ -664,7 +664,8 @@ async fn bad_missions_are_refused_with_the_reason() {
     let (upstream, _) = counting_upstream().await;
     std::fs::write(d.join("policy.yaml"), policy(upstream, upstream, true)).unwrap();
     let (sidecar_api, admin) = (free_port(), free_port());
-    let args = serve_args(d, sidecar_api, admin);
+    let mut args = serve_args(d, sidecar_api, admin);
+    args.extend(["--mission-interval".to_owned(), "200ms".to_owned()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _cp = spawn(&args, &d.join("cp.log"));
     wait_ready(admin).await;
@@ -722,6 +723,34 @@ async fn bad_missions_are_refused_with_the_reason() {
         ],
     );
     assert_eq!(code, 2, "clap refuses an unparseable finding: {err}");
+    // Past its deadline and open: overdue, in the list and the metrics.
+    let (code, out, err) = leashctl(
+        admin,
+        Some(&token),
+        &[
+            "--json",
+            "mission",
+            "create",
+            "--objective",
+            "late",
+            "--owner",
+            "me",
+            "--deadline",
+            "2020-01-01T00:00:00Z",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["overdue"], true);
+    let (_, out, _) = leashctl(admin, Some(&token), &["mission", "list"]);
+    assert!(out.contains("open (OVERDUE)"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !text_of(admin, "/metrics")
+        .await
+        .contains("leash_cp_missions{state=\"overdue\"} 1")
+    {
+        assert!(Instant::now() < deadline, "the overdue gauge never moved");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (code, _, err) = leashctl(admin, Some(&token), &["mission", "show", "m-nope"]);
     assert_eq!(code, 1);
     assert!(err.contains("no mission m-nope"), "{err}");
