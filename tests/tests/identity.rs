@@ -324,11 +324,15 @@ async fn signing_keys_persist_and_rotate_by_kid() {
         .iter()
         .map(|k| k["kid"].as_str().unwrap().to_owned())
         .collect();
+    // The signing keys, newest first, then the evidence key (its own kid,
+    // never one a credential is signed with).
+    assert_eq!(kids.len(), 3, "{kids:?}");
     assert_eq!(
-        kids,
+        kids[..2],
         [new_kid.clone(), old_kid.clone()],
         "both keys published, newest first"
     );
+    assert!(kids[2].starts_with("evidence-"), "{kids:?}");
 
     // Tokens signed before the rotation still verify; new ones use the new kid.
     assert_eq!(d.verify(&old_token).await.unwrap().sub, APP_ID);
