@@ -300,11 +300,7 @@ async fn no_use(
     let Some(r) = r else {
         return Ok((false, "not revoked yet".into(), json!(null)));
     };
-    let uses: Vec<_> = crate::usage::after_revocation(store)
-        .await?
-        .into_iter()
-        .filter(|u| u.revocation_id == r.revocation.id)
-        .collect();
+    let uses = crate::usage::uses_after(store, r).await?;
     let violations = uses.iter().filter(|u| u.violation).count();
     let elapsed = now - r.revocation.revoked_at_ms;
     let holds = violations == 0 && elapsed >= window_ms;

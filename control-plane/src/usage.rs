@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use crate::store::{BUCKET_MS, Edge, UsageFilter as Filter, UsageRow};
-use crate::store::{Store, StoreError, UsageScope, now_ms};
+use crate::store::{Store, StoreError, StoredRevocation, UsageScope, now_ms};
 
 use leash_api::usage::{method_name, status_class_name};
 const MAX_FIELD: usize = 512;
@@ -148,47 +148,64 @@ pub struct UseAfterRevocation {
 pub async fn after_revocation(store: &Store) -> Result<Vec<UseAfterRevocation>, StoreError> {
     let mut out = Vec::new();
     for stored in store.revocations(false).await? {
-        let r = &stored.revocation;
-        let Some(kind) = RevocationKind::of(r) else {
-            continue;
-        };
-        let workload = || WorkloadMatcher::parse(&r.workload);
-        let scope = match kind {
-            RevocationKind::Credential => UsageScope::Credential(r.credential_id.clone()),
-            RevocationKind::Upstream => UsageScope::Upstream(r.upstream.clone()),
-            RevocationKind::Grant => {
-                let Ok(m) = workload() else { continue };
-                UsageScope::Grant {
-                    upstream: r.upstream.clone(),
-                    workload: m,
-                }
+        out.extend(uses_after(store, &stored).await?);
+    }
+    Ok(out)
+}
+
+/// Use of what one revocation covers after it was issued, per workload,
+/// upstream and credential.
+pub async fn uses_after(
+    store: &Store,
+    stored: &StoredRevocation,
+) -> Result<Vec<UseAfterRevocation>, StoreError> {
+    let r = &stored.revocation;
+    let Some(kind) = RevocationKind::of(r) else {
+        return Ok(Vec::new());
+    };
+    let workload = || WorkloadMatcher::parse(&r.workload);
+    let scope = match kind {
+        RevocationKind::Credential => UsageScope::Credential(r.credential_id.clone()),
+        RevocationKind::Upstream => UsageScope::Upstream(r.upstream.clone()),
+        RevocationKind::Grant => {
+            let Ok(m) = workload() else {
+                return Ok(Vec::new());
+            };
+            UsageScope::Grant {
+                upstream: r.upstream.clone(),
+                workload: m,
             }
-            RevocationKind::Workload => {
-                let Ok(m) = workload() else { continue };
-                UsageScope::Workload(m)
-            }
-            // Leaked values are refused before any credential is used.
-            _ => continue,
-        };
-        let rows = store
-            .usage_after(
-                &scope,
-                r.revoked_at_ms,
-                stored.restored.as_ref().map(|restore| restore.at_ms),
-            )
-            .await?;
-        if rows.is_empty() {
-            continue;
         }
-        // The latest acknowledgement per workload.
-        let mut acked: BTreeMap<String, i64> = BTreeMap::new();
-        for (session, at) in store.acks_for(stored.revoke_seq).await? {
-            let e = acked.entry(session.spiffe_id).or_insert(at);
-            *e = (*e).max(at);
+        RevocationKind::Workload => {
+            let Ok(m) = workload() else {
+                return Ok(Vec::new());
+            };
+            UsageScope::Workload(m)
         }
-        for row in rows {
+        // Leaked values are refused before any credential is used.
+        _ => return Ok(Vec::new()),
+    };
+    let rows = store
+        .usage_after(
+            &scope,
+            r.revoked_at_ms,
+            stored.restored.as_ref().map(|restore| restore.at_ms),
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    // The latest acknowledgement per workload.
+    let mut acked: BTreeMap<String, i64> = BTreeMap::new();
+    for (session, at) in store.acks_for(stored.revoke_seq).await? {
+        let e = acked.entry(session.spiffe_id).or_insert(at);
+        *e = (*e).max(at);
+    }
+    Ok(rows
+        .into_iter()
+        .map(|row| {
             let acknowledged_at_ms = acked.get(&row.workload).copied();
-            out.push(UseAfterRevocation {
+            UseAfterRevocation {
                 revocation_id: r.id.clone(),
                 kind: r.kind().as_str().to_owned(),
                 revoked_at_ms: r.revoked_at_ms,
@@ -199,10 +216,9 @@ pub async fn after_revocation(store: &Store) -> Result<Vec<UseAfterRevocation>, 
                 acknowledged_at_ms,
                 last_seen_ms: row.last_seen_ms,
                 workload: row.workload,
-            });
-        }
-    }
-    Ok(out)
+            }
+        })
+        .collect())
 }
 
 /// Parses a time bound: Unix milliseconds, an RFC 3339 timestamp, or a
