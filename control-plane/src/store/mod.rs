@@ -236,6 +236,21 @@ fn check_private(data_dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Creates the data directory 0700 (if missing) and refuses it, or a file
+/// in it, if others can read it.
+fn prepare_data_dir(data_dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(|source| StoreError::DataDir {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+    check_private(data_dir)
+}
+
 /// Creates `leash.db` 0600 (if missing) before SQLite opens it; SQLite
 /// gives its WAL and shared-memory files the database file's mode.
 fn create_database_file(data_dir: &Path) -> std::io::Result<()> {
@@ -258,18 +273,11 @@ impl Store {
         data_dir: &Path,
         master_key: Option<std::sync::Arc<crate::secrets::MasterKey>>,
     ) -> Result<Self, StoreError> {
-        use std::os::unix::fs::DirBuilderExt as _;
-        let dir_error = |source| StoreError::DataDir {
+        prepare_data_dir(data_dir)?;
+        create_database_file(data_dir).map_err(|source| StoreError::DataDir {
             path: data_dir.display().to_string(),
             source,
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(data_dir)
-            .map_err(dir_error)?;
-        check_private(data_dir)?;
-        create_database_file(data_dir).map_err(dir_error)?;
+        })?;
         let opts = SqliteConnectOptions::from_str("sqlite:")?
             .filename(data_dir.join("leash.db"))
             .create_if_missing(true)
@@ -303,7 +311,11 @@ impl Store {
     ) -> Result<Self, StoreError> {
         match database_url {
             None => Self::open(data_dir, master_key).await,
-            Some(url) => Self::open_postgres(url, master_key).await,
+            Some(url) => {
+                // The directory still holds the control plane's files.
+                prepare_data_dir(data_dir)?;
+                Self::open_postgres(url, master_key).await
+            }
         }
     }
 
