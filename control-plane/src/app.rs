@@ -26,6 +26,8 @@ use crate::store::Store;
 pub struct ServeConfig {
     pub policy: PathBuf,
     pub data_dir: PathBuf,
+    /// The store's PostgreSQL database; None: SQLite in `data_dir`.
+    pub database_url: Option<crate::store::DatabaseUrl>,
     /// `iss` of issued JWTs; defaults to `http://<admin address>`.
     pub issuer: Option<String>,
     /// How often the policy file is checked for changes.
@@ -102,6 +104,14 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     f.write_all(b"\n")
 }
 
+/// The store as logged and dumped: the password of a PostgreSQL URL redacted.
+fn database_shown(url: Option<&crate::store::DatabaseUrl>) -> String {
+    url.map_or_else(
+        || "sqlite (leash.db in data_dir)".to_owned(),
+        |u| u.redacted(),
+    )
+}
+
 /// A running control plane.
 pub struct ControlPlane {
     pub sidecar_addr: SocketAddr,
@@ -129,7 +139,12 @@ impl ControlPlane {
         let sidecar_addr = sidecar_listener.local_addr()?;
         let admin_addr = admin_listener.local_addr()?;
         let snapshot = PolicySnapshot::load(&config.policy)?;
-        let store = Store::open(&config.data_dir, config.master_key.clone()).await?;
+        let store = Store::open_at(
+            &config.data_dir,
+            config.database_url.as_ref(),
+            config.master_key.clone(),
+        )
+        .await?;
         let admin_cert = match &config.admin_tls {
             Some(files) => Some(
                 crate::listeners::ReloadingCert::load(files.clone())
@@ -153,6 +168,7 @@ impl ControlPlane {
             upstreams = snapshot.policy.policy.upstreams.len(),
             grants = snapshot.policy.policy.grants.len(),
             data_dir = %config.data_dir.display(),
+            database = %database_shown(config.database_url.as_ref()),
             issuer = issuer.issuer(),
             kid = %issuer.active_kid(),
             "control plane starting"
@@ -224,6 +240,7 @@ impl ControlPlane {
             "version": env!("CARGO_PKG_VERSION"),
             "policy": config.policy,
             "data_dir": config.data_dir,
+            "database": database_shown(config.database_url.as_ref()),
             "issuer": state.issuer.issuer(),
             "policy_poll_ms": u64::try_from(config.policy_poll.as_millis()).unwrap_or(u64::MAX),
             "heartbeat_ms": u64::try_from(config.heartbeat.as_millis()).unwrap_or(u64::MAX),

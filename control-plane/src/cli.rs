@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::store::DatabaseUrl;
+
 #[derive(Parser)]
 #[command(
     name = "leash-control-plane",
@@ -44,6 +46,10 @@ pub enum TokensCommand {
     Create {
         #[arg(long, env = "LEASH_DATA_DIR", default_value = "./leash-data")]
         data_dir: PathBuf,
+        /// The store's PostgreSQL database (postgres://…; or
+        /// LEASH_DATABASE_URL); the SQLite file in --data-dir when absent.
+        #[arg(long, env = "LEASH_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<DatabaseUrl>,
         /// A name for the token, shown in the audit log.
         #[arg(long)]
         name: String,
@@ -58,9 +64,14 @@ pub struct ServeArgs {
     /// Policy file (YAML). Re-read when it changes; an invalid edit is refused.
     #[arg(long, env = "LEASH_POLICY")]
     pub policy: PathBuf,
-    /// Directory for the SQLite database.
+    /// Directory for the SQLite database and the control plane's files
+    /// (admin-token).
     #[arg(long, env = "LEASH_DATA_DIR", default_value = "./leash-data")]
     pub data_dir: PathBuf,
+    /// Keep the store in this PostgreSQL database (postgres://user:pass@host/db)
+    /// instead of the SQLite file in --data-dir. Never logged with its password.
+    #[arg(long, env = "LEASH_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<DatabaseUrl>,
     /// Address of the sidecar API (gRPC over mTLS).
     #[arg(long, env = "LEASH_LISTEN", default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,
@@ -148,6 +159,10 @@ pub enum KeysCommand {
     Rotate {
         #[arg(long, env = "LEASH_DATA_DIR", default_value = "./leash-data")]
         data_dir: PathBuf,
+        /// The store's PostgreSQL database (postgres://…; or
+        /// LEASH_DATABASE_URL); the SQLite file in --data-dir when absent.
+        #[arg(long, env = "LEASH_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<DatabaseUrl>,
         /// The master key the signing keys are sealed under (or
         /// LEASH_MASTER_KEY); required unless the store was made with
         /// --insecure-dev.

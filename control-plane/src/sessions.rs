@@ -647,46 +647,48 @@ pub async fn propagation(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_db::store_test;
 
-    #[tokio::test]
-    async fn acknowledgements_still_queued_are_recorded_at_shutdown() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("data"), None).await.unwrap();
-        store
-            .insert_session(&SessionRecord {
-                id: "s1".into(),
-                spiffe_id: "spiffe://leash.test/w".into(),
-                version: "test".into(),
-                connected_at_ms: 1,
-            })
-            .await
-            .unwrap();
-        let (registry, writer) = SessionRegistry::new(store.clone());
-        // Queued without yielding (one-thread runtime): the writer has not
-        // written any of them when the flush starts.
-        let last = 5_000;
-        for seq in 1..=last {
-            let ack = AckRecord {
+    store_test!(
+        async fn acknowledgements_still_queued_are_recorded_at_shutdown(db: &TestDb) {
+            let store = db.open(None).await.unwrap();
+            store
+                .insert_session(&SessionRecord {
+                    id: "s1".into(),
+                    spiffe_id: "spiffe://leash.test/w".into(),
+                    version: "test".into(),
+                    connected_at_ms: 1,
+                })
+                .await
+                .unwrap();
+            let (registry, writer) = SessionRegistry::new(store.clone());
+            // Queued without yielding (one-thread runtime): the writer has not
+            // written any of them when the flush starts.
+            let last = 5_000;
+            for seq in 1..=last {
+                let ack = AckRecord {
+                    session_id: "s1".into(),
+                    from_seq: seq - 1,
+                    to_seq: seq,
+                    acked_at_ms: i64::try_from(seq).unwrap(),
+                };
+                registry.acks.try_send(ack).unwrap();
+            }
+            writer.flush(Duration::from_secs(60)).await;
+            for seq in [1, last / 2, last] {
+                let acked = store.acks_for(seq).await.unwrap();
+                assert_eq!(acked.len(), 1, "ack of {seq}");
+                assert_eq!(acked[0].1, i64::try_from(seq).unwrap());
+            }
+            // Nothing is taken after the flush.
+            let late = AckRecord {
                 session_id: "s1".into(),
-                from_seq: seq - 1,
-                to_seq: seq,
-                acked_at_ms: i64::try_from(seq).unwrap(),
+                from_seq: last,
+                to_seq: last + 1,
+                acked_at_ms: 0,
             };
-            registry.acks.try_send(ack).unwrap();
+            assert!(registry.acks.try_send(late).is_err());
+            store.close().await;
         }
-        writer.flush(Duration::from_secs(60)).await;
-        for seq in [1, last / 2, last] {
-            let acked = store.acks_for(seq).await.unwrap();
-            assert_eq!(acked.len(), 1, "ack of {seq}");
-            assert_eq!(acked[0].1, i64::try_from(seq).unwrap());
-        }
-        // Nothing is taken after the flush.
-        let late = AckRecord {
-            session_id: "s1".into(),
-            from_seq: last,
-            to_seq: last + 1,
-            acked_at_ms: 0,
-        };
-        assert!(registry.acks.try_send(late).is_err());
-    }
+    );
 }

@@ -189,6 +189,7 @@ pub fn audit_path(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_db::store_test;
 
     #[test]
     fn the_limiter_counts_per_address_and_forgets_after_the_window() {
@@ -204,39 +205,40 @@ mod tests {
         assert!(l.failed(a).is_none(), "a new window");
     }
 
-    /// The README's bound: whatever the number of addresses, one interval
-    /// writes at most SUMMARISED_ADDRESSES + 1 rows, each of bounded size.
-    #[tokio::test]
-    async fn a_flood_from_many_addresses_writes_a_bounded_number_of_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("data"), None).await.unwrap();
-        let refused = RefusedCalls::default();
-        let long = format!("/v1/{}", "x".repeat(60 * 1024));
-        for i in 0..1_000u32 {
-            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-            for _ in 0..3 {
-                refused.record(ip, "GET", &long, 401);
+    store_test!(
+        /// The README's bound: whatever the number of addresses, one interval
+        /// writes at most SUMMARISED_ADDRESSES + 1 rows, each of bounded size.
+        async fn a_flood_from_many_addresses_writes_a_bounded_number_of_rows(db: &TestDb) {
+            let store = db.open(None).await.unwrap();
+            let refused = RefusedCalls::default();
+            let long = format!("/v1/{}", "x".repeat(60 * 1024));
+            for i in 0..1_000u32 {
+                let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+                for _ in 0..3 {
+                    refused.record(ip, "GET", &long, 401);
+                }
             }
+            assert_eq!(
+                refused.flush(&store).await.unwrap(),
+                SUMMARISED_ADDRESSES + 1
+            );
+            let rows = store.audit(1_000).await.unwrap();
+            assert_eq!(rows.len(), SUMMARISED_ADDRESSES + 1);
+            let other = rows
+                .iter()
+                .find(|r| r.actor == "anonymous@(other addresses)")
+                .unwrap();
+            assert_eq!(other.action, "refused 2700 calls without a valid token");
+            for r in &rows {
+                let size =
+                    r.actor.len() + r.method.len() + r.path.len() + r.action.len() + r.detail.len();
+                assert!(size < 1024, "a summary row of {size} bytes");
+            }
+            // The next interval starts empty.
+            assert_eq!(refused.flush(&store).await.unwrap(), 0);
+            store.close().await;
         }
-        assert_eq!(
-            refused.flush(&store).await.unwrap(),
-            SUMMARISED_ADDRESSES + 1
-        );
-        let rows = store.audit(1_000).await.unwrap();
-        assert_eq!(rows.len(), SUMMARISED_ADDRESSES + 1);
-        let other = rows
-            .iter()
-            .find(|r| r.actor == "anonymous@(other addresses)")
-            .unwrap();
-        assert_eq!(other.action, "refused 2700 calls without a valid token");
-        for r in &rows {
-            let size =
-                r.actor.len() + r.method.len() + r.path.len() + r.action.len() + r.detail.len();
-            assert!(size < 1024, "a summary row of {size} bytes");
-        }
-        // The next interval starts empty.
-        assert_eq!(refused.flush(&store).await.unwrap(), 0);
-    }
+    );
 
     #[test]
     fn paths_and_methods_are_cut() {

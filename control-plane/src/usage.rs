@@ -245,6 +245,7 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_db::store_test;
 
     fn record(
         credential: &str,
@@ -269,54 +270,55 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_resent_batch_is_not_counted_twice() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("data"), None).await.unwrap();
-        let batch = UsageBatch {
-            batch_seq: 1,
-            records: vec![
-                record("c1", "GET", 3, 1_000),
-                record("c1", "POST", 1, 1_000),
-            ],
-            dropped_requests: 2,
-            dropped_records: 1,
-            created_at_ms: 2_000,
-        };
-        let w = "spiffe://leash.test/ns/demo/sa/client";
-        assert_eq!(
-            record_batch(&store, "s1", w, &batch).await,
-            Recorded::New { requests: 4 }
-        );
-        assert_eq!(
-            record_batch(&store, "s1", w, &batch).await,
-            Recorded::Duplicate
-        );
-        // Another sidecar process may use the same sequence number.
-        assert_eq!(
-            record_batch(&store, "s2", w, &batch).await,
-            Recorded::New { requests: 4 }
-        );
-        // The same minute bucket accumulates.
-        let next = UsageBatch {
-            batch_seq: 2,
-            records: vec![record("c1", "GET", 2, 1_500)],
-            ..UsageBatch::default()
-        };
-        record_batch(&store, "s1", w, &next).await;
-        let s = summary(&store, &Filter::default()).await.unwrap();
-        assert_eq!((s.requests, s.dropped_requests), (10, 4));
-        let get = s.rows.iter().find(|r| r.method == "GET").unwrap();
-        assert_eq!(
-            (
-                get.requests,
-                get.first_seen_ms,
-                get.last_seen_ms,
-                get.bytes_received
-            ),
-            (8, 1_000, 1_505, 80)
-        );
-    }
+    store_test!(
+        async fn a_resent_batch_is_not_counted_twice(db: &TestDb) {
+            let store = db.open(None).await.unwrap();
+            let batch = UsageBatch {
+                batch_seq: 1,
+                records: vec![
+                    record("c1", "GET", 3, 1_000),
+                    record("c1", "POST", 1, 1_000),
+                ],
+                dropped_requests: 2,
+                dropped_records: 1,
+                created_at_ms: 2_000,
+            };
+            let w = "spiffe://leash.test/ns/demo/sa/client";
+            assert_eq!(
+                record_batch(&store, "s1", w, &batch).await,
+                Recorded::New { requests: 4 }
+            );
+            assert_eq!(
+                record_batch(&store, "s1", w, &batch).await,
+                Recorded::Duplicate
+            );
+            // Another sidecar process may use the same sequence number.
+            assert_eq!(
+                record_batch(&store, "s2", w, &batch).await,
+                Recorded::New { requests: 4 }
+            );
+            // The same minute bucket accumulates.
+            let next = UsageBatch {
+                batch_seq: 2,
+                records: vec![record("c1", "GET", 2, 1_500)],
+                ..UsageBatch::default()
+            };
+            record_batch(&store, "s1", w, &next).await;
+            let s = summary(&store, &Filter::default()).await.unwrap();
+            assert_eq!((s.requests, s.dropped_requests), (10, 4));
+            let get = s.rows.iter().find(|r| r.method == "GET").unwrap();
+            assert_eq!(
+                (
+                    get.requests,
+                    get.first_seen_ms,
+                    get.last_seen_ms,
+                    get.bytes_received
+                ),
+                (8, 1_000, 1_505, 80)
+            );
+            store.close().await;
+        }
+    );
 
     async fn record_batch(store: &Store, sidecar: &str, w: &str, b: &UsageBatch) -> Recorded {
         super::record(store, sidecar, w, b).await.unwrap()

@@ -374,6 +374,7 @@ pub async fn start_control_plane_configured(
     let mut config = ServeConfig {
         policy: policy.to_owned(),
         data_dir: data_dir.to_owned(),
+        database_url: None,
         issuer: Some("leash-test".into()),
         policy_poll: Duration::from_millis(100),
         heartbeat: Duration::from_millis(500),

@@ -187,6 +187,7 @@ async fn invalid_policy_is_refused_with_the_field() {
         leash_control_plane::app::ServeConfig {
             policy: policy.clone(),
             data_dir: dir.path().join("data"),
+            database_url: None,
             issuer: None,
             policy_poll: Duration::from_secs(1),
             heartbeat: Duration::from_secs(1),

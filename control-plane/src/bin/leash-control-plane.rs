@@ -33,10 +33,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Tokens(TokensCommand::Create {
             data_dir,
+            database_url,
             name,
             role,
         }) => {
-            let store = Store::open(&data_dir, None).await?;
+            let store = Store::open_at(&data_dir, database_url.as_ref(), None).await?;
             let role = Role::parse(&role).context("role")?;
             println!(
                 "{}",
@@ -46,9 +47,15 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Keys(KeysCommand::Rotate {
             data_dir,
+            database_url,
             master_key_file,
         }) => {
-            let store = Store::open(&data_dir, master_key(master_key_file.as_deref())?).await?;
+            let store = Store::open_at(
+                &data_dir,
+                database_url.as_ref(),
+                master_key(master_key_file.as_deref())?,
+            )
+            .await?;
             let kid = jwt::rotate(&store).await?;
             println!("{kid}");
             Ok(())
@@ -102,6 +109,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig {
         policy: args.policy,
         data_dir: args.data_dir,
+        database_url: args.database_url,
         issuer: args.issuer,
         policy_poll: Duration::from_secs(2),
         heartbeat: args.heartbeat_interval,

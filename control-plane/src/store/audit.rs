@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::anchor::SignedHead;
 
-use super::{Store, StoreError, now_ms};
+use super::{Backend, Store, StoreError, now_ms};
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema, sqlx::FromRow)]
 pub struct AuditEntry {
@@ -40,46 +40,64 @@ struct ChainRow {
 impl Store {
     /// Appends an entry chained to the previous one (see `audit_hash`).
     pub async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
-        // Every append goes through this lock, so the newest entry cannot
-        // change between reading it and inserting the next: one INSERT,
-        // no read-then-write transaction to upgrade.
+        // One append at a time: the newest entry cannot change between
+        // reading it and inserting the next. In process, this lock queues
+        // appends; the write transaction holds the database's write lock
+        // (SQLite's, or the advisory lock on PostgreSQL, which also covers
+        // another process on the same database). The entry and its anchor
+        // commit together.
         let _one_at_a_time = self.audit_lock.lock().await;
-        let last: Option<(i64, Option<String>)> =
-            sqlx::query_as("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1")
-                .fetch_optional(&self.pool)
-                .await?;
+        let mut tx = self.write().await?;
+        let b = tx.backend();
+        let last: Option<(i64, Option<String>)> = tx!(&mut tx, |c| sqlx::query_as(
+            "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1"
+        )
+        .fetch_optional(c)
+        .await)?;
         let (id, prev) = match last {
             Some((id, hash)) => (id + 1, hash.unwrap_or_default()),
             None => (1, String::new()),
         };
         let hash = audit_hash(&prev, id, e);
-        sqlx::query("INSERT INTO audit (id, at_ms, actor, role, method, path, action, status, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-            .bind(id)
-            .bind(e.at_ms)
-            .bind(&e.actor)
-            .bind(&e.role)
-            .bind(&e.method)
-            .bind(&e.path)
-            .bind(&e.action)
-            .bind(i64::from(e.status))
-            .bind(&e.detail)
-            .bind(&prev)
-            .bind(&hash)
-            .execute(&self.pool)
-            .await?;
+        tx!(&mut tx, |c| {
+            sqlx::query(b.sql(
+            "INSERT INTO audit (id, at_ms, actor, role, method, path, action, status, detail, prev_hash, hash) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(id)
+        .bind(e.at_ms)
+        .bind(&e.actor)
+        .bind(&e.role)
+        .bind(&e.method)
+        .bind(&e.path)
+        .bind(&e.action)
+        .bind(i64::from(e.status))
+        .bind(&e.detail)
+        .bind(&prev)
+        .bind(&hash)
+        .execute(c)
+        .await
+        .map(drop)
+        })?;
         if id % crate::anchor::ANCHOR_EVERY == 0
             && let Some(key) = self.master_key.as_ref().and_then(|m| m.audit_anchor_key())
         {
             let head = SignedHead::sign(&key, id, &hash, e.at_ms);
-            sqlx::query("INSERT INTO audit_anchors (id, hash, at_ms, public_key, signature) VALUES (?, ?, ?, ?, ?)")
-                .bind(head.id)
-                .bind(&head.hash)
-                .bind(head.at_ms)
-                .bind(&head.public_key)
-                .bind(&head.signature)
-                .execute(&self.pool)
-                .await?;
+            tx!(&mut tx, |c| {
+                sqlx::query(b.sql(
+                "INSERT INTO audit_anchors (id, hash, at_ms, public_key, signature) VALUES (?, ?, ?, ?, ?)"
+            ))
+            .bind(head.id)
+            .bind(&head.hash)
+            .bind(head.at_ms)
+            .bind(&head.public_key)
+            .bind(&head.signature)
+            .execute(c)
+            .await
+            .map(drop)
+            })?;
         }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -99,30 +117,33 @@ impl Store {
         ) else {
             return Ok(Ok(None));
         };
-        let id: i64 = sqlx::query_scalar("SELECT MAX(id) FROM audit")
-            .fetch_one(&self.pool)
-            .await?;
+        let id: i64 = db!(&self.pool, |p| sqlx::query_scalar(
+            self.sql("SELECT MAX(id) FROM audit")
+        )
+        .fetch_one(p)
+        .await)?;
         Ok(Ok(Some(SignedHead::sign(&key, id, &hash, now_ms()))))
     }
 
     /// The hash of audit entry `id`, if it exists.
     pub async fn audit_entry_hash(&self, id: i64) -> Result<Option<String>, StoreError> {
-        Ok(
-            sqlx::query_scalar::<_, Option<String>>("SELECT hash FROM audit WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?
-                .flatten(),
+        Ok(db!(&self.pool, |p| sqlx::query_scalar::<_, Option<String>>(
+            self.sql("SELECT hash FROM audit WHERE id = ?")
         )
+        .bind(id)
+        .fetch_optional(p)
+        .await)?
+        .flatten())
     }
 
     /// The stored anchors, by entry id.
     pub(super) async fn anchors(&self) -> Result<BTreeMap<i64, SignedHead>, StoreError> {
-        let rows: Vec<(i64, String, i64, String, String)> = sqlx::query_as(
-            "SELECT id, hash, at_ms, public_key, signature FROM audit_anchors ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(i64, String, i64, String, String)> =
+            db!(&self.pool, |p| sqlx::query_as(self.sql(
+                "SELECT id, hash, at_ms, public_key, signature FROM audit_anchors ORDER BY id"
+            ),)
+            .fetch_all(p)
+            .await)?;
         Ok(rows
             .into_iter()
             .map(|(id, hash, at_ms, public_key, signature)| {
@@ -140,9 +161,11 @@ impl Store {
 
     /// Walks the whole audit chain.
     pub async fn verify_audit(&self) -> Result<AuditVerdict, StoreError> {
-        let rows: Vec<ChainRow> = sqlx::query_as("SELECT id, at_ms, actor, role, method, path, action, status, detail, prev_hash, hash FROM audit ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<ChainRow> = db!(&self.pool, |p| {
+            sqlx::query_as(self.sql("SELECT id, at_ms, actor, role, method, path, action, status, detail, prev_hash, hash FROM audit ORDER BY id"))
+            .fetch_all(p)
+            .await
+        })?;
         let mut verdict = AuditVerdict::default();
         let anchors = self.anchors().await?;
         let anchor_key = self.master_key.as_ref().and_then(|m| m.audit_anchor_key());
@@ -231,10 +254,12 @@ impl Store {
 
     /// The newest `limit` audit entries, newest first.
     pub async fn audit(&self, limit: i64) -> Result<Vec<AuditEntry>, StoreError> {
-        Ok(sqlx::query_as("SELECT at_ms, actor, role, method, path, action, status, detail FROM audit ORDER BY id DESC LIMIT ?")
+        Ok(db!(&self.pool, |p| {
+            sqlx::query_as(self.sql("SELECT at_ms, actor, role, method, path, action, status, detail FROM audit ORDER BY id DESC LIMIT ?"))
             .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
+            .fetch_all(p)
+            .await
+        })?)
     }
 }
 
@@ -298,17 +323,25 @@ impl Store {
         if needles.is_empty() {
             return Ok(Vec::new());
         }
-        let mut q = sqlx::QueryBuilder::new(
-            "SELECT id, at_ms, actor, role, method, path, action, status, detail, hash FROM audit WHERE 0",
-        );
-        for n in needles {
-            q.push(" OR instr(path, ")
-                .push_bind(n.clone())
-                .push(") > 0 OR instr(detail, ")
-                .push_bind(n.clone())
-                .push(") > 0");
-        }
-        q.push(" ORDER BY id LIMIT 10000");
-        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+        // `instr` in SQLite is `strpos` in PostgreSQL: a substring test
+        // with no LIKE escaping to get wrong.
+        let find = match self.backend() {
+            Backend::Sqlite => "instr",
+            Backend::Postgres => "strpos",
+        };
+        Ok(db!(&self.pool, |p| {
+            let mut q = sqlx::QueryBuilder::new(
+                "SELECT id, at_ms, actor, role, method, path, action, status, detail, hash FROM audit WHERE FALSE",
+            );
+            for n in needles {
+                q.push(format!(" OR {find}(path, "))
+                    .push_bind(n.clone())
+                    .push(format!(") > 0 OR {find}(detail, "))
+                    .push_bind(n.clone())
+                    .push(") > 0");
+            }
+            q.push(" ORDER BY id LIMIT 10000");
+            q.build_query_as().fetch_all(p).await
+        })?)
     }
 }

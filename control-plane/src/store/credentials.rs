@@ -18,26 +18,31 @@ impl Store {
     /// again under the same id (a static secret version, a cached OAuth2
     /// token) keeps its first record, with the latest expiry.
     pub async fn record_credential(&self, c: &CredentialRecord) -> Result<(), StoreError> {
-        sqlx::query(
+        let sql = self.sql(format!(
             "INSERT INTO credentials (id, workload, upstream, kind, issued_at_ms, expires_at_ms) VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET expires_at_ms = MAX(expires_at_ms, excluded.expires_at_ms)",
-        )
+             ON CONFLICT (id) DO UPDATE SET expires_at_ms = {}(credentials.expires_at_ms, excluded.expires_at_ms)",
+            self.backend().greatest()
+        ));
+        db!(&self.pool, |p| sqlx::query(sql)
             .bind(&c.id)
             .bind(&c.workload)
             .bind(&c.upstream)
             .bind(&c.kind)
             .bind(c.issued_at_ms)
             .bind(c.expires_at_ms)
-            .execute(&self.pool)
-            .await?;
+            .execute(p)
+            .await
+            .map(drop))?;
         Ok(())
     }
 
     pub async fn credential(&self, id: &str) -> Result<Option<CredentialRecord>, StoreError> {
-        Ok(sqlx::query_as("SELECT id, workload, upstream, kind, issued_at_ms, expires_at_ms FROM credentials WHERE id = ?")
+        Ok(db!(&self.pool, |p| {
+            sqlx::query_as(self.sql("SELECT id, workload, upstream, kind, issued_at_ms, expires_at_ms FROM credentials WHERE id = ?"))
             .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+            .fetch_optional(p)
+            .await
+        })?)
     }
 
     /// Credentials issued to `workload`, newest first.
@@ -45,9 +50,11 @@ impl Store {
         &self,
         workload: &str,
     ) -> Result<Vec<CredentialRecord>, StoreError> {
-        Ok(sqlx::query_as("SELECT id, workload, upstream, kind, issued_at_ms, expires_at_ms FROM credentials WHERE workload = ? ORDER BY issued_at_ms DESC")
+        Ok(db!(&self.pool, |p| {
+            sqlx::query_as(self.sql("SELECT id, workload, upstream, kind, issued_at_ms, expires_at_ms FROM credentials WHERE workload = ? ORDER BY issued_at_ms DESC"))
             .bind(workload)
-            .fetch_all(&self.pool)
-            .await?)
+            .fetch_all(p)
+            .await
+        })?)
     }
 }

@@ -4,7 +4,7 @@
 
 use zeroize::Zeroizing;
 
-use super::{Store, StoreError, unhex};
+use super::{Pool, Store, StoreError, unhex};
 
 /// A JWT signing key as stored (the private key is PKCS#8 DER).
 pub struct StoredKey {
@@ -33,39 +33,52 @@ impl Store {
             return Ok(());
         };
         let mut sealed = 0;
-        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT kid, pkcs8 FROM signing_keys")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows: Vec<(String, Vec<u8>)> = db!(&self.pool, |p| sqlx::query_as(
+            self.sql("SELECT kid, pkcs8 FROM signing_keys")
+        )
+        .fetch_all(p)
+        .await)?;
         for (kid, stored) in rows {
             let stored = Zeroizing::new(stored);
             if stored.starts_with(crate::secrets::SEALED_KEY) {
                 continue;
             }
-            sqlx::query("UPDATE signing_keys SET pkcs8 = ? WHERE kid = ?")
-                .bind(key.seal_key("jwt-signing", &kid, &stored))
-                .bind(&kid)
-                .execute(&self.pool)
-                .await?;
+            db!(&self.pool, |p| sqlx::query(
+                self.sql("UPDATE signing_keys SET pkcs8 = ? WHERE kid = ?")
+            )
+            .bind(key.seal_key("jwt-signing", &kid, &stored))
+            .bind(&kid)
+            .execute(p)
+            .await
+            .map(drop))?;
             sealed += 1;
         }
-        let value: Option<String> =
-            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'fingerprint_key'")
-                .fetch_optional(&self.pool)
-                .await?;
+        let value: Option<String> = db!(&self.pool, |p| sqlx::query_scalar(
+            self.sql("SELECT value FROM store_meta WHERE key = 'fingerprint_key'")
+        )
+        .fetch_optional(p)
+        .await)?;
         if let Some(value) = value.filter(|v| !v.starts_with(SEALED_TEXT)) {
             let clear = Zeroizing::new(unhex("store_meta.value", "fingerprint_key", &value)?);
             fingerprint_key_of(&clear)?;
-            sqlx::query("UPDATE store_meta SET value = ? WHERE key = 'fingerprint_key'")
-                .bind(seal_text(key, &clear))
-                .execute(&self.pool)
-                .await?;
+            db!(&self.pool, |p| sqlx::query(self.sql(
+                "UPDATE store_meta SET value = ? WHERE key = 'fingerprint_key'"
+            ))
+            .bind(seal_text(key, &clear))
+            .execute(p)
+            .await
+            .map(drop))?;
             sealed += 1;
         }
         if sealed > 0 {
             // The clear pages leave the write-ahead log too.
-            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                .execute(&self.pool)
-                .await?;
+            // The clear pages leave the write-ahead log too (SQLite; a
+            // PostgreSQL server's WAL and free space are its own to manage).
+            if let Pool::Sqlite(p) = &self.pool {
+                sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .execute(p)
+                    .await?;
+            }
             tracing::info!(
                 keys = sealed,
                 "keys stored in the clear are now sealed under the master key"
@@ -98,11 +111,11 @@ impl Store {
 
     /// Signing keys, newest first.
     pub async fn signing_keys(&self) -> Result<Vec<StoredKey>, StoreError> {
-        let rows: Vec<(String, Vec<u8>, i64)> = sqlx::query_as(
-            "SELECT kid, pkcs8, created_at_ms FROM signing_keys ORDER BY rowid DESC",
+        let rows: Vec<(String, Vec<u8>, i64)> = db!(&self.pool, |p| sqlx::query_as(
+            self.sql("SELECT kid, pkcs8, created_at_ms FROM signing_keys ORDER BY rowid DESC"),
         )
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(p)
+        .await)?;
         rows.into_iter()
             .map(|(kid, stored, created_at_ms)| {
                 let stored = Zeroizing::new(stored);
@@ -116,32 +129,36 @@ impl Store {
     }
 
     pub async fn insert_signing_key(&self, key: &StoredKey) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO signing_keys (kid, alg, pkcs8, created_at_ms) VALUES (?, 'ES256', ?, ?)",
-        )
+        db!(&self.pool, |p| sqlx::query(self.sql(
+            "INSERT INTO signing_keys (kid, alg, pkcs8, created_at_ms) VALUES (?, 'ES256', ?, ?)"
+        ),)
         .bind(&key.kid)
         .bind(match &self.master_key {
             Some(m) => m.seal_key("jwt-signing", &key.kid, &key.pkcs8),
             None => key.pkcs8.to_vec(),
         })
         .bind(key.created_at_ms)
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
     /// This store's identity, created on first use.
     pub async fn store_id(&self) -> Result<String, StoreError> {
         let fresh = uuid::Uuid::new_v4().to_string();
-        sqlx::query("INSERT OR IGNORE INTO store_meta (key, value) VALUES ('store_id', ?)")
-            .bind(&fresh)
-            .execute(&self.pool)
-            .await?;
-        Ok(
-            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'store_id'")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        db!(&self.pool, |p| sqlx::query(self.sql(
+            "INSERT INTO store_meta (key, value) VALUES ('store_id', ?) ON CONFLICT DO NOTHING",
+        ))
+        .bind(&fresh)
+        .execute(p)
+        .await
+        .map(drop))?;
+        Ok(db!(&self.pool, |p| sqlx::query_scalar(self.sql(
+            "SELECT value FROM store_meta WHERE key = 'store_id'"
+        ))
+        .fetch_one(p)
+        .await)?)
     }
 
     /// The key of leaked-value fingerprints, created on first use.
@@ -153,14 +170,20 @@ impl Store {
             Some(key) => seal_text(key, &fresh),
             None => hex::encode(fresh),
         };
-        sqlx::query("INSERT OR IGNORE INTO store_meta (key, value) VALUES ('fingerprint_key', ?)")
+        db!(&self.pool, |p| {
+            sqlx::query(self.sql(
+            "INSERT INTO store_meta (key, value) VALUES ('fingerprint_key', ?) ON CONFLICT DO NOTHING",
+        ))
             .bind(stored)
-            .execute(&self.pool)
-            .await?;
-        let value: String =
-            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'fingerprint_key'")
-                .fetch_one(&self.pool)
-                .await?;
+            .execute(p)
+            .await
+            .map(drop)
+        })?;
+        let value: String = db!(&self.pool, |p| sqlx::query_scalar(
+            self.sql("SELECT value FROM store_meta WHERE key = 'fingerprint_key'")
+        )
+        .fetch_one(p)
+        .await)?;
         let clear = match value.strip_prefix(SEALED_TEXT) {
             Some(sealed) => self.open_key(
                 "fingerprint",
@@ -197,14 +220,18 @@ impl Store {
             Some(m) => m.seal_key("evidence-signing", &kid, fresh.as_ref()),
             None => fresh.as_ref().to_vec(),
         };
-        sqlx::query("INSERT OR IGNORE INTO store_meta (key, value) VALUES ('evidence_key', ?)")
-            .bind(format!("{kid} {}", hex::encode(sealed)))
-            .execute(&self.pool)
-            .await?;
-        let value: String =
-            sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'evidence_key'")
-                .fetch_one(&self.pool)
-                .await?;
+        db!(&self.pool, |p| sqlx::query(self.sql(
+            "INSERT INTO store_meta (key, value) VALUES ('evidence_key', ?) ON CONFLICT DO NOTHING",
+        ))
+        .bind(format!("{kid} {}", hex::encode(sealed)))
+        .execute(p)
+        .await
+        .map(drop))?;
+        let value: String = db!(&self.pool, |p| sqlx::query_scalar(
+            self.sql("SELECT value FROM store_meta WHERE key = 'evidence_key'")
+        )
+        .fetch_one(p)
+        .await)?;
         let (kid, stored) = value.split_once(' ').ok_or_else(|| {
             StoreError::Corrupt("store_meta.value of evidence_key has no kid".into())
         })?;

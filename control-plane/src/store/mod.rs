@@ -1,7 +1,38 @@
-//! Durable state in embedded SQLite: opening, pragmas, migrations and the
-//! private-file checks; each table group lives in its own submodule. Writes
-//! use `synchronous = FULL` so that an answer given to a caller survives a
-//! crash right after it.
+//! Durable state, in embedded SQLite (the default) or in PostgreSQL: opening,
+//! pragmas, migrations and the private-file checks; each table group lives
+//! in its own submodule. Queries are written once, with `?` placeholders,
+//! and run on the backend's own sqlx driver (`db!`, `tx!`); where the
+//! dialects differ the submodule picks per `Backend`. Writes are durable
+//! before they are answered (`synchronous = FULL` on SQLite, PostgreSQL's
+//! default `synchronous_commit = on`).
+
+/// Runs `$body` on the store's pool, type-checked once per backend: `$p` is
+/// the `SqlitePool` or the `PgPool`.
+macro_rules! db {
+    ($pool:expr, |$p:ident| $body:expr) => {
+        match $pool {
+            $crate::store::Pool::Sqlite($p) => $body,
+            $crate::store::Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+/// Runs `$body` in a write transaction (`Tx`): `$c` is the backend's
+/// connection, `&mut SqliteConnection` or `&mut PgConnection`.
+macro_rules! tx {
+    ($tx:expr, |$c:ident| $body:expr) => {
+        match $tx {
+            $crate::store::Tx::Sqlite(t) => {
+                let $c = &mut **t;
+                $body
+            }
+            $crate::store::Tx::Postgres(t) => {
+                let $c = &mut **t;
+                $body
+            }
+        }
+    };
+}
 
 mod audit;
 mod credentials;
@@ -11,15 +42,18 @@ mod probes;
 mod revocations;
 mod secrets;
 mod tokens;
+mod url;
 mod usage;
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::SqlitePool;
 use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, SqlitePool};
 
 pub use audit::{AuditEntry, AuditVerdict, ChainedEntry, audit_hash};
 pub use credentials::CredentialRecord;
@@ -29,6 +63,7 @@ pub use probes::ProbeResult;
 pub use revocations::{AckRecord, Restore, SessionRecord, StoredRevocation};
 pub use secrets::SecretVersion;
 pub use tokens::TokenRecord;
+pub use url::{DatabaseUrl, numbered_placeholders};
 pub use usage::{
     BUCKET_MS, CredentialSpan, Edge, Sighting, Stripped, UsageFilter, UsageRow, UsageScope,
     UsedAfter,
@@ -74,8 +109,94 @@ fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Schema migrations (`control-plane/migrations/`), embedded at build time.
-static MIGRATOR: Migrator = sqlx::migrate!();
+/// Schema migrations, one history per backend, embedded at build time:
+/// `control-plane/migrations/sqlite/` and `control-plane/migrations/postgres/`
+/// hold the same schema version for version.
+static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
+static PG_MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Which database the store is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// SQL written with `?` placeholders, as this backend takes it.
+    fn sql(self, sql: impl Into<Cow<'static, str>>) -> AssertSqlSafe<Cow<'static, str>> {
+        let sql = sql.into();
+        AssertSqlSafe(match self {
+            Backend::Sqlite => sql,
+            Backend::Postgres => Cow::Owned(numbered_placeholders(&sql)),
+        })
+    }
+
+    /// The larger of two values (SQLite's two-argument `MAX`).
+    fn greatest(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "MAX",
+            Backend::Postgres => "GREATEST",
+        }
+    }
+
+    /// The smaller of two values (SQLite's two-argument `MIN`).
+    fn least(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "MIN",
+            Backend::Postgres => "LEAST",
+        }
+    }
+}
+
+/// The store's connection pool, on one backend or the other.
+#[derive(Clone)]
+pub(crate) enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+impl Pool {
+    fn backend(&self) -> Backend {
+        match self {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+}
+
+/// A write transaction (see `Store::write`).
+pub(crate) enum Tx {
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+impl Tx {
+    fn backend(&self) -> Backend {
+        match self {
+            Tx::Sqlite(_) => Backend::Sqlite,
+            Tx::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Sqlite(t) => t.commit().await,
+            Tx::Postgres(t) => t.commit().await,
+        }
+    }
+
+    async fn rollback(self) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Sqlite(t) => t.rollback().await,
+            Tx::Postgres(t) => t.rollback().await,
+        }
+    }
+}
+
+/// The PostgreSQL advisory lock every write transaction holds (see
+/// `Store::write`): one key for the whole store, as SQLite has one writer.
+const PG_WRITE_LOCK: i64 = 0x6c65_6173_6877; // "leashw"
 
 /// The bookkeeping table of the hand-written runner that preceded
 /// `sqlx::migrate!` (one row per applied version).
@@ -83,7 +204,7 @@ const OLD_MIGRATIONS_TABLE: &str = "schema_migrations";
 
 #[derive(Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
     /// Audit entries are chained: one append at a time.
     audit_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// Seals the control plane's own keys (JWT signing keys, the leak
@@ -115,6 +236,21 @@ fn check_private(data_dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Creates the data directory 0700 (if missing) and refuses it, or a file
+/// in it, if others can read it.
+fn prepare_data_dir(data_dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(|source| StoreError::DataDir {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+    check_private(data_dir)
+}
+
 /// Creates `leash.db` 0600 (if missing) before SQLite opens it; SQLite
 /// gives its WAL and shared-memory files the database file's mode.
 fn create_database_file(data_dir: &Path) -> std::io::Result<()> {
@@ -137,18 +273,11 @@ impl Store {
         data_dir: &Path,
         master_key: Option<std::sync::Arc<crate::secrets::MasterKey>>,
     ) -> Result<Self, StoreError> {
-        use std::os::unix::fs::DirBuilderExt as _;
-        let dir_error = |source| StoreError::DataDir {
+        prepare_data_dir(data_dir)?;
+        create_database_file(data_dir).map_err(|source| StoreError::DataDir {
             path: data_dir.display().to_string(),
             source,
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(data_dir)
-            .map_err(dir_error)?;
-        check_private(data_dir)?;
-        create_database_file(data_dir).map_err(dir_error)?;
+        })?;
         let opts = SqliteConnectOptions::from_str("sqlite:")?
             .filename(data_dir.join("leash.db"))
             .create_if_missing(true)
@@ -164,7 +293,7 @@ impl Store {
             .connect_with(opts)
             .await?;
         let store = Self {
-            pool,
+            pool: Pool::Sqlite(pool),
             audit_lock: std::sync::Arc::default(),
             master_key,
         };
@@ -173,11 +302,67 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens the store in `database_url` (a PostgreSQL database, or the
+    /// SQLite file in `data_dir` when None) and migrates it.
+    pub async fn open_at(
+        data_dir: &Path,
+        database_url: Option<&DatabaseUrl>,
+        master_key: Option<std::sync::Arc<crate::secrets::MasterKey>>,
+    ) -> Result<Self, StoreError> {
+        match database_url {
+            None => Self::open(data_dir, master_key).await,
+            Some(url) => {
+                // The directory still holds the control plane's files.
+                prepare_data_dir(data_dir)?;
+                Self::open_postgres(url, master_key).await
+            }
+        }
+    }
+
+    /// Opens the store in a PostgreSQL database and migrates it. The
+    /// database must exist; its schema is the store's.
+    pub async fn open_postgres(
+        url: &DatabaseUrl,
+        master_key: Option<std::sync::Arc<crate::secrets::MasterKey>>,
+    ) -> Result<Self, StoreError> {
+        let opts = PgConnectOptions::from_str(url.expose())?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(opts)
+            .await?;
+        // sqlx takes an advisory lock while it migrates: two processes
+        // starting on one database apply each version once.
+        PG_MIGRATOR.run(&pool).await?;
+        let store = Self {
+            pool: Pool::Postgres(pool),
+            audit_lock: std::sync::Arc::default(),
+            master_key,
+        };
+        store.seal_clear_keys().await?;
+        Ok(store)
+    }
+
+    /// Which database the store is in.
+    pub fn backend(&self) -> Backend {
+        self.pool.backend()
+    }
+
+    /// `sql` (with `?` placeholders) as this store's backend takes it.
+    fn sql(&self, sql: impl Into<Cow<'static, str>>) -> AssertSqlSafe<Cow<'static, str>> {
+        self.backend().sql(sql)
+    }
+
     /// Applies the pending migrations. A database the old hand-written
     /// runner migrated has its applied versions recorded for sqlx first
     /// (marked applied, not run again), then loses the old table.
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        let Pool::Sqlite(pool) = &self.pool else {
+            return Err(StoreError::Corrupt(
+                "the SQLite migrations were asked of another backend".into(),
+            ));
+        };
+        let mut conn = pool.acquire().await?;
         let old: Option<String> =
             sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?")
                 .bind(OLD_MIGRATIONS_TABLE)
@@ -215,20 +400,37 @@ impl Store {
         Ok(())
     }
 
-    /// A write transaction, holding SQLite's write lock from its start
-    /// (`BEGIN IMMEDIATE`): one that reads and then writes would otherwise
-    /// fail at once with "database is locked" when another connection
-    /// wrote in between (the busy timeout does not apply to that upgrade).
-    async fn write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// A write transaction, holding the store's write lock from its start.
+    /// On SQLite, its write lock (`BEGIN IMMEDIATE`): one that reads and
+    /// then writes would otherwise fail at once with "database is locked"
+    /// when another connection wrote in between (the busy timeout does not
+    /// apply to that upgrade). On PostgreSQL, a transaction-scoped advisory
+    /// lock: writers run one at a time as on SQLite, so what one reads
+    /// (the next revocation sequence, the audit chain's head) is still
+    /// true when it writes, even from another process on the same database.
+    async fn write(&self) -> Result<Tx, StoreError> {
+        Ok(match &self.pool {
+            Pool::Sqlite(p) => Tx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+            Pool::Postgres(p) => {
+                let mut t = p.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(PG_WRITE_LOCK)
+                    .execute(&mut *t)
+                    .await?;
+                Tx::Postgres(t)
+            }
+        })
     }
 
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+        db!(&self.pool, |p| sqlx::query("SELECT 1")
+            .execute(p)
+            .await
+            .is_ok())
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        db!(&self.pool, |p| p.close().await);
     }
 }
 
@@ -239,5 +441,9 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+#[cfg(test)]
+pub(crate) mod fresh_pg;
+#[cfg(test)]
+pub(crate) mod test_db;
 #[cfg(test)]
 mod tests;

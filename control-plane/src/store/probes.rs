@@ -24,8 +24,9 @@ pub struct ProbeResult {
 
 impl Store {
     pub async fn insert_probe_result(&self, r: &ProbeResult) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO deactivation_probes (upstream, version, at_ms, status, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
+        db!(&self.pool, |p| {
+            sqlx::query(
+            self.sql("INSERT INTO deactivation_probes (upstream, version, at_ms, status, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)"),
         )
         .bind(&r.upstream)
         .bind(r.version)
@@ -33,8 +34,10 @@ impl Store {
         .bind(r.status.map(i64::from))
         .bind(&r.outcome)
         .bind(&r.detail)
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await
+        .map(drop)
+        })?;
         Ok(())
     }
 
@@ -44,35 +47,38 @@ impl Store {
         upstream: &str,
         version: i64,
     ) -> Result<Vec<ProbeResult>, StoreError> {
-        let rows = sqlx::query(
+        let sql = self.sql(
             "SELECT upstream, version, at_ms, status, outcome, detail FROM deactivation_probes \
              WHERE upstream = ? AND version = ? ORDER BY at_ms DESC, id DESC",
-        )
-        .bind(upstream)
-        .bind(version)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let status: Option<i64> = row.try_get("status")?;
-                let status = status
-                    .map(|s| {
-                        u16::try_from(s).map_err(|_| {
-                            StoreError::Corrupt(format!(
-                                "deactivation_probes.status {s} is not an HTTP status"
-                            ))
+        );
+        db!(&self.pool, |p| {
+            let rows = sqlx::query(sql)
+                .bind(upstream)
+                .bind(version)
+                .fetch_all(p)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let status: Option<i64> = row.try_get("status")?;
+                    let status = status
+                        .map(|s| {
+                            u16::try_from(s).map_err(|_| {
+                                StoreError::Corrupt(format!(
+                                    "deactivation_probes.status {s} is not an HTTP status"
+                                ))
+                            })
                         })
+                        .transpose()?;
+                    Ok(ProbeResult {
+                        upstream: row.try_get("upstream")?,
+                        version: row.try_get("version")?,
+                        at_ms: row.try_get("at_ms")?,
+                        status,
+                        outcome: row.try_get("outcome")?,
+                        detail: row.try_get("detail")?,
                     })
-                    .transpose()?;
-                Ok(ProbeResult {
-                    upstream: row.try_get("upstream")?,
-                    version: row.try_get("version")?,
-                    at_ms: row.try_get("at_ms")?,
-                    status,
-                    outcome: row.try_get("outcome")?,
-                    detail: row.try_get("detail")?,
                 })
-            })
-            .collect()
+                .collect()
+        })
     }
 }

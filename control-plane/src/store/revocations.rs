@@ -2,11 +2,9 @@
 //! sequence (`revocation_events`), sidecar sessions (`sessions`) and their
 //! acknowledgements (`acks`).
 
+use super::{Store, StoreError, Tx, i64_of, unhex, unsigned};
 use leash_api::revocation::RevocationKind;
 use leash_api::v1::Revocation;
-use sqlx::SqliteConnection;
-
-use super::{Store, StoreError, i64_of, unhex, unsigned};
 
 /// A revocation as stored, with its sequence and restore, if any.
 #[derive(Debug, Clone)]
@@ -117,35 +115,63 @@ struct AckRow {
     acked_at_ms: i64,
 }
 
+/// Appends the event of a revocation (restored or not) in `tx`; returns
+/// its sequence. The next sequence is one more than the newest: never a
+/// gap, as sidecars apply events in order and resync on a gap. SQLite's
+/// AUTOINCREMENT gives that (a rolled-back insert takes its number back);
+/// a PostgreSQL sequence would not (a rolled-back `nextval` is gone), so
+/// there the number is the newest plus one, read under the write lock.
+async fn insert_event_in(
+    tx: &mut Tx,
+    revocation_id: &str,
+    restored: bool,
+    at_ms: i64,
+) -> Result<i64, StoreError> {
+    Ok(match tx {
+        Tx::Sqlite(t) => sqlx::query(
+            "INSERT INTO revocation_events (revocation_id, restored, at_ms) VALUES (?, ?, ?)",
+        )
+        .bind(revocation_id)
+        .bind(restored)
+        .bind(at_ms)
+        .execute(&mut **t)
+        .await?
+        .last_insert_rowid(),
+        Tx::Postgres(t) => {
+            sqlx::query_scalar(
+                "INSERT INTO revocation_events (seq, revocation_id, restored, at_ms) \
+                 SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3 FROM revocation_events RETURNING seq",
+            )
+            .bind(revocation_id)
+            .bind(restored)
+            .bind(at_ms)
+            .fetch_one(&mut **t)
+            .await?
+        }
+    })
+}
+
 /// Inserts a revocation and its event in `tx`; returns the event's sequence.
-pub(super) async fn insert_revocation_in(
-    tx: &mut SqliteConnection,
-    r: &Revocation,
-) -> Result<u64, StoreError> {
-    let seq = sqlx::query(
-        "INSERT INTO revocation_events (revocation_id, restored, at_ms) VALUES (?, 0, ?)",
-    )
-    .bind(&r.id)
-    .bind(r.revoked_at_ms)
-    .execute(&mut *tx)
-    .await?
-    .last_insert_rowid();
-    sqlx::query(
+pub(super) async fn insert_revocation_in(tx: &mut Tx, r: &Revocation) -> Result<u64, StoreError> {
+    let seq = insert_event_in(tx, &r.id, false, r.revoked_at_ms).await?;
+    let sql = tx.backend().sql(
         "INSERT INTO revocations (id, kind, workload, upstream, credential_id, reason, revoked_by, revoked_at_ms, revoke_seq, fingerprint) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&r.id)
-    .bind(r.kind().as_str())
-    .bind(&r.workload)
-    .bind(&r.upstream)
-    .bind(&r.credential_id)
-    .bind(&r.reason)
-    .bind(&r.revoked_by)
-    .bind(r.revoked_at_ms)
-    .bind(seq)
-    .bind(hex::encode(&r.fingerprint))
-    .execute(&mut *tx)
-    .await?;
+    );
+    tx!(tx, |c| sqlx::query(sql)
+        .bind(&r.id)
+        .bind(r.kind().as_str())
+        .bind(&r.workload)
+        .bind(&r.upstream)
+        .bind(&r.credential_id)
+        .bind(&r.reason)
+        .bind(&r.revoked_by)
+        .bind(r.revoked_at_ms)
+        .bind(seq)
+        .bind(hex::encode(&r.fingerprint))
+        .execute(c)
+        .await
+        .map(drop))?;
     unsigned("revocation_events.seq", seq)
 }
 
@@ -168,26 +194,20 @@ impl Store {
         at_ms: i64,
     ) -> Result<Option<u64>, StoreError> {
         let mut tx = self.write().await?;
-        let seq = sqlx::query(
-            "INSERT INTO revocation_events (revocation_id, restored, at_ms) VALUES (?, 1, ?)",
-        )
-        .bind(id)
-        .bind(at_ms)
-        .execute(&mut *tx)
-        .await?
-        .last_insert_rowid();
-        let updated = sqlx::query(
+        let seq = insert_event_in(&mut tx, id, true, at_ms).await?;
+        let sql = self.sql(
             "UPDATE revocations SET restored_by = ?, restore_reason = ?, restored_at_ms = ?, restore_seq = ? \
              WHERE id = ? AND restore_seq IS NULL",
-        )
-        .bind(by)
-        .bind(reason)
-        .bind(at_ms)
-        .bind(seq)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        );
+        let updated = tx!(&mut tx, |c| sqlx::query(sql)
+            .bind(by)
+            .bind(reason)
+            .bind(at_ms)
+            .bind(seq)
+            .bind(id)
+            .execute(c)
+            .await
+            .map(|done| done.rows_affected()))?;
         if updated == 0 {
             tx.rollback().await?;
             return Ok(None);
@@ -197,12 +217,12 @@ impl Store {
     }
 
     pub async fn revocation(&self, id: &str) -> Result<Option<StoredRevocation>, StoreError> {
-        let row: Option<RevocationRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{REVOCATION_SELECT} WHERE id = ?"
-        )))
+        let row: Option<RevocationRow> = db!(&self.pool, |p| sqlx::query_as(
+            self.sql(format!("{REVOCATION_SELECT} WHERE id = ?"))
+        )
         .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(p)
+        .await)?;
         row.map(StoredRevocation::try_from).transpose()
     }
 
@@ -216,11 +236,11 @@ impl Store {
         } else {
             ""
         };
-        let rows: Vec<RevocationRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        let rows: Vec<RevocationRow> = db!(&self.pool, |p| sqlx::query_as(self.sql(format!(
             "{REVOCATION_SELECT}{filter} ORDER BY revoke_seq DESC"
         )))
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(p)
+        .await)?;
         rows.into_iter().map(StoredRevocation::try_from).collect()
     }
 
@@ -231,20 +251,22 @@ impl Store {
         &self,
         before_ms: i64,
     ) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar(
+        Ok(db!(&self.pool, |p| sqlx::query_scalar(self.sql(
             "SELECT r.id FROM revocations r JOIN credentials c ON c.id = r.credential_id \
-             WHERE r.kind = 'credential' AND r.restore_seq IS NULL AND c.expires_at_ms < ?",
-        )
+             WHERE r.kind = 'credential' AND r.restore_seq IS NULL AND c.expires_at_ms < ?"
+        ),)
         .bind(before_ms)
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(p)
+        .await)?)
     }
 
     /// The newest sequence committed (0 if none).
     pub async fn current_seq(&self) -> Result<u64, StoreError> {
-        let seq: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM revocation_events")
-            .fetch_one(&self.pool)
-            .await?;
+        let seq: Option<i64> = db!(&self.pool, |p| sqlx::query_scalar(
+            self.sql("SELECT MAX(seq) FROM revocation_events")
+        )
+        .fetch_one(p)
+        .await)?;
         seq.map_or(Ok(0), |s| unsigned("revocation_events.seq", s))
     }
 
@@ -253,14 +275,16 @@ impl Store {
         &self,
         after: u64,
     ) -> Result<Vec<(u64, StoredRevocation, bool)>, StoreError> {
-        let rows: Vec<EventRow> = sqlx::query_as(
-            "SELECT e.seq AS event_seq, e.restored AS event_restored, r.id, r.kind, r.workload, r.upstream, r.credential_id, \
+        let rows: Vec<EventRow> = db!(&self.pool, |p| {
+            sqlx::query_as(
+            self.sql("SELECT e.seq AS event_seq, e.restored AS event_restored, r.id, r.kind, r.workload, r.upstream, r.credential_id, \
              r.reason, r.revoked_by, r.revoked_at_ms, r.revoke_seq, r.restored_by, r.restore_reason, r.restored_at_ms, r.restore_seq, r.fingerprint \
-             FROM revocation_events e JOIN revocations r ON r.id = e.revocation_id WHERE e.seq > ? ORDER BY e.seq",
+             FROM revocation_events e JOIN revocations r ON r.id = e.revocation_id WHERE e.seq > ? ORDER BY e.seq"),
         )
         .bind(i64_of(after))
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(p)
+        .await
+        })?;
         rows.into_iter()
             .map(|r| {
                 Ok((
@@ -273,24 +297,28 @@ impl Store {
     }
 
     pub async fn insert_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO sessions (id, spiffe_id, version, connected_at_ms) VALUES (?, ?, ?, ?)",
-        )
+        db!(&self.pool, |p| sqlx::query(self.sql(
+            "INSERT INTO sessions (id, spiffe_id, version, connected_at_ms) VALUES (?, ?, ?, ?)"
+        ),)
         .bind(&s.id)
         .bind(&s.spiffe_id)
         .bind(&s.version)
         .bind(s.connected_at_ms)
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
     pub async fn end_session(&self, id: &str, at_ms: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE sessions SET disconnected_at_ms = ? WHERE id = ?")
-            .bind(at_ms)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        db!(&self.pool, |p| sqlx::query(self.sql(
+            "UPDATE sessions SET disconnected_at_ms = ? WHERE id = ?"
+        ))
+        .bind(at_ms)
+        .bind(id)
+        .execute(p)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
@@ -299,16 +327,19 @@ impl Store {
     pub async fn insert_acks(&self, acks: &[AckRecord]) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
         for chunk in acks.chunks(200) {
-            let mut q = sqlx::QueryBuilder::new(
-                "INSERT OR IGNORE INTO acks (session_id, from_seq, to_seq, acked_at_ms) ",
-            );
-            q.push_values(chunk, |mut row, a| {
-                row.push_bind(&a.session_id)
-                    .push_bind(i64_of(a.from_seq))
-                    .push_bind(i64_of(a.to_seq))
-                    .push_bind(a.acked_at_ms);
-            });
-            q.build().execute(&mut *tx).await?;
+            tx!(&mut tx, |c| {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO acks (session_id, from_seq, to_seq, acked_at_ms) ",
+                );
+                q.push_values(chunk, |mut row, a| {
+                    row.push_bind(&a.session_id)
+                        .push_bind(i64_of(a.from_seq))
+                        .push_bind(i64_of(a.to_seq))
+                        .push_bind(a.acked_at_ms);
+                });
+                q.push(" ON CONFLICT DO NOTHING");
+                q.build().execute(c).await.map(drop)
+            })?;
         }
         tx.commit().await?;
         Ok(())
@@ -316,14 +347,16 @@ impl Store {
 
     /// Sessions that acknowledged `seq`, with when.
     pub async fn acks_for(&self, seq: u64) -> Result<Vec<(SessionRecord, i64)>, StoreError> {
-        let rows: Vec<AckRow> = sqlx::query_as(
-            "SELECT s.id, s.spiffe_id, s.version, s.connected_at_ms, a.acked_at_ms FROM acks a \
-             JOIN sessions s ON s.id = a.session_id WHERE a.from_seq < ? AND a.to_seq >= ? ORDER BY a.acked_at_ms",
+        let rows: Vec<AckRow> = db!(&self.pool, |p| {
+            sqlx::query_as(
+            self.sql("SELECT s.id, s.spiffe_id, s.version, s.connected_at_ms, a.acked_at_ms FROM acks a \
+             JOIN sessions s ON s.id = a.session_id WHERE a.from_seq < ? AND a.to_seq >= ? ORDER BY a.acked_at_ms"),
         )
         .bind(i64_of(seq))
         .bind(i64_of(seq))
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(p)
+        .await
+        })?;
         Ok(rows
             .into_iter()
             .map(|r| (r.session, r.acked_at_ms))

@@ -20,17 +20,19 @@ pub struct SecretVersion {
 
 impl Store {
     pub async fn next_secret_version(&self, upstream: &str) -> Result<i64, StoreError> {
-        let max: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(version) FROM secret_versions WHERE upstream = ?")
-                .bind(upstream)
-                .fetch_one(&self.pool)
-                .await?;
+        let max: Option<i64> = db!(&self.pool, |p| sqlx::query_scalar(
+            self.sql("SELECT MAX(version) FROM secret_versions WHERE upstream = ?")
+        )
+        .bind(upstream)
+        .fetch_one(p)
+        .await)?;
         Ok(max.unwrap_or(0) + 1)
     }
 
     pub async fn insert_secret_version(&self, v: &SecretVersion) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO secret_versions (upstream, version, nonce, ciphertext, created_at_ms, created_by) VALUES (?, ?, ?, ?, ?, ?)",
+        db!(&self.pool, |p| {
+            sqlx::query(
+            self.sql("INSERT INTO secret_versions (upstream, version, nonce, ciphertext, created_at_ms, created_by) VALUES (?, ?, ?, ?, ?, ?)"),
         )
         .bind(&v.upstream)
         .bind(v.version)
@@ -38,20 +40,24 @@ impl Store {
         .bind(&v.ciphertext)
         .bind(v.created_at_ms)
         .bind(&v.created_by)
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await
+        .map(drop)
+        })?;
         Ok(())
     }
 
     /// Versions of an upstream's secret, newest first.
     pub async fn secret_versions(&self, upstream: &str) -> Result<Vec<SecretVersion>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT upstream, version, nonce, ciphertext, created_at_ms, created_by, revoked_at_ms FROM secret_versions \
-             WHERE upstream = ? ORDER BY version DESC",
+        Ok(db!(&self.pool, |p| {
+            sqlx::query_as(
+            self.sql("SELECT upstream, version, nonce, ciphertext, created_at_ms, created_by, revoked_at_ms FROM secret_versions \
+             WHERE upstream = ? ORDER BY version DESC"),
         )
         .bind(upstream)
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(p)
+        .await
+        })?)
     }
 
     /// One version, revoked or not.
@@ -60,14 +66,16 @@ impl Store {
         upstream: &str,
         version: i64,
     ) -> Result<Option<SecretVersion>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT upstream, version, nonce, ciphertext, created_at_ms, created_by, revoked_at_ms FROM secret_versions \
-             WHERE upstream = ? AND version = ?",
+        Ok(db!(&self.pool, |p| {
+            sqlx::query_as(
+            self.sql("SELECT upstream, version, nonce, ciphertext, created_at_ms, created_by, revoked_at_ms FROM secret_versions \
+             WHERE upstream = ? AND version = ?"),
         )
         .bind(upstream)
         .bind(version)
-        .fetch_optional(&self.pool)
-        .await?)
+        .fetch_optional(p)
+        .await
+        })?)
     }
 
     /// The newest version, revoked or not: revoking it never makes an older
@@ -90,15 +98,16 @@ impl Store {
         revocation: &Revocation,
     ) -> Result<Option<u64>, StoreError> {
         let mut tx = self.write().await?;
-        let n = sqlx::query(
+        let sql = self.sql(
             "UPDATE secret_versions SET revoked_at_ms = ? WHERE upstream = ? AND version = ? AND revoked_at_ms IS NULL",
-        )
-        .bind(revocation.revoked_at_ms)
-        .bind(upstream)
-        .bind(version)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        );
+        let n = tx!(&mut tx, |c| sqlx::query(sql)
+            .bind(revocation.revoked_at_ms)
+            .bind(upstream)
+            .bind(version)
+            .execute(c)
+            .await
+            .map(|done| done.rows_affected()))?;
         if n != 1 {
             tx.rollback().await?;
             return Ok(None);

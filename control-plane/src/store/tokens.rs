@@ -15,28 +15,35 @@ pub struct TokenRecord {
 
 impl Store {
     pub async fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO admin_tokens (id, name, role, secret_sha256, created_at_ms, created_by) VALUES (?, ?, ?, ?, ?, ?)")
+        db!(&self.pool, |p| {
+            sqlx::query(self.sql("INSERT INTO admin_tokens (id, name, role, secret_sha256, created_at_ms, created_by) VALUES (?, ?, ?, ?, ?, ?)"))
             .bind(&t.id)
             .bind(&t.name)
             .bind(&t.role)
             .bind(&t.secret_sha256)
             .bind(t.created_at_ms)
             .bind(&t.created_by)
-            .execute(&self.pool)
-            .await?;
+            .execute(p)
+            .await
+            .map(drop)
+        })?;
         Ok(())
     }
 
     pub async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        Ok(sqlx::query_as("SELECT id, name, role, secret_sha256, created_at_ms, created_by FROM admin_tokens WHERE id = ?")
+        Ok(db!(&self.pool, |p| {
+            sqlx::query_as(self.sql("SELECT id, name, role, secret_sha256, created_at_ms, created_by FROM admin_tokens WHERE id = ?"))
             .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+            .fetch_optional(p)
+            .await
+        })?)
     }
 
     pub async fn token_count(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM admin_tokens")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(db!(&self.pool, |p| sqlx::query_scalar(
+            self.sql("SELECT COUNT(*) FROM admin_tokens")
+        )
+        .fetch_one(p)
+        .await)?)
     }
 }

@@ -7,6 +7,8 @@ use leash_api::v1::UsageBatch;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use sqlx::{Database, Encode, Type};
+
 use super::{Store, StoreError, i64_of, now_ms};
 
 /// Usage is stored in buckets of this width (of the batch's first use).
@@ -47,7 +49,11 @@ pub struct UsageFilter {
 }
 
 impl UsageFilter {
-    fn push_where(&self, q: &mut sqlx::QueryBuilder<sqlx::Sqlite>) {
+    fn push_where<DB: Database>(&self, q: &mut sqlx::QueryBuilder<DB>)
+    where
+        String: for<'q> Encode<'q, DB> + Type<DB>,
+        i64: for<'q> Encode<'q, DB> + Type<DB>,
+    {
         q.push(" WHERE 1 = 1");
         if let Some(c) = &self.credential {
             q.push(" AND credential_id = ").push_bind(c.clone());
@@ -132,7 +138,11 @@ pub struct UsedAfter {
 }
 
 /// SQL condition selecting the workloads a matcher matches.
-fn push_workload_match(q: &mut sqlx::QueryBuilder<sqlx::Sqlite>, m: &WorkloadMatcher) {
+fn push_workload_match<DB: Database>(q: &mut sqlx::QueryBuilder<DB>, m: &WorkloadMatcher)
+where
+    String: for<'q> Encode<'q, DB> + Type<DB>,
+    i64: for<'q> Encode<'q, DB> + Type<DB>,
+{
     match m {
         WorkloadMatcher::Exact(id) => {
             q.push(" workload = ").push_bind(id.clone());
@@ -141,9 +151,10 @@ fn push_workload_match(q: &mut sqlx::QueryBuilder<sqlx::Sqlite>, m: &WorkloadMat
             // Compared as a substring, not with LIKE: no escaping to get wrong.
             q.push(" (length(workload) > ")
                 .push_bind(i64::try_from(prefix.len()).unwrap_or(i64::MAX))
-                .push(" AND substr(workload, 1, ")
+                // An INTEGER for PostgreSQL's substr (it has no BIGINT form).
+                .push(" AND substr(workload, 1, CAST(")
                 .push_bind(i64::try_from(prefix.len()).unwrap_or(i64::MAX))
-                .push(") = ")
+                .push(" AS INTEGER)) = ")
                 .push_bind(prefix.clone())
                 .push(")");
         }
@@ -162,103 +173,121 @@ impl Store {
         requests: u64,
     ) -> Result<bool, StoreError> {
         let mut tx = self.write().await?;
-        let inserted = sqlx::query(
+        let sql = self.sql(
             "INSERT INTO usage_batches (sidecar_id, batch_seq, workload, received_at_ms, requests, dropped_requests, dropped_records) \
              VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        )
-        .bind(sidecar_id)
-        .bind(i64_of(batch.batch_seq))
-        .bind(workload)
-        .bind(now_ms())
-        .bind(i64_of(requests))
-        .bind(i64_of(batch.dropped_requests))
-        .bind(i64_of(batch.dropped_records))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        );
+        let inserted = tx!(&mut tx, |c| sqlx::query(sql)
+            .bind(sidecar_id)
+            .bind(i64_of(batch.batch_seq))
+            .bind(workload)
+            .bind(now_ms())
+            .bind(i64_of(requests))
+            .bind(i64_of(batch.dropped_requests))
+            .bind(i64_of(batch.dropped_records))
+            .execute(c)
+            .await
+            .map(|done| done.rows_affected()))?;
         if inserted == 0 {
             return Ok(false);
         }
+        // The counts add up in the row of their bucket; first and last seen
+        // widen (SQLite's two-argument MIN/MAX, PostgreSQL's LEAST/GREATEST).
+        let on_conflict = format!(
+            " ON CONFLICT (bucket_ms, workload, upstream, credential_id, method, status_class) DO UPDATE SET \
+             requests = usage.requests + excluded.requests, bytes_sent = usage.bytes_sent + excluded.bytes_sent, \
+             bytes_received = usage.bytes_received + excluded.bytes_received, \
+             first_seen_ms = {least}(usage.first_seen_ms, excluded.first_seen_ms), \
+             last_seen_ms = {greatest}(usage.last_seen_ms, excluded.last_seen_ms)",
+            least = self.backend().least(),
+            greatest = self.backend().greatest(),
+        );
         for chunk in batch.records.chunks(100) {
-            let mut q = sqlx::QueryBuilder::new(
-                "INSERT INTO usage (bucket_ms, workload, upstream, credential_id, credential_kind, method, status_class, \
-                 requests, bytes_sent, bytes_received, first_seen_ms, last_seen_ms) ",
-            );
-            q.push_values(chunk, |mut row, r| {
-                row.push_bind(r.first_seen_ms - r.first_seen_ms.rem_euclid(BUCKET_MS))
-                    .push_bind(workload)
-                    .push_bind(&r.upstream)
-                    .push_bind(&r.credential_id)
-                    .push_bind(&r.credential_kind)
-                    .push_bind(leash_api::usage::method_name(r.method).unwrap_or_default())
-                    .push_bind(
-                        leash_api::usage::status_class_name(r.status_class).unwrap_or_default(),
-                    )
-                    .push_bind(i64_of(r.requests))
-                    .push_bind(i64_of(r.bytes_sent))
-                    .push_bind(i64_of(r.bytes_received))
-                    .push_bind(r.first_seen_ms)
-                    .push_bind(r.last_seen_ms);
-            });
-            q.push(
-                " ON CONFLICT (bucket_ms, workload, upstream, credential_id, method, status_class) DO UPDATE SET \
-                 requests = requests + excluded.requests, bytes_sent = bytes_sent + excluded.bytes_sent, \
-                 bytes_received = bytes_received + excluded.bytes_received, \
-                 first_seen_ms = min(first_seen_ms, excluded.first_seen_ms), \
-                 last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
-            );
-            q.build().execute(&mut *tx).await?;
+            tx!(&mut tx, |c| {
+                let mut q = sqlx::QueryBuilder::new(
+                    "INSERT INTO usage (bucket_ms, workload, upstream, credential_id, credential_kind, method, status_class, \
+                     requests, bytes_sent, bytes_received, first_seen_ms, last_seen_ms) ",
+                );
+                q.push_values(chunk, |mut row, r| {
+                    row.push_bind(r.first_seen_ms - r.first_seen_ms.rem_euclid(BUCKET_MS))
+                        .push_bind(workload)
+                        .push_bind(&r.upstream)
+                        .push_bind(&r.credential_id)
+                        .push_bind(&r.credential_kind)
+                        .push_bind(leash_api::usage::method_name(r.method).unwrap_or_default())
+                        .push_bind(
+                            leash_api::usage::status_class_name(r.status_class).unwrap_or_default(),
+                        )
+                        .push_bind(i64_of(r.requests))
+                        .push_bind(i64_of(r.bytes_sent))
+                        .push_bind(i64_of(r.bytes_received))
+                        .push_bind(r.first_seen_ms)
+                        .push_bind(r.last_seen_ms);
+                });
+                q.push(&on_conflict);
+                q.build().execute(c).await.map(drop)
+            })?;
         }
         tx.commit().await?;
         Ok(true)
     }
 
+    // Sums are cast to BIGINT: PostgreSQL sums BIGINTs as NUMERIC (SQLite's
+    // integer sum is unchanged by the cast).
+
     /// Usage grouped by workload, upstream, credential, method and status
     /// class (at most 10,000 rows).
     pub async fn usage_rows(&self, f: &UsageFilter) -> Result<Vec<UsageRow>, StoreError> {
-        let mut q = sqlx::QueryBuilder::new(
-            "SELECT workload, upstream, credential_id, credential_kind, method, status_class, \
-             SUM(requests) AS requests, SUM(bytes_sent) AS bytes_sent, SUM(bytes_received) AS bytes_received, \
-             MIN(first_seen_ms) AS first_seen_ms, MAX(last_seen_ms) AS last_seen_ms FROM usage",
-        );
-        f.push_where(&mut q);
-        q.push(
-            " GROUP BY workload, upstream, credential_id, credential_kind, method, status_class \
-             ORDER BY workload, upstream, last_seen_ms DESC, method, status_class LIMIT 10000",
-        );
-        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+        Ok(db!(&self.pool, |p| {
+            let mut q = sqlx::QueryBuilder::new(
+                "SELECT workload, upstream, credential_id, credential_kind, method, status_class, \
+                 CAST(SUM(requests) AS BIGINT) AS requests, CAST(SUM(bytes_sent) AS BIGINT) AS bytes_sent, \
+                 CAST(SUM(bytes_received) AS BIGINT) AS bytes_received, \
+                 MIN(first_seen_ms) AS first_seen_ms, MAX(last_seen_ms) AS last_seen_ms FROM usage",
+            );
+            f.push_where(&mut q);
+            q.push(
+                " GROUP BY workload, upstream, credential_id, credential_kind, method, status_class \
+                 ORDER BY workload, upstream, last_seen_ms DESC, method, status_class LIMIT 10000",
+            );
+            q.build_query_as().fetch_all(p).await
+        })?)
     }
 
     /// Requests the sidecars counted but dropped, by the batches' arrival
     /// (the filter's workload and time range; credential and upstream are
     /// not known for them).
     pub async fn dropped_requests(&self, f: &UsageFilter) -> Result<i64, StoreError> {
-        let mut d = sqlx::QueryBuilder::new(
-            "SELECT COALESCE(SUM(dropped_requests), 0) FROM usage_batches WHERE 1 = 1",
-        );
-        if let Some(w) = &f.workload {
-            d.push(" AND workload = ").push_bind(w.clone());
-        }
-        if let Some(s) = f.since_ms {
-            d.push(" AND received_at_ms >= ").push_bind(s);
-        }
-        if let Some(u) = f.until_ms {
-            d.push(" AND received_at_ms < ").push_bind(u);
-        }
-        Ok(d.build_query_scalar().fetch_one(&self.pool).await?)
+        Ok(db!(&self.pool, |p| {
+            let mut d = sqlx::QueryBuilder::new(
+                "SELECT CAST(COALESCE(SUM(dropped_requests), 0) AS BIGINT) FROM usage_batches WHERE 1 = 1",
+            );
+            if let Some(w) = &f.workload {
+                d.push(" AND workload = ").push_bind(w.clone());
+            }
+            if let Some(s) = f.since_ms {
+                d.push(" AND received_at_ms >= ").push_bind(s);
+            }
+            if let Some(u) = f.until_ms {
+                d.push(" AND received_at_ms < ").push_bind(u);
+            }
+            d.build_query_scalar().fetch_one(p).await
+        })?)
     }
 
     /// The dependency map: usage grouped by workload, upstream and kind.
     pub async fn usage_edges(&self, f: &UsageFilter) -> Result<Vec<Edge>, StoreError> {
-        let mut q = sqlx::QueryBuilder::new(
-            "SELECT workload, upstream, credential_kind, SUM(requests) AS requests, \
-             COUNT(DISTINCT credential_id) AS credentials, \
-             SUM(CASE WHEN status_class IN ('5xx', 'error') THEN requests ELSE 0 END) AS errors, \
-             MIN(first_seen_ms) AS first_seen_ms, MAX(last_seen_ms) AS last_used_ms FROM usage",
-        );
-        f.push_where(&mut q);
-        q.push(" GROUP BY workload, upstream, credential_kind ORDER BY workload, upstream");
-        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+        Ok(db!(&self.pool, |p| {
+            let mut q = sqlx::QueryBuilder::new(
+                "SELECT workload, upstream, credential_kind, CAST(SUM(requests) AS BIGINT) AS requests, \
+                 COUNT(DISTINCT credential_id) AS credentials, \
+                 CAST(SUM(CASE WHEN status_class IN ('5xx', 'error') THEN requests ELSE 0 END) AS BIGINT) AS errors, \
+                 MIN(first_seen_ms) AS first_seen_ms, MAX(last_seen_ms) AS last_used_ms FROM usage",
+            );
+            f.push_where(&mut q);
+            q.push(" GROUP BY workload, upstream, credential_kind ORDER BY workload, upstream");
+            q.build_query_as().fetch_all(p).await
+        })?)
     }
 
     /// The last use of `upstream` by any workload `workload` matches.
@@ -267,28 +296,31 @@ impl Store {
         upstream: &str,
         workload: &WorkloadMatcher,
     ) -> Result<Option<i64>, StoreError> {
-        let mut q = sqlx::QueryBuilder::new(
-            "SELECT MAX(last_seen_ms) AS last_used FROM usage WHERE upstream = ",
-        );
-        q.push_bind(upstream.to_owned()).push(" AND");
-        push_workload_match(&mut q, workload);
-        Ok(q.build_query_scalar().fetch_one(&self.pool).await?)
+        Ok(db!(&self.pool, |p| {
+            let mut q = sqlx::QueryBuilder::new(
+                "SELECT MAX(last_seen_ms) AS last_used FROM usage WHERE upstream = ",
+            );
+            q.push_bind(upstream.to_owned()).push(" AND");
+            push_workload_match(&mut q, workload);
+            q.build_query_scalar().fetch_one(p).await
+        })?)
     }
 
     /// Per upstream and workload, how long each credential was in use
     /// (its buckets seen at or after `since_ms`).
     pub async fn credential_spans(&self, since_ms: i64) -> Result<Vec<CredentialSpan>, StoreError> {
-        Ok(sqlx::query_as(
+        let sql = self.sql(
             "SELECT upstream, workload, MAX(span) AS longest_span_ms, COUNT(*) AS credentials, \
-             SUM(requests) AS requests FROM ( \
+             CAST(SUM(requests) AS BIGINT) AS requests FROM ( \
                SELECT upstream, workload, credential_id, MAX(last_seen_ms) - MIN(first_seen_ms) AS span, \
                SUM(requests) AS requests FROM usage WHERE last_seen_ms >= ? \
-               GROUP BY upstream, workload, credential_id) \
+               GROUP BY upstream, workload, credential_id) AS spans \
              GROUP BY upstream, workload ORDER BY upstream, workload",
-        )
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await?)
+        );
+        Ok(db!(&self.pool, |p| sqlx::query_as(sql)
+            .bind(since_ms)
+            .fetch_all(p)
+            .await)?)
     }
 
     /// Usage in `scope` seen after `after_ms` (and begun before `until_ms`,
@@ -299,63 +331,71 @@ impl Store {
         after_ms: i64,
         until_ms: Option<i64>,
     ) -> Result<Vec<UsedAfter>, StoreError> {
-        let mut q = sqlx::QueryBuilder::new(
-            "SELECT workload, upstream, credential_id, SUM(requests) AS requests, MAX(last_seen_ms) AS last_seen_ms \
-             FROM usage WHERE last_seen_ms > ",
-        );
-        q.push_bind(after_ms);
-        if let Some(until) = until_ms {
-            q.push(" AND first_seen_ms < ").push_bind(until);
-        }
-        match scope {
-            UsageScope::Credential(id) => {
-                q.push(" AND credential_id = ").push_bind(id.clone());
+        Ok(db!(&self.pool, |p| {
+            let mut q = sqlx::QueryBuilder::new(
+                "SELECT workload, upstream, credential_id, CAST(SUM(requests) AS BIGINT) AS requests, \
+                 MAX(last_seen_ms) AS last_seen_ms FROM usage WHERE last_seen_ms > ",
+            );
+            q.push_bind(after_ms);
+            if let Some(until) = until_ms {
+                q.push(" AND first_seen_ms < ").push_bind(until);
             }
-            UsageScope::Upstream(upstream) => {
-                q.push(" AND upstream = ").push_bind(upstream.clone());
+            match scope {
+                UsageScope::Credential(id) => {
+                    q.push(" AND credential_id = ").push_bind(id.clone());
+                }
+                UsageScope::Upstream(upstream) => {
+                    q.push(" AND upstream = ").push_bind(upstream.clone());
+                }
+                UsageScope::Grant { upstream, workload } => {
+                    q.push(" AND upstream = ")
+                        .push_bind(upstream.clone())
+                        .push(" AND");
+                    push_workload_match(&mut q, workload);
+                }
+                UsageScope::Workload(workload) => {
+                    q.push(" AND");
+                    push_workload_match(&mut q, workload);
+                }
             }
-            UsageScope::Grant { upstream, workload } => {
-                q.push(" AND upstream = ")
-                    .push_bind(upstream.clone())
-                    .push(" AND");
-                push_workload_match(&mut q, workload);
-            }
-            UsageScope::Workload(workload) => {
-                q.push(" AND");
-                push_workload_match(&mut q, workload);
-            }
-        }
-        q.push(" GROUP BY workload, upstream, credential_id");
-        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+            q.push(" GROUP BY workload, upstream, credential_id");
+            q.build_query_as().fetch_all(p).await
+        })?)
     }
 
     /// Counts one sighting of a leaked value.
     pub async fn record_sighting(&self, s: &Sighting) -> Result<(), StoreError> {
-        sqlx::query(
+        let sql = self.sql(format!(
             "INSERT INTO leak_sightings (revocation_id, workload, upstream, host, location, count, first_seen_ms, last_seen_ms) \
              VALUES (?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (revocation_id, workload, upstream, host, location) \
-             DO UPDATE SET count = count + 1, last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)",
-        )
-        .bind(&s.revocation_id)
-        .bind(&s.workload)
-        .bind(&s.upstream)
-        .bind(&s.host)
-        .bind(&s.location)
-        .bind(s.first_seen_ms)
-        .bind(s.last_seen_ms)
-        .execute(&self.pool)
-        .await?;
+             DO UPDATE SET count = leak_sightings.count + 1, \
+             last_seen_ms = {}(leak_sightings.last_seen_ms, excluded.last_seen_ms)",
+            self.backend().greatest()
+        ));
+        db!(&self.pool, |p| sqlx::query(sql)
+            .bind(&s.revocation_id)
+            .bind(&s.workload)
+            .bind(&s.upstream)
+            .bind(&s.host)
+            .bind(&s.location)
+            .bind(s.first_seen_ms)
+            .bind(s.last_seen_ms)
+            .execute(p)
+            .await
+            .map(drop))?;
         Ok(())
     }
 
     pub async fn sightings(&self, revocation_id: &str) -> Result<Vec<Sighting>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT revocation_id, workload, upstream, host, location, count, first_seen_ms, last_seen_ms \
-             FROM leak_sightings WHERE revocation_id = ? ORDER BY last_seen_ms DESC",
+        Ok(db!(&self.pool, |p| {
+            sqlx::query_as(
+            self.sql("SELECT revocation_id, workload, upstream, host, location, count, first_seen_ms, last_seen_ms \
+             FROM leak_sightings WHERE revocation_id = ? ORDER BY last_seen_ms DESC"),
         )
         .bind(revocation_id)
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(p)
+        .await
+        })?)
     }
 
     pub async fn record_stripped(
@@ -365,17 +405,20 @@ impl Store {
         count: u64,
         at_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO stripped_credentials (workload, upstream, count, first_seen_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (workload, upstream) DO UPDATE SET count = count + excluded.count, last_seen_ms = excluded.last_seen_ms",
+        db!(&self.pool, |p| {
+            sqlx::query(
+            self.sql("INSERT INTO stripped_credentials (workload, upstream, count, first_seen_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (workload, upstream) DO UPDATE SET count = stripped_credentials.count + excluded.count, last_seen_ms = excluded.last_seen_ms"),
         )
         .bind(workload)
         .bind(upstream)
         .bind(i64_of(count))
         .bind(at_ms)
         .bind(at_ms)
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await
+        .map(drop)
+        })?;
         Ok(())
     }
 
@@ -387,9 +430,10 @@ impl Store {
         count: u64,
         at_ms: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO echoed_credentials (workload, upstream, header, count, first_seen_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (workload, upstream, header) DO UPDATE SET count = count + excluded.count, last_seen_ms = excluded.last_seen_ms",
+        db!(&self.pool, |p| {
+            sqlx::query(
+            self.sql("INSERT INTO echoed_credentials (workload, upstream, header, count, first_seen_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (workload, upstream, header) DO UPDATE SET count = echoed_credentials.count + excluded.count, last_seen_ms = excluded.last_seen_ms"),
         )
         .bind(workload)
         .bind(upstream)
@@ -397,29 +441,35 @@ impl Store {
         .bind(i64_of(count))
         .bind(at_ms)
         .bind(at_ms)
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await
+        .map(drop)
+        })?;
         Ok(())
     }
 
     /// (workload, upstream, header, count, last seen), most recent first.
     pub async fn echoes(&self) -> Result<Vec<(String, String, String, i64, i64)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT workload, upstream, header, count, last_seen_ms FROM echoed_credentials ORDER BY last_seen_ms DESC",
+        Ok(db!(&self.pool, |p| {
+            sqlx::query_as(
+            self.sql("SELECT workload, upstream, header, count, last_seen_ms FROM echoed_credentials ORDER BY last_seen_ms DESC"),
         )
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(p)
+        .await
+        })?)
     }
 
     /// Stripped credentials last seen at or after `since_ms` (all when
     /// None), most recent first.
     pub async fn stripped(&self, since_ms: Option<i64>) -> Result<Vec<Stripped>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT workload, upstream, count, first_seen_ms, last_seen_ms FROM stripped_credentials \
-             WHERE last_seen_ms >= ? ORDER BY last_seen_ms DESC",
+        Ok(db!(&self.pool, |p| {
+            sqlx::query_as(
+            self.sql("SELECT workload, upstream, count, first_seen_ms, last_seen_ms FROM stripped_credentials \
+             WHERE last_seen_ms >= ? ORDER BY last_seen_ms DESC"),
         )
         .bind(since_ms.unwrap_or(i64::MIN))
-        .fetch_all(&self.pool)
-        .await?)
+        .fetch_all(p)
+        .await
+        })?)
     }
 }
