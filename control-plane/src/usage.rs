@@ -27,8 +27,14 @@ pub enum Recorded {
 /// Checks a batch before anything of it is stored.
 pub fn validate(batch: &UsageBatch) -> Result<(), String> {
     for r in &batch.records {
-        if r.credential_id.len() > MAX_FIELD || r.upstream.len() > MAX_FIELD {
+        let fields = [&r.credential_id, &r.upstream, &r.credential_kind];
+        if fields.iter().any(|f| f.len() > MAX_FIELD) {
             return Err("a usage record field is longer than 512 bytes".into());
+        }
+        // Never stored: a control character (NUL above all, which
+        // PostgreSQL's text refuses) would fail the batch on every resend.
+        if fields.iter().any(|f| f.chars().any(char::is_control)) {
+            return Err("a usage record field holds a control character".into());
         }
         if method_name(r.method).is_none() {
             return Err(format!("unknown method {} in a usage record", r.method));
@@ -338,6 +344,9 @@ mod tests {
         assert!(validate(&b).is_ok());
         b.records[0].credential_id = "x".repeat(600);
         assert!(validate(&b).is_err());
+        b.records[0].credential_id = "c".into();
+        b.records[0].upstream = "pay\0ments".into();
+        assert!(validate(&b).unwrap_err().contains("control character"));
     }
 
     #[test]
