@@ -24,8 +24,9 @@ fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
-/// The raw stored bytes of the signing keys and the fingerprint key.
-async fn raw_keys(data: &Path) -> (Vec<Vec<u8>>, String) {
+/// The raw stored bytes of the signing keys, the fingerprint key and the
+/// evidence key (`kid hex`).
+async fn raw_keys(data: &Path) -> (Vec<Vec<u8>>, String, Vec<u8>) {
     let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", data.join("leash.db").display()))
         .await
         .unwrap();
@@ -38,8 +39,14 @@ async fn raw_keys(data: &Path) -> (Vec<Vec<u8>>, String) {
             .fetch_one(&db)
             .await
             .unwrap();
+    let evidence: String =
+        sqlx::query_scalar("SELECT value FROM store_meta WHERE key = 'evidence_key'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    let evidence = hex::decode(evidence.split_once(' ').unwrap().1).unwrap();
     db.close().await;
-    (keys, fp)
+    (keys, fp, evidence)
 }
 
 #[tokio::test]
@@ -52,9 +59,14 @@ async fn keys_are_sealed_and_files_private() {
     let store = Store::open(&data, None).await.unwrap();
     let kid = leash_control_plane::jwt::rotate(&store).await.unwrap();
     let fp = store.fingerprint_key().await.unwrap();
+    let evidence = store.evidence_key().await.unwrap();
     store.close().await;
-    let (clear, clear_fp) = raw_keys(&data).await;
+    let (clear, clear_fp, clear_evidence) = raw_keys(&data).await;
     assert_eq!(clear[0][0], 0x30, "PKCS#8 DER in the clear");
+    assert_eq!(
+        clear_evidence, *evidence.pkcs8,
+        "the evidence key in the clear"
+    );
     assert_eq!(clear_fp.len(), 32, "hex in the clear");
 
     // The next start with a master key seals them; they still work.
@@ -63,9 +75,22 @@ async fn keys_are_sealed_and_files_private() {
     assert_eq!(keys[0].kid, kid);
     assert_eq!(*keys[0].pkcs8, clear[0]);
     assert_eq!(store.fingerprint_key().await.unwrap(), fp);
+    let reopened = store.evidence_key().await.unwrap();
+    assert_eq!(
+        (reopened.kid.as_str(), &*reopened.pkcs8),
+        (evidence.kid.as_str(), &*evidence.pkcs8),
+        "the same evidence key, still usable"
+    );
     leash_control_plane::jwt::rotate(&store).await.unwrap();
     store.close().await;
-    let (sealed, sealed_fp) = raw_keys(&data).await;
+    let (sealed, sealed_fp, sealed_evidence) = raw_keys(&data).await;
+    assert!(sealed_evidence.starts_with(b"lk1:"), "evidence key sealed");
+    assert!(
+        !sealed_evidence
+            .windows(16)
+            .any(|w| clear_evidence.windows(16).any(|c| c == w)),
+        "no clear evidence key material left in the row"
+    );
     assert_eq!(sealed.len(), 2);
     for k in &sealed {
         assert!(k.starts_with(b"lk1:"), "sealed");
@@ -84,11 +109,18 @@ async fn keys_are_sealed_and_files_private() {
                 .any(|w| w == &clear[0][clear[0].len() - 32..]),
             "{f} still holds the clear signing key"
         );
+        assert!(
+            !bytes
+                .windows(32)
+                .any(|w| w == &clear_evidence[clear_evidence.len() - 32..]),
+            "{f} still holds the clear evidence key"
+        );
     }
 
     // Without the key, or with another, sealed keys do not open.
     let store = Store::open(&data, None).await.unwrap();
     assert!(store.signing_keys().await.is_err());
+    assert!(store.evidence_key().await.is_err());
     store.close().await;
     let other = Arc::new(MasterKey::from_base64(&MasterKey::generate_base64()).unwrap());
     let store = Store::open(&data, Some(other)).await.unwrap();

@@ -70,6 +70,27 @@ impl Store {
             .map(drop))?;
             sealed += 1;
         }
+        // The evidence key, `kid hex(pkcs8)`: one made without a master key
+        // is sealed like the others.
+        let value: Option<String> = db!(&self.pool, |p| sqlx::query_scalar(
+            self.sql("SELECT value FROM store_meta WHERE key = 'evidence_key'")
+        )
+        .fetch_optional(p)
+        .await)?;
+        if let Some((kid, stored)) = value.as_deref().and_then(|v| v.split_once(' ')) {
+            let stored = Zeroizing::new(unhex("store_meta.value", "evidence_key", stored)?);
+            if !stored.starts_with(crate::secrets::SEALED_KEY) {
+                let sealed_key = key.seal_key("evidence-signing", kid, &stored);
+                db!(&self.pool, |p| sqlx::query(self.sql(
+                    "UPDATE store_meta SET value = ? WHERE key = 'evidence_key'"
+                ))
+                .bind(format!("{kid} {}", hex::encode(&sealed_key)))
+                .execute(p)
+                .await
+                .map(drop))?;
+                sealed += 1;
+            }
+        }
         if sealed > 0 {
             // The clear pages leave the write-ahead log too.
             // The clear pages leave the write-ahead log too (SQLite; a
