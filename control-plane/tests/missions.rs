@@ -289,6 +289,10 @@ async fn an_incident_from_scanner_report_to_a_mission_that_closes_and_reopens_it
         ],
     );
     assert_eq!(code, 0, "{err}");
+    // What leashctl prints never holds a value it imported.
+    for secret in [LEAKED_AWS, LEAKED_TOKEN] {
+        assert!(!out.contains(secret) && !err.contains(secret), "{out}{err}");
+    }
     let imported = json(&out);
     assert_eq!(imported["secrets"], 2, "{imported}");
     let mission = imported["mission"].as_str().unwrap().to_owned();
@@ -654,6 +658,12 @@ async fn an_incident_from_scanner_report_to_a_mission_that_closes_and_reopens_it
     );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("already closed"), "{err}");
+
+    // Nothing the incident handled reached the control plane's log.
+    let log = std::fs::read_to_string(d.join("cp.log")).unwrap();
+    for secret in [LEAKED_AWS, LEAKED_TOKEN, VAULT_V1, VAULT_V2] {
+        assert!(!log.contains(secret), "a secret in the control plane's log");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
