@@ -161,7 +161,12 @@ impl ControlPlane {
             .issuer
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{admin_addr}"));
+        // Replicas starting at once on an empty store: one creates the first
+        // signing key and admin token, the others find them.
+        let first_start = store.lease(crate::store::Job::FirstStart).await?;
         let issuer = JwtIssuer::load_or_create(&store, issuer_name).await?;
+        bootstrap_admin_token(&store, &config.data_dir).await?;
+        first_start.release().await;
         tracing::info!(
             policy = %config.policy.display(),
             policy_version = %snapshot.version,
@@ -176,7 +181,6 @@ impl ControlPlane {
         let metrics = Arc::new(Metrics::default());
         let revocations = RevocationLog::open(store.clone(), metrics.clone()).await?;
         let (sessions, ack_writer) = SessionRegistry::new(store.clone());
-        bootstrap_admin_token(&store, &config.data_dir).await?;
         let state = Arc::new(ControlPlaneState {
             policy_path: config.policy.clone(),
             policy: ArcSwap::from_pointee(snapshot),
@@ -191,7 +195,10 @@ impl ControlPlane {
             otel: config.otel.clone(),
             refused: crate::unauthenticated::RefusedCalls::default(),
             prober: crate::probes::Prober::new(config.probe_timeout),
+            sync_limit: crate::revocations::sync_limit(config.heartbeat),
         });
+        // Read once before serving: sessions open only on a replica in sync.
+        state.revocations.catch_up().await?;
         if let Some(otel) = &config.otel {
             crate::telemetry::register_observables(otel, &state);
         }
@@ -297,6 +304,35 @@ impl ControlPlane {
             }
         });
 
+        // Changes committed by other replicas (PostgreSQL): applied as
+        // they are notified, and read every poll in any case.
+        let mut stop = shutdown.subscribe();
+        let follow = state.clone();
+        let wake = state.store.change_wakeups();
+        let poll = crate::revocations::sync_poll(config.heartbeat);
+        tasks.spawn(async move {
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(poll) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                match follow.revocations.catch_up().await {
+                    Ok(_) if failing => {
+                        failing = false;
+                        tracing::info!("reading the store again; sidecar sessions resume here");
+                    }
+                    Ok(_) => {}
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::error!(error = %e, "cannot read the store; this replica stops vouching for sidecars' state once it is out of sync");
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+
         // The enforced set stays bounded: revocations of credentials that
         // have expired everywhere are dropped from it (and from snapshots).
         let mut stop = shutdown.subscribe();
@@ -327,9 +363,19 @@ impl ControlPlane {
                     () = tokio::time::sleep(every) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
+                // One replica at a time; the others skip this round.
+                let lease = match sweep.store.try_lease(crate::store::Job::MissionSweep).await {
+                    Ok(Some(lease)) => lease,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot compute the missions' criteria");
+                        continue;
+                    }
+                };
                 if let Err(e) = crate::missions::sweep(&sweep, &sweep.metrics.missions).await {
                     tracing::warn!(error = %e, "cannot compute the missions' criteria");
                 }
+                lease.release().await;
             }
         });
 

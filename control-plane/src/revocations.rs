@@ -1,6 +1,13 @@
 //! The revocation log: validates, commits (durably, with the next sequence),
 //! then publishes each change to the sidecar sessions. Commit and publish
 //! happen under one lock so that sessions see sequences in order.
+//!
+//! Replicas on one PostgreSQL database share one sequence. Each follows
+//! the others: woken by a notification (or every poll), it reads every
+//! change after the last one it applied and publishes them in order
+//! ([`RevocationLog::catch_up`]). The time of its last successful read says
+//! whether the replica may still vouch for its state ([`RevocationLog::in_sync`]):
+//! one cut off from the database stops vouching, and its sidecars move.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,7 +23,7 @@ use serde::Deserialize;
 use tokio::sync::{Mutex, broadcast};
 
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError, StoredRevocation, now_ms};
+use crate::store::{Inserted, Store, StoreError, StoredRevocation, now_ms};
 
 /// A brokered secret's version whose lease a revocation cuts.
 struct SecretVersionRef<'a> {
@@ -32,6 +39,13 @@ pub struct Change {
     pub restored: bool,
     /// When the commit returned, for the propagation metric.
     pub committed_at: Instant,
+}
+
+/// What a commit did.
+enum Committed {
+    New(Box<StoredRevocation>),
+    /// Nothing: this active revocation says the same.
+    Existing(String),
 }
 
 /// The active set and the sequence it corresponds to, swapped together.
@@ -92,6 +106,22 @@ pub struct RevocationLog {
     changes: broadcast::Sender<Arc<Change>>,
     write: Mutex<()>,
     metrics: Arc<Metrics>,
+    /// When the store was last read successfully (ms since `opened`).
+    synced_ms: std::sync::atomic::AtomicU64,
+    opened: Instant,
+}
+
+/// How often a replica reads the store for changes committed elsewhere when
+/// no notification woke it: half a heartbeat, at most a second.
+pub fn sync_poll(heartbeat: std::time::Duration) -> std::time::Duration {
+    (heartbeat / 2).min(std::time::Duration::from_secs(1))
+}
+
+/// How long after its last successful read of the store a replica still
+/// vouches for its state (heartbeats, new sessions): three missed polls and
+/// a second of slack for a slow database.
+pub fn sync_limit(heartbeat: std::time::Duration) -> std::time::Duration {
+    sync_poll(heartbeat) * 3 + std::time::Duration::from_secs(1)
 }
 
 /// How long past its expiry a revoked credential stays enforced (clock
@@ -115,7 +145,52 @@ impl RevocationLog {
             changes,
             write: Mutex::new(()),
             metrics,
+            synced_ms: std::sync::atomic::AtomicU64::new(0),
+            opened: Instant::now(),
         })
+    }
+
+    /// Whether the store was read successfully within `limit`: what this
+    /// replica enforces and sends is then at most that old.
+    pub fn in_sync(&self, limit: std::time::Duration) -> bool {
+        let synced = self.synced_ms.load(Ordering::Acquire);
+        let now = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        now.saturating_sub(synced) <= u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn mark_synced(&self) {
+        let now = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.synced_ms.fetch_max(now, Ordering::AcqRel);
+    }
+
+    /// Applies and publishes, in order, every change committed (by any
+    /// replica) after the sequence this one enforces. Returns how many.
+    pub async fn catch_up(&self) -> Result<usize, StoreError> {
+        let _write = self.write.lock().await;
+        self.catch_up_locked().await
+    }
+
+    /// [`Self::catch_up`], with the write lock held by the caller.
+    async fn catch_up_locked(&self) -> Result<usize, StoreError> {
+        let after = self.state.load().seq;
+        let events = self.store.events_after(after).await?;
+        self.mark_synced();
+        let n = events.len();
+        for (seq, stored, restored) in events {
+            let set = self
+                .state
+                .load()
+                .set
+                .with_change(stored.revocation.clone(), restored)
+                .map_err(|e| {
+                    StoreError::Corrupt(format!("change {seq} cannot be enforced: {e}"))
+                })?;
+            self.publish(set, seq, stored.revocation, restored);
+        }
+        if n > 0 {
+            tracing::debug!(after, changes = n, "applied changes committed elsewhere");
+        }
+        Ok(n)
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -231,17 +306,6 @@ impl RevocationLog {
 
         let _write = self.write.lock().await;
         let current = self.state.load_full();
-        if let Some(dup) = current.set.active().find(|r| {
-            r.kind() == kind
-                && r.workload == req.workload
-                && r.upstream == req.upstream
-                && r.credential_id == req.credential_id
-        }) {
-            return Err(RevokeError::Conflict(format!(
-                "already revoked by {}",
-                dup.id
-            )));
-        }
         let revocation = Revocation {
             id: format!("rev-{}", uuid::Uuid::new_v4().simple()),
             kind: kind.into(),
@@ -253,7 +317,12 @@ impl RevocationLog {
             revoked_at_ms: now_ms(),
             fingerprint: Vec::new(),
         };
-        self.commit(current, revocation, None).await
+        match self.commit(current, revocation, None).await? {
+            Committed::New(stored) => Ok(*stored),
+            Committed::Existing(id) => {
+                Err(RevokeError::Conflict(format!("already revoked by {id}")))
+            }
+        }
     }
 
     /// Registers a leaked value: only its keyed fingerprint is kept, and it is
@@ -283,19 +352,6 @@ impl RevocationLog {
         let fp = fingerprint_bytes(fingerprint(&self.fingerprint_key, value.as_bytes()));
         let _write = self.write.lock().await;
         let current = self.state.load_full();
-        if let Some(dup) = current
-            .set
-            .active()
-            .find(|r| r.kind() == RevocationKind::Leaked && r.fingerprint == fp)
-        {
-            if existing_ok && let Some(stored) = self.store.revocation(&dup.id).await? {
-                return Ok((stored, false));
-            }
-            return Err(RevokeError::Conflict(format!(
-                "already registered as {}",
-                dup.id
-            )));
-        }
         let revocation = Revocation {
             id: format!("rev-{}", uuid::Uuid::new_v4().simple()),
             kind: RevocationKind::Leaked.into(),
@@ -305,7 +361,15 @@ impl RevocationLog {
             fingerprint: fp,
             ..Default::default()
         };
-        Ok((self.commit(current, revocation, None).await?, true))
+        match self.commit(current, revocation, None).await? {
+            Committed::New(stored) => Ok((*stored, true)),
+            Committed::Existing(id) => {
+                if existing_ok && let Some(stored) = self.store.revocation(&id).await? {
+                    return Ok((stored, false));
+                }
+                Err(RevokeError::Conflict(format!("already registered as {id}")))
+            }
+        }
     }
 
     /// Revokes one version of a brokered secret: it is marked revoked (no
@@ -331,23 +395,31 @@ impl RevocationLog {
             revoked_at_ms: now_ms(),
             ..Default::default()
         };
-        self.commit(
-            current,
-            revocation,
-            Some(SecretVersionRef { upstream, version }),
-        )
-        .await
+        match self
+            .commit(
+                current,
+                revocation,
+                Some(SecretVersionRef { upstream, version }),
+            )
+            .await?
+        {
+            Committed::New(stored) => Ok(*stored),
+            Committed::Existing(id) => {
+                Err(RevokeError::Conflict(format!("already revoked by {id}")))
+            }
+        }
     }
 
     /// Commits and publishes; the write lock is held by the caller. With
     /// `secret_version`, that version is marked revoked in the same
-    /// transaction (not found: nothing is committed).
+    /// transaction (not found: nothing is committed). An active revocation
+    /// saying the same, committed by any replica, commits nothing.
     async fn commit(
         &self,
         current: Arc<Snapshot>,
         revocation: Revocation,
         secret_version: Option<SecretVersionRef<'_>>,
-    ) -> Result<StoredRevocation, RevokeError> {
+    ) -> Result<Committed, RevokeError> {
         let by = revocation.revoked_by.clone();
         // Compiled before the commit: what sidecars could not enforce is
         // never committed.
@@ -356,7 +428,10 @@ impl RevocationLog {
             .with_change(revocation.clone(), false)
             .map_err(|e| RevokeError::Invalid(e.to_string()))?;
         let seq = match secret_version {
-            None => self.store.insert_revocation(&revocation).await?,
+            None => match self.store.insert_revocation(&revocation).await? {
+                Inserted::New(seq) => seq,
+                Inserted::Existing(id) => return Ok(Committed::Existing(id)),
+            },
             Some(SecretVersionRef { upstream, version }) => self
                 .store
                 .revoke_secret_version(upstream, version, &revocation)
@@ -367,7 +442,12 @@ impl RevocationLog {
                     ))
                 })?,
         };
-        self.publish(set, seq, revocation.clone(), false);
+        if seq == current.seq + 1 {
+            self.publish(set, seq, revocation.clone(), false);
+        } else {
+            // Another replica committed in between: its changes come first.
+            self.catch_up_locked().await?;
+        }
         tracing::info!(
             revocation_id = %revocation.id,
             kind = %revocation.kind,
@@ -375,11 +455,11 @@ impl RevocationLog {
             by = %by,
             "revocation committed"
         );
-        Ok(StoredRevocation {
+        Ok(Committed::New(Box::new(StoredRevocation {
             revocation,
             revoke_seq: seq,
             restored: None,
-        })
+        })))
     }
 
     /// Restores an active grant, workload or upstream revocation.
@@ -408,11 +488,15 @@ impl RevocationLog {
             .await?
             .ok_or_else(|| RevokeError::Conflict(format!("revocation {id} is already restored")))?;
         let current = self.state.load_full();
-        let set = current
-            .set
-            .with_change(stored.revocation.clone(), true)
-            .map_err(|e| RevokeError::Invalid(e.to_string()))?;
-        self.publish(set, seq, stored.revocation.clone(), true);
+        if seq == current.seq + 1 {
+            let set = current
+                .set
+                .with_change(stored.revocation.clone(), true)
+                .map_err(|e| RevokeError::Invalid(e.to_string()))?;
+            self.publish(set, seq, stored.revocation.clone(), true);
+        } else {
+            self.catch_up_locked().await?;
+        }
         tracing::info!(revocation_id = %id, seq, by, "revocation restored");
         self.store
             .revocation(id)
@@ -438,4 +522,100 @@ impl RevocationLog {
     pub fn store(&self) -> &Store {
         &self.store
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::test_db::store_test;
+    use std::time::Duration;
+    use zeroize::Zeroizing;
+
+    fn leaked(v: &str) -> Zeroizing<String> {
+        Zeroizing::new(v.to_owned())
+    }
+
+    store_test!(
+        /// Two replicas on one database: one sequence, one truth.
+        async fn replicas_share_one_sequence_and_one_set(db: &TestDb) {
+            let a = RevocationLog::open(db.open(None).await.unwrap(), Arc::default())
+                .await
+                .unwrap();
+            let b = RevocationLog::open(db.open(None).await.unwrap(), Arc::default())
+                .await
+                .unwrap();
+            let wakeups = b.store().change_wakeups();
+            let mut seen_by_b = b.subscribe();
+
+            let (first, new) = a
+                .register_leaked(leaked("sk_live_first_leaked_value"), "r", "t", false)
+                .await
+                .unwrap();
+            assert!(new);
+            assert_eq!(first.revoke_seq, 1);
+            if db.backend() == crate::store::Backend::Postgres {
+                // The commit notifies the other replica.
+                tokio::time::timeout(Duration::from_secs(10), wakeups.notified())
+                    .await
+                    .expect("a commit on one replica wakes the other");
+            }
+
+            // B has not read it yet; the store still refuses the duplicate.
+            assert_eq!(b.snapshot().seq, 0);
+            let dup = b
+                .register_leaked(leaked("sk_live_first_leaked_value"), "r", "t", false)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&dup, RevokeError::Conflict(m) if m.contains(&first.revocation.id)),
+                "{dup:?}"
+            );
+            let (existing, new) = b
+                .register_leaked(leaked("sk_live_first_leaked_value"), "r", "t", true)
+                .await
+                .unwrap();
+            assert!(!new);
+            assert_eq!(existing.revocation.id, first.revocation.id);
+
+            // B's own commit comes after A's: B publishes both, in order.
+            let (second, _) = b
+                .register_leaked(leaked("sk_live_second_leaked_value"), "r", "t", false)
+                .await
+                .unwrap();
+            assert_eq!(second.revoke_seq, 2);
+            for want in [1, 2] {
+                let change = seen_by_b.try_recv().unwrap();
+                assert_eq!(change.seq, want);
+            }
+            assert_eq!(b.snapshot().seq, 2);
+            assert_eq!(b.snapshot().set.len(), 2);
+
+            // A catches up with B's commit.
+            assert_eq!(a.snapshot().seq, 1);
+            assert_eq!(a.catch_up().await.unwrap(), 1);
+            assert_eq!(a.snapshot().seq, 2);
+            assert!(a.snapshot().set.get(&second.revocation.id).is_some());
+            a.store().close().await;
+            b.store().close().await;
+        }
+    );
+
+    store_test!(
+        /// A replica vouches for its state only while it reads the store.
+        async fn a_replica_that_cannot_read_the_store_falls_out_of_sync(db: &TestDb) {
+            let log = RevocationLog::open(db.open(None).await.unwrap(), Arc::default())
+                .await
+                .unwrap();
+            log.catch_up().await.unwrap();
+            assert!(log.in_sync(Duration::from_secs(5)));
+            log.store().close().await;
+            assert!(log.catch_up().await.is_err());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(!log.in_sync(Duration::from_millis(10)));
+            assert!(
+                log.in_sync(Duration::from_secs(5)),
+                "the last good read still counts"
+            );
+        }
+    );
 }

@@ -273,9 +273,26 @@ impl SessionDriver {
                 .await
                 .map_err(|_| "sidecar went away".to_owned())
         };
+        let sync_limit = crate::revocations::sync_limit(self.heartbeat);
+        let unsynced = || async {
+            let reason = "this replica cannot read the store; connect to another";
+            let _ = out.send(Err(Status::unavailable(reason))).await;
+            Err(reason.to_owned())
+        };
+        if !log.in_sync(sync_limit) {
+            return unsynced().await;
+        }
         // Subscribe before reading the snapshot so that nothing falls between.
         let mut changes = log.subscribe();
-        let snapshot = log.snapshot();
+        let mut snapshot = log.snapshot();
+        if hello.store_id == log.store_id && hello.last_applied_seq > snapshot.seq {
+            // The sidecar comes from a replica further on: catch up first,
+            // never send it a snapshot older than what it enforces.
+            log.catch_up()
+                .await
+                .map_err(|e| format!("cannot read changes: {e}"))?;
+            snapshot = log.snapshot();
+        }
         // A sidecar with state from this store resumes; any other gets a snapshot.
         let mut unacked: VecDeque<(u64, Instant)> = VecDeque::new();
         let mut sent = if hello.store_id == log.store_id && hello.last_applied_seq <= snapshot.seq {
@@ -338,6 +355,11 @@ impl SessionDriver {
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
                 _ = heartbeat.tick() => {
+                    // A heartbeat says nothing was missed: only said while
+                    // this replica still reads the store.
+                    if !log.in_sync(sync_limit) {
+                        return unsynced().await;
+                    }
                     send(control_message::Msg::Heartbeat(Heartbeat {
                         seq: sent,
                         sent_at_ms: now_ms(),

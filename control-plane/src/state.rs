@@ -54,6 +54,9 @@ pub struct ControlPlaneState {
     pub refused: crate::unauthenticated::RefusedCalls,
     /// Deactivation probes of revoked secret versions and their limits.
     pub prober: crate::probes::Prober,
+    /// How long after its last read of the store this replica still vouches
+    /// for its state (see [`crate::revocations::sync_limit`]).
+    pub sync_limit: Duration,
 }
 
 impl ControlPlaneState {

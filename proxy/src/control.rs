@@ -305,8 +305,10 @@ impl ControlLink {
         session.send_usage().await?;
         // Silence: a control plane whose connection stays open but that
         // sends nothing is left for the next address. One deadline, moved
-        // only by what arrives (heartbeats come every interval; three missed
-        // ones, or `max_staleness` before the first says how often they come).
+        // only by what arrives (heartbeats come every interval: two intervals
+        // without one, or `max_staleness` before the first says how often
+        // they come). A replica cut off from its database stops them, and
+        // ends its sessions, so its sidecars move to another.
         let silence = tokio::time::sleep(session.silence_limit);
         tokio::pin!(silence);
         loop {
@@ -506,7 +508,7 @@ impl Session<'_> {
         self.have_state = true;
         if hb.interval_ms > 0 {
             self.silence_limit =
-                (Duration::from_millis(hb.interval_ms) * 3).min(self.link.config.max_staleness);
+                (Duration::from_millis(hb.interval_ms) * 2).min(self.link.config.max_staleness);
         }
         Ok(())
     }

@@ -572,7 +572,7 @@ async fn relay(target: SocketAddr) -> (SocketAddr, Arc<AtomicBool>) {
 }
 
 /// A control plane that goes silent behind an open connection is left for
-/// the next address within three heartbeat intervals, and the session
+/// the next address within two heartbeat intervals, and the session
 /// there counts as established even though nothing was missed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_control_plane_is_left_for_the_next_address() {
@@ -591,7 +591,7 @@ async fn a_silent_control_plane_is_left_for_the_next_address() {
     let established = || sidecar.link.metrics.sessions.load(Ordering::SeqCst);
     assert_eq!(established(), 1);
     hole.store(true, Ordering::SeqCst);
-    // Heartbeats every 500 ms: gone from the relay within 1.5 s, and a
+    // Heartbeats every 500 ms: gone from the relay within 1 s, and a
     // second session established directly (well within max_staleness,
     // 30 s), though nothing was missed: it resumes from the same sequence,
     // gets no event, and counts as established on the first heartbeat.

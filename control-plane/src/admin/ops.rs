@@ -20,7 +20,8 @@ pub(super) async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Readiness: identity and store.
+/// Readiness: identity, the store, and this replica's revocations read
+/// from the store recently (see the follower in `revocations.rs`).
 ///
 /// Public.
 #[utoipa::path(get, path = "/readyz", tag = "ops",
@@ -34,6 +35,9 @@ pub(super) async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) 
     }
     if !s.cp.store.ping().await {
         pending.push("store");
+    }
+    if !s.cp.revocations.in_sync(s.cp.sync_limit) {
+        pending.push("revocations-sync");
     }
     if pending.is_empty() {
         (StatusCode::OK, "ready\n".to_owned())

@@ -36,7 +36,9 @@ macro_rules! tx {
 
 mod audit;
 mod credentials;
+mod feed;
 mod keys;
+mod lease;
 mod missions;
 mod probes;
 mod revocations;
@@ -58,9 +60,12 @@ use sqlx::{AssertSqlSafe, SqlitePool};
 pub use audit::{AuditEntry, AuditVerdict, ChainedEntry, audit_hash};
 pub use credentials::CredentialRecord;
 pub use keys::StoredKey;
+pub use lease::{Job, Lease};
 pub use missions::{FindingRow, MissionChange, MissionRow};
 pub use probes::ProbeResult;
-pub use revocations::{AckRecord, Restore, SessionRecord, StoredRevocation};
+pub use revocations::{
+    AckRecord, CHANGES_CHANNEL, Inserted, Restore, SessionRecord, StoredRevocation,
+};
 pub use secrets::SecretVersion;
 pub use tokens::TokenRecord;
 pub use url::{DatabaseUrl, numbered_placeholders};

@@ -115,6 +115,22 @@ struct AckRow {
     acked_at_ms: i64,
 }
 
+/// The PostgreSQL channel notified (with the sequence) at each committed
+/// change: other replicas wake up and read the change from the table. A
+/// notification is only a wake-up: one missed (a replica reconnecting) is
+/// made up by reading every sequence after the last one applied.
+pub const CHANGES_CHANNEL: &str = "leash_revocations";
+
+/// What inserting a revocation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    /// Committed with this sequence.
+    New(u64),
+    /// Nothing committed: this active revocation (committed by any replica)
+    /// already says the same.
+    Existing(String),
+}
+
 /// Appends the event of a revocation (restored or not) in `tx`; returns
 /// its sequence. The next sequence is one more than the newest: never a
 /// gap, as sidecars apply events in order and resync on a gap. SQLite's
@@ -138,7 +154,7 @@ async fn insert_event_in(
         .await?
         .last_insert_rowid(),
         Tx::Postgres(t) => {
-            sqlx::query_scalar(
+            let seq: i64 = sqlx::query_scalar(
                 "INSERT INTO revocation_events (seq, revocation_id, restored, at_ms) \
                  SELECT COALESCE(MAX(seq), 0) + 1, $1, $2, $3 FROM revocation_events RETURNING seq",
             )
@@ -146,7 +162,14 @@ async fn insert_event_in(
             .bind(restored)
             .bind(at_ms)
             .fetch_one(&mut **t)
-            .await?
+            .await?;
+            // Delivered at commit, to every replica listening.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANGES_CHANNEL)
+                .bind(seq.to_string())
+                .execute(&mut **t)
+                .await?;
+            seq
         }
     })
 }
@@ -175,13 +198,41 @@ pub(super) async fn insert_revocation_in(tx: &mut Tx, r: &Revocation) -> Result<
     unsigned("revocation_events.seq", seq)
 }
 
+/// The active revocation that says what `r` says (same kind and target,
+/// or the same leaked value), read in `tx`: under the write lock, so that
+/// two replicas asked the same at once commit it once.
+async fn active_duplicate_in(tx: &mut Tx, r: &Revocation) -> Result<Option<String>, StoreError> {
+    let kind = r.kind();
+    let sql = if kind == RevocationKind::Leaked {
+        "SELECT id FROM revocations WHERE kind = ? AND fingerprint = ? AND restore_seq IS NULL LIMIT 1"
+    } else {
+        "SELECT id FROM revocations WHERE kind = ? AND workload = ? AND upstream = ? AND credential_id = ? \
+         AND restore_seq IS NULL LIMIT 1"
+    };
+    let sql = tx.backend().sql(sql);
+    Ok(tx!(tx, |c| {
+        let q = sqlx::query_scalar(sql).bind(kind.as_str());
+        let q = if kind == RevocationKind::Leaked {
+            q.bind(hex::encode(&r.fingerprint))
+        } else {
+            q.bind(&r.workload).bind(&r.upstream).bind(&r.credential_id)
+        };
+        q.fetch_optional(c).await
+    })?)
+}
+
 impl Store {
-    /// Commits a new revocation and its event; returns the event's sequence.
-    pub async fn insert_revocation(&self, r: &Revocation) -> Result<u64, StoreError> {
+    /// Commits a new revocation and its event, unless an active one says
+    /// the same already.
+    pub async fn insert_revocation(&self, r: &Revocation) -> Result<Inserted, StoreError> {
         let mut tx = self.write().await?;
+        if let Some(existing) = active_duplicate_in(&mut tx, r).await? {
+            tx.rollback().await?;
+            return Ok(Inserted::Existing(existing));
+        }
         let seq = insert_revocation_in(&mut tx, r).await?;
         tx.commit().await?;
-        Ok(seq)
+        Ok(Inserted::New(seq))
     }
 
     /// Commits the restore of an active revocation; returns the event's sequence,

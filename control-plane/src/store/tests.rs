@@ -112,10 +112,13 @@ fn leaked(id: &str, fingerprint: Vec<u8>) -> Revocation {
 store_test!(
     async fn a_corrupt_revocation_fingerprint_is_an_error(db: &TestDb) {
         let store = db.open(None).await.unwrap();
-        let seq = store
+        let Inserted::New(seq) = store
             .insert_revocation(&leaked("rev-1", vec![0xab; 16]))
             .await
-            .unwrap();
+            .unwrap()
+        else {
+            panic!("a first revocation is new");
+        };
         let read = store.revocation("rev-1").await.unwrap().unwrap();
         assert_eq!(read.revocation.fingerprint, vec![0xab; 16]);
         assert_eq!(read.revoke_seq, seq);
@@ -190,7 +193,7 @@ store_test!(
             .insert_revocation(&leaked("rev-2", vec![1; 16]))
             .await
             .unwrap();
-        assert_eq!(next, 2);
+        assert_eq!(next, Inserted::New(2));
         assert_eq!(
             store.restore_revocation("nope", "t", "r", 6).await.unwrap(),
             None
