@@ -13,63 +13,12 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const URL: &str = "http://payments.leash.test/";
-
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// One request loop per sidecar, counting outcomes.
-fn traffic(proxies: &[std::net::SocketAddr]) -> Traffic {
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let tasks = proxies
-        .iter()
-        .map(|&proxy| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    match get(proxy, URL).await {
-                        Some((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
-                        other => {
-                            eprintln!("request failed: {other:?}");
-                            failed.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            })
-        })
-        .collect();
-    Traffic {
-        stop,
-        ok,
-        failed,
-        tasks,
-    }
-}
-
-impl Traffic {
-    async fn stop(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            let _ = t.await;
-        }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
-    }
-}
 
 fn write_policy(dir: &std::path::Path, upstream: std::net::SocketAddr) {
     std::fs::write(
@@ -81,55 +30,11 @@ fn write_policy(dir: &std::path::Path, upstream: std::net::SocketAddr) {
     .unwrap();
 }
 
-/// Waits until `leashctl status` shows at least `n` acknowledgements of
-/// `id` and no connected sidecar pending. (Sessions from before a crash
-/// whose acknowledgements were already written count too.)
-async fn acknowledged_by(admin: std::net::SocketAddr, token: &str, id: &str, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (code, out, err) = leashctl(admin, Some(token), &["status", id]);
-        let acked = out
-            .split("acknowledged by ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .and_then(|s| s.parse::<usize>().ok());
-        if code == 0 && acked >= Some(n) && out.contains("; 0 connected sidecar(s) pending") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{id}: {out}{err}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn revoke_ledger_grant(admin: std::net::SocketAddr, token: &str, reason: &str) -> String {
-    let (code, out, err) = leashctl(
-        admin,
-        Some(token),
-        &[
-            "--json",
-            "revoke",
-            "grant",
-            "--workload",
-            APP_ID,
-            "--upstream",
-            "ledger",
-            "--reason",
-            reason,
-        ],
-    );
+    let (code, out, err) = revoke_grant(admin, token, "ledger", reason);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["id"].as_str().unwrap().to_owned()
-}
-
-fn usage_requests(admin: std::net::SocketAddr, token: &str) -> (u64, u64) {
-    let (code, out, err) = leashctl(admin, Some(token), &["--json", "usage"]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    (
-        v["requests"].as_u64().unwrap(),
-        v["dropped_requests"].as_u64().unwrap(),
-    )
 }
 
 /// Identity provider, upstream and policy in a temp dir, and the addresses
@@ -178,20 +83,13 @@ impl Env {
     }
 
     fn token(&self) -> String {
-        std::fs::read_to_string(self.dir().join("data/admin-token"))
-            .unwrap()
-            .trim()
-            .to_owned()
+        read_token(&self.dir().join("data"))
     }
 
     /// A sidecar with `flags`, once it forwards.
     async fn sidecar(&self, flags: &[&str]) -> leash_proxy::Sidecar {
         let s = sidecar(self.dir(), self.sidecar_api, flags).await;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while get(s.egress_addr, URL).await.map(|r| r.0) != Some(200) {
-            assert!(Instant::now() < deadline, "sidecar never forwarded");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        forwarding(&s, URL).await;
         s
     }
 }
@@ -206,7 +104,7 @@ async fn control_plane_sigkill_under_load_loses_nothing() {
     let s1 = env.sidecar(&flags).await;
     let s2 = env.sidecar(&flags).await;
 
-    let load = traffic(&[s1.egress_addr, s2.egress_addr]);
+    let load = traffic(URL, &[s1.egress_addr, s2.egress_addr]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let first = revoke_ledger_grant(admin, &token, "before the crash");
     acknowledged_by(admin, &token, &first, 2).await;
@@ -261,7 +159,7 @@ async fn workload_api_restart_and_svid_rotation_under_load() {
     let token = env.token();
     let s = env.sidecar(&["--max-staleness", "60s"]).await;
     let first_leaf = s.link.svid_leaf().unwrap();
-    let load = traffic(&[s.egress_addr]);
+    let load = traffic(URL, &[s.egress_addr]);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rotated = s.link.svid_leaf().unwrap();
     assert_ne!(rotated, first_leaf, "the SVID rotated under load");

@@ -9,6 +9,8 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -194,4 +196,127 @@ pub async fn sidecar(dir: &Path, sidecar_api: SocketAddr, flags: &[&str]) -> lea
         Vec::new(),
     )
     .unwrap()
+}
+
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// One request loop per sidecar (GET `url`), counting outcomes.
+pub fn traffic(url: &'static str, proxies: &[std::net::SocketAddr]) -> Traffic {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let tasks = proxies
+        .iter()
+        .map(|&proxy| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match get(proxy, url).await {
+                        Some((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
+                        other => {
+                            eprintln!("request failed: {other:?}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        })
+        .collect();
+    Traffic {
+        stop,
+        ok,
+        failed,
+        tasks,
+    }
+}
+
+impl Traffic {
+    pub async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Waits until `leashctl status` shows at least `n` acknowledgements of
+/// `id` and no connected sidecar pending. (Sessions from before a crash
+/// whose acknowledgements were already written count too.)
+pub async fn acknowledged_by(admin: std::net::SocketAddr, token: &str, id: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, err) = leashctl(admin, Some(token), &["status", id]);
+        let acked = out
+            .split("acknowledged by ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse::<usize>().ok());
+        if code == 0 && acked >= Some(n) && out.contains("; 0 connected sidecar(s) pending") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id}: {out}{err}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn usage_requests(admin: std::net::SocketAddr, token: &str) -> (u64, u64) {
+    let (code, out, err) = leashctl(admin, Some(token), &["--json", "usage"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    (
+        v["requests"].as_u64().unwrap(),
+        v["dropped_requests"].as_u64().unwrap(),
+    )
+}
+
+/// The bootstrap admin token a control plane wrote to `data_dir`.
+pub fn read_token(data_dir: &Path) -> String {
+    std::fs::read_to_string(data_dir.join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// Waits until `s` forwards a GET of `url` (its identity, session and
+/// routes are in place).
+pub async fn forwarding(s: &leash_proxy::Sidecar, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(s.egress_addr, url).await.map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "sidecar never forwarded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `leashctl --json revoke grant` of the app's grant to `upstream`.
+pub fn revoke_grant(
+    admin: SocketAddr,
+    token: &str,
+    upstream: &str,
+    reason: &str,
+) -> (i32, String, String) {
+    leashctl(
+        admin,
+        Some(token),
+        &[
+            "--json",
+            "revoke",
+            "grant",
+            "--workload",
+            APP_ID,
+            "--upstream",
+            upstream,
+            "--reason",
+            reason,
+        ],
+    )
 }
