@@ -21,30 +21,9 @@ fi
 mkdir -p "$RUN_DIR"
 rm -f "$RUN_DIR"/*.sock
 
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-wait_for() { # url what
-  for _ in $(seq 1 100); do
-    if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "!! $2 did not become ready ($1); logs in $RUN_DIR" >&2
-  exit 1
-}
-
-echo "==> dev identity provider (SPIFFE Workload API) in $RUN_DIR"
-"$BIN/leash-control-plane" dev-identity --trust-domain "$TD" \
-  --socket "$RUN_DIR/control-plane.sock=$CP_ID" \
-  --socket "$RUN_DIR/workload.sock=$APP_ID" \
-  --bundle-out "$RUN_DIR/bundle.pem" 2>"$RUN_DIR/dev-identity.log" &
-pids+=($!)
-for _ in $(seq 1 100); do [ -S "$RUN_DIR/workload.sock" ] && break; sleep 0.1; done
+# shellcheck source=examples/local-run.sh
+. examples/local-run.sh
+start_dev_identity
 
 echo "==> control plane on 127.0.0.1:8443 (sidecar API) and 127.0.0.1:8080 (admin)"
 # The master key encrypts brokered secrets; it lives outside the database.
