@@ -186,8 +186,16 @@ async fn dev_identity(args: DevIdentityArgs) -> anyhow::Result<()> {
     }
     shutdown_signal().await;
     let _ = stop_tx.send(true);
-    for s in servers {
-        let _ = s.await;
+    // Workload API streams last as long as their clients: those still open
+    // after a moment are dropped, not waited for.
+    let drained = tokio::time::timeout(Duration::from_secs(2), async {
+        for s in servers {
+            let _ = s.await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!("closed the Workload API streams still open");
     }
     Ok(())
 }
