@@ -196,9 +196,11 @@ impl ControlPlane {
             refused: crate::unauthenticated::RefusedCalls::default(),
             prober: crate::probes::Prober::new(config.probe_timeout),
             sync_limit: crate::revocations::sync_limit(config.heartbeat),
+            replica: crate::replicas::Replica::new(config.heartbeat),
         });
         // Read once before serving: sessions open only on a replica in sync.
         state.revocations.catch_up().await?;
+        crate::replicas::register(&state, sidecar_addr, admin_addr).await?;
         if let Some(otel) = &config.otel {
             crate::telemetry::register_observables(otel, &state);
         }
@@ -312,13 +314,27 @@ impl ControlPlane {
         let poll = crate::revocations::sync_poll(config.heartbeat);
         tasks.spawn(async move {
             let mut failing = false;
+            let mut seen = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     () = wake.notified() => {}
                     () = tokio::time::sleep(poll) => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                match follow.revocations.catch_up().await {
+                let caught_up = follow.revocations.catch_up().await;
+                // Seen by the other replicas while it reads the store (at
+                // most once a second).
+                if caught_up.is_ok() && seen.elapsed() >= Duration::from_secs(1) {
+                    seen = tokio::time::Instant::now();
+                    if let Err(e) = follow
+                        .store
+                        .replica_seen(&follow.replica.id, crate::store::now_ms())
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot record that this replica is alive");
+                    }
+                }
+                match caught_up {
                     Ok(_) if failing => {
                         failing = false;
                         tracing::info!("reading the store again; sidecar sessions resume here");
@@ -345,6 +361,22 @@ impl ControlPlane {
                     .await
                 {
                     tracing::warn!(error = %e, "cannot prune revocations of expired credentials");
+                }
+                // Sessions a killed replica left open are ended.
+                match prune
+                    .store
+                    .end_sessions_of_gone_replicas(
+                        &prune.replica.id,
+                        prune.replica.live_since_ms(),
+                        crate::store::now_ms(),
+                    )
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(sessions = n, "ended the sessions of replicas gone"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot end the sessions of replicas gone")
+                    }
                 }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(60)) => {}
@@ -422,6 +454,14 @@ impl ControlPlane {
         self.ack_writer
             .flush(deadline.saturating_duration_since(tokio::time::Instant::now()))
             .await;
+        if let Err(e) = self
+            .state
+            .store
+            .replica_stopped(&self.state.replica.id, crate::store::now_ms())
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record that this replica stopped");
+        }
         self.state.store.close().await;
     }
 }

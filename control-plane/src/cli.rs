@@ -225,8 +225,11 @@ pub enum LeashctlCommand {
     },
     /// A revocation's propagation: which sidecars acknowledged it, and when.
     Status { revocation_id: String },
-    /// Connected sidecars.
+    /// Connected sidecars, on every live replica.
     Sidecars,
+    /// The control-plane replicas on the store: live or gone, and the
+    /// sidecar sessions each holds.
+    Replicas,
     /// Leaked secret values: register one (refused everywhere from then on)
     /// and see who still sends it.
     #[command(subcommand)]

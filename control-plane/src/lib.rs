@@ -17,6 +17,7 @@ pub mod mtls;
 pub mod oauth2;
 pub mod posture;
 pub mod probes;
+pub mod replicas;
 pub mod revocations;
 pub mod scanners;
 pub mod secrets;

@@ -263,7 +263,7 @@ async fn acknowledged(
             json!({"revocation_id": r.revocation.id, "restored_at_ms": restore.at_ms}),
         ));
     }
-    let p = crate::sessions::propagation(&cp.store, &cp.sessions, r.revoke_seq).await?;
+    let p = crate::sessions::propagation(cp, r.revoke_seq).await?;
     let holds = p.pending.is_empty();
     let detail = if holds {
         format!(

@@ -15,7 +15,7 @@ use leash_api::v1::{
 use tokio::sync::{broadcast, mpsc};
 use tonic::{Status, Streaming};
 
-use crate::admin::types::{Acknowledgement, PendingSidecar, Propagation};
+use crate::admin::types::{Acknowledgement, Propagation};
 use crate::metrics::Metrics;
 use crate::revocations::RevocationLog;
 use crate::sidecar_api::routes_for;
@@ -239,7 +239,7 @@ impl SessionDriver {
             version: info.version.clone(),
             connected_at_ms: now,
         };
-        if let Err(e) = store.insert_session(&record).await {
+        if let Err(e) = store.insert_session(&record, &self.state.replica.id).await {
             tracing::error!(error = %e, "cannot record session");
         }
         self.registry.insert(info.clone());
@@ -616,12 +616,9 @@ fn check_header_name(name: &str) -> Result<(), String> {
 }
 
 /// Which sidecars have acknowledged `seq` (durable record) and which of the
-/// connected ones have not yet.
-pub async fn propagation(
-    store: &Store,
-    sessions: &SessionRegistry,
-    seq: u64,
-) -> Result<Propagation, StoreError> {
+/// connected ones, on any live replica, have not yet.
+pub async fn propagation(cp: &ControlPlaneState, seq: u64) -> Result<Propagation, StoreError> {
+    let store = &cp.store;
     let committed_at = store
         .revocations(false)
         .await?
@@ -646,21 +643,10 @@ pub async fn propagation(
             latency_ms: (at - committed_at).max(0),
         })
         .collect();
-    let connected = sessions.list();
-    let pending = connected
-        .iter()
-        .filter(|c| c.last_ack_seq.load(Ordering::Relaxed) < seq)
-        .map(|c| PendingSidecar {
-            session_id: c.id.clone(),
-            spiffe_id: c.spiffe_id.to_string(),
-            version: c.version.clone(),
-            last_ack_seq: c.last_ack_seq.load(Ordering::Relaxed),
-            last_heard_ms: c.last_heard_ms.load(Ordering::Relaxed),
-        })
-        .collect();
+    let (connected, pending) = crate::replicas::pending(cp, seq).await?;
     Ok(Propagation {
         seq,
-        connected: connected.len(),
+        connected,
         acknowledged,
         pending,
     })
@@ -675,12 +661,15 @@ mod tests {
         async fn acknowledgements_still_queued_are_recorded_at_shutdown(db: &TestDb) {
             let store = db.open(None).await.unwrap();
             store
-                .insert_session(&SessionRecord {
-                    id: "s1".into(),
-                    spiffe_id: "spiffe://leash.test/w".into(),
-                    version: "test".into(),
-                    connected_at_ms: 1,
-                })
+                .insert_session(
+                    &SessionRecord {
+                        id: "s1".into(),
+                        spiffe_id: "spiffe://leash.test/w".into(),
+                        version: "test".into(),
+                        connected_at_ms: 1,
+                    },
+                    "cp-test",
+                )
                 .await
                 .unwrap();
             let (registry, writer) = SessionRegistry::new(store.clone());

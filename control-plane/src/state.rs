@@ -57,6 +57,8 @@ pub struct ControlPlaneState {
     /// How long after its last read of the store this replica still vouches
     /// for its state (see [`crate::revocations::sync_limit`]).
     pub sync_limit: Duration,
+    /// This replica among the others on the store.
+    pub replica: crate::replicas::Replica,
 }
 
 impl ControlPlaneState {

@@ -196,6 +196,15 @@ fn revoked_id(answer: (i32, String, String)) -> String {
     v["id"].as_str().unwrap().to_owned()
 }
 
+/// `leashctl --json <args>` on `admin`, which must succeed.
+fn json(admin: SocketAddr, token: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend(args);
+    let (code, out, err) = leashctl(admin, Some(token), &all);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
 /// Waits until every sidecar refuses `upstream` as a revoked grant.
 async fn refused_everywhere(sidecars: &[&leash_proxy::Sidecar], upstream: &str) {
     let url = format!("http://{upstream}.leash.test/");
@@ -234,6 +243,34 @@ async fn sigkill_one_of_two_replicas_under_load_loses_nothing() {
     let first = revoked_id(revoke_grant(a.admin, &token, "ledger", "replica drill"));
     acknowledged_by(a.admin, &token, &first, 3).await;
     refused_everywhere(&all, "ledger").await;
+    // Either replica shows the whole fleet: three sidecars, two on A.
+    for replica in [&a, &b] {
+        let fleet = json(replica.admin, &token, &["sidecars"]);
+        let on: Vec<&str> = fleet["sidecars"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["replica"].as_str().unwrap())
+            .collect();
+        assert_eq!(on.len(), 3, "{fleet}");
+        let replicas = json(replica.admin, &token, &["replicas"]);
+        let live: Vec<&serde_json::Value> = replicas["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["live"] == true)
+            .collect();
+        assert_eq!(live.len(), 2, "{replicas}");
+        let this = live.iter().find(|r| r["this"] == true).unwrap();
+        let other = live.iter().find(|r| r["this"] == false).unwrap();
+        let held = |r: &serde_json::Value| on.iter().filter(|&&id| id == r["id"]).count();
+        let expected = if replica.admin == a.admin {
+            (2, 1)
+        } else {
+            (1, 2)
+        };
+        assert_eq!((held(this), held(other)), expected, "{fleet}");
+    }
     // The same revocation asked of B is the one A committed.
     let (code, out, err) = revoke_grant(b.admin, &token, "ledger", "replica drill");
     assert_ne!(code, 0);
@@ -243,6 +280,23 @@ async fn sigkill_one_of_two_replicas_under_load_loses_nothing() {
     let mut a = a;
     a.proc.0.kill().unwrap();
     a.proc.0.wait().unwrap();
+    // B takes A for gone once it stops being seen, and counts its
+    // sessions no more.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let replicas = json(b.admin, &token, &["replicas"]);
+        let live = replicas["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["live"] == true)
+            .count();
+        if live == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A still live: {replicas}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // New revocations go through B and are acknowledged by all three.
     let second = revoked_id(revoke_grant(b.admin, &token, "billing", "replica drill"));
     acknowledged_by(b.admin, &token, &second, 3).await;

@@ -98,6 +98,7 @@ fn v1_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(revocations::status))
         .routes(routes!(revocations::restore))
         .routes(routes!(revocations::sidecars))
+        .routes(routes!(revocations::replicas))
         .routes(routes!(leaked::list, leaked::register))
         .routes(routes!(leaked::status))
         .routes(routes!(leaked::stripped))

@@ -2,7 +2,6 @@
 //! each revocation has reached.
 
 use leash_api::revocation::RevocationKind;
-use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
@@ -10,8 +9,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 
 use super::types::{
-    ErrorBody, Propagation, ReasonRequest, Restored, Revocation, RevocationList,
-    RevocationListQuery, RevocationStatus, RevokeRequest, Sidecar, SidecarList,
+    ErrorBody, Propagation, ReasonRequest, ReplicaInfo, ReplicaList, Restored, Revocation,
+    RevocationList, RevocationListQuery, RevocationStatus, RevokeRequest, SidecarList,
 };
 use super::{AdminState, ApiError, Audited, Responder, Viewer};
 use crate::store::StoredRevocation;
@@ -128,7 +127,7 @@ pub(super) async fn status(
 
 /// See [`crate::sessions::propagation`].
 pub(super) async fn propagation(s: &AdminState, seq: u64) -> Result<Propagation, ApiError> {
-    Ok(crate::sessions::propagation(&s.cp.store, &s.cp.sessions, seq).await?)
+    Ok(crate::sessions::propagation(&s.cp, seq).await?)
 }
 
 /// Restore a grant, workload or upstream revocation (credential
@@ -156,28 +155,53 @@ pub(super) async fn restore(
     Ok(Audited(StatusCode::OK, revocation(&stored), detail))
 }
 
-/// Connected sidecar sessions.
+/// Connected sidecar sessions, on every live replica of the store.
 ///
 /// Role: viewer.
 #[utoipa::path(get, path = "/v1/sidecars", tag = "revocations",
-    security(("bearer" = [])), responses((status = 200, body = SidecarList)))]
-pub(super) async fn sidecars(State(s): State<AdminState>, _: Viewer) -> Json<SidecarList> {
-    let sidecars =
-        s.cp.sessions
-            .list()
-            .iter()
-            .map(|c| Sidecar {
-                session_id: c.id.clone(),
-                spiffe_id: c.spiffe_id.to_string(),
-                version: c.version.clone(),
-                connected_at_ms: c.connected_at_ms,
-                last_ack_seq: c.last_ack_seq.load(Ordering::Relaxed),
-                last_ack_at_ms: c.last_ack_at_ms.load(Ordering::Relaxed),
-                last_heard_ms: c.last_heard_ms.load(Ordering::Relaxed),
-            })
-            .collect();
-    Json(SidecarList {
+    security(("bearer" = [])), responses((status = 200, body = SidecarList),
+        (status = 503, body = ErrorBody, description = "the store cannot be read")))]
+pub(super) async fn sidecars(
+    State(s): State<AdminState>,
+    _: Viewer,
+) -> Result<Json<SidecarList>, ApiError> {
+    Ok(Json(SidecarList {
         seq: s.cp.revocations.snapshot().seq,
-        sidecars,
-    })
+        sidecars: crate::replicas::sidecars(&s.cp).await?,
+    }))
+}
+
+/// The control-plane replicas on this store seen in the last hour: which
+/// are live, which this is, and how many sidecar sessions each holds.
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/replicas", tag = "revocations",
+    security(("bearer" = [])), responses((status = 200, body = ReplicaList),
+        (status = 503, body = ErrorBody, description = "the store cannot be read")))]
+pub(super) async fn replicas(
+    State(s): State<AdminState>,
+    _: Viewer,
+) -> Result<Json<ReplicaList>, ApiError> {
+    let live_since = s.cp.replica.live_since_ms();
+    let rows =
+        s.cp.store
+            .replicas(crate::store::now_ms() - 3_600_000)
+            .await?;
+    let sidecars = crate::replicas::sidecars(&s.cp).await?;
+    let replicas = rows
+        .into_iter()
+        .map(|r| ReplicaInfo {
+            live: r.stopped_at_ms.is_none() && r.seen_at_ms >= live_since,
+            this: r.id == s.cp.replica.id,
+            sidecars: sidecars.iter().filter(|c| c.replica == r.id).count(),
+            id: r.id,
+            version: r.version,
+            sidecar_addr: r.sidecar_addr,
+            admin_addr: r.admin_addr,
+            started_at_ms: r.started_at_ms,
+            seen_at_ms: r.seen_at_ms,
+            stopped_at_ms: r.stopped_at_ms,
+        })
+        .collect();
+    Ok(Json(ReplicaList { replicas }))
 }

@@ -102,6 +102,9 @@ pub struct PendingSidecar {
     pub version: String,
     pub last_ack_seq: u64,
     pub last_heard_ms: i64,
+    /// The control-plane replica holding the session.
+    #[serde(default)]
+    pub replica: String,
 }
 
 /// A body that only says why: restores and secret-version revocations.
@@ -119,6 +122,31 @@ pub struct SidecarList {
     pub sidecars: Vec<Sidecar>,
 }
 
+/// `GET /v1/replicas`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaList {
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// A control-plane replica on the store.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReplicaInfo {
+    pub id: String,
+    pub version: String,
+    pub sidecar_addr: String,
+    pub admin_addr: String,
+    pub started_at_ms: i64,
+    /// When it last read the store.
+    pub seen_at_ms: i64,
+    pub stopped_at_ms: Option<i64>,
+    /// Running and reading the store: its sessions count as connected.
+    pub live: bool,
+    /// The replica that answered.
+    pub this: bool,
+    /// Sidecar sessions it holds (live replicas only).
+    pub sidecars: usize,
+}
+
 /// A connected sidecar session.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Sidecar {
@@ -128,7 +156,11 @@ pub struct Sidecar {
     pub connected_at_ms: i64,
     pub last_ack_seq: u64,
     pub last_ack_at_ms: i64,
+    /// On another replica: when that replica last read the store.
     pub last_heard_ms: i64,
+    /// The control-plane replica holding the session.
+    #[serde(default)]
+    pub replica: String,
 }
 
 /// `POST /v1/leaked`.

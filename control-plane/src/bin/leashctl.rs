@@ -9,10 +9,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use leash_control_plane::admin::types::{
     AfterRevocation, AuditLog, AuditVerdict, Dependencies, ErrorBody, LeakedList, LeakedRequest,
-    LeakedStatus, PolicyCheck, Posture, ProbeResult, ProbeResults, ReasonRequest, Revocation,
-    RevocationList, RevocationStatus, RevokeRequest, SecretRequest, SecretStored, SecretVersions,
-    SidecarList, SignedHead, StrippedReport, TokenCreated, TokenRequest, UnusedGrants,
-    UsageSummary,
+    LeakedStatus, PolicyCheck, Posture, ProbeResult, ProbeResults, ReasonRequest, ReplicaList,
+    Revocation, RevocationList, RevocationStatus, RevokeRequest, SecretRequest, SecretStored,
+    SecretVersions, SidecarList, SignedHead, StrippedReport, TokenCreated, TokenRequest,
+    UnusedGrants, UsageSummary,
 };
 use leash_control_plane::admin::types::{
     Evidence, Finding, FindingEntry, FindingsRequest, MissionList, MissionRequest, MissionView,
@@ -335,11 +335,55 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                         c.last_ack_seq.to_string(),
                         ago(Some(c.last_heard_ms)),
                         c.session_id.clone(),
+                        c.replica.clone(),
                     ]
                 })
                 .collect();
             let text = table(
-                &["SPIFFE ID", "VERSION", "ACKED SEQ", "LAST HEARD", "SESSION"],
+                &[
+                    "SPIFFE ID",
+                    "VERSION",
+                    "ACKED SEQ",
+                    "LAST HEARD",
+                    "SESSION",
+                    "REPLICA",
+                ],
+                rows,
+            );
+            Output::new(&v, text)
+        }
+        Command::Replicas => {
+            let v: ReplicaList = get(cli, "/v1/replicas").await?;
+            let rows = v
+                .replicas
+                .iter()
+                .map(|r| {
+                    let state = match (r.live, r.stopped_at_ms) {
+                        (true, _) => "live",
+                        (false, Some(_)) => "stopped",
+                        (false, None) => "gone",
+                    };
+                    vec![
+                        format!("{}{}", r.id, if r.this { " (this)" } else { "" }),
+                        state.into(),
+                        r.sidecars.to_string(),
+                        ago(Some(r.seen_at_ms)),
+                        r.admin_addr.clone(),
+                        r.sidecar_addr.clone(),
+                        r.version.clone(),
+                    ]
+                })
+                .collect();
+            let text = table(
+                &[
+                    "REPLICA",
+                    "STATE",
+                    "SIDECARS",
+                    "SEEN",
+                    "ADMIN",
+                    "SIDECAR API",
+                    "VERSION",
+                ],
                 rows,
             );
             Output::new(&v, text)

@@ -41,6 +41,7 @@ mod keys;
 mod lease;
 mod missions;
 mod probes;
+mod replicas;
 mod revocations;
 mod secrets;
 mod tokens;
@@ -63,6 +64,7 @@ pub use keys::StoredKey;
 pub use lease::{Job, Lease};
 pub use missions::{FindingRow, MissionChange, MissionRow};
 pub use probes::ProbeResult;
+pub use replicas::{OpenSession, ReplicaRow};
 pub use revocations::{
     AckRecord, CHANGES_CHANNEL, Inserted, Restore, SessionRecord, StoredRevocation,
 };

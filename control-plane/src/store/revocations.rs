@@ -347,17 +347,25 @@ impl Store {
             .collect()
     }
 
-    pub async fn insert_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
-        db!(&self.pool, |p| sqlx::query(self.sql(
-            "INSERT INTO sessions (id, spiffe_id, version, connected_at_ms) VALUES (?, ?, ?, ?)"
+    /// Records a session opened on replica `replica_id`.
+    pub async fn insert_session(
+        &self,
+        s: &SessionRecord,
+        replica_id: &str,
+    ) -> Result<(), StoreError> {
+        db!(&self.pool, |p| {
+            sqlx::query(self.sql(
+            "INSERT INTO sessions (id, spiffe_id, version, connected_at_ms, replica_id) VALUES (?, ?, ?, ?, ?)"
         ),)
         .bind(&s.id)
         .bind(&s.spiffe_id)
         .bind(&s.version)
         .bind(s.connected_at_ms)
+        .bind(replica_id)
         .execute(p)
         .await
-        .map(drop))?;
+        .map(drop)
+        })?;
         Ok(())
     }
 

@@ -569,12 +569,15 @@ store_test!(
         );
         // Acknowledgements are recorded once, however often sent.
         store
-            .insert_session(&SessionRecord {
-                id: "s1".into(),
-                spiffe_id: "w".into(),
-                version: "t".into(),
-                connected_at_ms: 1,
-            })
+            .insert_session(
+                &SessionRecord {
+                    id: "s1".into(),
+                    spiffe_id: "w".into(),
+                    version: "t".into(),
+                    connected_at_ms: 1,
+                },
+                "cp-test",
+            )
             .await
             .unwrap();
         let ack = |to_seq, at| AckRecord {
