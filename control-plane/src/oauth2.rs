@@ -4,6 +4,10 @@
 //! before it expires. One exchange per upstream at a time; a token endpoint
 //! that fails, hangs or answers garbage yields a typed error, never a token
 //! past its expiry.
+//!
+//! Replicas on one store share the token (sealed in `oauth2_tokens`) and
+//! exchange one at a time per upstream (a lease): the token endpoint sees
+//! one exchange per token lifetime, however many replicas lease it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,6 +40,8 @@ pub enum TokenError {
     Refused { status: u16, detail: String },
     #[error("token endpoint answered something that is not a token response: {0}")]
     Invalid(String),
+    #[error("the store cannot share the token: {0}")]
+    Store(String),
 }
 
 /// A leased access token.
@@ -88,8 +94,14 @@ impl TokenCache {
         false
     }
 
-    /// A token valid for a while yet: the cached one, or a fresh exchange.
-    pub async fn get(&self, x: &Exchange<'_>) -> Result<AccessToken, TokenError> {
+    /// A token valid for a while yet and not `revoked`: the cached one, the
+    /// one another replica stored, or a fresh exchange (stored for them).
+    pub async fn get(
+        &self,
+        x: &Exchange<'_>,
+        store: &crate::store::Store,
+        revoked: impl Fn(&str) -> bool,
+    ) -> Result<AccessToken, TokenError> {
         let slot = {
             let mut tokens = self
                 .tokens
@@ -99,13 +111,61 @@ impl TokenCache {
         };
         // Held across the exchange: concurrent callers wait for its result.
         let mut cached = slot.lock().await;
-        if let Some(t) = cached.as_ref().filter(|t| Instant::now() < t.use_until) {
+        if let Some(t) = cached
+            .as_ref()
+            .filter(|t| Instant::now() < t.use_until && !revoked(&t.id))
+        {
             return Ok(t.clone());
         }
         *cached = None;
-        let fresh = self.exchange(x).await?;
-        *cached = Some(fresh.clone());
-        Ok(fresh)
+        let store_error = |e: crate::store::StoreError| TokenError::Store(e.to_string());
+        // One exchange per upstream among the replicas: the others wait,
+        // then find the token it stored.
+        let lease = store
+            .lease(crate::store::Job::TokenExchange(x.upstream))
+            .await
+            .map_err(store_error)?;
+        let now_ms = crate::store::now_ms();
+        let shared = match store.shared_token(x.upstream).await {
+            Ok(t) => t.filter(|t| t.use_until_ms > now_ms && !revoked(&t.id)),
+            Err(e) => {
+                lease.release().await;
+                return Err(store_error(e));
+            }
+        };
+        let token = match shared {
+            Some(t) => {
+                let left = u64::try_from(t.use_until_ms - now_ms).unwrap_or(0);
+                AccessToken {
+                    id: t.id,
+                    token: Arc::new(t.token),
+                    use_until: Instant::now() + Duration::from_millis(left),
+                    use_until_unix_ms: t.use_until_ms,
+                }
+            }
+            None => {
+                let fresh = match self.exchange(x).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        lease.release().await;
+                        return Err(e);
+                    }
+                };
+                let shared = crate::store::SharedToken {
+                    id: fresh.id.clone(),
+                    token: (*fresh.token).clone(),
+                    use_until_ms: fresh.use_until_unix_ms,
+                };
+                if let Err(e) = store.put_shared_token(x.upstream, &shared).await {
+                    // Still usable here; the other replicas exchange their own.
+                    tracing::warn!(upstream = %x.upstream, error = %e, "cannot share the access token with other replicas");
+                }
+                fresh
+            }
+        };
+        lease.release().await;
+        *cached = Some(token.clone());
+        Ok(token)
     }
 
     async fn exchange(&self, x: &Exchange<'_>) -> Result<AccessToken, TokenError> {
@@ -243,6 +303,109 @@ struct TokenErrorResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_db::store_test;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A token endpoint answering a new token to each exchange, counting them.
+    async fn counting_token_endpoint() -> (String, Arc<AtomicU64>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicU64::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let seen = seen.clone();
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new().serve_connection(
+                        hyper_util::rt::TokioIo::new(tcp),
+                        hyper::service::service_fn(move |_req| {
+                            let n = seen.fetch_add(1, Ordering::SeqCst) + 1;
+                            async move {
+                                // Slow enough that the replicas ask at once.
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                let body = format!(
+                                    r#"{{"access_token":"at-{n}","token_type":"Bearer","expires_in":3600}}"#
+                                );
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                    Bytes::from(body),
+                                )))
+                            }
+                        }),
+                    ),
+                );
+            }
+        });
+        (url, count)
+    }
+
+    store_test!(
+        /// Two replicas lease one upstream's token at once: one exchange,
+        /// one token; once it is revoked, one new exchange for both.
+        async fn replicas_share_one_exchange_per_upstream(db: &TestDb) {
+            let key = || {
+                Some(Arc::new(
+                    crate::secrets::MasterKey::from_base64(
+                        &crate::secrets::MasterKey::generate_base64(),
+                    )
+                    .unwrap(),
+                ))
+            };
+            let master = key();
+            let a = db.open(master.clone()).await.unwrap();
+            let b = db.open(master).await.unwrap();
+            let (token_url, exchanges) = counting_token_endpoint().await;
+            let x = Exchange {
+                upstream: "payments",
+                token_url: &token_url,
+                client_id: "leash",
+                client_secret: b"client-secret",
+                scopes: &[],
+            };
+            let (cache_a, cache_b) = (TokenCache::default(), TokenCache::default());
+            let (ta, tb) = tokio::join!(
+                cache_a.get(&x, &a, |_| false),
+                cache_b.get(&x, &b, |_| false)
+            );
+            let (ta, tb) = (ta.unwrap(), tb.unwrap());
+            if db.backend() == crate::store::Backend::Postgres {
+                assert_eq!(exchanges.load(Ordering::SeqCst), 1, "one exchange");
+                assert_eq!(ta.id, tb.id);
+                assert_eq!(ta.token.as_str(), tb.token.as_str());
+            }
+            // Sealed at rest: the token is not in the table in the clear.
+            let sealed = db
+                .text(if db.backend() == crate::store::Backend::Postgres {
+                    "SELECT encode(sealed, 'hex') FROM oauth2_tokens WHERE upstream = 'payments'"
+                } else {
+                    "SELECT lower(hex(sealed)) FROM oauth2_tokens WHERE upstream = 'payments'"
+                })
+                .await;
+            let clear = hex::encode(ta.token.as_bytes());
+            assert!(!sealed.is_empty() && !sealed.contains(&clear), "{sealed}");
+
+            // Revoked: neither replica leases it again; one new exchange.
+            let before = exchanges.load(Ordering::SeqCst);
+            let revoked_id = ta.id.clone();
+            let revoked = |id: &str| id == revoked_id;
+            let (na, nb) = tokio::join!(cache_a.get(&x, &a, revoked), cache_b.get(&x, &b, revoked));
+            let (na, nb) = (na.unwrap(), nb.unwrap());
+            assert_ne!(na.id, revoked_id);
+            assert_ne!(nb.id, revoked_id);
+            if db.backend() == crate::store::Backend::Postgres {
+                assert_eq!(exchanges.load(Ordering::SeqCst), before + 1);
+                assert_eq!(na.id, nb.id);
+            }
+            // A store without the master key shares nothing.
+            let c = db.open(None).await.unwrap();
+            assert!(c.shared_token("payments").await.unwrap().is_none());
+            a.close().await;
+            b.close().await;
+            c.close().await;
+        }
+    );
 
     #[test]
     fn token_responses_are_read_typed_and_errors_never_quote_them() {

@@ -154,7 +154,14 @@ impl SidecarService {
             client_secret: &client_secret,
             scopes: &upstream.credential.scopes,
         };
-        let token = match self.state.tokens.get(&exchange).await {
+        let revocations = self.state.revocations.snapshot();
+        let revoked = |id: &str| revocations.set.credential_revoked(id);
+        let token = match self
+            .state
+            .tokens
+            .get(&exchange, &self.state.store, revoked)
+            .await
+        {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(upstream = %upstream.name, error = %e, "token exchange failed");

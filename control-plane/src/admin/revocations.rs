@@ -90,6 +90,7 @@ pub(super) async fn revoke(
             // Dropped before the commit: the sidecars that refetch after the
             // revocation get a freshly exchanged token, never this one.
             s.cp.tokens.forget(&req.credential_id);
+            s.cp.store.forget_shared_token(&req.credential_id).await?;
         }
         s.cp.revocations
             .revoke(req, &caller.actor, &policy.policy)

@@ -11,19 +11,23 @@ use super::{Pool, Store, StoreError};
 
 /// Jobs done by one replica at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Job {
+pub enum Job<'a> {
     /// Creating what an empty store needs (the first signing key, the
     /// bootstrap admin token): two replicas starting at once create one.
     FirstStart,
     /// Computing the missions' criteria and closing or reopening them.
     MissionSweep,
+    /// Exchanging an upstream's client secret for an access token (one
+    /// exchange per upstream, shared by every replica).
+    TokenExchange(&'a str),
 }
 
-impl Job {
-    fn name(self) -> &'static str {
+impl Job<'_> {
+    fn name(self) -> String {
         match self {
-            Job::FirstStart => "first-start",
-            Job::MissionSweep => "mission-sweep",
+            Job::FirstStart => "first-start".into(),
+            Job::MissionSweep => "mission-sweep".into(),
+            Job::TokenExchange(upstream) => format!("token-exchange:{upstream}"),
         }
     }
 
@@ -43,7 +47,7 @@ impl Job {
 /// The right to do a [`Job`] until released or dropped.
 #[must_use = "the job is exclusive only while the lease is held"]
 pub struct Lease {
-    job: Job,
+    key: i64,
     conn: Option<PoolConnection<sqlx::Postgres>>,
 }
 
@@ -52,7 +56,7 @@ impl Lease {
     pub async fn release(mut self) {
         if let Some(mut conn) = self.conn.take() {
             let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(self.job.key())
+                .bind(self.key)
                 .execute(&mut *conn)
                 .await;
             if unlocked.is_err() {
@@ -75,33 +79,35 @@ impl Drop for Lease {
 
 impl Store {
     /// The lease of `job`, waiting while another replica holds it.
-    pub async fn lease(&self, job: Job) -> Result<Lease, StoreError> {
+    pub async fn lease(&self, job: Job<'_>) -> Result<Lease, StoreError> {
+        let key = job.key();
         let conn = match &self.pool {
             Pool::Sqlite(_) => None,
             Pool::Postgres(p) => {
                 let mut conn = p.acquire().await?;
                 sqlx::query("SELECT pg_advisory_lock($1)")
-                    .bind(job.key())
+                    .bind(key)
                     .execute(&mut *conn)
                     .await?;
                 Some(conn)
             }
         };
-        Ok(Lease { job, conn })
+        Ok(Lease { key, conn })
     }
 
     /// The lease of `job`, or None if another replica holds it now.
-    pub async fn try_lease(&self, job: Job) -> Result<Option<Lease>, StoreError> {
+    pub async fn try_lease(&self, job: Job<'_>) -> Result<Option<Lease>, StoreError> {
+        let key = job.key();
         match &self.pool {
-            Pool::Sqlite(_) => Ok(Some(Lease { job, conn: None })),
+            Pool::Sqlite(_) => Ok(Some(Lease { key, conn: None })),
             Pool::Postgres(p) => {
                 let mut conn = p.acquire().await?;
                 let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                    .bind(job.key())
+                    .bind(key)
                     .fetch_one(&mut *conn)
                     .await?;
                 Ok(got.then_some(Lease {
-                    job,
+                    key,
                     conn: Some(conn),
                 }))
             }
@@ -155,5 +161,6 @@ mod tests {
     fn keys_are_pinned_and_distinct() {
         assert_eq!(Job::FirstStart.key(), -8_580_902_359_895_511_246);
         assert_eq!(Job::MissionSweep.key(), -28_295_796_523_301_488);
+        assert_ne!(Job::TokenExchange("a").key(), Job::TokenExchange("b").key());
     }
 }

@@ -69,7 +69,7 @@ pub use revocations::{
     AckRecord, CHANGES_CHANNEL, Inserted, Restore, SessionRecord, StoredRevocation,
 };
 pub use secrets::SecretVersion;
-pub use tokens::TokenRecord;
+pub use tokens::{SharedToken, TokenRecord};
 pub use url::{DatabaseUrl, numbered_placeholders};
 pub use usage::{
     BUCKET_MS, CredentialSpan, Edge, Sighting, Stripped, UsageFilter, UsageRow, UsageScope,

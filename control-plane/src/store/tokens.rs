@@ -47,3 +47,85 @@ impl Store {
         .await)?)
     }
 }
+
+/// An upstream's access token as shared between replicas.
+#[derive(Clone)]
+pub struct SharedToken {
+    pub id: String,
+    pub token: zeroize::Zeroizing<String>,
+    pub use_until_ms: i64,
+}
+
+const TOKEN_PURPOSE: &str = "oauth2-token";
+
+impl Store {
+    /// The access token stored for `upstream`, if any (and if this store
+    /// has the master key that sealed it).
+    pub async fn shared_token(&self, upstream: &str) -> Result<Option<SharedToken>, StoreError> {
+        let Some(key) = &self.master_key else {
+            return Ok(None);
+        };
+        let row: Option<(String, Vec<u8>, i64)> = db!(&self.pool, |p| sqlx::query_as(
+            self.sql("SELECT token_id, sealed, use_until_ms FROM oauth2_tokens WHERE upstream = ?")
+        )
+        .bind(upstream)
+        .fetch_optional(p)
+        .await)?;
+        let Some((id, sealed, use_until_ms)) = row else {
+            return Ok(None);
+        };
+        let opened = key.open_key(TOKEN_PURPOSE, &id, &sealed).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "oauth2_tokens.sealed of {upstream} cannot be opened with this master key"
+            ))
+        })?;
+        let token = String::from_utf8(opened.to_vec()).map_err(|_| {
+            StoreError::Corrupt(format!("oauth2_tokens.sealed of {upstream} is not text"))
+        })?;
+        Ok(Some(SharedToken {
+            id,
+            token: zeroize::Zeroizing::new(token),
+            use_until_ms,
+        }))
+    }
+
+    /// Stores `t` as `upstream`'s access token for every replica (sealed;
+    /// nothing is stored without the master key).
+    pub async fn put_shared_token(
+        &self,
+        upstream: &str,
+        t: &SharedToken,
+    ) -> Result<(), StoreError> {
+        let Some(key) = &self.master_key else {
+            return Ok(());
+        };
+        let sealed = key.seal_key(TOKEN_PURPOSE, &t.id, t.token.as_bytes());
+        db!(&self.pool, |p| {
+            sqlx::query(self.sql(
+            "INSERT INTO oauth2_tokens (upstream, token_id, sealed, use_until_ms) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (upstream) DO UPDATE SET token_id = excluded.token_id, \
+             sealed = excluded.sealed, use_until_ms = excluded.use_until_ms"
+        ))
+        .bind(upstream)
+        .bind(&t.id)
+        .bind(sealed)
+        .bind(t.use_until_ms)
+        .execute(p)
+        .await
+        .map(drop)
+        })?;
+        Ok(())
+    }
+
+    /// Drops the shared token whose id is `id` (it was revoked).
+    pub async fn forget_shared_token(&self, id: &str) -> Result<(), StoreError> {
+        db!(&self.pool, |p| sqlx::query(
+            self.sql("DELETE FROM oauth2_tokens WHERE token_id = ?")
+        )
+        .bind(id)
+        .execute(p)
+        .await
+        .map(drop))?;
+        Ok(())
+    }
+}
