@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::pg::OwnPostgres;
 use common::*;
 
 const URL: &str = "http://payments.leash.test/";
@@ -103,12 +104,20 @@ struct Cluster {
     tmp: tempfile::TempDir,
     _identity: Proc,
     received: Arc<AtomicU64>,
-    db: fresh_pg::FreshDatabase,
+    /// The database the replicas share.
+    url: String,
+    /// Dropped after the test when it is one of the shared server's.
+    fresh: Option<fresh_pg::FreshDatabase>,
 }
 
 impl Cluster {
+    /// On a fresh database of the tests' shared server.
     async fn new(test: &str) -> Option<Self> {
         let db = fresh_pg::FreshDatabase::create(test).await?;
+        Some(Self::on(db.url.clone(), Some(db)).await)
+    }
+
+    async fn on(url: String, fresh: Option<fresh_pg::FreshDatabase>) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let tmp = tempfile::Builder::new()
             .prefix("lrp")
@@ -129,12 +138,19 @@ impl Cluster {
             ),
         )
         .unwrap();
-        Some(Self {
+        Self {
             tmp,
             _identity: identity,
             received,
-            db,
-        })
+            url,
+            fresh,
+        }
+    }
+
+    async fn finish(self) {
+        if let Some(db) = self.fresh {
+            db.drop_database().await;
+        }
     }
 
     fn dir(&self) -> &std::path::Path {
@@ -227,7 +243,7 @@ async fn sigkill_one_of_two_replicas_under_load_loses_nothing() {
     let Some(cluster) = Cluster::new("the replica SIGKILL test").await else {
         return;
     };
-    let url = cluster.db.url.clone();
+    let url = cluster.url.clone();
     let a = cluster.replica(1, &url).await;
     let b = cluster.replica(2, &url).await;
     let token = cluster.token();
@@ -330,7 +346,7 @@ async fn sigkill_one_of_two_replicas_under_load_loses_nothing() {
     let verdict: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(verdict["ok"], true, "{out}");
     drop(b);
-    cluster.db.drop_database().await;
+    cluster.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,7 +354,7 @@ async fn a_replica_cut_off_from_the_database_refuses_writes_and_its_sidecars_mov
     let Some(cluster) = Cluster::new("the replica partition test").await else {
         return;
     };
-    let url = cluster.db.url.clone();
+    let url = cluster.url.clone();
     let relay = Relay::start(pg_addr(&url)).await;
     let a = cluster.replica(1, &via(&url, relay.addr)).await;
     let b = cluster.replica(2, &url).await;
@@ -393,5 +409,81 @@ async fn a_replica_cut_off_from_the_database_refuses_writes_and_its_sidecars_mov
         s.shutdown(Duration::from_secs(2)).await;
     }
     drop((a, b));
-    cluster.db.drop_database().await;
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_restarted_under_load_loses_nothing() {
+    // A server of the test's own, to restart: where the other PostgreSQL
+    // tests run (CI sets the variable and installs PostgreSQL).
+    if std::env::var_os(fresh_pg::TEST_DATABASE_URL).is_none() {
+        eprintln!(
+            "skipped the PostgreSQL restart test: {} is not set",
+            fresh_pg::TEST_DATABASE_URL
+        );
+        return;
+    }
+    let pg = OwnPostgres::start(None);
+    let cluster = Cluster::on(pg.plain_url(), None).await;
+    let url = cluster.url.clone();
+    let a = cluster.replica(1, &url).await;
+    let b = cluster.replica(2, &url).await;
+    let token = cluster.token();
+    let s1 = cluster.sidecar(&[&a, &b]).await;
+    let s2 = cluster.sidecar(&[&b, &a]).await;
+    let load = traffic(URL, &[s1.egress_addr, s2.egress_addr]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = revoked_id(revoke_grant(
+        a.admin,
+        &token,
+        "ledger",
+        "before the restart",
+    ));
+    acknowledged_by(a.admin, &token, &first, 2).await;
+
+    // Restarted under load: every connection of both replicas is dropped.
+    pg.pg_ctl("restart");
+    wait_ready(a.admin).await;
+    wait_ready(b.admin).await;
+    // Nothing committed is lost, and what comes next reaches everyone.
+    let status = json(b.admin, &token, &["status", &first]);
+    assert_eq!(status["active"], true, "{status}");
+    let second = revoked_id(revoke_grant(
+        b.admin,
+        &token,
+        "billing",
+        "after the restart",
+    ));
+    acknowledged_by(a.admin, &token, &second, 2).await;
+    refused_everywhere(&[&s1, &s2], "billing").await;
+    refused_everywhere(&[&s1, &s2], "ledger").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ok, failed) = load.stop().await;
+    eprintln!("requests: {ok} ok, {failed} failed");
+    assert_eq!(failed, 0, "no request failed while PostgreSQL restarted");
+    assert!(ok > 20, "traffic flowed: {ok}");
+
+    // Usage batches refused while the database was down were resent.
+    for s in [s1, s2] {
+        s.shutdown(Duration::from_secs(5)).await;
+    }
+    let upstream_saw = cluster.received.load(Ordering::Relaxed);
+    assert_eq!(upstream_saw, ok + 2, "every 200 came from the upstream");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (stored, dropped) = usage_requests(a.admin, &token);
+        if (stored, dropped) == (upstream_saw, 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage stored {stored} (dropped {dropped}), served {upstream_saw}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let verdict = json(a.admin, &token, &["audit", "verify"]);
+    assert_eq!(verdict["ok"], true, "{verdict}");
+    drop((a, b));
+    cluster.finish().await;
+    drop(pg);
 }

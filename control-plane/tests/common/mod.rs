@@ -17,6 +17,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
 
+pub mod pg;
+
 pub const CP_ID: &str = "spiffe://leash.test/leash/control-plane";
 pub const APP_ID: &str = "spiffe://leash.test/ns/demo/sa/client";
 
