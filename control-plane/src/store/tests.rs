@@ -440,8 +440,12 @@ store_test!(
         let ok = StatusClass::StatusClass2xx;
         let b1 = batch(1, vec![usage_record("c1", ok, 3, 60_010, 60_020)]);
         assert!(store.record_usage("s1", w, &b1, 3).await.unwrap());
-        // Resent: not counted twice.
+        // Resent: not counted twice, not even to another replica (another
+        // process on the same database, after a failover).
         assert!(!store.record_usage("s1", w, &b1, 3).await.unwrap());
+        let other_replica = db.open(None).await.unwrap();
+        assert!(!other_replica.record_usage("s1", w, &b1, 3).await.unwrap());
+        other_replica.close().await;
         // The same bucket, earlier first and later last use; and a 5xx.
         let b2 = batch(
             2,
