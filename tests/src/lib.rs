@@ -358,6 +358,54 @@ pub async fn start_control_plane_limited(
     .await
 }
 
+/// The variable that runs the end-to-end suite on PostgreSQL: a server URL
+/// (any database; a role that may create databases). Each data directory
+/// gets a database of its own there, so a control plane restarted on the
+/// same directory finds its store. `.ci/run` runs the suite once on SQLite
+/// and once with this set.
+pub const E2E_DATABASE_URL: &str = "LEASH_E2E_DATABASE_URL";
+
+/// Whether this run keeps the control planes' stores in PostgreSQL (tests
+/// that read the SQLite file itself skip, saying so).
+pub fn on_postgres() -> bool {
+    std::env::var_os(E2E_DATABASE_URL).is_some()
+}
+
+/// The PostgreSQL database of `data_dir`, created on first use, when the
+/// suite runs on PostgreSQL.
+async fn e2e_database(data_dir: &Path) -> Option<leash_control_plane::store::DatabaseUrl> {
+    use sqlx::Connection as _;
+    let server = std::env::var(E2E_DATABASE_URL).ok()?;
+    let digest = ring::digest::digest(
+        &ring::digest::SHA256,
+        data_dir.display().to_string().as_bytes(),
+    );
+    let name = format!("leash_e2e_{}", hex::encode(&digest.as_ref()[..10]));
+    let mut conn = sqlx::PgConnection::connect(&server)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach {E2E_DATABASE_URL}: {e}"));
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut conn)
+        .await
+        .unwrap();
+    if exists.is_none() {
+        // Byte-order collation, as SQLite compares text.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {name} TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
+    }
+    let _ = conn.close().await;
+    let (base, _) = server
+        .rsplit_once('/')
+        .expect("a database in the server URL");
+    let url = format!("{base}/{name}");
+    Some(leash_control_plane::store::DatabaseUrl::parse(&url).unwrap())
+}
+
 /// The control plane as tests run it, with `configure` applied to its
 /// configuration first.
 pub async fn start_control_plane_configured(
@@ -374,7 +422,7 @@ pub async fn start_control_plane_configured(
     let mut config = ServeConfig {
         policy: policy.to_owned(),
         data_dir: data_dir.to_owned(),
-        database_url: None,
+        database_url: e2e_database(data_dir).await,
         issuer: Some("leash-test".into()),
         policy_poll: Duration::from_millis(100),
         heartbeat: Duration::from_millis(500),

@@ -474,6 +474,12 @@ async fn admin_api_authenticates_authorizes_validates_and_audits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_log_is_append_only_in_the_store() {
+    if on_postgres() {
+        eprintln!(
+            "skipped on PostgreSQL: writes to the SQLite file; PostgreSQL's triggers are tested by the store tests"
+        );
+        return;
+    }
     let d = Deployment::start("5m", SVID_TTL).await;
     assert_eq!(d.admin().get("/v1/sidecars").await.status, 200);
     // Someone with write access to the database file tries to rewrite history.
