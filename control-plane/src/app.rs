@@ -269,6 +269,13 @@ impl ControlPlane {
                 Duration::from_secs(60),
             )),
         });
+        // The web console, on the admin port: its pages call the router
+        // above in-process.
+        let router = router.clone().merge(crate::console::router(
+            state.clone(),
+            router,
+            admin_cert.is_some(),
+        ));
         tasks.spawn(crate::listeners::serve_admin(
             admin_listener,
             router.clone(),

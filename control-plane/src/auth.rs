@@ -101,7 +101,15 @@ pub async fn authenticate(store: &Store, authorization: Option<&str>) -> Result<
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or(AuthError::Missing)?;
+    authenticate_token(store, token)
+        .await
+        .map(|(caller, _)| caller)
+}
+
+/// Checks a token (`lsh_<id>_<secret>`); the caller and the token's id.
+pub async fn authenticate_token(store: &Store, token: &str) -> Result<(Caller, String), AuthError> {
     let (id, secret) = token
+        .trim()
         .strip_prefix("lsh_")
         .and_then(|t| t.split_once('_'))
         .ok_or(AuthError::Invalid)?;
@@ -109,9 +117,21 @@ pub async fn authenticate(store: &Store, authorization: Option<&str>) -> Result<
     if !same(&sha256(secret), &record.secret_sha256) {
         return Err(AuthError::Invalid);
     }
+    Ok((caller(&record)?, record.id))
+}
+
+/// The caller a token record stands for.
+fn caller(record: &TokenRecord) -> Result<Caller, AuthError> {
     let role = Role::parse(&record.role).ok_or(AuthError::Invalid)?;
     Ok(Caller {
         actor: format!("token:{}/{}", record.name, record.id),
         role,
     })
+}
+
+/// The caller of the token `id`, if it still exists (a console session
+/// acts as the token it was opened with).
+pub async fn caller_of(store: &Store, id: &str) -> Result<Caller, AuthError> {
+    let record = store.token(id).await?.ok_or(AuthError::Invalid)?;
+    caller(&record)
 }

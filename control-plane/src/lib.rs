@@ -7,6 +7,7 @@ pub mod anchor;
 pub mod app;
 pub mod auth;
 pub mod cli;
+pub mod console;
 pub mod devid;
 pub mod https;
 pub mod jwt;

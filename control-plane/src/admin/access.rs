@@ -16,6 +16,11 @@ use super::{AdminState, ApiError, AuditDetail};
 use crate::auth::{self, AuthError, Caller, Role};
 use crate::store::{AuditEntry, now_ms};
 
+/// A call the web console makes in-process on behalf of a signed-in
+/// session: authenticated as the session's token, audited like any other.
+#[derive(Clone)]
+pub struct ConsoleCaller(pub Caller);
+
 /// Authenticates every `/v1` call and writes it to the audit log, whatever
 /// the outcome (refused calls included).
 pub(super) async fn audited(
@@ -45,9 +50,14 @@ pub(super) async fn audited(
     // A valid token is checked first and never refused by the limiter;
     // calls without one count against their address and are audited as
     // one bounded summary per address and interval, not a row each.
-    let (actor, role, response) = match auth::authenticate(&s.cp.store, authorization.as_deref())
-        .await
-    {
+    // The console's own calls, made in-process for a signed-in session
+    // (a request extension: nothing from the network can set it).
+    let console = req.extensions_mut().remove::<ConsoleCaller>();
+    let authenticated = match console {
+        Some(ConsoleCaller(caller)) => Ok(caller),
+        None => auth::authenticate(&s.cp.store, authorization.as_deref()).await,
+    };
+    let (actor, role, response) = match authenticated {
         Ok(caller) => {
             let (actor, role) = (caller.actor.clone(), caller.role.as_str());
             req.extensions_mut().insert(caller);

@@ -32,7 +32,7 @@ mod tokens;
 pub mod types;
 mod usage;
 
-pub use access::{AdminRole, Responder, Viewer};
+pub use access::{AdminRole, ConsoleCaller, Responder, Viewer};
 use types::ErrorBody;
 
 /// Largest request body the admin API reads.

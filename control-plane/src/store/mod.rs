@@ -35,6 +35,7 @@ macro_rules! tx {
 }
 
 mod audit;
+mod console;
 mod credentials;
 mod feed;
 mod keys;
@@ -59,6 +60,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{AssertSqlSafe, SqlitePool};
 
 pub use audit::{AuditEntry, AuditVerdict, ChainedEntry, audit_hash};
+pub use console::ConsoleSession;
 pub use credentials::CredentialRecord;
 pub use keys::StoredKey;
 pub use lease::{Job, Lease};
