@@ -260,14 +260,15 @@ impl ControlPlane {
             "admin_tls": config.admin_tls,
             "probe_timeout_ms": u64::try_from(config.probe_timeout.as_millis()).unwrap_or(u64::MAX),
         });
+        let limiter = Arc::new(crate::unauthenticated::FailureLimiter::new(
+            config.admin_auth_failures_per_minute,
+            Duration::from_secs(60),
+        ));
         let router = admin::router(AdminState {
             cp: state.clone(),
             source,
             config_dump: Arc::new(config_dump),
-            limiter: Arc::new(crate::unauthenticated::FailureLimiter::new(
-                config.admin_auth_failures_per_minute,
-                Duration::from_secs(60),
-            )),
+            limiter: limiter.clone(),
         });
         // The web console, on the admin port: its pages call the router
         // above in-process.
@@ -275,6 +276,7 @@ impl ControlPlane {
             state.clone(),
             router,
             admin_cert.is_some(),
+            limiter,
         ));
         tasks.spawn(crate::listeners::serve_admin(
             admin_listener,

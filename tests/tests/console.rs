@@ -400,6 +400,36 @@ async fn a_responder_revokes_from_the_console_and_watches_it_take_effect() {
         "{expired}"
     );
 
+    // Guessing tokens at the sign-in page is limited like the API (10 a
+    // minute from one address in the tests), and a valid token still works.
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let answer = with_cookie(
+            d.cp.admin_addr,
+            "POST",
+            "/console/sign-in",
+            "",
+            "token=lsh_guess_AAAA",
+        )
+        .await;
+        statuses.push(answer[9..12].to_owned());
+    }
+    assert_eq!(
+        statuses.last().map(String::as_str),
+        Some("429"),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&"401".to_owned()), "{statuses:?}");
+    let valid = with_cookie(
+        d.cp.admin_addr,
+        "POST",
+        "/console/sign-in",
+        "",
+        &format!("token={token}"),
+    )
+    .await;
+    assert!(valid.starts_with("HTTP/1.1 303"), "{valid}");
+
     // Never a secret: the pages never held the token.
     let source = c.source().await.unwrap();
     assert!(!source.contains(&token));

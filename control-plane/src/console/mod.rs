@@ -52,11 +52,24 @@ pub struct ConsoleState {
     api: Router,
     /// Cookies get `Secure` (the admin port serves TLS).
     secure: bool,
+    /// The admin API's limiter of calls without a valid token: a sign-in
+    /// with a wrong token counts against its address the same way.
+    limiter: Arc<crate::unauthenticated::FailureLimiter>,
 }
 
 /// The console's routes, to merge into the admin router.
-pub fn router(cp: Arc<ControlPlaneState>, api: Router, secure: bool) -> Router {
-    let state = Arc::new(ConsoleState { cp, api, secure });
+pub fn router(
+    cp: Arc<ControlPlaneState>,
+    api: Router,
+    secure: bool,
+    limiter: Arc<crate::unauthenticated::FailureLimiter>,
+) -> Router {
+    let state = Arc::new(ConsoleState {
+        cp,
+        api,
+        secure,
+        limiter,
+    });
     Router::new()
         .route("/console", get(home))
         .route("/console/", get(home))
@@ -252,7 +265,15 @@ struct SignInForm {
     token: String,
 }
 
-async fn sign_in(State(state): State<Arc<ConsoleState>>, Form(f): Form<SignInForm>) -> Response {
+/// Exchanges a token for a session. A wrong token counts against the
+/// address like a call without a valid token to the API (past the
+/// allowance: 429 with `Retry-After`), and is summarised in the audit log
+/// the same way; a valid token is never refused.
+async fn sign_in(
+    State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Form(f): Form<SignInForm>,
+) -> Response {
     let token = zeroize::Zeroizing::new(f.token);
     match crate::auth::authenticate_token(&state.cp.store, &token).await {
         Ok((caller, token_id)) => match session::open(&state, &token_id).await {
@@ -268,11 +289,34 @@ async fn sign_in(State(state): State<Arc<ConsoleState>>, Form(f): Form<SignInFor
             Err(e) => unavailable(&e),
         },
         Err(crate::auth::AuthError::Store(e)) => unavailable(&e),
-        Err(_) => (
-            StatusCode::UNAUTHORIZED,
-            Html(pages::sign_in(None, Some("That token is not valid.")).into_string()),
-        )
-            .into_response(),
+        Err(_) => {
+            let resp = match state.limiter.failed(peer.ip()) {
+                Some(left) => {
+                    let secs = left.as_secs() + 1;
+                    let text =
+                        format!("Too many wrong tokens from your address; try again in {secs} s.");
+                    let mut r = (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        Html(pages::sign_in(None, Some(&text)).into_string()),
+                    )
+                        .into_response();
+                    r.headers_mut().insert(header::RETRY_AFTER, secs.into());
+                    r
+                }
+                None => (
+                    StatusCode::UNAUTHORIZED,
+                    Html(pages::sign_in(None, Some("That token is not valid.")).into_string()),
+                )
+                    .into_response(),
+            };
+            state.cp.refused.record(
+                peer.ip(),
+                "POST",
+                "/console/sign-in",
+                resp.status().as_u16(),
+            );
+            resp
+        }
     }
 }
 
