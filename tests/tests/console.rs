@@ -318,6 +318,91 @@ async fn a_responder_revokes_from_the_console_and_watches_it_take_effect() {
         "{actions:?}"
     );
 
+    // A leaked value, refused when the app sends it: its page shows the
+    // forgotten consumer, never the value.
+    let leaked_value = "sk_live_console_test_0123456789abcdef";
+    let registered = admin
+        .post(
+            "/v1/leaked",
+            serde_json::json!({"value": leaked_value, "reason": "found in a paste"}),
+        )
+        .await
+        .json();
+    let leaked_id = registered["id"].as_str().unwrap().to_owned();
+    eventually(
+        Duration::from_secs(20),
+        "the leaked value refused",
+        || async {
+            let r = d
+                .client
+                .get(
+                    "http://payments.leash.test/whoami",
+                    &[("x-api-key", leaked_value)],
+                )
+                .await
+                .ok()?;
+            (r.status == 403).then_some(())
+        },
+    )
+    .await;
+    click(&c, Locator::LinkText("Leaked")).await;
+    wait_text(&c, "#leaked td", "found in a paste").await;
+    c.goto(&format!("{base}/console/leaked/{leaked_id}"))
+        .await
+        .unwrap();
+    wait_text(&c, "h1", "Leaked value").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.find(Locator::Css("#sightings")).await.is_err() {
+        assert!(Instant::now() < deadline, "no sighting shown");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.refresh().await.unwrap();
+    }
+    wait_text(&c, "#sightings td", APP_ID).await;
+    assert!(!c.source().await.unwrap().contains(leaked_value));
+    screenshot(&c, "leaked").await;
+    click(&c, Locator::LinkText("Stripped")).await;
+    wait_text(&c, "h1", "Stripped credentials").await;
+
+    // A mission on that value: its criteria and the signed evidence.
+    let mission = admin
+        .post(
+            "/v1/missions",
+            serde_json::json!({
+                "objective": "retire the pasted key",
+                "owner": "payments-team",
+                "findings": [{"finding": {"kind": "leaked", "revocation_id": leaked_id}}],
+            }),
+        )
+        .await
+        .json();
+    let mission_id = mission["id"].as_str().unwrap().to_owned();
+    click(&c, Locator::LinkText("Missions")).await;
+    wait_text(&c, "#missions td", "retire the pasted key").await;
+    click(&c, Locator::LinkText("retire the pasted key")).await;
+    wait_text(&c, "#criteria td", "acknowledged").await;
+    screenshot(&c, "mission").await;
+    let evidence = with_cookie(
+        d.cp.admin_addr,
+        "GET",
+        &format!("/console/missions/{mission_id}/evidence"),
+        &cookie,
+        "",
+    )
+    .await;
+    assert!(evidence.starts_with("HTTP/1.1 200"), "{evidence}");
+    assert!(
+        evidence.contains("attachment; filename=\"leash-evidence-"),
+        "{evidence}"
+    );
+    assert!(evidence.contains("\"signature\""), "{evidence}");
+
+    // The audit log, and its chain verified from the page.
+    click(&c, Locator::LinkText("Audit")).await;
+    wait_text(&c, "#audit td", "POST /v1/revocations").await;
+    click(&c, Locator::Id("verify")).await;
+    wait_text(&c, "#verdict", "The chain verifies").await;
+    screenshot(&c, "audit").await;
+
     // A forged post (no CSRF value) with the session's own cookie: refused,
     // and nothing is revoked.
     let forged = with_cookie(
@@ -330,7 +415,12 @@ async fn a_responder_revokes_from_the_console_and_watches_it_take_effect() {
     .await;
     assert!(forged.starts_with("HTTP/1.1 403"), "{forged}");
     let list = admin.get("/v1/revocations").await.json();
-    assert_eq!(list["revocations"].as_array().unwrap().len(), 0, "{list}");
+    let upstream_revoked = list["revocations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["kind"] == "upstream");
+    assert!(!upstream_revoked, "{list}");
     // A tampered cookie is no session.
     let tampered = with_cookie(
         d.cp.admin_addr,
@@ -366,6 +456,7 @@ async fn a_responder_revokes_from_the_console_and_watches_it_take_effect() {
     .unwrap();
     sign_in(&c, d.cp.admin_addr, &viewer).await;
     assert!(c.find(Locator::LinkText("Revoke")).await.is_err());
+    assert!(c.find(Locator::LinkText("Audit")).await.is_err());
     c.goto(&format!("{base}/console/revocations/{id}"))
         .await
         .unwrap();

@@ -83,6 +83,13 @@ pub fn router(
         .route("/console/revoke", get(revoke_form).post(revoke_preview))
         .route("/console/revoke/confirm", post(revoke_confirm))
         .route("/console/map", get(map))
+        .route("/console/leaked", get(leaked))
+        .route("/console/leaked/{id}", get(leaked_status))
+        .route("/console/stripped", get(stripped))
+        .route("/console/audit", get(audit))
+        .route("/console/missions", get(missions))
+        .route("/console/missions/{id}", get(mission))
+        .route("/console/missions/{id}/evidence", get(evidence))
         .route("/console/assets/console.css", get(css))
         .route("/console/assets/console.js", get(js))
         .layer(middleware::from_fn(security_headers))
@@ -669,6 +676,105 @@ async fn map(
     let revoked: RevocationList = state.get(&s, peer, "/v1/revocations").await?;
     let svg = map::svg(&deps.edges, &revoked.revocations);
     Ok(Html(pages::map(&s, &since, svg).into_string()))
+}
+
+async fn leaked(
+    State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    s: Signed,
+) -> Result<Html<String>, Refusal> {
+    let list = state.get(&s, peer, "/v1/leaked").await?;
+    Ok(Html(pages::leaked(&s, &list).into_string()))
+}
+
+async fn leaked_status(
+    State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    s: Signed,
+    Path(id): Path<String>,
+) -> Result<Html<String>, Refusal> {
+    let path = format!("/v1/leaked/{}", encode(&id));
+    let status = state.get(&s, peer, &path).await?;
+    Ok(Html(pages::leaked_status(&s, &status).into_string()))
+}
+
+async fn stripped(
+    State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    s: Signed,
+) -> Result<Html<String>, Refusal> {
+    let report = state.get(&s, peer, "/v1/stripped").await?;
+    Ok(Html(pages::stripped(&s, &report).into_string()))
+}
+
+#[derive(Deserialize)]
+struct AuditPageQuery {
+    #[serde(default)]
+    verify: bool,
+}
+
+/// The audit log (admin tokens: the API refuses the others), and the
+/// chain's verification on request.
+async fn audit(
+    State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    s: Signed,
+    Query(q): Query<AuditPageQuery>,
+) -> Result<Html<String>, Refusal> {
+    let log = state.get(&s, peer, "/v1/audit?limit=200").await?;
+    let verdict = if q.verify {
+        Some(state.get(&s, peer, "/v1/audit/verify").await?)
+    } else {
+        None
+    };
+    Ok(Html(pages::audit(&s, &log, verdict.as_ref()).into_string()))
+}
+
+async fn missions(
+    State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    s: Signed,
+) -> Result<Html<String>, Refusal> {
+    let list = state.get(&s, peer, "/v1/missions").await?;
+    Ok(Html(pages::missions(&s, &list).into_string()))
+}
+
+async fn mission(
+    State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    s: Signed,
+    Path(id): Path<String>,
+) -> Result<Html<String>, Refusal> {
+    let path = format!("/v1/missions/{}", encode(&id));
+    let view = state.get(&s, peer, &path).await?;
+    Ok(Html(pages::mission(&s, &view).into_string()))
+}
+
+/// The mission's signed evidence, as a file to keep
+/// (`leashctl evidence verify` checks it).
+async fn evidence(
+    State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    s: Signed,
+    Path(id): Path<String>,
+) -> Result<Response, Refusal> {
+    let path = format!("/v1/missions/{}/evidence", encode(&id));
+    let bundle: serde_json::Value = state.get(&s, peer, &path).await?;
+    let name = format!(
+        "attachment; filename=\"leash-evidence-{}.json\"",
+        id.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect::<String>()
+    );
+    let mut resp = (
+        [(header::CONTENT_TYPE, "application/json")],
+        bundle.to_string(),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&name) {
+        resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(resp)
 }
 
 async fn css() -> Response {

@@ -46,6 +46,12 @@ fn layout(title: &str, s: Option<&Signed>, body: Markup) -> Markup {
                                 a href="/console/revoke" { "Revoke" }
                             }
                             a href="/console/map" { "Dependency map" }
+                            a href="/console/leaked" { "Leaked" }
+                            a href="/console/stripped" { "Stripped" }
+                            a href="/console/missions" { "Missions" }
+                            @if s.caller.role >= Role::Admin {
+                                a href="/console/audit" { "Audit" }
+                            }
                         }
                         form.signout method="post" action="/console/sign-out" {
                             input type="hidden" name="csrf" value=(s.csrf);
@@ -333,6 +339,185 @@ pub fn map(s: &Signed, since: &str, svg: Markup) -> Markup {
             }
             p.hint { "Workloads on the left, upstreams on the right; a line's width is its requests; red dashed lines are revoked." }
             div.mapbox { (svg) }
+        },
+    )
+}
+
+pub fn leaked(s: &Signed, list: &crate::admin::types::LeakedList) -> Markup {
+    layout(
+        "Leaked values",
+        Some(s),
+        html! {
+            h1 { "Leaked values" }
+            p.hint { "Registered leaked values are refused by every sidecar wherever they appear. Only a keyed fingerprint is kept; the value is never shown." }
+            table #leaked {
+                thead { tr { th { "Seq" } th { "Fingerprint" } th { "Why" } th { "By" } th { "When" } th { "State" } } }
+                tbody {
+                    @for r in &list.leaked {
+                        tr {
+                            td { a href={ "/console/leaked/" (r.id) } { (r.seq) } }
+                            td.id { (r.fingerprint_id.as_deref().unwrap_or("-")) }
+                            td { (r.reason) }
+                            td.id { (r.revoked_by) }
+                            td { (when(r.revoked_at_ms)) }
+                            td { @if r.active { "refused" } @else { "restored" } }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn leaked_status(s: &Signed, st: &crate::admin::types::LeakedStatus) -> Markup {
+    let r = &st.revocation;
+    layout(
+        "Leaked value",
+        Some(s),
+        html! {
+            h1 { "Leaked value " (r.fingerprint_id.as_deref().unwrap_or("")) }
+            dl.facts {
+                dt { "Id" } dd.id { (r.id) }
+                dt { "Why" } dd { (r.reason) }
+                dt { "By" } dd.id { (r.revoked_by) " · " (when(r.revoked_at_ms)) }
+                dt { "Propagation" } dd { (st.propagation.acknowledged.len()) " acknowledged, " (st.propagation.pending.len()) " pending" }
+            }
+            h2 { "Sightings: who still sends it" }
+            @if st.sightings.is_empty() {
+                p #no-sightings { "No sidecar has seen it since it was registered." }
+            } @else {
+                table #sightings {
+                    thead { tr { th { "Workload" } th { "Upstream" } th { "Host" } th { "Where" } th { "Times" } th { "Last seen" } } }
+                    tbody {
+                        @for x in &st.sightings {
+                            tr { td.id { (x.workload) } td { (x.upstream) } td.id { (x.host) } td { (x.location) } td { (x.count) } td { (when(x.last_seen_ms)) } }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn stripped(s: &Signed, r: &crate::admin::types::StrippedReport) -> Markup {
+    layout(
+        "Stripped credentials",
+        Some(s),
+        html! {
+            h1 { "Stripped credentials" }
+            p.hint { "Workloads that sent a credential of their own to a managed upstream: the sidecar removed it and injected Leash's. Each is a consumer still holding a long-lived secret." }
+            table #stripped {
+                thead { tr { th { "Workload" } th { "Upstream" } th { "Times" } th { "First seen" } th { "Last seen" } } }
+                tbody {
+                    @for x in &r.stripped {
+                        tr { td.id { (x.workload) } td { (x.upstream) } td { (x.count) } td { (when(x.first_seen_ms)) } td { (when(x.last_seen_ms)) } }
+                    }
+                }
+            }
+            h2 { "Echoed back by upstreams" }
+            table #echoed {
+                thead { tr { th { "Workload" } th { "Upstream" } th { "Header" } th { "Times" } th { "Last seen" } } }
+                tbody {
+                    @for x in &r.echoed {
+                        tr { td.id { (x.workload) } td { (x.upstream) } td.id { (x.header) } td { (x.count) } td { (when(x.last_seen_ms)) } }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn audit(
+    s: &Signed,
+    log: &crate::admin::types::AuditLog,
+    verdict: Option<&crate::admin::types::AuditVerdict>,
+) -> Markup {
+    layout(
+        "Audit log",
+        Some(s),
+        html! {
+            h1 { "Audit log" }
+            @if let Some(v) = verdict {
+                p #verdict class=(if v.ok { "ok" } else { "error" }) {
+                    @if v.ok {
+                        "The chain verifies: " (v.chained) " chained entries, head " span.id { (v.head.as_deref().unwrap_or("-")) } "."
+                    } @else {
+                        "The chain is broken at entry " (v.first_bad_id.unwrap_or(0)) ": " (v.problem.as_deref().unwrap_or(""))
+                    }
+                }
+            } @else {
+                p { a #verify href="/console/audit?verify=true" { "Verify the chain" } }
+            }
+            table #audit {
+                thead { tr { th { "When" } th { "Who" } th { "Action" } th { "Status" } th { "Detail" } } }
+                tbody {
+                    @for e in &log.entries {
+                        tr { td { (when(e.at_ms)) } td.id { (e.actor) " (" (e.role) ")" } td.id { (e.action) } td { (e.status) } td { (e.detail) } }
+                    }
+                }
+            }
+        },
+    )
+}
+
+pub fn missions(s: &Signed, list: &crate::admin::types::MissionList) -> Markup {
+    layout(
+        "Missions",
+        Some(s),
+        html! {
+            h1 { "Remediation missions" }
+            table #missions {
+                thead { tr { th { "Objective" } th { "Owner" } th { "State" } th { "Criteria holding" } th { "Deadline" } } }
+                tbody {
+                    @for m in &list.missions {
+                        tr class=(if m.overdue { "stale" } else { "" }) {
+                            td { a href={ "/console/missions/" (m.id) } { (m.objective) } }
+                            td.id { (m.owner) }
+                            td { (m.state) @if m.overdue { " · overdue" } }
+                            td { (m.criteria_holding) " / " (m.criteria) }
+                            td { @if let Some(d) = m.deadline_ms { (when_or_in(d)) } @else { "-" } }
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+fn when_or_in(ms: i64) -> String {
+    let now = crate::store::now_ms();
+    if ms > now {
+        format!("in {} h", (ms - now) / 3_600_000)
+    } else {
+        when(ms)
+    }
+}
+
+pub fn mission(s: &Signed, m: &crate::admin::types::MissionView) -> Markup {
+    layout(
+        "Mission",
+        Some(s),
+        html! {
+            h1 { (m.objective) }
+            dl.facts {
+                dt { "State" } dd #mission-state { (m.state) @if m.overdue { " · overdue" } @if m.closed_by_hand { " (closed by hand)" } }
+                dt { "Owner" } dd.id { (m.owner) }
+                dt { "Criteria" } dd { @if m.all_hold { "all hold" } @else { "not all hold yet" } }
+            }
+            p { a #evidence href={ "/console/missions/" (m.id) "/evidence" } { "Download the signed evidence (JWS)" } }
+            h2 { "Criteria" }
+            table #criteria {
+                thead { tr { th { "Finding" } th { "Criterion" } th { "Holds" } th { "Why" } } }
+                tbody {
+                    @for c in &m.criteria {
+                        tr class=(if c.holds { "" } else { "stale" }) { td { (c.finding) } td { (c.criterion) } td { @if c.holds { "yes" } @else { "no" } } td { (c.detail) } }
+                    }
+                }
+            }
+            h2 { "Findings" }
+            ul { @for f in &m.findings { li.id { (f.seq) ": " (serde_json::to_string(&f.finding).unwrap_or_default()) } } }
+            h2 { "History" }
+            ul { @for c in &m.changes { li { (when(c.at_ms)) ": " (c.state) " by " span.id { (c.actor) } " — " (c.reason) } } }
         },
     )
 }
