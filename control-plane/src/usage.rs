@@ -93,6 +93,41 @@ pub async fn summary(store: &Store, f: &Filter) -> Result<Summary, StoreError> {
     })
 }
 
+/// Usage over time: about [`TIMELINE_STEPS`] steps over the filter's range
+/// (since 24 hours ago when it has none), each a whole number of buckets.
+pub async fn timeline(store: &Store, f: &Filter) -> Result<Timeline, StoreError> {
+    let until = f.until_ms.unwrap_or_else(crate::store::now_ms);
+    let since = f.since_ms.unwrap_or(until - 86_400_000);
+    let f = Filter {
+        since_ms: Some(since),
+        until_ms: Some(until),
+        ..f.clone()
+    };
+    let span = (until - since).max(BUCKET_MS);
+    let buckets = (span / TIMELINE_STEPS / BUCKET_MS).max(1);
+    let step_ms = buckets * BUCKET_MS;
+    Ok(Timeline {
+        since_ms: since,
+        until_ms: until,
+        step_ms,
+        points: store.usage_timeline(&f, step_ms).await?,
+    })
+}
+
+/// How many steps a timeline has at most (about).
+pub const TIMELINE_STEPS: i64 = 120;
+
+/// `GET /v1/usage/timeline`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Timeline {
+    pub since_ms: i64,
+    pub until_ms: i64,
+    /// Width of each step.
+    pub step_ms: i64,
+    /// Steps with any use, oldest first.
+    pub points: Vec<crate::store::TimelinePoint>,
+}
+
 pub async fn dependencies(store: &Store, f: &Filter) -> Result<Vec<Edge>, StoreError> {
     store.usage_edges(f).await
 }

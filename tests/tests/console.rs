@@ -216,6 +216,11 @@ async fn a_responder_revokes_from_the_console_and_watches_it_take_effect() {
     let edges = c.find_all(Locator::Css("svg.map path.edge")).await.unwrap();
     assert_eq!(edges.len(), 1);
     screenshot(&c, "map").await;
+    // Usage over time: the five requests, as bars.
+    click(&c, Locator::LinkText("Usage")).await;
+    wait_text(&c, "#usage-total", "5 request(s), 0 error(s)").await;
+    assert!(!c.find_all(Locator::Css("svg.chart rect.bar")).await.unwrap().is_empty());
+    screenshot(&c, "usage").await;
 
     // Revoke: a malformed SPIFFE ID is refused next to its field.
     c.goto(&format!("{base}/console/revoke")).await.unwrap();

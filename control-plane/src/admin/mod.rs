@@ -104,6 +104,7 @@ fn v1_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(leaked::stripped))
         .routes(routes!(usage::summary))
         .routes(routes!(usage::dependencies))
+        .routes(routes!(usage::timeline))
         .routes(routes!(usage::unused_grants))
         .routes(routes!(usage::after_revocation))
         .routes(routes!(posture::posture))

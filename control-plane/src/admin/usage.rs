@@ -43,6 +43,22 @@ pub(super) async fn summary(
     Ok(Json(crate::usage::summary(&s.cp.store, &filter).await?))
 }
 
+/// Requests over time (steps of whole minutes, about 120 over the range;
+/// since 24 hours ago by default), with errors.
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/usage/timeline", tag = "usage",
+    params(UsageQuery), security(("bearer" = [])),
+    responses((status = 200, body = crate::usage::Timeline), (status = 400, body = ErrorBody)))]
+pub(super) async fn timeline(
+    State(s): State<AdminState>,
+    _: Viewer,
+    q: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Json<crate::usage::Timeline>, ApiError> {
+    let filter = filter(q)?;
+    Ok(Json(crate::usage::timeline(&s.cp.store, &filter).await?))
+}
+
 /// The dependency map: workload → upstream edges.
 ///
 /// Role: viewer.

@@ -83,6 +83,7 @@ pub fn router(
         .route("/console/revoke", get(revoke_form).post(revoke_preview))
         .route("/console/revoke/confirm", post(revoke_confirm))
         .route("/console/map", get(map))
+        .route("/console/usage", get(usage))
         .route("/console/leaked", get(leaked))
         .route("/console/leaked/{id}", get(leaked_status))
         .route("/console/stripped", get(stripped))
@@ -676,6 +677,18 @@ async fn map(
     let revoked: RevocationList = state.get(&s, peer, "/v1/revocations").await?;
     let svg = map::svg(&deps.edges, &revoked.revocations);
     Ok(Html(pages::map(&s, &since, svg).into_string()))
+}
+
+async fn usage(
+    State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    s: Signed,
+    Query(q): Query<MapQuery>,
+) -> Result<Html<String>, Refusal> {
+    let since = q.since.unwrap_or_else(|| "1d".into());
+    let path = format!("/v1/usage/timeline?since={}", encode(&since));
+    let timeline = state.get(&s, peer, &path).await?;
+    Ok(Html(pages::usage(&s, &since, &timeline).into_string()))
 }
 
 async fn leaked(

@@ -46,6 +46,7 @@ fn layout(title: &str, s: Option<&Signed>, body: Markup) -> Markup {
                                 a href="/console/revoke" { "Revoke" }
                             }
                             a href="/console/map" { "Dependency map" }
+                            a href="/console/usage" { "Usage" }
                             a href="/console/leaked" { "Leaked" }
                             a href="/console/stripped" { "Stripped" }
                             a href="/console/missions" { "Missions" }
@@ -328,15 +329,7 @@ pub fn map(s: &Signed, since: &str, svg: Markup) -> Markup {
         Some(s),
         html! {
             h1 { "Dependency map" }
-            form.inline method="get" action="/console/map" {
-                label for="since" { "Used since" }
-                select #since name="since" {
-                    @for (v, l) in [("1h", "the last hour"), ("1d", "the last day"), ("7d", "the last 7 days"), ("30d", "the last 30 days")] {
-                        option value=(v) selected[since == v] { (l) }
-                    }
-                }
-                button type="submit" { "Show" }
-            }
+            (since_form("/console/map", since))
             p.hint { "Workloads on the left, upstreams on the right; a line's width is its requests; red dashed lines are revoked." }
             div.mapbox { (svg) }
         },
@@ -518,6 +511,71 @@ pub fn mission(s: &Signed, m: &crate::admin::types::MissionView) -> Markup {
             ul { @for f in &m.findings { li.id { (f.seq) ": " (serde_json::to_string(&f.finding).unwrap_or_default()) } } }
             h2 { "History" }
             ul { @for c in &m.changes { li { (when(c.at_ms)) ": " (c.state) " by " span.id { (c.actor) } " — " (c.reason) } } }
+        },
+    )
+}
+
+const SINCE: [(&str, &str); 4] = [
+    ("1h", "the last hour"),
+    ("1d", "the last day"),
+    ("7d", "the last 7 days"),
+    ("30d", "the last 30 days"),
+];
+
+fn since_form(action: &str, since: &str) -> Markup {
+    html! {
+        form.inline method="get" action=(action) {
+            label for="since" { "Used since" }
+            select #since name="since" {
+                @for (v, l) in SINCE {
+                    option value=(v) selected[since == v] { (l) }
+                }
+            }
+            button type="submit" { "Show" }
+        }
+    }
+}
+
+/// Requests over time as bars (errors in red on top of each).
+pub fn usage(s: &Signed, since: &str, t: &crate::usage::Timeline) -> Markup {
+    const W: f64 = 900.0;
+    const H: f64 = 220.0;
+    let steps = ((t.until_ms - t.since_ms) / t.step_ms.max(1)).max(1);
+    let bar = W / steps as f64;
+    let max = t
+        .points
+        .iter()
+        .map(|p| p.requests)
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let x = |at: i64| (at - t.since_ms) as f64 / t.step_ms.max(1) as f64 * bar;
+    let total: i64 = t.points.iter().map(|p| p.requests).sum();
+    let errors: i64 = t.points.iter().map(|p| p.errors).sum();
+    layout(
+        "Usage",
+        Some(s),
+        html! {
+            h1 { "Usage over time" }
+            (since_form("/console/usage", since))
+            p #usage-total { (total) " request(s), " (errors) " error(s); one bar per " (t.step_ms / 60_000) " min." }
+            div.mapbox {
+                svg.chart viewBox={ "0 0 " (W) " " (H + 20.0) } role="img" aria-label="Requests over time" {
+                    line.axis x1="0" y1=(H) x2=(W) y2=(H) {}
+                    @for p in &t.points {
+                        @let h = H * p.requests as f64 / max;
+                        @let e = H * p.errors as f64 / max;
+                        rect.bar x=(format!("{:.1}", x(p.at_ms))) y=(format!("{:.1}", H - h)) width=(format!("{:.1}", (bar - 1.0).max(1.0))) height=(format!("{h:.1}")) {
+                            title { (p.requests) " request(s), " (p.errors) " error(s)" }
+                        }
+                        @if p.errors > 0 {
+                            rect.errors x=(format!("{:.1}", x(p.at_ms))) y=(format!("{:.1}", H - e)) width=(format!("{:.1}", (bar - 1.0).max(1.0))) height=(format!("{e:.1}")) {}
+                        }
+                    }
+                    text.label x="0" y=(H + 15.0) { (when(t.since_ms)) }
+                    text.label x=(W) y=(H + 15.0) text-anchor="end" { "now" }
+                }
+            }
         },
     )
 }

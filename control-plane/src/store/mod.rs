@@ -74,8 +74,8 @@ pub use secrets::SecretVersion;
 pub use tokens::{SharedToken, TokenRecord};
 pub use url::{DatabaseUrl, numbered_placeholders};
 pub use usage::{
-    BUCKET_MS, CredentialSpan, Edge, Sighting, Stripped, UsageFilter, UsageRow, UsageScope,
-    UsedAfter,
+    BUCKET_MS, CredentialSpan, Edge, Sighting, Stripped, TimelinePoint, UsageFilter, UsageRow,
+    UsageScope, UsedAfter,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -456,6 +456,18 @@ store_test!(
         );
         assert!(store.record_usage("s1", w, &b2, 6).await.unwrap());
 
+        // Over time: minute buckets, or wider steps of whole buckets.
+        let minutes = store
+            .usage_timeline(&UsageFilter::default(), BUCKET_MS)
+            .await
+            .unwrap();
+        let at = |p: &TimelinePoint| (p.at_ms, p.requests, p.errors);
+        assert_eq!(minutes.iter().map(at).collect::<Vec<_>>(), [(60_000, 9, 2)]);
+        let wide = store
+            .usage_timeline(&UsageFilter::default(), 3 * BUCKET_MS)
+            .await
+            .unwrap();
+        assert_eq!(wide.iter().map(at).collect::<Vec<_>>(), [(0, 9, 2)]);
         let rows = store.usage_rows(&UsageFilter::default()).await.unwrap();
         let c1: Vec<_> = rows.iter().filter(|r| r.credential_id == "c1").collect();
         assert_eq!(c1.len(), 1, "{rows:?}");

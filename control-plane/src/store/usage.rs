@@ -27,6 +27,25 @@ pub struct Sighting {
     pub last_seen_ms: i64,
 }
 
+/// Requests in one step of a usage timeline.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    sqlx::FromRow,
+    utoipa::ToSchema,
+)]
+pub struct TimelinePoint {
+    /// Start of the step, Unix ms.
+    pub at_ms: i64,
+    pub requests: i64,
+    /// Of which answered 5xx or failed.
+    pub errors: i64,
+}
+
 /// A workload that sent its own credential to a managed upstream (the
 /// sidecar stripped it): how often since first seen, and when.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
@@ -286,6 +305,29 @@ impl Store {
             );
             f.push_where(&mut q);
             q.push(" GROUP BY workload, upstream, credential_kind ORDER BY workload, upstream");
+            q.build_query_as().fetch_all(p).await
+        })?)
+    }
+
+    /// Requests (and errors) over time, in steps of `step_ms` (a multiple of
+    /// [`BUCKET_MS`]), oldest first.
+    pub async fn usage_timeline(
+        &self,
+        f: &UsageFilter,
+        step_ms: i64,
+    ) -> Result<Vec<TimelinePoint>, StoreError> {
+        Ok(db!(&self.pool, |p| {
+            let mut q = sqlx::QueryBuilder::new("SELECT (bucket_ms / ");
+            q.push_bind(step_ms)
+                .push(") * ")
+                .push_bind(step_ms)
+                .push(
+                    " AS at_ms, CAST(SUM(requests) AS BIGINT) AS requests, \
+                     CAST(SUM(CASE WHEN status_class IN ('5xx', 'error') THEN requests ELSE 0 END) AS BIGINT) AS errors \
+                     FROM usage",
+                );
+            f.push_where(&mut q);
+            q.push(" GROUP BY 1 ORDER BY 1 LIMIT 10000");
             q.build_query_as().fetch_all(p).await
         })?)
     }
