@@ -14,8 +14,7 @@ document.addEventListener("DOMContentLoaded", () => {
     td.textContent = text;
     return td;
   };
-  const source = new EventSource(table.dataset.live);
-  source.addEventListener("ack", (e) => {
+  const onAck = (e) => {
     const a = JSON.parse(e.data);
     if (seen.has(a.session_id)) return;
     seen.add(a.session_id);
@@ -24,8 +23,8 @@ document.addEventListener("DOMContentLoaded", () => {
     tr.className = "new";
     tr.append(cell(a.spiffe_id, "id"), cell(a.session_id, "id"), cell(a.latency_ms + " ms"), cell("just now"));
     body.append(tr);
-  });
-  source.addEventListener("state", (e) => {
+  };
+  const onState = (e) => {
     const s = JSON.parse(e.data);
     for (const [id, value] of [["acked", s.acknowledged], ["pending-count", s.pending], ["connected", s.connected]]) {
       const el = document.getElementById(id);
@@ -35,5 +34,17 @@ document.addEventListener("DOMContentLoaded", () => {
       const pending = document.getElementById("pending");
       if (pending) pending.remove();
     }
-  });
+  };
+  // EventSource retries a dropped stream by itself, but gives up for good
+  // on an answer that is not a stream (a control plane shutting down or
+  // not yet up): then a new one is opened, every 2 s, until one holds.
+  const connect = () => {
+    const source = new EventSource(table.dataset.live);
+    source.addEventListener("ack", onAck);
+    source.addEventListener("state", onState);
+    source.addEventListener("error", () => {
+      if (source.readyState === EventSource.CLOSED) setTimeout(connect, 2000);
+    });
+  };
+  connect();
 });

@@ -277,6 +277,7 @@ impl ControlPlane {
             router,
             admin_cert.is_some(),
             limiter,
+            shutdown.subscribe(),
         ));
         tasks.spawn(crate::listeners::serve_admin(
             admin_listener,

@@ -333,6 +333,10 @@ pub async fn serve_admin(
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .max_concurrent_streams(64);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Cancelled when the graceful shutdown's time is up: every connection
+    // still open (a console's event stream, a slow client) is then closed,
+    // not left running without its server.
+    let closing = tokio_util::sync::CancellationToken::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -369,6 +373,7 @@ pub async fn serve_admin(
         });
         let svc = hyper_util::service::TowerToHyperService::new(svc);
         let evicted = slot.evicted.clone();
+        let closing = closing.clone();
         match &acceptor {
             None => {
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
@@ -382,6 +387,7 @@ pub async fn serve_admin(
                         () = evicted.cancelled() => {
                             tracing::debug!(%peer, "idle admin connection closed for a newer one");
                         }
+                        () = closing.cancelled() => {}
                     }
                 });
             }
@@ -413,6 +419,7 @@ pub async fn serve_admin(
                         () = evicted.cancelled() => {
                             tracing::debug!(%peer, "idle admin connection closed for a newer one");
                         }
+                        () = closing.cancelled() => {}
                     }
                 });
             }
@@ -425,6 +432,7 @@ pub async fn serve_admin(
     {
         tracing::warn!("admin connections still open after 5 s; closing them");
     }
+    closing.cancel();
 }
 
 #[cfg(test)]

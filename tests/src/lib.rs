@@ -406,20 +406,9 @@ async fn e2e_database(data_dir: &Path) -> Option<leash_control_plane::store::Dat
     Some(leash_control_plane::store::DatabaseUrl::parse(&url).unwrap())
 }
 
-/// The control plane as tests run it, with `configure` applied to its
-/// configuration first.
-pub async fn start_control_plane_configured(
-    ids: &Identities,
-    cp_id: &str,
-    policy: &Path,
-    data_dir: &Path,
-    sidecar_listener: TcpListener,
-    configure: impl FnOnce(&mut ServeConfig),
-) -> ControlPlane {
-    let source = leash_api::identity::x509_source(&ids.endpoint(cp_id), Duration::from_secs(10))
-        .await
-        .expect("control plane identity");
-    let mut config = ServeConfig {
+/// The control plane's configuration as tests run it.
+pub async fn test_config(policy: &Path, data_dir: &Path) -> ServeConfig {
+    ServeConfig {
         policy: policy.to_owned(),
         data_dir: data_dir.to_owned(),
         database_url: e2e_database(data_dir).await,
@@ -433,11 +422,73 @@ pub async fn start_control_plane_configured(
         limits: Default::default(),
         admin_tls: None,
         probe_timeout: leash_control_plane::probes::DEFAULT_TIMEOUT,
-    };
+    }
+}
+
+/// The control plane as tests run it, with `configure` applied to its
+/// configuration first.
+pub async fn start_control_plane_configured(
+    ids: &Identities,
+    cp_id: &str,
+    policy: &Path,
+    data_dir: &Path,
+    sidecar_listener: TcpListener,
+    configure: impl FnOnce(&mut ServeConfig),
+) -> ControlPlane {
+    let source = leash_api::identity::x509_source(&ids.endpoint(cp_id), Duration::from_secs(10))
+        .await
+        .expect("control plane identity");
+    let mut config = test_config(policy, data_dir).await;
     configure(&mut config);
     ControlPlane::start(config, source, sidecar_listener, listener().await)
         .await
         .expect("control plane starts")
+}
+
+impl Deployment {
+    /// Stops the control plane and starts it again on the same data
+    /// directory and the same two addresses: a restart, as a responder's
+    /// browser and the sidecars see it.
+    pub async fn restart_control_plane(self) -> Self {
+        let Self {
+            seen,
+            dir,
+            ids,
+            cp,
+            sidecar,
+            upstream,
+            client,
+        } = self;
+        let (sidecar_addr, admin_addr) = (cp.sidecar_addr, cp.admin_addr);
+        cp.shutdown(Duration::from_secs(5)).await;
+        let source =
+            leash_api::identity::x509_source(&ids.endpoint(CP_ID), Duration::from_secs(10))
+                .await
+                .expect("control plane identity");
+        let policy = dir.path().join("policy.yaml");
+        let data = dir.path().join("data");
+        let cp = ControlPlane::start(
+            test_config(&policy, &data).await,
+            source,
+            TcpListener::bind(sidecar_addr)
+                .await
+                .expect("the sidecar API address again"),
+            TcpListener::bind(admin_addr)
+                .await
+                .expect("the admin address again"),
+        )
+        .await
+        .expect("control plane restarts");
+        Self {
+            seen,
+            dir,
+            ids,
+            cp,
+            sidecar,
+            upstream,
+            client,
+        }
+    }
 }
 
 /// The deployment's master key, kept beside its data directory so that a

@@ -219,7 +219,12 @@ async fn a_responder_revokes_from_the_console_and_watches_it_take_effect() {
     // Usage over time: the five requests, as bars.
     click(&c, Locator::LinkText("Usage")).await;
     wait_text(&c, "#usage-total", "5 request(s), 0 error(s)").await;
-    assert!(!c.find_all(Locator::Css("svg.chart rect.bar")).await.unwrap().is_empty());
+    assert!(
+        !c.find_all(Locator::Css("svg.chart rect.bar"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     screenshot(&c, "usage").await;
 
     // Revoke: a malformed SPIFFE ID is refused next to its field.
@@ -529,6 +534,74 @@ async fn a_responder_revokes_from_the_console_and_watches_it_take_effect() {
     // Never a secret: the pages never held the token.
     let source = c.source().await.unwrap();
     assert!(!source.contains(&token));
+    c.close().await.unwrap();
+    second.shutdown(Duration::from_secs(2)).await;
+}
+
+/// The control plane restarts while a revocation's page is open: the
+/// session survives (it is in the store), the live view reconnects by
+/// itself, and acknowledgements made after the restart appear without a
+/// reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_view_reconnects_when_the_control_plane_restarts() {
+    let d = Deployment::start("5m", Duration::from_secs(600)).await;
+    let admin = Admin::bootstrap(d.cp.admin_addr, &d.dir.path().join("data"));
+    let token = std::fs::read_to_string(d.dir.path().join("data/admin-token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let revoked = admin
+        .revoke(serde_json::json!({"kind": "upstream", "upstream": "ledger", "reason": "drill"}))
+        .await;
+    let id = revoked["id"].as_str().unwrap().to_owned();
+    admin.wait_acknowledged(&id, 1).await;
+
+    let driver = chromedriver().await;
+    let profile = tempfile::tempdir().unwrap();
+    let c = browser(&driver, profile.path()).await;
+    sign_in(&c, d.cp.admin_addr, &token).await;
+    c.goto(&format!(
+        "http://{}/console/revocations/{id}",
+        d.cp.admin_addr
+    ))
+    .await
+    .unwrap();
+    wait_text(&c, "#acks td", APP_ID).await;
+    c.execute("window.leashMarker = 'still the same page';", vec![])
+        .await
+        .unwrap();
+    let rows = c
+        .find_all(Locator::Css("#acks tbody tr"))
+        .await
+        .unwrap()
+        .len();
+
+    let d = d.restart_control_plane().await;
+    // The sidecar resumes on the restarted control plane: its new session
+    // acknowledges again, and a second sidecar joins; both rows arrive.
+    let second = start_sidecar(sidecar_config(d.ids.endpoint(APP_ID), d.cp.sidecar_addr)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c
+        .find_all(Locator::Css("#acks tbody tr"))
+        .await
+        .unwrap()
+        .len()
+        < rows + 2
+    {
+        if Instant::now() > deadline {
+            let status = admin.get(&format!("/v1/revocations/{id}")).await.json();
+            panic!(
+                "no acknowledgement after the restart reached the open page: {}\nthe API says: {status}",
+                c.source().await.unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let marker = c
+        .execute("return window.leashMarker;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(marker, "still the same page", "the page was not reloaded");
     c.close().await.unwrap();
     second.shutdown(Duration::from_secs(2)).await;
 }

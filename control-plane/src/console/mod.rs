@@ -55,6 +55,9 @@ pub struct ConsoleState {
     /// The admin API's limiter of calls without a valid token: a sign-in
     /// with a wrong token counts against its address the same way.
     limiter: Arc<crate::unauthenticated::FailureLimiter>,
+    /// Ends the live streams when the control plane stops (the browser
+    /// reconnects to whichever answers next).
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The console's routes, to merge into the admin router.
@@ -63,12 +66,14 @@ pub fn router(
     api: Router,
     secure: bool,
     limiter: Arc<crate::unauthenticated::FailureLimiter>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Router {
     let state = Arc::new(ConsoleState {
         cp,
         api,
         secure,
         limiter,
+        shutdown,
     });
     Router::new()
         .route("/console", get(home))
@@ -428,6 +433,7 @@ async fn live(
         .map_or(stored.revoke_seq, |r| r.seq);
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     let cp = state.cp.clone();
+    let mut stop = state.shutdown.clone();
     tokio::spawn(async move {
         let mut sent = std::collections::HashSet::new();
         let mut last_state = String::new();
@@ -471,7 +477,10 @@ async fn live(
                 }
                 Err(e) => tracing::warn!(error = %e, "console: cannot read propagation"),
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                () = leash_api::process::stopped(&mut stop) => return,
+            }
             if tx.is_closed() {
                 return;
             }
