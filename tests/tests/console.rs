@@ -413,6 +413,34 @@ async fn a_responder_revokes_from_the_console_and_watches_it_take_effect() {
     wait_text(&c, "#verdict", "The chain verifies").await;
     screenshot(&c, "audit").await;
 
+    // A token made on the page is shown once, and works.
+    click(&c, Locator::LinkText("Tokens")).await;
+    type_into(&c, Locator::Id("name"), "from-the-console").await;
+    click(&c, Locator::Css("main form button")).await;
+    let made = c
+        .find(Locator::Id("new-token"))
+        .await
+        .unwrap()
+        .prop("value")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(made.starts_with("lsh_"), "{made}");
+    let viewer_api = admin.with_token(Some(&made));
+    assert_eq!(viewer_api.get("/v1/sidecars").await.status, 200);
+    c.goto(&format!("{base}/console/tokens")).await.unwrap();
+    assert!(
+        !c.source().await.unwrap().contains(&made),
+        "shown once only"
+    );
+
+    // On a phone: the fleet, readable.
+    c.set_window_size(390, 844).await.unwrap();
+    c.goto(&format!("{base}/console/fleet")).await.unwrap();
+    wait_text(&c, "#sidecars td", APP_ID).await;
+    screenshot(&c, "fleet-phone").await;
+    c.set_window_size(1280, 900).await.unwrap();
+
     // A forged post (no CSRF value) with the session's own cookie: refused,
     // and nothing is revoked.
     let forged = with_cookie(

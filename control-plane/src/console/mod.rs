@@ -89,6 +89,7 @@ pub fn router(
         .route("/console/revoke/confirm", post(revoke_confirm))
         .route("/console/map", get(map))
         .route("/console/usage", get(usage))
+        .route("/console/tokens", get(tokens_page).post(create_token))
         .route("/console/leaked", get(leaked))
         .route("/console/leaked/{id}", get(leaked_status))
         .route("/console/stripped", get(stripped))
@@ -686,6 +687,49 @@ async fn map(
     let revoked: RevocationList = state.get(&s, peer, "/v1/revocations").await?;
     let svg = map::svg(&deps.edges, &revoked.revocations);
     Ok(Html(pages::map(&s, &since, svg).into_string()))
+}
+
+async fn tokens_page(s: Signed) -> Html<String> {
+    Html(pages::tokens(&s, None, None).into_string())
+}
+
+#[derive(Deserialize)]
+struct TokenForm {
+    #[serde(default)]
+    csrf: String,
+    name: String,
+    role: String,
+}
+
+/// `POST /v1/tokens` (admin): the new token is on the answer page only.
+async fn create_token(
+    State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    s: Signed,
+    headers: axum::http::HeaderMap,
+    Form(f): Form<TokenForm>,
+) -> Response {
+    if let Some(r) = foreign_post(&s, &headers, &f.csrf) {
+        return r;
+    }
+    let body = serde_json::json!({ "name": f.name, "role": f.role });
+    match state
+        .call::<crate::admin::types::TokenCreated>(
+            &s.caller,
+            peer,
+            Method::POST,
+            "/v1/tokens",
+            Some(body),
+        )
+        .await
+    {
+        Ok(created) => Html(pages::tokens(&s, Some(&created), None).into_string()).into_response(),
+        Err(r) => (
+            r.status,
+            Html(pages::tokens(&s, None, Some(&r.body.message)).into_string()),
+        )
+            .into_response(),
+    }
 }
 
 async fn usage(

@@ -52,6 +52,7 @@ fn layout(title: &str, s: Option<&Signed>, body: Markup) -> Markup {
                             a href="/console/missions" { "Missions" }
                             @if s.caller.role >= Role::Admin {
                                 a href="/console/audit" { "Audit" }
+                                a href="/console/tokens" { "Tokens" }
                             }
                         }
                         form.signout method="post" action="/console/sign-out" {
@@ -575,6 +576,41 @@ pub fn usage(s: &Signed, since: &str, t: &crate::usage::Timeline) -> Markup {
                     text.label x="0" y=(H + 15.0) { (when(t.since_ms)) }
                     text.label x=(W) y=(H + 15.0) text-anchor="end" { "now" }
                 }
+            }
+        },
+    )
+}
+
+/// The token form, and a token just made: shown this once (the store keeps
+/// only its hash), never again on any page.
+pub fn tokens(
+    s: &Signed,
+    created: Option<&crate::admin::types::TokenCreated>,
+    error: Option<&str>,
+) -> Markup {
+    layout(
+        "Tokens",
+        Some(s),
+        html! {
+            h1 { "Admin API tokens" }
+            @if let Some(t) = created {
+                div.card #created {
+                    p { "Token " strong { (t.name) } " (" (t.role) "). Copy it now: it is shown this once and cannot be read again." }
+                    input #new-token readonly value=(t.token);
+                }
+            }
+            form.card method="post" action="/console/tokens" {
+                input type="hidden" name="csrf" value=(s.csrf);
+                label for="name" { "Name" }
+                input #name name="name" required maxlength="64";
+                label for="role" { "Role" }
+                select #role name="role" {
+                    option value="viewer" { "viewer: read" }
+                    option value="responder" { "responder: also revoke and restore" }
+                    option value="admin" { "admin: also tokens, secrets, the audit log" }
+                }
+                @if let Some(e) = error { p.error #tokens-error { (e) } }
+                button type="submit" { "Create" }
             }
         },
     )
