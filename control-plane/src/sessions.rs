@@ -51,49 +51,98 @@ impl AckWriter {
     }
 }
 
+/// Acknowledgements received and not yet written: at most one range per
+/// session, so memory is bounded by the sessions and nothing is dropped
+/// however far the store falls behind. A session's consecutive
+/// acknowledgements merge into one range `(from, to]`, recorded with the
+/// time of the newest: for the earlier sequences in it that time is an
+/// upper bound (the proof never claims an acknowledgement earlier than it
+/// came).
+#[derive(Default)]
+pub struct PendingAcks {
+    state: std::sync::Mutex<PendingState>,
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct PendingState {
+    by_session: HashMap<String, Vec<AckRecord>>,
+    closed: bool,
+}
+
+impl PendingAcks {
+    /// Queues `a`; false once the writer has stopped taking them.
+    pub fn push(&self, a: AckRecord) -> bool {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.closed {
+            return false;
+        }
+        let ranges = st.by_session.entry(a.session_id.clone()).or_default();
+        match ranges.last_mut() {
+            Some(last) if last.to_seq == a.from_seq => {
+                last.to_seq = a.to_seq;
+                last.acked_at_ms = a.acked_at_ms;
+            }
+            _ => ranges.push(a),
+        }
+        drop(st);
+        self.wake.notify_one();
+        true
+    }
+
+    fn take(&self, close: bool) -> Vec<AckRecord> {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.closed |= close;
+        st.by_session.drain().flat_map(|(_, v)| v).collect()
+    }
+}
+
 /// Writes queued acknowledgements until told to stop, then writes what is
 /// still queued: acknowledgements received are proof of propagation.
 async fn write_acks(
     store: Store,
-    mut rx: mpsc::Receiver<AckRecord>,
+    pending: Arc<PendingAcks>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let mut batch = Vec::with_capacity(1024);
-    let write = async |batch: &mut Vec<AckRecord>| {
-        if let Err(e) = store.insert_acks(batch).await {
-            tracing::error!(error = %e, n = batch.len(), "cannot record acknowledgements");
+    let write = async |batch: Vec<AckRecord>| {
+        for chunk in batch.chunks(1024) {
+            if let Err(e) = store.insert_acks(chunk).await {
+                tracing::error!(error = %e, n = chunk.len(), "cannot record acknowledgements");
+            }
         }
-        batch.clear();
     };
     loop {
         tokio::select! {
-            n = rx.recv_many(&mut batch, 1024) => {
-                if n == 0 {
-                    return;
+            () = pending.wake.notified() => {
+                let batch = pending.take(false);
+                if !batch.is_empty() {
+                    write(batch).await;
                 }
-                write(&mut batch).await;
             }
             // Told to stop, or the control plane dropped without a shutdown.
             _ = &mut stop => break,
         }
     }
-    rx.close();
-    while rx.recv_many(&mut batch, 1024).await > 0 {
-        write(&mut batch).await;
-    }
+    write(pending.take(true)).await;
 }
 
 pub struct SessionRegistry {
     sessions: RwLock<HashMap<String, Arc<SessionInfo>>>,
-    acks: mpsc::Sender<AckRecord>,
+    acks: Arc<PendingAcks>,
 }
 
 impl SessionRegistry {
     /// The registry and the task that writes acknowledgements in batches.
     pub fn new(store: Store) -> (Arc<Self>, AckWriter) {
-        let (acks, rx) = mpsc::channel::<AckRecord>(16 * 1024);
+        let acks = Arc::new(PendingAcks::default());
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(write_acks(store, rx, stopped));
+        let task = tokio::spawn(write_acks(store, acks.clone(), stopped));
         (
             Arc::new(Self {
                 sessions: RwLock::new(HashMap::new()),
@@ -598,8 +647,8 @@ impl SessionDriver {
                 to_seq: seq,
                 acked_at_ms: now,
             };
-            if self.registry.acks.try_send(record).is_err() {
-                tracing::warn!(session = %info.id, seq, "acknowledgement queue full; proof of this ack not recorded");
+            if !self.registry.acks.push(record) {
+                tracing::warn!(session = %info.id, seq, "acknowledgement after shutdown began; not recorded");
             }
         }
         Ok(())
@@ -660,36 +709,49 @@ mod tests {
     store_test!(
         async fn acknowledgements_still_queued_are_recorded_at_shutdown(db: &TestDb) {
             let store = db.open(None).await.unwrap();
-            store
-                .insert_session(
-                    &SessionRecord {
-                        id: "s1".into(),
-                        spiffe_id: "spiffe://leash.test/w".into(),
-                        version: "test".into(),
-                        connected_at_ms: 1,
-                    },
-                    "cp-test",
-                )
-                .await
-                .unwrap();
+            let sessions = 300;
+            for n in 0..sessions {
+                store
+                    .insert_session(
+                        &SessionRecord {
+                            id: format!("s{n}"),
+                            spiffe_id: "spiffe://leash.test/w".into(),
+                            version: "test".into(),
+                            connected_at_ms: 1,
+                        },
+                        "cp-test",
+                    )
+                    .await
+                    .unwrap();
+            }
             let (registry, writer) = SessionRegistry::new(store.clone());
             // Queued without yielding (one-thread runtime): the writer has not
-            // written any of them when the flush starts.
-            let last = 5_000;
+            // written any of them when the flush starts. 30,000
+            // acknowledgements, more than any fixed queue here ever held:
+            // none is dropped, each session's merge into one range.
+            let last = 100;
             for seq in 1..=last {
-                let ack = AckRecord {
-                    session_id: "s1".into(),
-                    from_seq: seq - 1,
-                    to_seq: seq,
-                    acked_at_ms: i64::try_from(seq).unwrap(),
-                };
-                registry.acks.try_send(ack).unwrap();
+                for n in 0..sessions {
+                    let ack = AckRecord {
+                        session_id: format!("s{n}"),
+                        from_seq: seq - 1,
+                        to_seq: seq,
+                        acked_at_ms: i64::try_from(seq).unwrap(),
+                    };
+                    assert!(registry.acks.push(ack));
+                }
             }
             writer.flush(Duration::from_secs(60)).await;
             for seq in [1, last / 2, last] {
                 let acked = store.acks_for(seq).await.unwrap();
-                assert_eq!(acked.len(), 1, "ack of {seq}");
-                assert_eq!(acked[0].1, i64::try_from(seq).unwrap());
+                assert_eq!(acked.len(), sessions, "acks of {seq}");
+                // The merged range carries its newest time: never earlier
+                // than the acknowledgement of any sequence in it.
+                assert!(
+                    acked
+                        .iter()
+                        .all(|(_, at)| *at >= i64::try_from(seq).unwrap())
+                );
             }
             // Nothing is taken after the flush.
             let late = AckRecord {
@@ -698,7 +760,7 @@ mod tests {
                 to_seq: last + 1,
                 acked_at_ms: 0,
             };
-            assert!(registry.acks.try_send(late).is_err());
+            assert!(!registry.acks.push(late));
             store.close().await;
         }
     );
