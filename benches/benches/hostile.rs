@@ -28,7 +28,9 @@ use http_body_util::{BodyExt as _, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use leash_benches::{APP_ID, CP_ID, Proc, control_plane_binary, free_port, start_identity};
+use leash_benches::{
+    APP_ID, CP_ID, Proc, control_plane_binary, free_port, serve_command, start_identity, wait_ready,
+};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -87,20 +89,7 @@ async fn main() -> anyhow::Result<()> {
     let (api, admin) = (free_port(), free_port());
     let data = d.join("data");
     let _cp = Proc(
-        Command::new(&bin)
-            .arg("serve")
-            .arg("--policy")
-            .arg(d.join("policy.yaml"))
-            .arg("--data-dir")
-            .arg(&data)
-            .args([
-                "--listen",
-                &api.to_string(),
-                "--admin-listen",
-                &admin.to_string(),
-            ])
-            .arg("--spiffe-endpoint")
-            .arg(format!("unix://{}", d.join("cp.sock").display()))
+        serve_command(&bin, d, &data, api, admin)
             .arg("--master-key-file")
             .arg(&key)
             .args(["--heartbeat-interval", "1s"])
@@ -108,19 +97,7 @@ async fn main() -> anyhow::Result<()> {
             .stderr(Stdio::null())
             .spawn()?,
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-        if let Ok(r) = client.get(format!("http://{admin}/readyz").parse()?).await
-            && r.status() == 200
-        {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("control plane not ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(admin, Duration::from_secs(20)).await?;
     let token = std::fs::read_to_string(data.join("admin-token"))?
         .trim()
         .to_owned();

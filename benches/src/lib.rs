@@ -47,6 +47,34 @@ pub fn free_port() -> SocketAddr {
         .expect("a free port")
 }
 
+/// `leash-control-plane serve` with the policy `dir/policy.yaml`, the data
+/// directory `data`, the two listeners, and its identity from the dev
+/// Workload API's `dir/cp.sock` (see [`start_identity`]); each benchmark
+/// adds its own flags.
+pub fn serve_command(
+    bin: &Path,
+    dir: &Path,
+    data: &Path,
+    api: SocketAddr,
+    admin: SocketAddr,
+) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--policy")
+        .arg(dir.join("policy.yaml"))
+        .arg("--data-dir")
+        .arg(data)
+        .args([
+            "--listen",
+            &api.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .arg("--spiffe-endpoint")
+        .arg(format!("unix://{}", dir.join("cp.sock").display()));
+    cmd
+}
+
 /// The dev Workload API as a process, serving `cp.sock` (the control
 /// plane's identity) and `app.sock` (the bench workload's) in `dir`.
 pub async fn start_identity(bin: &Path, dir: &Path) -> anyhow::Result<Proc> {
@@ -67,4 +95,26 @@ pub async fn start_identity(bin: &Path, dir: &Path) -> anyhow::Result<Proc> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(identity)
+}
+
+/// Waits until the control plane whose admin API is at `admin` answers
+/// `/readyz` with 200 (its store is open and read, its listeners serve).
+pub async fn wait_ready(admin: SocketAddr, within: Duration) -> anyhow::Result<()> {
+    use http_body_util::Empty;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(r) = client.get(format!("http://{admin}/readyz").parse()?).await
+            && r.status() == 200
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the control plane at {admin} was not ready within {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

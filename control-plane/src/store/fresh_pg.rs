@@ -1,6 +1,7 @@
 //! Tests' PostgreSQL: a fresh database per test on the server
-//! `LEASH_TEST_DATABASE_URL` names, created and dropped by the test. No
-//! `crate::` paths: the end-to-end tests include this file too.
+//! `LEASH_TEST_DATABASE_URL` names, created and dropped by the test (and
+//! per row by the propagation benchmark). No `crate::` paths: the
+//! end-to-end tests and the benchmark include this file too.
 
 use sqlx::{AssertSqlSafe, Connection as _, PgConnection};
 
@@ -24,10 +25,17 @@ impl FreshDatabase {
             eprintln!("skipped {test} on PostgreSQL: {TEST_DATABASE_URL} is not set");
             return None;
         };
-        let name = format!("leash_test_{}", uuid::Uuid::new_v4().simple());
+        Some(Self::create_on(server, "leash_test").await)
+    }
+
+    /// A new, empty database named `prefix`_(random) on `server` (a
+    /// postgres:// URL naming any database there, with a role that may
+    /// create databases).
+    pub async fn create_on(server: String, prefix: &str) -> Self {
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
         let mut conn = PgConnection::connect(&server)
             .await
-            .unwrap_or_else(|e| panic!("cannot reach {TEST_DATABASE_URL}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot reach the PostgreSQL server: {e}"));
         // Byte-order collation, as SQLite compares text: the same ORDER BY
         // gives the same order on both backends.
         sqlx::raw_sql(AssertSqlSafe(format!(
@@ -38,14 +46,14 @@ impl FreshDatabase {
         .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
         let _ = conn.close().await;
         let url = with_database(&server, &name);
-        Some(Self { server, name, url })
+        Self { server, name, url }
     }
 
     /// Drops the database (connections still open to it are ended).
     pub async fn drop_database(self) {
         let mut conn = PgConnection::connect(&self.server)
             .await
-            .unwrap_or_else(|e| panic!("cannot reach {TEST_DATABASE_URL}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot reach the PostgreSQL server: {e}"));
         sqlx::raw_sql(AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
             self.name
