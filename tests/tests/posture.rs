@@ -110,7 +110,12 @@ async fn posture_finds_what_the_incident_left_and_check_guards_live_consumers() 
                         w.iter().map(|x| x["requests"].as_i64().unwrap()).sum()
                     });
                 let stripped = v["own_secrets"][0]["count"].as_i64();
-                (used == 20 && stripped == Some(10)).then_some(v)
+                // The other sidecar's usage of ledger arrives in its own
+                // batch, apart from its stripped report: wait for it too.
+                let other_used = pairs(&v["unused_grants"], "workload", "upstream")
+                    .iter()
+                    .all(|(w, u)| !(w == OTHER_ID && u == "ledger"));
+                (used == 20 && stripped == Some(10) && other_used).then_some(v)
             }
         },
     )
