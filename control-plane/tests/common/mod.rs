@@ -22,12 +22,30 @@ pub mod pg;
 pub const CP_ID: &str = "spiffe://leash.test/leash/control-plane";
 pub const APP_ID: &str = "spiffe://leash.test/ns/demo/sa/client";
 
+thread_local! {
+    static LOGS: std::cell::RefCell<Vec<std::path::PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 pub struct Proc(pub Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        // A test failing: show the logs of the processes it started.
+        if std::thread::panicking() {
+            LOGS.with(|l| {
+                for path in l.borrow().iter() {
+                    if let Ok(text) = std::fs::read_to_string(path) {
+                        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                        eprintln!("--- last lines of {}:", path.display());
+                        for line in tail.iter().rev() {
+                            eprintln!("{line}");
+                        }
+                    }
+                }
+            });
+        }
     }
 }
 
@@ -37,6 +55,9 @@ pub fn free_port() -> SocketAddr {
 }
 
 pub fn spawn(args: &[&str], log: &Path) -> Proc {
+    // Where a test that fails can be read after the temporary directory
+    // is gone: printed by the panic hook below.
+    LOGS.with(|l| l.borrow_mut().push(log.to_owned()));
     let log = std::fs::File::create(log).unwrap();
     Proc(
         Command::new(env!("CARGO_BIN_EXE_leash-control-plane"))
@@ -169,13 +190,16 @@ pub fn serve_args(dir: &Path, sidecar_api: SocketAddr, admin: SocketAddr) -> Vec
 }
 
 pub async fn wait_ready(admin: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ready = get(admin, &format!("http://{admin}/readyz")).await;
         if matches!(ready, Some((200, _))) {
             return;
         }
-        assert!(Instant::now() < deadline, "control plane not ready");
+        assert!(
+            Instant::now() < deadline,
+            "control plane at {admin} not ready; its last /readyz: {ready:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
