@@ -535,14 +535,17 @@ async fn run(
         latencies.push(done.iter().map(since).max().context("no replica")?);
         if replicas.len() > 1 {
             committing.push(since(&done[via]));
-            followers.push(
-                done.iter()
-                    .enumerate()
-                    .filter(|&(g, _)| g != via)
-                    .map(|(_, t)| since(t))
-                    .max()
-                    .context("no other replica")?,
-            );
+            // Replicas with no session (fewer sessions than replicas) say
+            // nothing about their followers.
+            if let Some(last) = done
+                .iter()
+                .enumerate()
+                .filter(|&(g, _)| g != via && !groups[g].is_empty())
+                .map(|(_, t)| since(t))
+                .max()
+            {
+                followers.push(last);
+            }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -620,7 +623,14 @@ fn per_replica(values: &[f64], format: impl Fn(f64) -> String) -> String {
     }
     values
         .iter()
-        .map(|&v| format(v))
+        // Per session, on a replica with none.
+        .map(|&v| {
+            if v.is_finite() {
+                format(v)
+            } else {
+                "—".into()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" / ")
 }
