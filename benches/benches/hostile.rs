@@ -196,6 +196,7 @@ async fn main() -> anyhow::Result<()> {
         upstream_response_timeout: Duration::from_secs(10),
         otel: None,
         usage_reporting: true,
+        intercept_ca_file: None,
     };
     let endpoint = format!("unix://{}", d.join("app.sock").display());
     let ready = |sidecar: &leash_proxy::Sidecar| sidecar.link.pending().is_empty();

@@ -249,6 +249,8 @@ pub fn routes_for(policy: &ValidPolicy, spiffe_id: &str) -> Vec<Route> {
             granted: policy.is_granted(spiffe_id, &u.name),
             credential_kind: u.credential.kind.as_str().to_owned(),
             scan_body_bytes: u.scan_body_bytes,
+            intercept: u.intercept,
+            passthrough: u.passthrough,
         })
         .collect()
 }

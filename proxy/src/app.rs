@@ -1,28 +1,24 @@
 //! Wiring: builds the sidecar from its config and bound listeners, so that
 //! tests run the real sidecar in-process on ephemeral ports.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::cache::{CacheHandles, CredentialCache};
-use crate::conn::{HeadWatch, RequestBody, Watched};
+use crate::conn::{HeadWatch, RequestBody};
 use crate::control::{ControlConfig, ControlLink};
 use crate::egress::{Egress, ProxyBody, ResponseTimer};
 use crate::metrics::{Gauges, Metrics};
+use crate::serve::{self, ConnInfo};
 
 #[derive(Debug, Clone)]
 pub struct SidecarConfig {
@@ -34,6 +30,10 @@ pub struct SidecarConfig {
     /// Count usage and ship it to the control plane (on by default; off
     /// only to measure what it costs).
     pub usage_reporting: bool,
+    /// Where to write the interception CA's certificate (PEM) for the
+    /// workload's trust store; it is also served at the admin port's
+    /// `/ca.pem`. None: not written.
+    pub intercept_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Limits on what a workload may send.
@@ -147,7 +147,26 @@ impl Sidecar {
             });
         }
 
+        // The interception CA: its key never leaves this process.
+        let ca = Arc::new(
+            crate::intercept::LocalCa::generate(&format!("pid {}", std::process::id()))
+                .map_err(std::io::Error::other)?,
+        );
+        if let Some(path) = &config.intercept_ca_file {
+            ca.write_pem(path).map_err(std::io::Error::other)?;
+            tracing::info!(path = %path.display(), "interception CA certificate written");
+        }
+        let ca_pem: Arc<str> = ca.pem().into();
+        let tunnels = crate::intercept::TunnelConfig::new(
+            ca,
+            shutdown.subscribe(),
+            config.limits.header_read_timeout,
+            config.limits.max_header_bytes,
+            config.limits.max_headers,
+            config.control.upstream.connect,
+        );
         let egress_service = Arc::new(Egress {
+            tunnels,
             identity: link.identity.clone(),
             routes: link.routes.clone(),
             revocations: link.revocations.clone(),
@@ -180,10 +199,10 @@ impl Sidecar {
                 config.limits.clone(),
                 connections.clone(),
                 shutdown.subscribe(),
-                move |req, _peer, timer| {
+                move |req, _conn, timer| {
                     let svc = svc.clone();
                     let name = name.clone();
-                    async move { svc.handle(Some(&name), req, &timer).await }
+                    async move { svc.handle(Some(&name), false, req, &timer).await }
                 },
             ));
         }
@@ -193,9 +212,14 @@ impl Sidecar {
             config.limits.clone(),
             connections,
             shutdown.subscribe(),
-            move |req, _peer, timer| {
+            move |req: Request<RequestBody>, conn, timer| {
                 let svc = svc.clone();
-                async move { svc.handle(None, req, &timer).await }
+                async move {
+                    if req.method() == http::Method::CONNECT {
+                        return svc.connect(req, conn).await;
+                    }
+                    svc.handle(None, false, req, &timer).await
+                }
             },
         ));
 
@@ -205,13 +229,15 @@ impl Sidecar {
             egress: egress_addr,
             admin: admin_addr,
             named: named_addrs.clone(),
+            ca_pem,
         });
         tasks.spawn(serve_http(
             admin,
             Limits::default(),
             Arc::new(tokio::sync::Semaphore::new(64)),
             shutdown.subscribe(),
-            move |req, peer, _timer| {
+            move |req, conn: Arc<ConnInfo>, _timer| {
+                let peer = conn.peer;
                 let link = admin_link.clone();
                 let metrics = metrics.clone();
                 let dump = dump.clone();
@@ -250,7 +276,7 @@ impl Sidecar {
             limits,
             Arc::new(tokio::sync::Semaphore::new(PROBE_MAX_CONNECTIONS)),
             self.shutdown.subscribe(),
-            move |req, _peer, _timer| {
+            move |req, _conn, _timer| {
                 let link = link.clone();
                 async move { probe_response(&link, req.uri().path()) }
             },
@@ -310,6 +336,8 @@ struct ConfigDump {
     egress: SocketAddr,
     admin: SocketAddr,
     named: Vec<(String, SocketAddr)>,
+    /// The interception CA's certificate, served at `/ca.pem`.
+    ca_pem: Arc<str>,
 }
 
 impl ConfigDump {
@@ -494,6 +522,14 @@ async fn admin_response(
         "/logging" => logging(req).await,
         "/config_dump" => json_response(StatusCode::OK, &dump.render(link)),
         "/healthz" | "/live" => text(StatusCode::OK, "ok\n".into()),
+        "/ca.pem" => {
+            let mut resp = text(StatusCode::OK, dump.ca_pem.to_string());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/x-pem-file"),
+            );
+            resp
+        }
         "/readyz" | "/ready" => readiness(link),
         "/metrics" => {
             use std::sync::atomic::Ordering::Relaxed;
@@ -516,7 +552,8 @@ async fn admin_response(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /metrics, /config_dump or /logging\n".into(),
+            "not found: try /healthz, /readyz, /metrics, /ca.pem, /config_dump or /logging\n"
+                .into(),
         ),
     }
 }
@@ -548,21 +585,18 @@ async fn serve_http<F, Fut>(
     mut stop: watch::Receiver<bool>,
     handler: F,
 ) where
-    F: Fn(Request<RequestBody>, SocketAddr, Arc<ResponseTimer>) -> Fut
+    F: Fn(Request<RequestBody>, Arc<ConnInfo>, Arc<ResponseTimer>) -> Fut
         + Clone
         + Send
         + Sync
         + 'static,
     Fut: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let mut builder = http1::Builder::new();
-    builder
-        // Timed per connection by `HeadWatch` instead.
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers)
-        .keep_alive(true);
-    let graceful = GracefulShutdown::new();
+    let builder = serve::http1_builder(limits.max_header_bytes, limits.max_headers);
+    // Every connection task holds a receiver: at stop, each is asked to
+    // finish (hyper's graceful shutdown), and the channel closes when the
+    // last has.
+    let (drain, draining) = watch::channel(false);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -581,64 +615,37 @@ async fn serve_http<F, Fut>(
             tokio::spawn(refuse_connection(tcp, limits.max_connections));
             continue;
         };
-        let handler = handler.clone();
-        // One of each per connection: its requests come one after another.
-        let timer = Arc::new(ResponseTimer::default());
+        // The connection's place under the budget goes when the last of
+        // the connection (a CONNECT tunnel's included) does.
+        let info = Arc::new(ConnInfo {
+            peer,
+            _permit: Some(permit),
+        });
         let watch = Arc::new(HeadWatch::new());
-        let service_watch = watch.clone();
-        let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-            // Called by hyper once the header block is complete.
-            let request = service_watch.request_started();
-            let req = req.map(|body| Watched::new(body, service_watch.clone(), request));
-            let handler = handler.clone();
-            let timer = timer.clone();
-            let watch = service_watch.clone();
-            async move {
-                let resp = handler(req, peer, timer).await;
-                Ok::<_, Infallible>(resp.map(|body| Watched::new(body, watch, request)))
-            }
-        });
-        let conn = builder.serve_connection(TokioIo::new(tcp), service);
-        let conn = graceful.watch(conn);
-        let timeout = limits.header_read_timeout;
-        tokio::spawn(async move {
+        let service = serve::http1_service(handler.clone(), info, watch.clone());
+        // With upgrades: a CONNECT's connection is handed to its tunnel.
+        let conn = builder
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades();
+        let mut draining = draining.clone();
+        let conn = async move {
             let mut conn = std::pin::pin!(conn);
-            let mut sleep = std::pin::pin!(tokio::time::sleep(timeout));
-            let mut registered = false;
-            let finished = std::future::poll_fn(|cx| {
-                if let Poll::Ready(result) = conn.as_mut().poll(cx) {
-                    return Poll::Ready(Some(result));
-                }
-                // The timer is looked at only once it has fired (an atomic
-                // load), not polled at every wake-up of the connection.
-                if registered && !sleep.is_elapsed() {
-                    return Poll::Pending;
-                }
-                // Unconstrained: a sleep polled with the task's budget spent
-                // answers Pending without registering, and would never fire.
-                while std::pin::pin!(tokio::task::coop::unconstrained(sleep.as_mut()))
-                    .poll(cx)
-                    .is_ready()
-                {
-                    match watch.next_deadline(tokio::time::Instant::now(), timeout) {
-                        Some(next) => sleep.as_mut().reset(next),
-                        None => return Poll::Ready(None),
-                    }
-                }
-                registered = true;
-                Poll::Pending
-            })
-            .await;
-            match finished {
-                Some(Ok(())) => {}
-                Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
-                // Dropping the connection closes it, as hyper does on its
-                // own header timeout: no answer to a request never complete.
-                None => tracing::debug!(?peer, "header read timeout: connection closed"),
+            tokio::select! {
+                ended = conn.as_mut() => return ended,
+                () = leash_api::process::stopped(&mut draining) => {}
             }
-            drop(permit);
-        });
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        };
+        tokio::spawn(serve::drive_http1(
+            conn,
+            watch,
+            limits.header_read_timeout,
+            peer,
+        ));
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = drain.send(true);
+    drop(draining);
+    drain.closed().await;
 }

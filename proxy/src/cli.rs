@@ -114,6 +114,12 @@ pub struct Cli {
     /// this workload's use from responders: meant for measuring its cost.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
     pub usage_reporting: bool,
+    /// Write the interception CA's certificate (PEM) here at start, for the
+    /// workload's trust store (upstreams with `intercept: true`). It is
+    /// also served at the admin port's /ca.pem. Its key is generated at
+    /// start and never leaves the process: a restart makes a new CA.
+    #[arg(long, env = "LEASH_INTERCEPT_CA_FILE", value_name = "PATH")]
+    pub intercept_ca_file: Option<std::path::PathBuf>,
     /// Log format: text or json. Filter with RUST_LOG (default info).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -178,6 +184,7 @@ impl Cli {
             upstream_response_timeout: cli.upstream_response_timeout,
             otel: None,
             usage_reporting: cli.usage_reporting,
+            intercept_ca_file: cli.intercept_ca_file.clone(),
         };
         Ok(config)
     }

@@ -1,11 +1,14 @@
 //! The request path, as the stages `Egress::forward` runs in order:
 //!
-//! 1. **admit**: `CONNECT` refused, the header block's size checked exactly
+//! 1. **admit**: `CONNECT` refused (it is answered by `tunnel.rs` on the
+//!    proxy port only), the header block's size checked exactly
 //!    (load shedding is in `handle`, before any of this);
 //! 2. **scan**: a registered leaked value in the headers, path or query is
 //!    refused and reported (I2), whatever the host;
 //! 3. **route**: by named listener or host; what policy does not name is
-//!    refused (I4);
+//!    refused (I4), and so is plain HTTP to a passthrough upstream; inside
+//!    an intercepted tunnel the host has been checked against the SNI and
+//!    the upstream must still be intercepted;
 //! 4. **authorize**: staleness against the arrival instant (I3), the grant,
 //!    methods that reflect the request (TRACE), and a first revocation check;
 //! 5. **credential**: the route's current credential, never one cut by a
@@ -65,6 +68,8 @@ pub struct Egress {
     pub cache: CredentialCache,
     pub response_timeout: Duration,
     pub max_header_bytes: usize,
+    /// The CA and limits of `CONNECT` tunnels (`tunnel.rs`).
+    pub tunnels: crate::intercept::TunnelConfig,
     /// Spans and OTLP metrics, when an OTLP endpoint is configured.
     pub otel: Option<Arc<EgressOtel>>,
     pub usage_reporting: bool,
@@ -92,10 +97,13 @@ struct Prepared {
 
 impl Egress {
     /// Serves one request. `bound` is the upstream of a named listener;
-    /// `timer` is the response timer of the workload connection it came on.
+    /// `intercepted` says it came inside an intercepted tunnel (its host
+    /// already checked against the tunnel's SNI); `timer` is the response
+    /// timer of the workload connection it came on.
     pub(crate) async fn handle(
         &self,
         bound: Option<&str>,
+        intercepted: bool,
         req: Request<RequestBody>,
         timer: &ResponseTimer,
     ) -> Response<ProxyBody> {
@@ -112,16 +120,20 @@ impl Egress {
             });
         }
         if let Some(otel) = &self.otel {
-            return Box::pin(self.handle_traced(otel, bound, req, arrived, timer)).await;
+            return Box::pin(self.handle_traced(otel, bound, intercepted, req, arrived, timer))
+                .await;
         }
-        match self.forward(bound, req, arrived, timer, None).await {
+        match self
+            .forward(bound, intercepted, req, arrived, timer, None)
+            .await
+        {
             Ok(resp) => resp,
             Err(refusal) => self.refuse(refusal),
         }
     }
 
     /// The one place a refusal becomes a response (counted and logged).
-    fn refuse(&self, refusal: Refusal) -> Response<ProxyBody> {
+    pub(crate) fn refuse(&self, refusal: Refusal) -> Response<ProxyBody> {
         self.metrics.refused(&refusal);
         tracing::info!(code = refusal.code().as_str(), reason = %refusal, "request refused");
         refusal.into_response()
@@ -132,13 +144,14 @@ impl Egress {
         &self,
         otel: &EgressOtel,
         bound: Option<&str>,
+        intercepted: bool,
         req: Request<RequestBody>,
         arrived: Instant,
         timer: &ResponseTimer,
     ) -> Response<ProxyBody> {
         let mut info = otel.start(req.headers(), req.method(), self.identity.id_arc());
         let result = self
-            .forward(bound, req, arrived, timer, Some(&mut info))
+            .forward(bound, intercepted, req, arrived, timer, Some(&mut info))
             .await;
         match result {
             Ok(resp) => {
@@ -156,6 +169,7 @@ impl Egress {
     async fn forward(
         &self,
         bound: Option<&str>,
+        intercepted: bool,
         req: Request<RequestBody>,
         arrived: Instant,
         timer: &ResponseTimer,
@@ -167,6 +181,18 @@ impl Egress {
         let scanned = self.revocations.set.load_full();
         self.scan(bound, &req, &scanned)?;
         let route = self.route(bound, &req)?;
+        if intercepted && !route.intercept {
+            // The policy changed since the tunnel opened.
+            return Err(Refusal::ConnectNotAllowed {
+                host: request_host(&req).unwrap_or_default().to_owned(),
+                upstream: route.name.to_string(),
+            });
+        }
+        if route.passthrough {
+            return Err(Refusal::PassthroughOnly {
+                upstream: route.name.to_string(),
+            });
+        }
         if let Some(t) = trace.as_deref_mut() {
             t.upstream = Some(route.name.clone());
         }
@@ -230,7 +256,7 @@ impl Egress {
 
     /// Stage 2 (I2): a registered leaked value never leaves, whatever the
     /// host. Refused and reported at once.
-    fn scan(
+    pub(crate) fn scan(
         &self,
         bound: Option<&str>,
         req: &Request<RequestBody>,
@@ -258,7 +284,7 @@ impl Egress {
     }
 
     /// Stage 3 (I4): the route policy names, or a refusal.
-    fn route(
+    pub(crate) fn route(
         &self,
         bound: Option<&str>,
         req: &Request<RequestBody>,
@@ -290,7 +316,7 @@ impl Egress {
 
     /// Stage 4: fresh state (I3), the grant, no reflecting method, and a
     /// first revocation check for a fast refusal (the commit's decides).
-    fn authorize(
+    pub(crate) fn authorize(
         &self,
         route: &EgressRoute,
         method: &Method,
@@ -495,7 +521,7 @@ impl Egress {
         Ok(guard)
     }
 
-    fn fresh_at(&self, now: Instant) -> Result<(), Refusal> {
+    pub(crate) fn fresh_at(&self, now: Instant) -> Result<(), Refusal> {
         let freshness = &self.revocations.freshness;
         match freshness.stale_at(now) {
             Some(silence) => Err(Refusal::Stale {
@@ -506,7 +532,11 @@ impl Egress {
         }
     }
 
-    fn not_revoked(&self, route: &EgressRoute, set: &RevocationSet) -> Result<(), Refusal> {
+    pub(crate) fn not_revoked(
+        &self,
+        route: &EgressRoute,
+        set: &RevocationSet,
+    ) -> Result<(), Refusal> {
         if let Some(r) = set.check(&self.identity.id(), &route.name) {
             return Err(revoked(r, &route.name));
         }

@@ -12,13 +12,16 @@ pub mod credential;
 pub mod egress;
 pub mod headers;
 pub mod identity;
+pub mod intercept;
 pub mod leak;
 pub mod metrics;
 pub mod refusal;
 pub mod reports;
 pub mod revocation;
 pub mod routes;
+pub mod serve;
 pub mod telemetry;
+pub mod tunnel;
 pub mod upstream;
 pub mod usage;
 

@@ -22,6 +22,12 @@ pub struct UpstreamMetrics {
     pub injection: Histogram,
     /// Sent upstream to the upstream's response headers.
     pub upstream: Histogram,
+    /// `CONNECT` tunnels opened, intercepted and passed through.
+    pub tunnels_intercepted: AtomicU64,
+    pub tunnels_passthrough: AtomicU64,
+    /// Bytes carried by passthrough tunnels, to and from the upstream.
+    pub passthrough_bytes_sent: AtomicU64,
+    pub passthrough_bytes_received: AtomicU64,
 }
 
 impl UpstreamMetrics {
@@ -31,6 +37,10 @@ impl UpstreamMetrics {
             refused: AtomicU64::new(0),
             injection: Histogram::new(LATENCY_BUCKETS),
             upstream: Histogram::new(LATENCY_BUCKETS),
+            tunnels_intercepted: AtomicU64::new(0),
+            tunnels_passthrough: AtomicU64::new(0),
+            passthrough_bytes_sent: AtomicU64::new(0),
+            passthrough_bytes_received: AtomicU64::new(0),
         }
     }
 }
@@ -154,6 +164,47 @@ impl Metrics {
             "{name}{{upstream=\"\",decision=\"refused\"}} {}",
             self.refused_unrouted()
         );
+
+        let name = "leash_proxy_tunnels_total";
+        header(
+            &mut out,
+            name,
+            "counter",
+            "CONNECT tunnels opened, by upstream and mode (intercept, passthrough).",
+        );
+        for (u, m) in &upstreams {
+            let u = escape(u);
+            for (mode, n) in [
+                ("intercept", &m.tunnels_intercepted),
+                ("passthrough", &m.tunnels_passthrough),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "{name}{{upstream=\"{u}\",mode=\"{mode}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+        let name = "leash_proxy_passthrough_bytes_total";
+        header(
+            &mut out,
+            name,
+            "counter",
+            "Bytes carried by passthrough tunnels, by upstream and direction (sent: to the upstream).",
+        );
+        for (u, m) in &upstreams {
+            let u = escape(u);
+            for (dir, n) in [
+                ("sent", &m.passthrough_bytes_sent),
+                ("received", &m.passthrough_bytes_received),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "{name}{{upstream=\"{u}\",direction=\"{dir}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
 
         let name = "leash_proxy_refusals_total";
         header(&mut out, name, "counter", "Refused requests, by reason.");

@@ -55,6 +55,12 @@ codes! {
     LeakedSecret => "leaked_secret",
     UpstreamTimeout => "upstream_timeout",
     Overloaded => "overloaded",
+    ConnectNotAllowed => "connect_not_allowed",
+    ConnectToIp => "connect_to_ip",
+    PassthroughOnly => "passthrough_only",
+    Misdirected => "misdirected_request",
+    TlsNoSni => "tls_no_sni",
+    SniMismatch => "sni_mismatch",
 }
 
 impl Code {
@@ -93,9 +99,29 @@ pub enum Refusal {
         message: String,
     },
     #[error(
-        "CONNECT tunnels are not supported: call the upstream with a plain http:// URL through this proxy so that Leash can add the credential and originate TLS"
+        "CONNECT is not accepted on a named listener: send requests in origin-form, or use the proxy port for https:// calls"
     )]
     ConnectNotSupported,
+    #[error(
+        "CONNECT to {host:?} is refused: upstream {upstream:?} is reached with plain http:// through this proxy (set `intercept: true` in its policy to let clients call https:// with HTTPS_PROXY)"
+    )]
+    ConnectNotAllowed { host: String, upstream: String },
+    #[error(
+        "CONNECT to the address {host} is refused: name the upstream's host, which policy routes by (deny by default)"
+    )]
+    ConnectToIp { host: String },
+    #[error(
+        "upstream {upstream:?} is passthrough: reach it with CONNECT (an https:// URL with HTTPS_PROXY); no credential is injected into it"
+    )]
+    PassthroughOnly { upstream: String },
+    #[error(
+        "this tunnel is for {sni:?}, but the request is for {host:?}: send it through a tunnel to its own host"
+    )]
+    Misdirected { sni: String, host: String },
+    #[error("the TLS ClientHello in the CONNECT tunnel to {host:?} has no server name (SNI)")]
+    TlsNoSni { host: String },
+    #[error("the TLS ClientHello names {sni:?}, but the CONNECT was to {host:?}")]
+    SniMismatch { sni: String, host: String },
     #[error(
         "{method} is refused to managed upstream {upstream:?}: it echoes the request, with the injected credential, back to the workload"
     )]
@@ -150,7 +176,12 @@ impl Refusal {
             | Self::NotGranted { .. }
             | Self::Denied { .. }
             | Self::Revoked { .. }
-            | Self::LeakedSecret { .. } => StatusCode::FORBIDDEN,
+            | Self::LeakedSecret { .. }
+            | Self::ConnectNotAllowed { .. }
+            | Self::ConnectToIp { .. }
+            | Self::PassthroughOnly { .. } => StatusCode::FORBIDDEN,
+            Self::Misdirected { .. } | Self::SniMismatch { .. } => StatusCode::MISDIRECTED_REQUEST,
+            Self::TlsNoSni { .. } => StatusCode::BAD_REQUEST,
             Self::Stale { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoHost | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::ConnectNotSupported | Self::TraceRefused { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -184,6 +215,12 @@ impl Refusal {
             Self::Revoked { code, .. } => *code,
             Self::Stale { .. } => Code::Stale,
             Self::LeakedSecret { .. } => Code::LeakedSecret,
+            Self::ConnectNotAllowed { .. } => Code::ConnectNotAllowed,
+            Self::ConnectToIp { .. } => Code::ConnectToIp,
+            Self::PassthroughOnly { .. } => Code::PassthroughOnly,
+            Self::Misdirected { .. } => Code::Misdirected,
+            Self::TlsNoSni { .. } => Code::TlsNoSni,
+            Self::SniMismatch { .. } => Code::SniMismatch,
         }
     }
 
@@ -198,6 +235,8 @@ impl Refusal {
             | Self::UpstreamUnreachable { upstream, .. }
             | Self::UpstreamTimeout { upstream, .. }
             | Self::TraceRefused { upstream, .. }
+            | Self::ConnectNotAllowed { upstream, .. }
+            | Self::PassthroughOnly { upstream }
             | Self::Revoked { upstream, .. } => Some(upstream),
             _ => None,
         }

@@ -118,6 +118,51 @@ impl LiveCredentials {
     }
 }
 
+/// The passthrough tunnels open now, each with the token that closes it: a
+/// revocation of the workload, its grant or the upstream closes them before
+/// it is acknowledged, as it cuts credentials.
+#[derive(Default)]
+pub struct LiveTunnels {
+    open: Mutex<Vec<Weak<TunnelHandle>>>,
+}
+
+/// One passthrough tunnel: closed when `cut` is cancelled.
+pub struct TunnelHandle {
+    pub upstream: Arc<str>,
+    pub cut: tokio_util::sync::CancellationToken,
+}
+
+impl LiveTunnels {
+    /// Registers a tunnel (before its last revocation check: a change
+    /// published after that check finds it here).
+    pub fn register(&self, upstream: Arc<str>) -> Arc<TunnelHandle> {
+        let handle = Arc::new(TunnelHandle {
+            upstream,
+            cut: tokio_util::sync::CancellationToken::new(),
+        });
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.len() >= 16 && open.len().is_power_of_two() {
+            open.retain(|w| w.strong_count() > 0);
+        }
+        open.push(Arc::downgrade(&handle));
+        handle
+    }
+
+    /// Closes every tunnel to an upstream `covered` selects; returns how many.
+    pub fn cut(&self, covered: impl Fn(&str) -> bool) -> usize {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|w| w.strong_count() > 0);
+        let mut n = 0;
+        for t in open.iter().filter_map(Weak::upgrade) {
+            if !t.cut.is_cancelled() && covered(&t.upstream) {
+                t.cut.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
 /// What the sidecar enforces, with where it came from.
 pub struct RevocationState {
     pub set: ArcSwap<RevocationSet>,
@@ -125,6 +170,7 @@ pub struct RevocationState {
     pub fingerprint_key: ArcSwapOption<FingerprintKey>,
     pub gate: InflightGate,
     pub live: LiveCredentials,
+    pub tunnels: LiveTunnels,
     /// Whether the set can still be trusted to be current (I3).
     pub freshness: Freshness,
     /// The last sequence applied, reported back to the control plane.
@@ -141,6 +187,7 @@ impl RevocationState {
             fingerprint_key: ArcSwapOption::empty(),
             gate: InflightGate::default(),
             live: LiveCredentials::default(),
+            tunnels: LiveTunnels::default(),
             freshness: Freshness::new(max_staleness),
             applied_seq: AtomicU64::new(0),
             snapshots_applied: AtomicU64::new(0),
@@ -157,6 +204,8 @@ impl RevocationState {
         let cut = self
             .live
             .cut(|c| set.credential_revoked(&c.id) || set.check(workload, &c.upstream).is_some());
+        self.tunnels
+            .cut(|upstream| set.check(workload, upstream).is_some());
         self.gate.advance_and_drain().await;
         cut
     }

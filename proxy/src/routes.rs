@@ -45,6 +45,10 @@ pub struct EgressRoute {
     /// before the workload saw them), by header name, since the last report.
     pub echoed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     pub granted: bool,
+    /// `CONNECT` to the route's hosts is terminated and handled inside.
+    pub intercept: bool,
+    /// `CONNECT` to the route's hosts is tunnelled as bytes to the target.
+    pub passthrough: bool,
     pub scheme: Scheme,
     /// `host:port` of the target; also sent as `Host`.
     pub authority: Authority,
@@ -59,6 +63,20 @@ pub struct EgressRoute {
 }
 
 impl EgressRoute {
+    /// `host:port` of the target, the port defaulting by scheme (where a
+    /// passthrough tunnel goes).
+    pub fn target_addr(&self) -> String {
+        let port = self
+            .authority
+            .port_u16()
+            .unwrap_or(if self.scheme == Scheme::HTTPS {
+                443
+            } else {
+                80
+            });
+        format!("{}:{port}", self.authority.host())
+    }
+
     /// What a credential for this route is rendered for.
     pub fn render_for(&self) -> RenderFor<'_> {
         RenderFor {
@@ -275,6 +293,8 @@ fn build_route(
         stripped: AtomicU64::new(0),
         echoed: std::sync::Mutex::default(),
         granted: route.granted,
+        intercept: route.intercept,
+        passthrough: route.passthrough,
         scheme,
         authority,
         inject,

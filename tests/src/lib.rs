@@ -225,6 +225,8 @@ impl PolicyBuilder {
             inject: leash_api::policy::InjectSpec::default(),
             scan_body_bytes: 0,
             deactivation_probe: None,
+            intercept: false,
+            passthrough: false,
         });
         self
     }
@@ -526,6 +528,7 @@ pub fn sidecar_config_with(identity: IdentityConfig, cp_addr: SocketAddr) -> Sid
         upstream_response_timeout: Duration::from_secs(10),
         otel: None,
         usage_reporting: true,
+        intercept_ca_file: None,
     }
 }
 
@@ -1213,10 +1216,18 @@ pub fn upstream_pki(dir: &Path) -> tokio_rustls::TlsAcceptor {
     let mut ca_params = CertificateParams::default();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    // Distinct names: OpenSSL takes a leaf whose issuer is its own subject
+    // for a self-signed certificate.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Leash test upstream CA");
     let ca =
         CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
     std::fs::write(dir.join("upstream-ca.pem"), ca.pem()).expect("write CA");
     let mut params = CertificateParams::new(vec!["payments.internal".to_owned()]).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "payments.internal");
     params
         .subject_alt_names
         .push(SanType::IpAddress([127, 0, 0, 1].into()));

@@ -40,6 +40,9 @@ pub struct Upstream {
     pub target: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// How credentials are made for this upstream; a Leash JWT
+    /// (`kind: jwt`, `ttl: 5m`) when left out.
+    #[serde(default)]
     pub credential: CredentialSpec,
     #[serde(default)]
     pub inject: InjectSpec,
@@ -51,6 +54,18 @@ pub struct Upstream {
     /// is revoked, that the provider itself refuses the old value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deactivation_probe: Option<DeactivationProbe>,
+    /// `CONNECT` to this upstream's hosts (a client calling `https://`
+    /// with `HTTPS_PROXY`) is answered by the sidecar itself: it terminates
+    /// the workload's TLS with a certificate from its local CA and handles
+    /// every request inside exactly as a plain `http://` one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub intercept: bool,
+    /// `CONNECT` to this upstream's hosts is tunnelled as bytes to
+    /// `target`, with no credential and nothing inspected (for clients that
+    /// pin the upstream's certificate); the grant, revocations and
+    /// staleness still apply. Plain `http://` requests to it are refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub passthrough: bool,
 }
 
 /// One request sent to the upstream's `target` with a revoked secret
@@ -122,6 +137,20 @@ pub struct CredentialSpec {
 
 fn default_ttl() -> Duration {
     Duration::from_secs(300)
+}
+
+impl Default for CredentialSpec {
+    /// A Leash JWT of five minutes.
+    fn default() -> Self {
+        Self {
+            kind: CredentialKind::Jwt,
+            ttl: default_ttl(),
+            audience: None,
+            token_url: None,
+            client_id: None,
+            scopes: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -377,6 +406,19 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
                 false
             }
         };
+        if up.intercept && up.passthrough {
+            bad(
+                at("passthrough"),
+                "an upstream is either intercepted or passed through, not both".into(),
+            );
+        }
+        if up.passthrough && !https {
+            bad(
+                at("passthrough"),
+                "a passthrough upstream carries the workload's own TLS: it needs an https:// target"
+                    .into(),
+            );
+        }
         if let Some(tls) = &up.tls {
             if !https {
                 bad(at("tls"), "tls settings need an https:// target".into());
@@ -751,6 +793,31 @@ grants:
                 "grants[0].upstreams[0]",
             ]
         );
+    }
+
+    #[test]
+    fn connect_modes_and_the_default_credential() {
+        let text = GOOD.replace(
+            "    credential: { kind: jwt }\n",
+            "    passthrough: true\n",
+        );
+        let p = parse(&text, Path::new(".")).expect("valid");
+        let up = p.upstream("github").expect("github");
+        assert!(up.passthrough && !up.intercept);
+        assert_eq!(up.credential.kind, CredentialKind::Jwt, "a Leash JWT when left out");
+        assert_eq!(up.credential.ttl, Duration::from_secs(300));
+
+        let both = text.replace("passthrough: true", "passthrough: true\n    intercept: true");
+        let i = issues(&both);
+        assert_eq!(i.len(), 1, "{i:?}");
+        assert_eq!(i[0].field, "upstreams[1].passthrough");
+        let plain = GOOD.replace(
+            "    target: http://127.0.0.1:9090\n",
+            "    target: http://127.0.0.1:9090\n    passthrough: true\n",
+        );
+        let i = issues(&plain);
+        assert_eq!(i[0].field, "upstreams[0].passthrough");
+        assert!(i[0].reason.contains("https://"), "{:?}", i[0]);
     }
 
     #[test]
