@@ -237,7 +237,14 @@ fn lookups(c: &mut Criterion) {
     c.bench_function("upstream_headers_typical_request", |b| {
         b.iter_batched_ref(
             || headers.clone(),
-            |h| leash_proxy::headers::upstream_headers(h, &route.inject, &credential.value),
+            |h| {
+                leash_proxy::headers::upstream_headers(
+                    h,
+                    &mut http::Extensions::new(),
+                    &route.inject,
+                    &credential.value,
+                )
+            },
             BatchSize::SmallInput,
         )
     });

@@ -621,28 +621,37 @@ async fn serve_http<F, Fut>(
             peer,
             _permit: Some(permit),
         });
-        let watch = Arc::new(HeadWatch::new());
-        let service = serve::http1_service(handler.clone(), info, watch.clone());
-        // With upgrades: a CONNECT's connection is handed to its tunnel.
-        let conn = builder
-            .serve_connection(TokioIo::new(tcp), service)
-            .with_upgrades();
+        let handler = handler.clone();
+        let builder = builder.clone();
         let mut draining = draining.clone();
-        let conn = async move {
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                ended = conn.as_mut() => return ended,
-                () = leash_api::process::stopped(&mut draining) => {}
+        let limits = limits.clone();
+        tokio::spawn(async move {
+            // HTTP/2 with prior knowledge (h2c) starts with its preface.
+            match serve::starts_with_h2_preface(&tcp, limits.header_read_timeout).await {
+                None => return,
+                Some(true) => {
+                    let max = limits.max_header_bytes;
+                    return serve::serve_http2(tcp, max, info, handler, draining).await;
+                }
+                Some(false) => {}
             }
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        };
-        tokio::spawn(serve::drive_http1(
-            conn,
-            watch,
-            limits.header_read_timeout,
-            peer,
-        ));
+            let watch = Arc::new(HeadWatch::new());
+            let service = serve::http1_service(handler, info, watch.clone());
+            // With upgrades: a CONNECT's connection is handed to its tunnel.
+            let conn = builder
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            let conn = async move {
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    ended = conn.as_mut() => return ended,
+                    () = leash_api::process::stopped(&mut draining) => {}
+                }
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            };
+            serve::drive_http1(conn, watch, limits.header_read_timeout, peer).await;
+        });
     }
     drop(listener);
     let _ = drain.send(true);

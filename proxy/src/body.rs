@@ -17,6 +17,11 @@ use crate::conn::RequestBody;
 use crate::credential::CachedCredential;
 use crate::usage;
 
+/// A request extension: the workload sent `TE: trailers`, which goes to an
+/// HTTP/2 upstream (gRPC needs it) and nowhere else.
+#[derive(Debug, Clone, Copy)]
+pub struct TeTrailers;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What the workload receives: an upstream's answer or a refusal.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;

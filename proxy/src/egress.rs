@@ -108,16 +108,20 @@ impl Egress {
         timer: &ResponseTimer,
     ) -> Response<ProxyBody> {
         let arrived = Instant::now();
+        let grpc = is_grpc(&req);
         // Load shedding: past the limit, a clear 503 at once, not a queue.
         let n = self
             .in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _in_flight = InFlight(&self.in_flight);
         if n >= self.max_in_flight {
-            return self.refuse(Refusal::Overloaded {
-                what: "requests in flight",
-                limit: self.max_in_flight,
-            });
+            return self.refuse_to(
+                grpc,
+                Refusal::Overloaded {
+                    what: "requests in flight",
+                    limit: self.max_in_flight,
+                },
+            );
         }
         if let Some(otel) = &self.otel {
             return Box::pin(self.handle_traced(otel, bound, intercepted, req, arrived, timer))
@@ -128,15 +132,24 @@ impl Egress {
             .await
         {
             Ok(resp) => resp,
-            Err(refusal) => self.refuse(refusal),
+            Err(refusal) => self.refuse_to(grpc, refusal),
         }
     }
 
     /// The one place a refusal becomes a response (counted and logged).
     pub(crate) fn refuse(&self, refusal: Refusal) -> Response<ProxyBody> {
+        self.refuse_to(false, refusal)
+    }
+
+    /// As `refuse`, as a gRPC status for a gRPC client.
+    pub(crate) fn refuse_to(&self, grpc: bool, refusal: Refusal) -> Response<ProxyBody> {
         self.metrics.refused(&refusal);
         tracing::info!(code = refusal.code().as_str(), reason = %refusal, "request refused");
-        refusal.into_response()
+        if grpc {
+            refusal.into_grpc_response()
+        } else {
+            refusal.into_response()
+        }
     }
 
     /// As `handle`, inside a span that continues the workload's trace.
@@ -149,6 +162,7 @@ impl Egress {
         arrived: Instant,
         timer: &ResponseTimer,
     ) -> Response<ProxyBody> {
+        let grpc = is_grpc(&req);
         let mut info = otel.start(req.headers(), req.method(), self.identity.id_arc());
         let result = self
             .forward(bound, intercepted, req, arrived, timer, Some(&mut info))
@@ -160,7 +174,7 @@ impl Egress {
             }
             Err(refusal) => {
                 otel.finish(info, Err((refusal.code().as_str(), refusal.to_string())));
-                self.refuse(refusal)
+                self.refuse_to(grpc, refusal)
             }
         }
     }
@@ -395,8 +409,12 @@ impl Egress {
         } else {
             UpstreamBody::direct(body, credential)
         };
-        let own_header =
-            headers::upstream_headers(&mut parts.headers, &route.inject, &credential.value);
+        let own_header = headers::upstream_headers(
+            &mut parts.headers,
+            &mut parts.extensions,
+            &route.inject,
+            &credential.value,
+        );
         let (uri, own_param) = headers::upstream_uri(route, &parts.method, &parts.uri, credential)?;
         parts.uri = uri;
         if own_header || own_param {
@@ -727,6 +745,13 @@ fn revoked(r: &Revocation, upstream: &str) -> Refusal {
         reason: r.reason.clone(),
         upstream: upstream.to_owned(),
     }
+}
+
+/// Whether `req` is a gRPC call (its refusals are gRPC statuses).
+pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// The name of a method that reflects the request back, if it is one.

@@ -82,7 +82,22 @@ fn hop_by_hop_lowercase(name: &[u8]) -> Option<usize> {
 /// The workload's headers made into the upstream's: connection-level ones
 /// removed, the credential injected (see `inject_credential`). Returns
 /// whether the workload had sent a credential of its own.
-pub fn upstream_headers(headers: &mut HeaderMap, inject: &InjectHow, value: &InjectValue) -> bool {
+pub fn upstream_headers(
+    headers: &mut HeaderMap,
+    extensions: &mut http::Extensions,
+    inject: &InjectHow,
+    value: &InjectValue,
+) -> bool {
+    // `TE: trailers` says the client accepts trailers. gRPC needs the
+    // server to see it, and RFC 9113 §8.2.2 allows exactly that value in
+    // HTTP/2: it is put back on an HTTP/2 upstream connection
+    // (`upstream.rs`); otherwise `TE` is the connection's.
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        extensions.insert(crate::body::TeTrailers);
+    }
     strip_hop_by_hop(headers);
     inject_credential(headers, inject, value)
 }

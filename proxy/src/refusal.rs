@@ -242,6 +242,36 @@ impl Refusal {
         }
     }
 
+    /// The gRPC status a gRPC client gets for this refusal:
+    /// `PERMISSION_DENIED` for policy's refusals, `UNAVAILABLE` for what
+    /// may pass on retry, `INVALID_ARGUMENT` for a malformed request.
+    pub fn grpc_status(&self) -> u8 {
+        match self.status().as_u16() {
+            400 | 431 => 3,
+            403 | 405 | 421 => 7,
+            _ => 14,
+        }
+    }
+
+    /// A gRPC "trailers-only" answer (RFC-less but specified by gRPC over
+    /// HTTP/2): status 200, `grpc-status` and `grpc-message` (the Leash code
+    /// first) in the headers, no body.
+    pub fn into_grpc_response(self) -> Response<ProxyBody> {
+        let message = format!("leash {}: {self}", self.code().as_str());
+        // gRPC's percent-encoding: everything outside printable ASCII, and '%'.
+        const GRPC_MESSAGE: &percent_encoding::AsciiSet =
+            &percent_encoding::CONTROLS.add(b'%').add(0x7f);
+        let encoded = percent_encoding::utf8_percent_encode(&message, GRPC_MESSAGE).to_string();
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header("grpc-status", self.grpc_status().to_string())
+            .header("grpc-message", encoded)
+            .header("x-leash-refusal", self.code().as_str())
+            .body(ProxyBody::default())
+            .unwrap_or_else(|_| Response::new(ProxyBody::default()))
+    }
+
     pub fn into_response(self) -> Response<ProxyBody> {
         let mut body = serde_json::json!({
             "error": self.code().as_str(),

@@ -265,7 +265,8 @@ fn build_route(
             .map_err(|e| invalid(&route, format!("bad server_name: {e}")))?;
         builder.with_server_name_resolver(FixedServerNameResolver::new(name))
     };
-    let connector = builder.enable_http1().wrap_connector(http);
+    // HTTP/2 when the target offers it by ALPN (gRPC needs it), else HTTP/1.1.
+    let connector = builder.enable_all_versions().wrap_connector(http);
     let base = http::Uri::builder()
         .scheme(scheme.clone())
         .authority(authority.clone())

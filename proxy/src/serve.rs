@@ -127,6 +127,7 @@ pub(crate) async fn serve_http2<I, F, Fut>(
     max_header_bytes: usize,
     info: Arc<ConnInfo>,
     handler: F,
+    mut drain: tokio::sync::watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<RequestBody>, Arc<ConnInfo>, Arc<ResponseTimer>) -> Fut + Clone + Send + 'static,
@@ -153,7 +154,55 @@ pub(crate) async fn serve_http2<I, F, Fut>(
         .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        () = leash_api::process::stopped(&mut drain) => {
+            // GOAWAY: streams open now finish, no new ones start.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, ?peer, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4), which a client speaking
+/// HTTP/2 with prior knowledge sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a new connection starts with the HTTP/2 preface, looked at
+/// without consuming anything (`peek`). `None`: the peer sent nothing
+/// decisive within `timeout`, or closed.
+pub(crate) async fn starts_with_h2_preface(
+    tcp: &tokio::net::TcpStream,
+    timeout: Duration,
+) -> Option<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut wait = Duration::from_millis(1);
+    loop {
+        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // A prefix of the preface so far (it is normally sent in one
+        // write): look again shortly, within the header timeout.
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(50));
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
     }
 }

@@ -259,10 +259,7 @@ impl Egress {
         let mut stop = cfg.stop.clone();
         let peer = conn.peer;
         if h2 {
-            tokio::select! {
-                () = serve::serve_http2(tls, cfg.max_header_bytes, conn, handler) => {}
-                () = leash_api::process::stopped(&mut stop) => {}
-            }
+            serve::serve_http2(tls, cfg.max_header_bytes, conn, handler, stop).await;
             return;
         }
         let watch = Arc::new(HeadWatch::new());
@@ -285,10 +282,13 @@ impl Egress {
     ) -> Response<ProxyBody> {
         let host = request_host(&req).map(str::to_ascii_lowercase);
         if host.as_deref() != Some(sni) {
-            return self.refuse(Refusal::Misdirected {
-                sni: sni.to_owned(),
-                host: host.unwrap_or_default(),
-            });
+            return self.refuse_to(
+                crate::egress::is_grpc(&req),
+                Refusal::Misdirected {
+                    sni: sni.to_owned(),
+                    host: host.unwrap_or_default(),
+                },
+            );
         }
         self.handle(None, true, req, timer).await
     }

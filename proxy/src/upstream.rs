@@ -1,6 +1,8 @@
 //! The connection pool to one upstream: HTTP/1.1 connections (plain or
 //! TLS, made by hyper-rustls's connector) over `hyper::client::conn::http1`,
-//! kept alive and reused most-recently-used first.
+//! kept alive and reused most-recently-used first; or, when a TLS target
+//! chose HTTP/2 by ALPN, one multiplexed `hyper::client::conn::http2`
+//! connection that every request shares (a new one when it closes).
 //!
 //! A connection goes back to the pool when its response body has been read
 //! to the end, by the body itself: no task is spawned per request to watch
@@ -21,9 +23,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::{http1::SendRequest, http2};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connection as _, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::ServiceExt as _;
 
 use crate::body::UpstreamBody;
@@ -95,7 +98,16 @@ pub struct UpstreamClient {
     /// counted in `waiting`.
     changed: tokio::sync::Notify,
     waiting: std::sync::atomic::AtomicUsize,
+    /// The shared HTTP/2 connection, once the target has chosen HTTP/2.
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
     this: Weak<UpstreamClient>,
+}
+
+/// A new connection: an HTTP/1.1 one to use, or an HTTP/2 one now shared
+/// in `UpstreamClient::h2`.
+enum Connected {
+    H1(Sender),
+    H2,
 }
 
 impl UpstreamClient {
@@ -113,6 +125,7 @@ impl UpstreamClient {
             connections: Arc::new(tokio::sync::Semaphore::new(max_connections.max(1))),
             changed: tokio::sync::Notify::new(),
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            h2: Mutex::new(None),
             this: this.clone(),
         })
     }
@@ -121,11 +134,14 @@ impl UpstreamClient {
     /// caller's response timeout) while the upstream is at its cap. The
     /// usual case (an idle connection, or room) takes no lock beyond the
     /// idle list's.
-    async fn connection(&self) -> Result<Sender, UpstreamError> {
+    async fn connection(&self) -> Result<Connected, UpstreamError> {
         use std::sync::atomic::Ordering::SeqCst;
         loop {
             if let Some(sender) = self.checkout() {
-                return Ok(sender);
+                return Ok(Connected::H1(sender));
+            }
+            if self.shared_h2().is_some() {
+                return Ok(Connected::H2);
             }
             if let Ok(permit) = self.connections.clone().try_acquire_owned() {
                 return self.connect(permit).await;
@@ -137,7 +153,7 @@ impl UpstreamClient {
             changed.as_mut().enable();
             self.waiting.fetch_add(1, SeqCst);
             let found = match self.checkout() {
-                Some(sender) => Some(Ok(sender)),
+                Some(sender) => Some(Ok(Connected::H1(sender))),
                 None => match self.connections.clone().try_acquire_owned() {
                     Ok(permit) => Some(self.connect(permit).await),
                     Err(_) => None,
@@ -171,12 +187,25 @@ impl UpstreamClient {
         mut commit: impl FnMut(&Request<UpstreamBody>) -> Result<G, Refusal>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         loop {
+            if let Some(h2) = self.shared_h2() {
+                match self.request_h2(h2, req, &mut commit).await {
+                    Ok(done) => return done,
+                    // Never sent: the connection closed meanwhile.
+                    Err(back) => {
+                        req = back;
+                        continue;
+                    }
+                }
+            }
             // An idle connection, at once; the rest (connect, wait at the
             // cap) out of line, so that its large future is not part of
             // every request's.
             let mut sender = match self.checkout() {
                 Some(sender) => sender,
-                None => Box::pin(self.connection()).await?,
+                None => match Box::pin(self.connection()).await? {
+                    Connected::H1(sender) => sender,
+                    Connected::H2 => continue,
+                },
             };
             if sender.ready().await.is_err() {
                 continue;
@@ -202,6 +231,76 @@ impl UpstreamClient {
                     None => return Err(UpstreamError::Request(e.into_error())),
                 },
             }
+        }
+    }
+
+    /// The shared HTTP/2 connection, if there is one still open.
+    fn shared_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+        let mut h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        match h2.as_ref() {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                *h2 = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// One request on the shared HTTP/2 connection, committed right before
+    /// it is queued on it, as on HTTP/1.1. `Err` hands back a request that
+    /// was never sent (the connection closed meanwhile).
+    async fn request_h2<G>(
+        &self,
+        mut h2: http2::SendRequest<UpstreamBody>,
+        mut req: Request<UpstreamBody>,
+        commit: &mut impl FnMut(&Request<UpstreamBody>) -> Result<G, Refusal>,
+    ) -> Result<Result<Response<PooledBody>, UpstreamError>, Request<UpstreamBody>> {
+        if h2.ready().await.is_err() {
+            return Err(req);
+        }
+        let sent = {
+            let _committed = match commit(&req) {
+                Ok(guard) => guard,
+                Err(refusal) => {
+                    return Ok(Err(UpstreamError::Refused(refusal, Box::new(req))));
+                }
+            };
+            // HTTP/2 carries the target in `:scheme` and `:authority`.
+            self.absolute(&mut req);
+            h2.try_send_request(req)
+        };
+        match sent.await {
+            Ok(resp) => {
+                let (parts, inner) = resp.into_parts();
+                Ok(Ok(Response::from_parts(
+                    parts,
+                    PooledBody { inner, back: None },
+                )))
+            }
+            Err(mut e) => match e.take_message() {
+                Some(mut back) => {
+                    origin_form(&mut back, &self.target);
+                    Err(back)
+                }
+                None => Ok(Err(UpstreamError::Request(e.into_error()))),
+            },
+        }
+    }
+
+    /// The request target in absolute form, for HTTP/2 (`Host` goes: the
+    /// authority says it).
+    fn absolute(&self, req: &mut Request<UpstreamBody>) {
+        let mut parts = req.uri().clone().into_parts();
+        parts.scheme = self.target.scheme().cloned();
+        parts.authority = self.target.authority().cloned();
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+            req.headers_mut().remove(http::header::HOST);
+        }
+        if req.extensions().get::<crate::body::TeTrailers>().is_some() {
+            req.headers_mut()
+                .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
         }
     }
 
@@ -238,13 +337,33 @@ impl UpstreamClient {
     async fn connect(
         &self,
         permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> Result<Sender, UpstreamError> {
+    ) -> Result<Connected, UpstreamError> {
         let io = self
             .connector
             .clone()
             .oneshot(self.target.clone())
             .await
             .map_err(|e| UpstreamError::Connect(chain(&*e)))?;
+        if io.connected().is_negotiated_h2() {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(|e| UpstreamError::Connect(chain(&e)))?;
+            let slot = Slot {
+                permit: Some(permit),
+                pool: self.this.clone(),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+                // Its place under the cap is free once it has closed.
+                drop(slot);
+            });
+            *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+            return Ok(Connected::H2);
+        }
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
             .await
@@ -254,13 +373,13 @@ impl UpstreamClient {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(Sender {
+        Ok(Connected::H1(Sender {
             inner: sender,
             _slot: Slot {
                 permit: Some(permit),
                 pool: self.this.clone(),
             },
-        })
+        }))
     }
 
     fn wrap(&self, resp: Response<Incoming>, sender: Sender) -> Response<PooledBody> {
@@ -278,6 +397,20 @@ impl UpstreamClient {
     /// Idle connections now (tests and diagnostics).
     pub fn idle_connections(&self) -> usize {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+}
+
+/// Back to origin form (a request the HTTP/2 connection handed back goes
+/// on HTTP/1.1): path and query, and `Host` from the target.
+fn origin_form(req: &mut Request<UpstreamBody>, target: &Uri) {
+    if let Some(pq) = req.uri().path_and_query().cloned() {
+        *req.uri_mut() = Uri::from(pq);
+    }
+    if let Some(host) = target
+        .authority()
+        .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(http::header::HOST, host);
     }
 }
 

@@ -1206,9 +1206,26 @@ pub mod otlp {
     }
 }
 
+/// The test gRPC service (`tests/proto/echo.proto`).
+#[allow(clippy::all, clippy::pedantic, reason = "generated code")]
+pub mod echo {
+    tonic::include_proto!("leash.test.echo");
+}
+
 /// A CA (written to `dir/upstream-ca.pem`) and a server certificate for
 /// `payments.internal` and 127.0.0.1, as an upstream's TLS acceptor.
 pub fn upstream_pki(dir: &Path) -> tokio_rustls::TlsAcceptor {
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(upstream_tls_config(dir)))
+}
+
+/// As [`upstream_pki`], offering HTTP/2 by ALPN (as gRPC servers do).
+pub fn upstream_pki_h2(dir: &Path) -> tokio_rustls::TlsAcceptor {
+    let mut config = upstream_tls_config(dir);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
+fn upstream_tls_config(dir: &Path) -> rustls::ServerConfig {
     use rcgen::{
         BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose,
         SanType,
@@ -1233,14 +1250,13 @@ pub fn upstream_pki(dir: &Path) -> tokio_rustls::TlsAcceptor {
         .push(SanType::IpAddress([127, 0, 0, 1].into()));
     let key = KeyPair::generate().expect("key");
     let cert = params.signed_by(&key, &ca).expect("cert");
-    let config = rustls::ServerConfig::builder()
+    rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(
             vec![cert.der().clone()],
             rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
         )
-        .expect("server config");
-    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+        .expect("server config")
 }
 
 /// Writes `request` as raw bytes to `addr` and returns everything read back

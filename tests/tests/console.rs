@@ -417,8 +417,11 @@ async fn a_responder_revokes_from_the_console_and_watches_it_take_effect() {
     click(&c, Locator::LinkText("Tokens")).await;
     type_into(&c, Locator::Id("name"), "from-the-console").await;
     click(&c, Locator::Css("main form button")).await;
+    // The form posts and a new page loads: wait for it.
     let made = c
-        .find(Locator::Id("new-token"))
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Id("new-token"))
         .await
         .unwrap()
         .prop("value")

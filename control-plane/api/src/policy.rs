@@ -797,17 +797,21 @@ grants:
 
     #[test]
     fn connect_modes_and_the_default_credential() {
-        let text = GOOD.replace(
-            "    credential: { kind: jwt }\n",
-            "    passthrough: true\n",
-        );
+        let text = GOOD.replace("    credential: { kind: jwt }\n", "    passthrough: true\n");
         let p = parse(&text, Path::new(".")).expect("valid");
         let up = p.upstream("github").expect("github");
         assert!(up.passthrough && !up.intercept);
-        assert_eq!(up.credential.kind, CredentialKind::Jwt, "a Leash JWT when left out");
+        assert_eq!(
+            up.credential.kind,
+            CredentialKind::Jwt,
+            "a Leash JWT when left out"
+        );
         assert_eq!(up.credential.ttl, Duration::from_secs(300));
 
-        let both = text.replace("passthrough: true", "passthrough: true\n    intercept: true");
+        let both = text.replace(
+            "passthrough: true",
+            "passthrough: true\n    intercept: true",
+        );
         let i = issues(&both);
         assert_eq!(i.len(), 1, "{i:?}");
         assert_eq!(i[0].field, "upstreams[1].passthrough");
