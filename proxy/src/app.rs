@@ -53,6 +53,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Requests waiting for an upstream answer at once; one more gets 503.
     pub max_in_flight: usize,
+    /// Largest WebSocket frame a workload may send; a larger one closes
+    /// the connection with code 1009.
+    pub max_websocket_frame_bytes: u64,
 }
 
 impl Default for Limits {
@@ -63,6 +66,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             max_in_flight: 10_000,
+            max_websocket_frame_bytes: 1024 * 1024,
         }
     }
 }
@@ -164,6 +168,7 @@ impl Sidecar {
             config.limits.max_header_bytes,
             config.limits.max_headers,
             config.control.upstream.connect,
+            config.limits.max_websocket_frame_bytes,
         );
         let egress_service = Arc::new(Egress {
             tunnels,
@@ -215,7 +220,11 @@ impl Sidecar {
             move |req: Request<RequestBody>, conn, timer| {
                 let svc = svc.clone();
                 async move {
-                    if req.method() == http::Method::CONNECT {
+                    // A tunnel; an extended CONNECT (a WebSocket over
+                    // HTTP/2) is a request like any other.
+                    if req.method() == http::Method::CONNECT
+                        && !crate::headers::is_websocket_connect(&req)
+                    {
                         return svc.connect(req, conn).await;
                     }
                     svc.handle(None, false, req, &timer).await

@@ -86,6 +86,10 @@ pub struct Cli {
     /// Requests waiting for an upstream answer at once; one more gets 503.
     #[arg(long, default_value_t = 10_000)]
     pub max_in_flight: usize,
+    /// Largest WebSocket frame a workload may send; a larger one ends the
+    /// connection with close code 1009 (message too big).
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_websocket_frame_bytes: u64,
     /// Upstream TCP connect timeout.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub upstream_connect_timeout: Duration,
@@ -180,6 +184,7 @@ impl Cli {
                 header_read_timeout: cli.header_read_timeout,
                 max_connections: cli.max_connections.max(1),
                 max_in_flight: cli.max_in_flight.max(1),
+                max_websocket_frame_bytes: cli.max_websocket_frame_bytes,
             },
             upstream_response_timeout: cli.upstream_response_timeout,
             otel: None,

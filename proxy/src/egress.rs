@@ -190,6 +190,13 @@ impl Egress {
         mut trace: Option<&mut TraceInfo>,
     ) -> Result<Response<ProxyBody>, Refusal> {
         self.admit(&req)?;
+        let mut req = req;
+        // A WebSocket handshake: the workload's side of the upgrade is kept
+        // for when the upstream answers 101 (`websocket.rs`).
+        let websocket = headers::is_websocket_upgrade(&req).then(|| WebSocket {
+            key: headers::is_websocket_connect(&req).then(crate::websocket::new_key),
+            workload: hyper::upgrade::on(&mut req),
+        });
         // The set scanned against is kept: if it changes before the commit,
         // the outgoing request is scanned again against the new one.
         let scanned = self.revocations.set.load_full();
@@ -216,7 +223,15 @@ impl Egress {
             mut req,
             method,
             bytes_sent,
-        } = self.prepare(&route, req, &credential, &scanned).await?;
+        } = self
+            .prepare(
+                &route,
+                req,
+                &credential,
+                &scanned,
+                websocket.as_ref().map(|w| w.key.as_deref()),
+            )
+            .await?;
         tracing::debug!(upstream = %route.name, credential_id = %credential.id, "forwarding");
         if let Some(t) = trace.as_deref_mut() {
             t.credential_id = Some(credential.id.clone());
@@ -250,12 +265,12 @@ impl Egress {
         } else {
             usage::NO_SLOT
         };
-        self.answer(&route, credential, answer, slot)
+        self.answer(&route, credential, answer, slot, websocket)
     }
 
     /// Stage 1: what is refused before anything is looked up.
     fn admit(&self, req: &Request<RequestBody>) -> Result<(), Refusal> {
-        if req.method() == Method::CONNECT {
+        if req.method() == Method::CONNECT && !headers::is_websocket_connect(req) {
             return Err(Refusal::ConnectNotSupported);
         }
         // hyper's read buffer bounds the header block only loosely (a single
@@ -391,6 +406,7 @@ impl Egress {
         req: Request<RequestBody>,
         credential: &CachedCredential,
         scanned: &RevocationSet,
+        websocket: Option<Option<&str>>,
     ) -> Result<Prepared, Refusal> {
         let (mut parts, body) = req.into_parts();
         let method = usage::method_index(&parts.method);
@@ -421,6 +437,18 @@ impl Egress {
             route
                 .stripped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Some(key) = websocket {
+            headers::ask_websocket_upgrade(&mut parts.headers);
+            // RFC 8441 → RFC 6455: the extended CONNECT becomes the
+            // HTTP/1.1 handshake, with a key of the sidecar's.
+            if let Some(key) = key {
+                parts.method = Method::GET;
+                parts.extensions.remove::<hyper::ext::Protocol>();
+                if let Ok(key) = http::HeaderValue::from_str(key) {
+                    parts.headers.insert("sec-websocket-key", key);
+                }
+            }
         }
         parts.version = Version::HTTP_11;
         parts
@@ -480,6 +508,7 @@ impl Egress {
         credential: Arc<CachedCredential>,
         answer: Answer,
         slot: usize,
+        websocket: Option<WebSocket>,
     ) -> Result<Response<ProxyBody>, Refusal> {
         let resp = match answer {
             Ok(Ok(resp)) => resp,
@@ -501,6 +530,9 @@ impl Egress {
                 });
             }
         };
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            return self.switch(route, credential, resp, websocket);
+        }
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         // The credential never comes back to the workload (an echo, a
@@ -512,6 +544,81 @@ impl Egress {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let body = Revocable::new(body, credential, slot);
         Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+
+    /// The upstream accepted a WebSocket handshake: the workload gets the
+    /// `101`, and the two upgraded connections are relayed, cut with close
+    /// code 1008 when a revocation covers the credential the handshake
+    /// carried (`websocket.rs`).
+    fn switch(
+        &self,
+        route: &EgressRoute,
+        credential: Arc<CachedCredential>,
+        mut resp: Response<crate::upstream::PooledBody>,
+        websocket: Option<WebSocket>,
+    ) -> Result<Response<ProxyBody>, Refusal> {
+        let bad = |reason: &str| Refusal::UpstreamUnreachable {
+            upstream: route.name.to_string(),
+            reason: reason.into(),
+        };
+        // Only a WebSocket handshake is sent upstream with `Upgrade`.
+        let Some(WebSocket { key, workload }) = websocket else {
+            return Err(bad("the upstream switched protocols unasked"));
+        };
+        let upstream = hyper::upgrade::on(&mut resp);
+        let held = resp
+            .extensions_mut()
+            .remove::<crate::upstream::HeldConnection>();
+        let (mut parts, _) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::remove_echoes(&mut parts.headers, &credential, route);
+        match key {
+            None => headers::ask_websocket_upgrade(&mut parts.headers),
+            // RFC 8441: the handshake the sidecar made is checked here, and
+            // the workload's extended CONNECT answered 200.
+            Some(key) => {
+                let accepted = parts
+                    .headers
+                    .remove("sec-websocket-accept")
+                    .is_some_and(|a| {
+                        a.as_bytes() == crate::websocket::accept_key(key.as_bytes()).as_bytes()
+                    });
+                if !accepted {
+                    return Err(bad(
+                        "the upstream's Sec-WebSocket-Accept does not match the key",
+                    ));
+                }
+                parts.status = http::StatusCode::OK;
+            }
+        }
+        route
+            .metrics
+            .forwarded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let limit = self.tunnels.max_websocket_frame_bytes;
+        let stop = self.tunnels.stop.clone();
+        let name = route.name.clone();
+        tokio::spawn(async move {
+            // Held until the relay ends: the upstream connection's place.
+            let _held = held;
+            let (workload, upstream) = match tokio::try_join!(workload, upstream) {
+                Ok(both) => both,
+                Err(e) => {
+                    tracing::debug!(upstream = %name, error = %e, "WebSocket upgrade failed");
+                    return;
+                }
+            };
+            let ended = crate::websocket::relay(
+                hyper_util::rt::TokioIo::new(workload),
+                hyper_util::rt::TokioIo::new(upstream),
+                credential.revoked.clone(),
+                limit,
+                stop,
+            )
+            .await;
+            tracing::info!(upstream = %name, ?ended, "WebSocket connection ended");
+        });
+        Ok(Response::from_parts(parts, ProxyBody::default()))
     }
 
     /// The commit: the last revocation, staleness, credential and leak
@@ -661,6 +768,14 @@ impl Egress {
             host,
         }
     }
+}
+
+/// A WebSocket handshake on its way: the workload's side of the upgrade,
+/// and the key the sidecar sent upstream when it translated an HTTP/2
+/// extended `CONNECT` (RFC 8441) into an HTTP/1.1 handshake.
+struct WebSocket {
+    key: Option<String>,
+    workload: hyper::upgrade::OnUpgrade,
 }
 
 /// The upstream's answer, a failure to reach it, or the timer's expiry.

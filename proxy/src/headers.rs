@@ -102,6 +102,46 @@ pub fn upstream_headers(
     inject_credential(headers, inject, value)
 }
 
+/// Whether `req` opens a WebSocket over HTTP/2 (RFC 8441): an extended
+/// `CONNECT` with `:protocol websocket`.
+pub fn is_websocket_connect<B>(req: &Request<B>) -> bool {
+    req.method() == http::Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// Whether `req` is a WebSocket opening handshake: a `GET` over HTTP/1.1
+/// asking to upgrade to `websocket` (RFC 6455 §4.1), or an extended
+/// `CONNECT` over HTTP/2 (RFC 8441).
+pub fn is_websocket_upgrade(req: &Request<RequestBody>) -> bool {
+    if is_websocket_connect(req) {
+        return true;
+    }
+    let has_token = |name: header::HeaderName, token: &[u8]| {
+        req.headers().get_all(name).iter().any(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        })
+    };
+    req.method() == http::Method::GET
+        && req.version() == http::Version::HTTP_11
+        && has_token(header::UPGRADE, b"websocket")
+        && has_token(header::CONNECTION, b"upgrade")
+}
+
+/// Puts back the two hop-by-hop headers a WebSocket handshake (and its
+/// `101`) needs on the next hop.
+pub fn ask_websocket_upgrade(headers: &mut HeaderMap) {
+    headers.insert(
+        header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(header::UPGRADE, http::HeaderValue::from_static("websocket"));
+}
+
 /// Removes connection-level headers, including any that `Connection` names.
 /// (`Transfer-Encoding` is handled by hyper's codec on each side.)
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -56,6 +56,8 @@ pub struct TunnelConfig {
     pub max_headers: usize,
     /// Connecting a passthrough tunnel to its upstream.
     pub connect_timeout: Duration,
+    /// Largest WebSocket frame a workload may send (`websocket.rs`).
+    pub max_websocket_frame_bytes: u64,
 }
 
 impl TunnelConfig {
@@ -66,6 +68,7 @@ impl TunnelConfig {
         max_header_bytes: usize,
         max_headers: usize,
         connect_timeout: Duration,
+        max_websocket_frame_bytes: u64,
     ) -> Self {
         Self {
             tls: ca.server_config(),
@@ -76,6 +79,7 @@ impl TunnelConfig {
             max_header_bytes,
             max_headers,
             connect_timeout,
+            max_websocket_frame_bytes,
         }
     }
 }

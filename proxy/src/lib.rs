@@ -24,6 +24,7 @@ pub mod telemetry;
 pub mod tunnel;
 pub mod upstream;
 pub mod usage;
+pub mod websocket;
 
 pub use app::{Limits, Sidecar, SidecarConfig};
 pub use control::ControlConfig;

@@ -11,7 +11,10 @@
 //!   that host too (else `421`), and goes through the whole request path of
 //!   `egress.rs` as a plain `http://` request would: strip, inject, leak
 //!   scan, revocation, usage. No upstream connection is made until a
-//!   request inside passes it;
+//!   request inside passes it. A tunnel that carries plain HTTP instead of
+//!   TLS (a client calling `http://` or `ws://` through a proxy with
+//!   `CONNECT`) is served the same way, the `CONNECT` host standing for
+//!   the SNI;
 //! - an upstream with `passthrough: true`: the sidecar connects to the
 //!   policy's target (never to an address the workload names), checks the
 //!   revocation state once more, answers `200` and carries bytes both ways,
@@ -197,13 +200,30 @@ impl Egress {
     }
 
     /// Terminates the workload's TLS (SNI checked against the `CONNECT`
-    /// host) and serves the requests inside.
-    async fn intercept<C>(self: Arc<Self>, client: C, host: String, conn: Arc<ConnInfo>)
+    /// host) and serves the requests inside. A tunnel whose first byte is
+    /// not a TLS handshake carries plain HTTP (a client calling `http://`
+    /// or `ws://` through a proxy with `CONNECT`): served the same way,
+    /// the `CONNECT` host standing for the SNI.
+    async fn intercept<C>(self: Arc<Self>, mut client: C, host: String, conn: Arc<ConnInfo>)
     where
         C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let cfg = &self.tunnels;
         let timeout = cfg.header_read_timeout;
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(timeout, client.read(&mut first)).await {
+            Ok(Ok(1)) => {}
+            _ => {
+                tracing::debug!(%host, "intercepted tunnel: closed or silent before its first byte");
+                return;
+            }
+        }
+        let client = serve::Rewind::new(Bytes::copy_from_slice(&first), client);
+        // 0x16: a TLS handshake record.
+        if first[0] != 0x16 {
+            self.serve_tunnel(client, false, host, conn).await;
+            return;
+        }
         let acceptor =
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), client);
         let start = match tokio::time::timeout(timeout, acceptor).await {
@@ -248,6 +268,16 @@ impl Egress {
             }
         };
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        self.serve_tunnel(tls, h2, host, conn).await;
+    }
+
+    /// Serves the requests inside a tunnel to `host`, each checked against
+    /// it, then taken through the whole request path.
+    async fn serve_tunnel<I>(self: Arc<Self>, io: I, h2: bool, host: String, conn: Arc<ConnInfo>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let cfg = &self.tunnels;
         let sni: Arc<str> = host.into();
         let egress = self.clone();
         let handler =
@@ -259,15 +289,17 @@ impl Egress {
         let mut stop = cfg.stop.clone();
         let peer = conn.peer;
         if h2 {
-            serve::serve_http2(tls, cfg.max_header_bytes, conn, handler, stop).await;
+            serve::serve_http2(io, cfg.max_header_bytes, conn, handler, stop).await;
             return;
         }
         let watch = Arc::new(HeadWatch::new());
         let service = serve::http1_service(handler, conn, watch.clone());
+        // With upgrades: a WebSocket handshake inside the tunnel.
         let served = serve::http1_builder(cfg.max_header_bytes, cfg.max_headers)
-            .serve_connection(TokioIo::new(tls), service);
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
         tokio::select! {
-            () = serve::drive_http1(served, watch, timeout, peer) => {}
+            () = serve::drive_http1(served, watch, cfg.header_read_timeout, peer) => {}
             () = leash_api::process::stopped(&mut stop) => {}
         }
     }

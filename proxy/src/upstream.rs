@@ -369,7 +369,9 @@ impl UpstreamClient {
             .await
             .map_err(|e| UpstreamError::Connect(chain(&e)))?;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // With upgrades: a WebSocket handshake's connection is handed
+            // to its relay.
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
@@ -383,6 +385,15 @@ impl UpstreamClient {
     }
 
     fn wrap(&self, resp: Response<Incoming>, sender: Sender) -> Response<PooledBody> {
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            // Upgraded: the connection never comes back to the pool; its
+            // place under the cap is held by whoever relays it.
+            let (mut parts, inner) = resp.into_parts();
+            parts
+                .extensions
+                .insert(HeldConnection(Arc::new(std::sync::Mutex::new(sender))));
+            return Response::from_parts(parts, PooledBody { inner, back: None });
+        }
         let (parts, inner) = resp.into_parts();
         let mut body = PooledBody {
             inner,
@@ -399,6 +410,13 @@ impl UpstreamClient {
         self.idle.lock().map(|i| i.len()).unwrap_or(0)
     }
 }
+
+/// An upgraded connection's place under its upstream's cap, carried in the
+/// `101` response's extensions to whoever relays the connection.
+#[derive(Clone)]
+pub struct HeldConnection(
+    #[allow(dead_code, reason = "held, not read")] Arc<std::sync::Mutex<Sender>>,
+);
 
 /// Back to origin form (a request the HTTP/2 connection handed back goes
 /// on HTTP/1.1): path and query, and `Host` from the target.
