@@ -26,6 +26,7 @@ pub mod sessions;
 pub mod sidecar_api;
 pub mod state;
 pub mod store;
+pub mod sts;
 pub mod telemetry;
 pub mod unauthenticated;
 pub mod usage;

@@ -309,6 +309,10 @@ fn request(
             let encoded = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*raw));
             header = Some(("authorization", [b"Basic ", encoded.as_bytes()].concat()));
         }
+        // Policy allows probes for `static` credentials only.
+        InjectSpec::AwsSigv4 { .. } => {
+            return Err("a signed (aws-sigv4) credential cannot be probed".to_owned());
+        }
         InjectSpec::Query { param } => {
             uri.push(if spec.path.contains('?') { b'&' } else { b'?' });
             uri.extend_from_slice(param.as_bytes());

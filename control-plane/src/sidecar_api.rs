@@ -193,6 +193,83 @@ impl SidecarService {
         }))
     }
 
+    /// Leases temporary AWS credentials for this workload, obtained from STS
+    /// with a JWT issued for it (`sts.rs`), never past the policy's TTL.
+    async fn lease_sts(
+        &self,
+        upstream: &leash_api::policy::Upstream,
+        peer: &PeerIdentity,
+    ) -> Result<Response<IssueResponse>, Status> {
+        let ttl = upstream.credential.ttl;
+        let assume = crate::sts::Assume {
+            upstream: &upstream.name,
+            workload: &peer.spiffe_id,
+            sts_url: upstream
+                .credential
+                .sts_url
+                .as_deref()
+                .unwrap_or(crate::sts::DEFAULT_STS_URL),
+            role_arn: upstream.credential.role_arn.as_deref().unwrap_or_default(),
+            duration: ttl,
+        };
+        let mint = || {
+            let jti = uuid::Uuid::new_v4().to_string();
+            let iat = now_ms() / 1000;
+            let token = self
+                .state
+                .issuer
+                .sign(&Claims {
+                    iss: self.state.issuer.issuer(),
+                    sub: &peer.spiffe_id,
+                    aud: upstream
+                        .credential
+                        .audience
+                        .as_deref()
+                        .unwrap_or("sts.amazonaws.com"),
+                    jti: &jti,
+                    iat,
+                    // Only to be exchanged, at once.
+                    exp: iat + 300,
+                })
+                .map_err(|e| crate::oauth2::TokenError::Invalid(e.to_string()))?;
+            Ok((
+                format!("sts:{}:{jti}", upstream.name),
+                zeroize::Zeroizing::new(token),
+            ))
+        };
+        let revocations = self.state.revocations.snapshot();
+        let revoked = |id: &str| revocations.set.credential_revoked(id);
+        let creds = match self.state.sts.get(&assume, revoked, mint).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(upstream = %upstream.name, workload = %peer.spiffe_id, error = %e, "AssumeRoleWithWebIdentity failed");
+                return Err(Status::unavailable(format!("STS: {e}")));
+            }
+        };
+        let issued_at_ms = now_ms();
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let expires = creds
+            .use_until_unix_ms
+            .min(issued_at_ms.saturating_add(ttl_ms));
+        self.record(&creds.id, upstream, peer, issued_at_ms, expires)
+            .await?;
+        self.state
+            .metrics
+            .credentials_issued
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(credential_id = %creds.id, workload = %peer.spiffe_id, upstream = %upstream.name, "temporary AWS credentials leased");
+        Ok(Response::new(IssueResponse {
+            result: Some(issue_response::Result::Credential(Credential {
+                id: creds.id.clone(),
+                upstream: upstream.name.clone(),
+                kind: upstream.credential.kind.as_str().to_owned(),
+                secret: creds.secret.as_bytes().to_vec(),
+                issued_at_unix_ms: issued_at_ms,
+                expires_at_unix_ms: expires,
+            })),
+        }))
+    }
+
     fn deny(&self, code: &str, message: String) -> Response<IssueResponse> {
         self.state
             .metrics
@@ -243,6 +320,17 @@ pub fn routes_for(policy: &ValidPolicy, spiffe_id: &str) -> Vec<Route> {
                     }),
                     InjectSpec::Query { param } => injection::How::Query(QueryInjection {
                         param: param.clone(),
+                    }),
+                    InjectSpec::AwsSigv4 {
+                        region,
+                        service,
+                        payload,
+                        signature,
+                    } => injection::How::Sigv4(leash_api::v1::SigV4Injection {
+                        region: region.clone(),
+                        service: service.clone(),
+                        unsigned_payload: *payload == leash_api::policy::SigV4Payload::Unsigned,
+                        query: *signature == leash_api::policy::SigV4Location::Query,
                     }),
                 }),
             }),
@@ -389,7 +477,15 @@ impl SidecarService {
                 format!("revoked by {} ({}): {}", r.id, r.kind, r.reason),
             ));
         }
-        if upstream.credential.kind == CredentialKind::Static {
+        if upstream.credential.kind == CredentialKind::AwsSigv4
+            && upstream.credential.role_arn.is_some()
+        {
+            return self.lease_sts(upstream, &peer).await;
+        }
+        if matches!(
+            upstream.credential.kind,
+            CredentialKind::Static | CredentialKind::AwsSigv4
+        ) {
             return self.lease_static(upstream, &peer).await;
         }
         if upstream.credential.kind == CredentialKind::Oauth2ClientCredentials {

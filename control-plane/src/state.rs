@@ -48,6 +48,8 @@ pub struct ControlPlaneState {
     pub metrics: Arc<Metrics>,
     pub master_key: Option<Arc<crate::secrets::MasterKey>>,
     pub tokens: crate::oauth2::TokenCache,
+    /// Temporary AWS credentials per (upstream, workload).
+    pub sts: crate::sts::StsCache,
     pub otel: Option<leash_api::telemetry::Otel>,
     /// Admin-API calls refused for want of a valid token, summarised into
     /// the audit log once a minute.

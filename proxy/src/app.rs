@@ -370,6 +370,12 @@ impl ConfigDump {
                     }
                     crate::credential::InjectHow::Basic { username } => json!({"basic": username}),
                     crate::credential::InjectHow::Query { param } => json!({"query": param}),
+                    crate::credential::InjectHow::SigV4(spec) => json!({"aws_sigv4": {
+                        "region": spec.region,
+                        "service": spec.service,
+                        "unsigned_payload": spec.unsigned_payload,
+                        "query": spec.query,
+                    }}),
                 };
                 json!({
                     "upstream": &*r.name,
@@ -377,6 +383,8 @@ impl ConfigDump {
                     "granted": r.granted,
                     "inject": inject,
                     "scan_body_bytes": r.scan_body_bytes,
+                    "intercept": r.intercept,
+                    "passthrough": r.passthrough,
                     "credential_id": r.current.load().as_ref().map(|c| c.id.to_string()),
                 })
             })

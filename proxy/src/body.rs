@@ -124,12 +124,16 @@ pub async fn read_prefix(
     // Whitespace before the first other byte, while nothing else came yet.
     let mut leading = 0;
     let mut started = false;
+    let mut ended = false;
     while seen - leading < limit {
         if !started && leading >= MAX_LEADING_WHITESPACE {
             return Err(PrefixError::LeadingWhitespace);
         }
         match body.frame().await {
-            None => break,
+            None => {
+                ended = true;
+                break;
+            }
             Some(Err(_)) => return Err(PrefixError::Aborted),
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
@@ -143,6 +147,7 @@ pub async fn read_prefix(
                 }
                 Err(frame) => {
                     trailers = Some(frame);
+                    ended = true;
                     break;
                 }
             },
@@ -153,6 +158,7 @@ pub async fn read_prefix(
         PrefixRest {
             rest: body,
             trailers,
+            ended,
         },
     ))
 }
@@ -161,9 +167,16 @@ pub async fn read_prefix(
 pub struct PrefixRest {
     rest: RequestBody,
     trailers: Option<http_body::Frame<Bytes>>,
+    /// The prefix is the whole body.
+    ended: bool,
 }
 
 impl PrefixRest {
+    /// Whether the body ended within the prefix read.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
     pub fn with_prefix(self, prefix: Vec<Bytes>, credential: &CachedCredential) -> UpstreamBody {
         let mut frames: std::collections::VecDeque<_> =
             prefix.into_iter().map(http_body::Frame::data).collect();

@@ -30,6 +30,8 @@ pub enum InjectHow {
     Query {
         param: String,
     },
+    /// Each request signed (AWS SigV4) with the credential.
+    SigV4(crate::sigv4::SigV4Spec),
 }
 
 impl InjectHow {
@@ -38,7 +40,8 @@ impl InjectHow {
         match self {
             Self::Header { name, .. } => Some(name),
             Self::Basic { .. } => Some(&http::header::AUTHORIZATION),
-            Self::Query { .. } => None,
+            Self::SigV4(spec) if !spec.query => Some(&http::header::AUTHORIZATION),
+            Self::Query { .. } | Self::SigV4(_) => None,
         }
     }
 }
@@ -80,6 +83,8 @@ pub enum InjectValue {
     Header(HeaderValue),
     /// Already percent-encoded query value.
     Query(Bytes),
+    /// The key requests are signed with.
+    Aws(crate::sigv4::AwsSecret),
 }
 
 /// Why an issued credential cannot be used as it came.
@@ -163,6 +168,14 @@ const MIN_ECHO_LEN: usize = 8;
 fn echo_forms(secret: &[u8], value: &InjectValue) -> Vec<Bytes> {
     let owned = |b: &[u8]| Bytes::from_owner(zeroize::Zeroizing::new(b.to_vec()));
     let mut forms = Vec::new();
+    if let InjectValue::Aws(key) = value {
+        // Only the signature is sent; the key itself must never come back.
+        return key
+            .secrets()
+            .filter(|s| s.len() >= MIN_ECHO_LEN)
+            .map(owned)
+            .collect();
+    }
     if secret.len() >= MIN_ECHO_LEN {
         forms.push(owned(secret));
     }
@@ -173,13 +186,16 @@ fn echo_forms(secret: &[u8], value: &InjectValue) -> Vec<Bytes> {
                 forms.push(owned(b64));
             }
         }
-        InjectValue::Query(_) => {}
+        InjectValue::Query(_) | InjectValue::Aws(_) => {}
     }
     forms
 }
 
 /// Builds the injected bytes once, in a buffer that is zeroized on drop.
 fn render(how: &InjectHow, secret: &[u8]) -> Option<InjectValue> {
+    if let InjectHow::SigV4(_) = how {
+        return crate::sigv4::AwsSecret::parse(secret).map(InjectValue::Aws);
+    }
     let token = std::str::from_utf8(secret).ok()?;
     let rendered: Vec<u8> = match how {
         InjectHow::Header { prefix, suffix, .. } => {
@@ -199,6 +215,7 @@ fn render(how: &InjectHow, secret: &[u8]) -> Option<InjectValue> {
             );
             v
         }
+        InjectHow::SigV4(_) => return None,
         InjectHow::Query { .. } => {
             let encoded = percent_encoding::utf8_percent_encode(token, QUERY_VALUE).to_string();
             return Some(InjectValue::Query(Bytes::from_owner(

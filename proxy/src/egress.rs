@@ -44,7 +44,7 @@ pub use crate::body::{BoxError, ProxyBody};
 use crate::body::{PrefixError, Revocable, UpstreamBody, read_prefix};
 use crate::cache::{CredentialCache, CredentialError};
 use crate::conn::RequestBody;
-use crate::credential::CachedCredential;
+use crate::credential::{CachedCredential, InjectHow};
 use crate::headers::{self, request_host};
 use crate::identity::WorkloadIdentity;
 use crate::leak;
@@ -411,7 +411,31 @@ impl Egress {
         let (mut parts, body) = req.into_parts();
         let method = usage::method_index(&parts.method);
         let bytes_sent = http_body::Body::size_hint(&body).exact().unwrap_or(0);
-        let body = if route.scan_body_bytes > 0 {
+        let signed_payload =
+            matches!(&route.inject, InjectHow::SigV4(spec) if !spec.unsigned_payload);
+        let body = if signed_payload {
+            // The whole body is read: its hash is signed.
+            let limit = crate::sigv4::MAX_SIGNED_BODY;
+            let (whole, rest) = Box::pin(read_prefix(body, limit + 1))
+                .await
+                .map_err(|e| match e {
+                    PrefixError::LeadingWhitespace => Refusal::BadRequest(
+                        "the request body starts with more whitespace than the sidecar reads (64 KiB)",
+                    ),
+                    PrefixError::Aborted => Refusal::BadRequest("request body ended abruptly"),
+                })?;
+            if !rest.ended() || whole.iter().map(bytes::Bytes::len).sum::<usize>() > limit {
+                return Err(Refusal::BodyTooLargeToSign {
+                    upstream: route.name.to_string(),
+                    limit,
+                });
+            }
+            if route.scan_body_bytes > 0 {
+                self.scan_body(route, &parts, &whole, scanned)?;
+            }
+            parts.extensions.insert(crate::sigv4::payload_hash(&whole));
+            rest.with_prefix(whole, credential)
+        } else if route.scan_body_bytes > 0 {
             let (prefix, body) = Box::pin(read_prefix(body, route.scan_body_bytes))
                 .await
                 .map_err(|e| match e {
@@ -454,8 +478,11 @@ impl Egress {
         parts
             .headers
             .insert(header::HOST, route.host_header.clone());
+        let mut req = Request::from_parts(parts, body);
+        // Signed last: the signature covers the request as it leaves.
+        sign(&mut req, route, credential)?;
         Ok(Prepared {
-            req: Request::from_parts(parts, body),
+            req,
             method,
             bytes_sent,
         })
@@ -838,7 +865,24 @@ fn reinject(
     let (uri, _) = headers::upstream_uri(route, req.method(), req.uri(), credential)?;
     *req.uri_mut() = uri;
     req.body_mut().rebind(credential);
-    Ok(())
+    sign(req, route, credential)
+}
+
+/// Signs `req` for a route that signs (AWS SigV4); nothing for others.
+fn sign(
+    req: &mut Request<UpstreamBody>,
+    route: &EgressRoute,
+    credential: &CachedCredential,
+) -> Result<(), Refusal> {
+    let (InjectHow::SigV4(spec), crate::credential::InjectValue::Aws(key)) =
+        (&route.inject, &credential.value)
+    else {
+        return Ok(());
+    };
+    crate::sigv4::sign_request(req, spec, key).map_err(|e| Refusal::SigningFailed {
+        upstream: route.name.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Whether `credential` was cut by a revocation or is revoked in `set`.

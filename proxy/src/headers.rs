@@ -212,6 +212,9 @@ pub fn inject_credential(headers: &mut HeaderMap, inject: &InjectHow, value: &In
     if target != Some(&header::AUTHORIZATION) {
         stripped |= headers.remove(header::AUTHORIZATION).is_some();
     }
+    if let InjectHow::SigV4(_) = inject {
+        stripped |= crate::sigv4::strip_headers(headers);
+    }
     stripped
 }
 
@@ -226,9 +229,26 @@ pub fn upstream_uri(
 ) -> Result<(Uri, bool), Refusal> {
     let query = match (&route.inject, &credential.value) {
         (InjectHow::Query { param }, InjectValue::Query(value)) => Some((param.as_str(), value)),
+        (InjectHow::SigV4(_), _) => return sigv4_target(method, uri),
         _ => None,
     };
     request_target(method, uri, query)
+}
+
+/// The target for a signed route: without a presigned request's own
+/// parameters (the sidecar signs anew). Says whether there were any.
+fn sigv4_target(method: &Method, uri: &Uri) -> Result<(Uri, bool), Refusal> {
+    let (target, _) = request_target(method, uri, None)?;
+    let Some(query) = target.query().and_then(crate::sigv4::strip_query) else {
+        return Ok((target, false));
+    };
+    let pq = if query.is_empty() {
+        target.path().to_owned()
+    } else {
+        format!("{}?{query}", target.path())
+    };
+    let uri = Uri::try_from(pq).map_err(|_| Refusal::BadRequest("request target"))?;
+    Ok((uri, true))
 }
 
 /// Origin-form (RFC 9112 §3.2.1): the connection already goes to the

@@ -20,6 +20,7 @@ pub mod reports;
 pub mod revocation;
 pub mod routes;
 pub mod serve;
+pub mod sigv4;
 pub mod telemetry;
 pub mod tunnel;
 pub mod upstream;

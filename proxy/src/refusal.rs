@@ -61,6 +61,8 @@ codes! {
     Misdirected => "misdirected_request",
     TlsNoSni => "tls_no_sni",
     SniMismatch => "sni_mismatch",
+    BodyTooLargeToSign => "body_too_large_to_sign",
+    SigningFailed => "signing_failed",
 }
 
 impl Code {
@@ -123,6 +125,12 @@ pub enum Refusal {
     #[error("the TLS ClientHello names {sni:?}, but the CONNECT was to {host:?}")]
     SniMismatch { sni: String, host: String },
     #[error(
+        "upstream {upstream:?} signs the body's hash (aws-sigv4, payload: signed), and bodies over {limit} bytes are not read whole: send less, or set payload: unsigned in policy"
+    )]
+    BodyTooLargeToSign { upstream: String, limit: usize },
+    #[error("the request to {upstream:?} could not be signed: {reason}")]
+    SigningFailed { upstream: String, reason: String },
+    #[error(
         "{method} is refused to managed upstream {upstream:?}: it echoes the request, with the injected credential, back to the workload"
     )]
     TraceRefused {
@@ -182,6 +190,8 @@ impl Refusal {
             | Self::PassthroughOnly { .. } => StatusCode::FORBIDDEN,
             Self::Misdirected { .. } | Self::SniMismatch { .. } => StatusCode::MISDIRECTED_REQUEST,
             Self::TlsNoSni { .. } => StatusCode::BAD_REQUEST,
+            Self::BodyTooLargeToSign { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::SigningFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::Stale { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoHost | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::ConnectNotSupported | Self::TraceRefused { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -221,6 +231,8 @@ impl Refusal {
             Self::Misdirected { .. } => Code::Misdirected,
             Self::TlsNoSni { .. } => Code::TlsNoSni,
             Self::SniMismatch { .. } => Code::SniMismatch,
+            Self::BodyTooLargeToSign { .. } => Code::BodyTooLargeToSign,
+            Self::SigningFailed { .. } => Code::SigningFailed,
         }
     }
 
@@ -237,6 +249,8 @@ impl Refusal {
             | Self::TraceRefused { upstream, .. }
             | Self::ConnectNotAllowed { upstream, .. }
             | Self::PassthroughOnly { upstream }
+            | Self::BodyTooLargeToSign { upstream, .. }
+            | Self::SigningFailed { upstream, .. }
             | Self::Revoked { upstream, .. } => Some(upstream),
             _ => None,
         }
@@ -247,7 +261,7 @@ impl Refusal {
     /// may pass on retry, `INVALID_ARGUMENT` for a malformed request.
     pub fn grpc_status(&self) -> u8 {
         match self.status().as_u16() {
-            400 | 431 => 3,
+            400 | 413 | 431 => 3,
             403 | 405 | 421 => 7,
             _ => 14,
         }

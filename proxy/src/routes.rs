@@ -242,6 +242,12 @@ fn build_route(
         Some(injection::How::Query(q)) => InjectHow::Query {
             param: q.param.clone(),
         },
+        Some(injection::How::Sigv4(v)) => InjectHow::SigV4(crate::sigv4::SigV4Spec {
+            region: v.region.clone(),
+            service: v.service.clone(),
+            unsigned_payload: v.unsigned_payload,
+            query: v.query,
+        }),
         None => return Err(invalid(&route, "no injection")),
     };
 

@@ -221,6 +221,8 @@ impl PolicyBuilder {
                 token_url: None,
                 client_id: None,
                 scopes: Vec::new(),
+                role_arn: None,
+                sts_url: None,
             },
             inject: leash_api::policy::InjectSpec::default(),
             scan_body_bytes: 0,

@@ -103,6 +103,10 @@ pub enum CredentialKind {
     Jwt,
     Static,
     Oauth2ClientCredentials,
+    /// A brokered AWS access key (`ACCESS_KEY_ID:SECRET_ACCESS_KEY`, or
+    /// with `:SESSION_TOKEN`), with which the sidecar signs each request
+    /// (SigV4; `inject: {type: aws-sigv4, ...}`).
+    AwsSigv4,
 }
 
 impl CredentialKind {
@@ -111,6 +115,7 @@ impl CredentialKind {
             Self::Jwt => "jwt",
             Self::Static => "static",
             Self::Oauth2ClientCredentials => "oauth2-client-credentials",
+            Self::AwsSigv4 => "aws-sigv4",
         }
     }
 }
@@ -133,6 +138,15 @@ pub struct CredentialSpec {
     pub client_id: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scopes: Vec<String>,
+    /// `aws-sigv4`: instead of a brokered key, temporary credentials for
+    /// this role from STS `AssumeRoleWithWebIdentity`, presenting a JWT the
+    /// control plane issues for the workload (`sub` = its SPIFFE ID, `aud` =
+    /// `audience`, default `sts.amazonaws.com`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    /// The STS endpoint for `role_arn` (default `https://sts.amazonaws.com/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sts_url: Option<String>,
 }
 
 fn default_ttl() -> Duration {
@@ -149,6 +163,8 @@ impl Default for CredentialSpec {
             token_url: None,
             client_id: None,
             scopes: Vec::new(),
+            role_arn: None,
+            sts_url: None,
         }
     }
 }
@@ -167,6 +183,70 @@ pub enum InjectSpec {
     Basic { username: String },
     /// A query parameter carrying the credential.
     Query { param: String },
+    /// AWS Signature Version 4 with the upstream's brokered access key
+    /// (`credential.kind: aws-sigv4`): the sidecar signs every request,
+    /// after every header it changes, the workload's own signature removed.
+    AwsSigv4 {
+        region: String,
+        service: String,
+        /// `signed` (default): the body's SHA-256 is signed (bodies up to
+        /// 8 MiB); `unsigned`: `UNSIGNED-PAYLOAD` (S3, streaming uploads).
+        #[serde(default)]
+        payload: SigV4Payload,
+        /// `header` (default): `Authorization`; `query`: a presigned query.
+        #[serde(default)]
+        signature: SigV4Location,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SigV4Payload {
+    #[default]
+    Signed,
+    Unsigned,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SigV4Location {
+    #[default]
+    Header,
+    Query,
+}
+
+/// A brokered AWS access key as the secret stores it:
+/// `ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN]`.
+pub struct AwsKey<'a> {
+    pub access_key_id: &'a str,
+    pub secret_access_key: &'a str,
+    pub session_token: Option<&'a str>,
+}
+
+impl<'a> AwsKey<'a> {
+    /// Parses a brokered secret; the error never repeats the secret.
+    pub fn parse(secret: &'a [u8]) -> Result<Self, &'static str> {
+        let text = std::str::from_utf8(secret).map_err(|_| "an AWS key is UTF-8 text")?;
+        let mut parts = text.trim_end_matches(['\r', '\n']).splitn(3, ':');
+        let (Some(id), Some(key)) = (parts.next(), parts.next()) else {
+            return Err("an AWS key is ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN]");
+        };
+        let ok = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+        if !ok(id) || !ok(key) {
+            return Err(
+                "an AWS key is ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN], each printable ASCII",
+            );
+        }
+        let session_token = parts.next().filter(|t| !t.is_empty());
+        if session_token.is_some_and(|t| !ok(t)) {
+            return Err("an AWS session token is printable ASCII");
+        }
+        Ok(Self {
+            access_key_id: id,
+            secret_access_key: key,
+            session_token,
+        })
+    }
 }
 
 impl Default for InjectSpec {
@@ -452,7 +532,7 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
             }
         }
         match up.credential.kind {
-            CredentialKind::Jwt | CredentialKind::Static => {}
+            CredentialKind::Jwt | CredentialKind::Static | CredentialKind::AwsSigv4 => {}
             CredentialKind::Oauth2ClientCredentials => {
                 match up.credential.token_url.as_deref().map(parse_target_url) {
                     None => bad(
@@ -469,6 +549,39 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
                     );
                 }
             }
+        }
+        if up.credential.kind != CredentialKind::AwsSigv4
+            && (up.credential.role_arn.is_some() || up.credential.sts_url.is_some())
+        {
+            bad(
+                at("credential"),
+                "role_arn and sts_url belong to aws-sigv4".into(),
+            );
+        }
+        if let Some(arn) = &up.credential.role_arn
+            && (!arn.starts_with("arn:")
+                || arn.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            bad(
+                at("credential.role_arn"),
+                format!("{arn:?} is not a role ARN (arn:aws:iam::ACCOUNT:role/NAME)"),
+            );
+        }
+        if let Some(url) = &up.credential.sts_url {
+            if up.credential.role_arn.is_none() {
+                bad(at("credential.sts_url"), "needs role_arn".into());
+            }
+            if let Err(reason) = parse_target_url(url) {
+                bad(at("credential.sts_url"), reason);
+            }
+        }
+        if up.credential.kind == CredentialKind::AwsSigv4
+            && !matches!(up.inject, InjectSpec::AwsSigv4 { .. })
+        {
+            bad(
+                at("inject"),
+                "an aws-sigv4 credential is injected by signing: inject: {type: aws-sigv4, region: ..., service: ...}".into(),
+            );
         }
         if up.credential.kind != CredentialKind::Oauth2ClientCredentials
             && (up.credential.token_url.is_some()
@@ -528,6 +641,30 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
                         at("inject.username"),
                         "must be non-empty, without ':' or control characters".into(),
                     );
+                }
+            }
+            InjectSpec::AwsSigv4 {
+                region, service, ..
+            } => {
+                if up.credential.kind != CredentialKind::AwsSigv4 {
+                    bad(
+                        at("inject.type"),
+                        "aws-sigv4 signing needs credential.kind: aws-sigv4".into(),
+                    );
+                }
+                for (field, value) in [("region", region), ("service", service)] {
+                    if value.is_empty()
+                        || !value
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    {
+                        bad(
+                            at(&format!("inject.{field}")),
+                            format!(
+                                "{value:?} must be lower-case letters, digits and '-', e.g. us-east-1 / s3"
+                            ),
+                        );
+                    }
                 }
             }
             InjectSpec::Query { param } => {

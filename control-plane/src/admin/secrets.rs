@@ -43,6 +43,7 @@ fn static_upstream(s: &AdminState, upstream: &str) -> Result<(), ApiError> {
                 u.credential.kind,
                 leash_api::policy::CredentialKind::Static
                     | leash_api::policy::CredentialKind::Oauth2ClientCredentials
+                    | leash_api::policy::CredentialKind::AwsSigv4
             ) =>
         {
             Ok(())
@@ -82,6 +83,17 @@ pub(super) async fn put(
             "expected {\"value\": \"…\"}",
         )
     })?;
+    let signed =
+        s.cp.policy
+            .load()
+            .policy
+            .upstream(&upstream)
+            .is_some_and(|u| u.credential.kind == leash_api::policy::CredentialKind::AwsSigv4);
+    if signed && let Err(reason) = leash_api::policy::AwsKey::parse(req.value.as_bytes()) {
+        return Err(ApiError::invalid(format!(
+            "{upstream:?} signs with an AWS key: {reason}"
+        )));
+    }
     let key =
         s.cp.master_key
             .as_ref()
