@@ -198,23 +198,7 @@ impl TokenCache {
             .body(Full::new(Bytes::from(form)))
             .map_err(|e| TokenError::Unreachable(e.to_string()))?;
         let started = Instant::now();
-        let call = async {
-            let resp = self
-                .client()
-                .request(req)
-                .await
-                .map_err(|e| TokenError::Unreachable(e.to_string()))?;
-            let status = resp.status().as_u16();
-            let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| TokenError::Invalid(format!("body: {e}")))?
-                .to_bytes();
-            Ok::<_, TokenError>((status, body))
-        };
-        let (status, body) = tokio::time::timeout(EXCHANGE_TIMEOUT, call)
-            .await
-            .map_err(|_| TokenError::Timeout(EXCHANGE_TIMEOUT))??;
+        let (status, body) = call(self.client(), req).await?;
         if status != 200 {
             // The error response (RFC 6749 §5.2) names the problem; it holds no secret.
             let detail = serde_json::from_slice::<TokenErrorResponse>(&body)
@@ -238,6 +222,30 @@ impl TokenCache {
             use_until_unix_ms,
         })
     }
+}
+
+/// Sends a request to a token endpoint (or STS), within the exchange
+/// timeout, and reads at most 64 KiB of its answer: (status, body).
+pub(crate) async fn call(
+    client: &HttpsClient,
+    req: http::Request<Full<Bytes>>,
+) -> Result<(u16, Bytes), TokenError> {
+    let call = async {
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| TokenError::Unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| TokenError::Invalid(format!("body: {e}")))?
+            .to_bytes();
+        Ok::<_, TokenError>((status, body))
+    };
+    tokio::time::timeout(EXCHANGE_TIMEOUT, call)
+        .await
+        .map_err(|_| TokenError::Timeout(EXCHANGE_TIMEOUT))?
 }
 
 /// What `application/x-www-form-urlencoded` leaves as it is (RFC 3986's

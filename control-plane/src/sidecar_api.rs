@@ -117,23 +117,15 @@ impl SidecarService {
         let ttl_ms = i64::try_from(upstream.credential.ttl.as_millis()).unwrap_or(i64::MAX);
         let id = crate::secrets::lease_id(&upstream.name, version);
         let expires_at_ms = issued_at_ms.saturating_add(ttl_ms);
-        self.record(&id, upstream, peer, issued_at_ms, expires_at_ms)
-            .await?;
-        self.state
-            .metrics
-            .credentials_issued
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(credential_id = %id, workload = %peer.spiffe_id, upstream = %upstream.name, "static secret leased");
-        Ok(Response::new(IssueResponse {
-            result: Some(issue_response::Result::Credential(Credential {
-                id,
-                upstream: upstream.name.clone(),
-                kind: upstream.credential.kind.as_str().to_owned(),
-                secret: secret.to_vec(),
-                issued_at_unix_ms: issued_at_ms,
-                expires_at_unix_ms: expires_at_ms,
-            })),
-        }))
+        self.lease(
+            id,
+            upstream,
+            peer,
+            &secret,
+            (issued_at_ms, expires_at_ms),
+            "static secret leased",
+        )
+        .await
     }
 
     /// Leases a cached (or freshly exchanged) access token until shortly
@@ -174,23 +166,15 @@ impl SidecarService {
         let expires = token
             .use_until_unix_ms
             .min(issued_at_ms.saturating_add(ttl_ms));
-        self.record(&token.id, upstream, peer, issued_at_ms, expires)
-            .await?;
-        self.state
-            .metrics
-            .credentials_issued
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(credential_id = %token.id, workload = %peer.spiffe_id, upstream = %upstream.name, "access token leased");
-        Ok(Response::new(IssueResponse {
-            result: Some(issue_response::Result::Credential(Credential {
-                id: token.id.clone(),
-                upstream: upstream.name.clone(),
-                kind: upstream.credential.kind.as_str().to_owned(),
-                secret: token.token.as_bytes().to_vec(),
-                issued_at_unix_ms: issued_at_ms,
-                expires_at_unix_ms: expires,
-            })),
-        }))
+        self.lease(
+            token.id.clone(),
+            upstream,
+            peer,
+            token.token.as_bytes(),
+            (issued_at_ms, expires),
+            "access token leased",
+        )
+        .await
     }
 
     /// Leases temporary AWS credentials for this workload, obtained from STS
@@ -251,21 +235,42 @@ impl SidecarService {
         let expires = creds
             .use_until_unix_ms
             .min(issued_at_ms.saturating_add(ttl_ms));
-        self.record(&creds.id, upstream, peer, issued_at_ms, expires)
+        self.lease(
+            creds.id.clone(),
+            upstream,
+            peer,
+            creds.secret.as_bytes(),
+            (issued_at_ms, expires),
+            "temporary AWS credentials leased",
+        )
+        .await
+    }
+
+    /// Records a leased credential, counts it, and hands it out.
+    async fn lease(
+        &self,
+        id: String,
+        upstream: &leash_api::policy::Upstream,
+        peer: &PeerIdentity,
+        secret: &[u8],
+        (issued_at_ms, expires_at_ms): (i64, i64),
+        what: &'static str,
+    ) -> Result<Response<IssueResponse>, Status> {
+        self.record(&id, upstream, peer, issued_at_ms, expires_at_ms)
             .await?;
         self.state
             .metrics
             .credentials_issued
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(credential_id = %creds.id, workload = %peer.spiffe_id, upstream = %upstream.name, "temporary AWS credentials leased");
+        tracing::info!(credential_id = %id, workload = %peer.spiffe_id, upstream = %upstream.name, "{what}");
         Ok(Response::new(IssueResponse {
             result: Some(issue_response::Result::Credential(Credential {
-                id: creds.id.clone(),
+                id,
                 upstream: upstream.name.clone(),
                 kind: upstream.credential.kind.as_str().to_owned(),
-                secret: creds.secret.as_bytes().to_vec(),
+                secret: secret.to_vec(),
                 issued_at_unix_ms: issued_at_ms,
-                expires_at_unix_ms: expires,
+                expires_at_unix_ms: expires_at_ms,
             })),
         }))
     }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::Full;
 use zeroize::Zeroizing;
 
 use crate::https::HttpsClient;
@@ -25,8 +25,6 @@ pub const DEFAULT_STS_URL: &str = "https://sts.amazonaws.com/";
 /// STS's bounds on `DurationSeconds`.
 const MIN_DURATION: u64 = 900;
 const MAX_DURATION: u64 = 43_200;
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_RESPONSE: usize = 64 * 1024;
 
 /// Temporary credentials, rendered as the sidecar takes a brokered key.
 #[derive(Clone)]
@@ -131,23 +129,7 @@ impl StsCache {
             .body(Full::new(Bytes::from(form.as_bytes().to_vec())))
             .map_err(|e| TokenError::Unreachable(e.to_string()))?;
         let started = Instant::now();
-        let call = async {
-            let resp = self
-                .client()
-                .request(req)
-                .await
-                .map_err(|e| TokenError::Unreachable(e.to_string()))?;
-            let status = resp.status().as_u16();
-            let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
-                .collect()
-                .await
-                .map_err(|e| TokenError::Invalid(format!("body: {e}")))?
-                .to_bytes();
-            Ok::<_, TokenError>((status, body))
-        };
-        let (status, body) = tokio::time::timeout(CALL_TIMEOUT, call)
-            .await
-            .map_err(|_| TokenError::Timeout(CALL_TIMEOUT))??;
+        let (status, body) = crate::oauth2::call(self.client(), req).await?;
         let body = Zeroizing::new(String::from_utf8_lossy(&body).into_owned());
         if status != 200 {
             let detail = element(&body, "Code")
