@@ -56,12 +56,43 @@ pub struct AccessToken {
 }
 
 pub struct Exchange<'a> {
+    /// What the token is cached, shared and leased under: the upstream, or
+    /// `upstream#workload` for tokens made for one workload.
     pub upstream: &'a str,
     pub token_url: &'a str,
     pub client_id: &'a str,
-    pub client_secret: &'a [u8],
+    pub auth: ClientAuth<'a>,
+    pub grant: Grant<'a>,
     pub scopes: &'a [String],
 }
+
+/// How the control plane authenticates to the token endpoint.
+pub enum ClientAuth<'a> {
+    /// `client_secret_basic` with the upstream's brokered client secret.
+    SecretBasic(&'a [u8]),
+    /// RFC 7523 `private_key_jwt`: a JWT the control plane signed
+    /// (`client_assertion_type` `...:jwt-bearer`). Nothing stored to leak.
+    Assertion(&'a str),
+}
+
+/// What is asked for.
+pub enum Grant<'a> {
+    /// RFC 6749 §4.4.
+    ClientCredentials,
+    /// RFC 8693: `subject_token` (a JWT issued for the workload) exchanged
+    /// for an access token; its `jti` names the lease.
+    TokenExchange {
+        subject_token: &'a str,
+        jti: &'a str,
+        audience: Option<&'a str>,
+        resource: Option<&'a str>,
+    },
+}
+
+pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 #[derive(Default)]
 pub struct TokenCache {
@@ -169,33 +200,65 @@ impl TokenCache {
     }
 
     async fn exchange(&self, x: &Exchange<'_>) -> Result<AccessToken, TokenError> {
-        let mut form = format!(
-            "grant_type=client_credentials&client_id={}",
-            encode(x.client_id.as_bytes())
-        );
+        let mut form = Zeroizing::new(match &x.grant {
+            Grant::ClientCredentials => "grant_type=client_credentials".to_owned(),
+            Grant::TokenExchange {
+                subject_token,
+                audience,
+                resource,
+                ..
+            } => {
+                let mut f = format!(
+                    "grant_type={}&subject_token={}&subject_token_type={}&requested_token_type={}",
+                    encode(TOKEN_EXCHANGE.as_bytes()),
+                    encode(subject_token.as_bytes()),
+                    encode(JWT_TOKEN_TYPE.as_bytes()),
+                    encode(ACCESS_TOKEN_TYPE.as_bytes()),
+                );
+                for (name, value) in [("audience", audience), ("resource", resource)] {
+                    if let Some(v) = value {
+                        f.push_str(&format!("&{name}={}", encode(v.as_bytes())));
+                    }
+                }
+                f
+            }
+        });
+        form.push_str("&client_id=");
+        form.push_str(&encode(x.client_id.as_bytes()));
         if !x.scopes.is_empty() {
             form.push_str("&scope=");
             form.push_str(&encode(x.scopes.join(" ").as_bytes()));
         }
-        // client_secret_basic (RFC 6749 §2.3.1): form-encoded id and secret.
-        let mut basic = Zeroizing::new(encode(x.client_id.as_bytes()).into_bytes());
-        basic.push(b':');
-        // Straight into the zeroized buffer: no copy of the secret elsewhere.
-        for part in percent_encoding::percent_encode(x.client_secret, FORM) {
-            basic.extend_from_slice(part.as_bytes());
-        }
-        let authorization = Zeroizing::new(format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(&*basic)
-        ));
-        let req = http::Request::post(x.token_url)
+        let mut req = http::Request::post(x.token_url)
             .header(
                 http::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
-            .header(http::header::ACCEPT, "application/json")
-            .header(http::header::AUTHORIZATION, authorization.as_str())
-            .body(Full::new(Bytes::from(form)))
+            .header(http::header::ACCEPT, "application/json");
+        match x.auth {
+            ClientAuth::SecretBasic(secret) => {
+                // client_secret_basic (RFC 6749 §2.3.1): form-encoded id and secret.
+                let mut basic = Zeroizing::new(encode(x.client_id.as_bytes()).into_bytes());
+                basic.push(b':');
+                // Straight into the zeroized buffer: no copy of the secret elsewhere.
+                for part in percent_encoding::percent_encode(secret, FORM) {
+                    basic.extend_from_slice(part.as_bytes());
+                }
+                let authorization = Zeroizing::new(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(&*basic)
+                ));
+                req = req.header(http::header::AUTHORIZATION, authorization.as_str());
+            }
+            ClientAuth::Assertion(jwt) => {
+                form.push_str("&client_assertion_type=");
+                form.push_str(&encode(ASSERTION_TYPE.as_bytes()));
+                form.push_str("&client_assertion=");
+                form.push_str(&encode(jwt.as_bytes()));
+            }
+        }
+        let req = req
+            .body(Full::new(Bytes::from(form.as_bytes().to_vec())))
             .map_err(|e| TokenError::Unreachable(e.to_string()))?;
         let started = Instant::now();
         let (status, body) = call(self.client(), req).await?;
@@ -215,13 +278,29 @@ impl TokenCache {
             i64::try_from(use_for.saturating_sub(started.elapsed()).as_millis()).unwrap_or(0),
         );
         tracing::info!(upstream = %x.upstream, expires_in, "access token obtained");
+        let id = match &x.grant {
+            Grant::ClientCredentials => {
+                format!(
+                    "oauth2:{}:{}",
+                    upstream_name(x),
+                    uuid::Uuid::new_v4().simple()
+                )
+            }
+            // The subject token's jti: revoking this lease names it.
+            Grant::TokenExchange { jti, .. } => format!("oauth2x:{}:{jti}", upstream_name(x)),
+        };
         Ok(AccessToken {
-            id: format!("oauth2:{}:{}", x.upstream, uuid::Uuid::new_v4().simple()),
+            id,
             token: Arc::new(token),
             use_until,
             use_until_unix_ms,
         })
     }
+}
+
+/// The upstream of an exchange cached per workload (`upstream#workload`).
+fn upstream_name<'a>(x: &Exchange<'a>) -> &'a str {
+    x.upstream.split('#').next().unwrap_or(x.upstream)
 }
 
 /// Sends a request to a token endpoint (or STS), within the exchange
@@ -369,7 +448,8 @@ mod tests {
                 upstream: "payments",
                 token_url: &token_url,
                 client_id: "leash",
-                client_secret: b"client-secret",
+                auth: ClientAuth::SecretBasic(b"client-secret"),
+                grant: Grant::ClientCredentials,
                 scopes: &[],
             };
             let (cache_a, cache_b) = (TokenCache::default(), TokenCache::default());

@@ -135,16 +135,87 @@ impl SidecarService {
         upstream: &leash_api::policy::Upstream,
         peer: &PeerIdentity,
     ) -> Result<Response<IssueResponse>, Status> {
-        let client_secret = match self.brokered_secret(upstream).await {
-            Ok((_, secret)) => secret,
-            Err(answer) => return answer,
+        use crate::oauth2::{ClientAuth, Grant};
+        let c = &upstream.credential;
+        let token_url = c.token_url.as_deref().unwrap_or_default();
+        // Per the OAuth SPIFFE client-authentication draft, the workload's
+        // SPIFFE ID is its client id unless policy names one.
+        let client_id = c.client_id.as_deref().unwrap_or(&peer.spiffe_id);
+        let secret_based = c.kind == CredentialKind::Oauth2ClientCredentials;
+        let client_secret = if secret_based {
+            match self.brokered_secret(upstream).await {
+                Ok((_, secret)) => Some(secret),
+                Err(answer) => return answer,
+            }
+        } else {
+            None
+        };
+        let mint = |iss: &str, sub: &str, aud: &str, jti: &str, ttl: i64| {
+            let iat = now_ms() / 1000;
+            self.state
+                .issuer
+                .sign(&Claims {
+                    iss,
+                    sub,
+                    aud,
+                    jti,
+                    iat,
+                    exp: iat + ttl,
+                })
+                .map(zeroize::Zeroizing::new)
+                .map_err(|e| Status::internal(e.to_string()))
+        };
+        // RFC 7523 §3: iss and sub are the client id, aud the token endpoint.
+        let assertion = match &client_secret {
+            Some(_) => None,
+            None => Some(mint(
+                client_id,
+                client_id,
+                token_url,
+                &uuid::Uuid::new_v4().to_string(),
+                60,
+            )?),
+        };
+        let auth = match (&client_secret, &assertion) {
+            (Some(secret), _) => ClientAuth::SecretBasic(secret),
+            (None, Some(jwt)) => ClientAuth::Assertion(jwt),
+            (None, None) => return Err(Status::internal("no client authentication")),
+        };
+        // RFC 8693: the subject is the workload (its SPIFFE ID), for the
+        // token endpoint; the jti names the lease.
+        let exchange_jti = uuid::Uuid::new_v4().to_string();
+        let subject = match c.kind {
+            CredentialKind::Oauth2TokenExchange => Some(mint(
+                self.state.issuer.issuer(),
+                &peer.spiffe_id,
+                token_url,
+                &exchange_jti,
+                300,
+            )?),
+            _ => None,
+        };
+        let grant = match &subject {
+            Some(token) => Grant::TokenExchange {
+                subject_token: token,
+                jti: &exchange_jti,
+                audience: c.audience.as_deref(),
+                resource: c.resource.as_deref(),
+            },
+            None => Grant::ClientCredentials,
+        };
+        // Tokens made for one workload are cached for that workload only.
+        let key = if secret_based && c.client_id.is_some() && subject.is_none() {
+            upstream.name.clone()
+        } else {
+            format!("{}#{}", upstream.name, peer.spiffe_id)
         };
         let exchange = crate::oauth2::Exchange {
-            upstream: &upstream.name,
-            token_url: upstream.credential.token_url.as_deref().unwrap_or_default(),
-            client_id: upstream.credential.client_id.as_deref().unwrap_or_default(),
-            client_secret: &client_secret,
-            scopes: &upstream.credential.scopes,
+            upstream: &key,
+            token_url,
+            client_id,
+            auth,
+            grant,
+            scopes: &c.scopes,
         };
         let revocations = self.state.revocations.snapshot();
         let revoked = |id: &str| revocations.set.credential_revoked(id);
@@ -493,7 +564,7 @@ impl SidecarService {
         ) {
             return self.lease_static(upstream, &peer).await;
         }
-        if upstream.credential.kind == CredentialKind::Oauth2ClientCredentials {
+        if upstream.credential.kind.is_oauth2() {
             return self.lease_oauth2(upstream, &peer).await;
         }
         if upstream.credential.kind != CredentialKind::Jwt {

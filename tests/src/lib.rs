@@ -223,6 +223,7 @@ impl PolicyBuilder {
                 scopes: Vec::new(),
                 role_arn: None,
                 sts_url: None,
+                resource: None,
             },
             inject: leash_api::policy::InjectSpec::default(),
             scan_body_bytes: 0,

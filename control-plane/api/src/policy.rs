@@ -103,6 +103,16 @@ pub enum CredentialKind {
     Jwt,
     Static,
     Oauth2ClientCredentials,
+    /// An OAuth2 access token obtained with no client secret at all: the
+    /// control plane authenticates with a JWT it signs for the workload
+    /// (RFC 7523 `private_key_jwt`; `client_id` defaults to the workload's
+    /// SPIFFE ID, per the OAuth SPIFFE client-authentication draft).
+    Oauth2JwtBearer,
+    /// An OAuth2 access token for the workload from RFC 8693 token
+    /// exchange: a JWT the control plane issues for the workload (its
+    /// SPIFFE ID as `sub`, a tracked `jti`) is the subject token; the client
+    /// authenticates with `private_key_jwt`.
+    Oauth2TokenExchange,
     /// A brokered AWS access key (`ACCESS_KEY_ID:SECRET_ACCESS_KEY`, or
     /// with `:SESSION_TOKEN`), with which the sidecar signs each request
     /// (SigV4; `inject: {type: aws-sigv4, ...}`).
@@ -116,6 +126,8 @@ impl CredentialKind {
             Self::Static => "static",
             Self::Oauth2ClientCredentials => "oauth2-client-credentials",
             Self::AwsSigv4 => "aws-sigv4",
+            Self::Oauth2JwtBearer => "oauth2-jwt-bearer",
+            Self::Oauth2TokenExchange => "oauth2-token-exchange",
         }
     }
 }
@@ -147,6 +159,19 @@ pub struct CredentialSpec {
     /// The STS endpoint for `role_arn` (default `https://sts.amazonaws.com/`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sts_url: Option<String>,
+    /// `oauth2-token-exchange`: the RFC 8693 `resource` asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+}
+
+impl CredentialKind {
+    /// The kinds whose token comes from an OAuth2 token endpoint.
+    pub fn is_oauth2(self) -> bool {
+        matches!(
+            self,
+            Self::Oauth2ClientCredentials | Self::Oauth2JwtBearer | Self::Oauth2TokenExchange
+        )
+    }
 }
 
 fn default_ttl() -> Duration {
@@ -165,6 +190,7 @@ impl Default for CredentialSpec {
             scopes: Vec::new(),
             role_arn: None,
             sts_url: None,
+            resource: None,
         }
     }
 }
@@ -533,19 +559,24 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
         }
         match up.credential.kind {
             CredentialKind::Jwt | CredentialKind::Static | CredentialKind::AwsSigv4 => {}
-            CredentialKind::Oauth2ClientCredentials => {
+            kind @ (CredentialKind::Oauth2ClientCredentials
+            | CredentialKind::Oauth2JwtBearer
+            | CredentialKind::Oauth2TokenExchange) => {
                 match up.credential.token_url.as_deref().map(parse_target_url) {
                     None => bad(
                         at("credential.token_url"),
-                        "required for oauth2-client-credentials".into(),
+                        format!("required for {}", kind.as_str()),
                     ),
                     Some(Err(reason)) => bad(at("credential.token_url"), reason),
                     Some(Ok(())) => {}
                 }
-                if up.credential.client_id.as_deref().is_none_or(str::is_empty) {
+                // jwt-bearer defaults to the workload's SPIFFE ID.
+                if kind != CredentialKind::Oauth2JwtBearer
+                    && up.credential.client_id.as_deref().is_none_or(str::is_empty)
+                {
                     bad(
                         at("credential.client_id"),
-                        "required for oauth2-client-credentials".into(),
+                        format!("required for {}", kind.as_str()),
                     );
                 }
             }
@@ -583,14 +614,22 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
                 "an aws-sigv4 credential is injected by signing: inject: {type: aws-sigv4, region: ..., service: ...}".into(),
             );
         }
-        if up.credential.kind != CredentialKind::Oauth2ClientCredentials
+        if !up.credential.kind.is_oauth2()
             && (up.credential.token_url.is_some()
                 || up.credential.client_id.is_some()
                 || !up.credential.scopes.is_empty())
         {
             bad(
                 at("credential"),
-                "token_url, client_id and scopes belong to oauth2-client-credentials".into(),
+                "token_url, client_id and scopes belong to the oauth2-* kinds".into(),
+            );
+        }
+        if up.credential.kind != CredentialKind::Oauth2TokenExchange
+            && up.credential.resource.is_some()
+        {
+            bad(
+                at("credential.resource"),
+                "belongs to oauth2-token-exchange".into(),
             );
         }
         if let Some(probe) = &up.deactivation_probe {
@@ -959,6 +998,34 @@ grants:
         let i = issues(&plain);
         assert_eq!(i[0].field, "upstreams[0].passthrough");
         assert!(i[0].reason.contains("https://"), "{:?}", i[0]);
+    }
+
+    #[test]
+    fn oauth2_kinds_without_a_secret() {
+        let bearer = GOOD.replace(
+            "credential: { kind: jwt }",
+            "credential: { kind: oauth2-jwt-bearer, token_url: \"https://auth.example/token\" }",
+        );
+        let p = parse(&bearer, Path::new(".")).expect("jwt-bearer needs no client_id");
+        assert_eq!(
+            p.upstream("github").expect("github").credential.kind,
+            CredentialKind::Oauth2JwtBearer
+        );
+        let exchange = GOOD.replace(
+            "credential: { kind: jwt }",
+            "credential: { kind: oauth2-token-exchange, token_url: \"https://auth.example/token\", resource: \"https://api\" }",
+        );
+        let i = issues(&exchange);
+        assert_eq!(i.len(), 1, "{i:?}");
+        assert_eq!(i[0].field, "upstreams[1].credential.client_id");
+        let misplaced = GOOD.replace(
+            "credential: { kind: jwt }",
+            "credential: { kind: jwt, resource: \"https://api\" }",
+        );
+        assert_eq!(
+            issues(&misplaced)[0].field,
+            "upstreams[1].credential.resource"
+        );
     }
 
     #[test]
