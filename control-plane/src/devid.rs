@@ -153,14 +153,25 @@ pub struct DevIdentityProvider {
     ca: Arc<DevCa>,
     svid_ttl: Duration,
     identities: HashMap<PathBuf, ServedIdentity>,
+    /// The trust domain's JWT-SVID key (the JWT half of the Workload API).
+    jwt: Option<Arc<leash_api::jwt_svid::JwtSvidAuthority>>,
 }
 
 impl DevIdentityProvider {
     pub fn new(ca: DevCa, svid_ttl: Duration) -> Self {
+        let jwt = match leash_api::jwt_svid::JwtSvidAuthority::generate(ca.trust_domain().as_ref())
+        {
+            Ok(a) => Some(Arc::new(a)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no JWT-SVIDs: the key could not be made");
+                None
+            }
+        };
         Self {
             ca: Arc::new(ca),
             svid_ttl,
             identities: HashMap::new(),
+            jwt,
         }
     }
 
@@ -214,6 +225,7 @@ impl DevIdentityProvider {
             listener,
             socket.to_owned(),
             rx,
+            self.jwt.clone(),
             shutdown,
         ))
     }

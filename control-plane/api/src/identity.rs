@@ -120,7 +120,7 @@ pub async fn connect(
             let listener = tokio::net::UnixListener::bind(&socket)?;
             let (tx, rx) = watch::channel(Arc::new(first));
             let (stop, stop_rx) = watch::channel(false);
-            crate::workload_server::serve_unix(listener, socket.clone(), rx, stop_rx.clone());
+            crate::workload_server::serve_unix(listener, socket.clone(), rx, None, stop_rx.clone());
             tokio::spawn(watch_files(files.clone(), tx, stop_rx));
             let source = x509_source(&format!("unix://{}", socket.display()), initial_sync).await?;
             Ok(Identity {

@@ -2,7 +2,9 @@
 //! policy model with its validation, and the server side of the SPIFFE
 //! Workload API (used by the dev identity provider).
 
+pub mod h2_authority;
 pub mod identity;
+pub mod jwt_svid;
 pub mod metrics;
 pub mod policy;
 pub mod process;

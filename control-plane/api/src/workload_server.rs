@@ -1,5 +1,6 @@
-//! A SPIFFE Workload API server (X.509 part) over a Unix socket, serving
-//! whatever SVID a `watch` channel holds and streaming each change.
+//! A SPIFFE Workload API server over a Unix socket, serving whatever
+//! X.509-SVID a `watch` channel holds and streaming each change, and, when
+//! given a JWT-SVID authority, the JWT half (`jwt_svid.rs`).
 //!
 //! Two things use it: the dev identity provider (SVIDs from a local CA) and
 //! SVID files on disk (served on a private socket to the process's own
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
 use tokio_stream::{Stream, StreamExt as _};
@@ -30,15 +31,52 @@ pub fn serve_unix(
     listener: UnixListener,
     path: PathBuf,
     current: watch::Receiver<Arc<X509svidResponse>>,
+    jwt: Option<Arc<crate::jwt_svid::JwtSvidAuthority>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    let service = WorkloadApiService { current };
+    let service = WorkloadApiService { current, jwt };
+    // Each connection reaches tonic through `h2_authority::relay`, so that
+    // grpc-core and grpc-java clients (which send the socket path as
+    // `:authority`) are served too.
+    let (conns, incoming) = tokio::sync::mpsc::channel::<std::io::Result<UnixStream>>(64);
+    let mut accepting = shutdown.clone();
+    tokio::spawn(async move {
+        let mut accepted = UnixListenerStream::new(listener);
+        loop {
+            let client = tokio::select! {
+                next = accepted.next() => match next {
+                    Some(Ok(client)) => client,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "workload API accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    None => return,
+                },
+                () = crate::process::stopped(&mut accepting) => return,
+            };
+            let (ours, theirs) = match UnixStream::pair() {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "workload API: no socket pair");
+                    continue;
+                }
+            };
+            tokio::spawn(crate::h2_authority::relay(client, ours));
+            if conns.send(Ok(theirs)).await.is_err() {
+                return;
+            }
+        }
+    });
     tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(service))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                let _ = shutdown.wait_for(|s| *s).await;
-            })
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::ReceiverStream::new(incoming),
+                async move {
+                    let _ = shutdown.wait_for(|s| *s).await;
+                },
+            )
             .await;
         if let Err(e) = result {
             tracing::error!(socket = %path.display(), error = %e, "workload API server failed");
@@ -49,6 +87,15 @@ pub fn serve_unix(
 
 struct WorkloadApiService {
     current: watch::Receiver<Arc<X509svidResponse>>,
+    jwt: Option<Arc<crate::jwt_svid::JwtSvidAuthority>>,
+}
+
+impl WorkloadApiService {
+    fn jwt(&self) -> Result<&crate::jwt_svid::JwtSvidAuthority, Status> {
+        self.jwt
+            .as_deref()
+            .ok_or_else(|| Status::unimplemented(NO_JWT))
+    }
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -79,7 +126,7 @@ fn bundles_of(r: &X509svidResponse) -> X509BundlesResponse {
     }
 }
 
-const NO_JWT: &str = "this Workload API serves X.509-SVIDs only";
+const NO_JWT: &str = "this Workload API serves X.509-SVIDs only (SVID files)";
 
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApiService {
@@ -112,7 +159,33 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&request)?;
-        Err(Status::unimplemented(NO_JWT))
+        let jwt = self.jwt()?;
+        let req = request.into_inner();
+        let served = self
+            .current
+            .borrow()
+            .svids
+            .first()
+            .map(|s| s.spiffe_id.clone());
+        let Some(id) = served else {
+            return Err(Status::unavailable("no identity yet"));
+        };
+        if !req.spiffe_id.is_empty() && req.spiffe_id != id {
+            return Err(Status::permission_denied(format!(
+                "this socket serves {id}, not {}",
+                req.spiffe_id
+            )));
+        }
+        let svid = jwt
+            .sign(&id, &req.audience)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(JwtsvidResponse {
+            svids: vec![crate::workload::Jwtsvid {
+                spiffe_id: id,
+                svid,
+                hint: String::new(),
+            }],
+        }))
     }
 
     async fn fetch_jwt_bundles(
@@ -120,7 +193,13 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
-        Err(Status::unimplemented(NO_JWT))
+        let jwt = self.jwt()?;
+        let bundles = HashMap::from([(jwt.trust_domain().to_owned(), jwt.jwks().to_vec())]);
+        // One answer, then the stream stays open (the key does not rotate;
+        // a closed stream would make the client reconnect).
+        let stream =
+            tokio_stream::once(Ok(JwtBundlesResponse { bundles })).chain(tokio_stream::pending());
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn validate_jwtsvid(
@@ -128,6 +207,17 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(&request)?;
-        Err(Status::unimplemented(NO_JWT))
+        let jwt = self.jwt()?;
+        let req = request.into_inner();
+        if req.audience.is_empty() || req.svid.is_empty() {
+            return Err(Status::invalid_argument("audience and svid are required"));
+        }
+        let (spiffe_id, claims) = jwt
+            .validate(&req.svid, &req.audience)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id,
+            claims: Some(crate::jwt_svid::to_struct(claims)),
+        }))
     }
 }
