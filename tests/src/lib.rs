@@ -1209,6 +1209,31 @@ pub mod otlp {
     }
 }
 
+/// A Python that can import `modules` (`LEASH_TEST_PYTHON`, else
+/// `python3`); fails saying what to install when there is none.
+pub fn python_with(modules: &str, install: &str) -> String {
+    let python = std::env::var("LEASH_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{python} cannot import {modules}: pip install {install}, or point LEASH_TEST_PYTHON at a Python that has them (.ci/run does)"
+    );
+    python
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The test gRPC service (`tests/proto/echo.proto`).
 #[allow(clippy::all, clippy::pedantic, reason = "generated code")]
 pub mod echo {

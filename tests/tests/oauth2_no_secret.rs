@@ -13,7 +13,7 @@
 )]
 
 use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use leash_tests::*;
@@ -122,35 +122,13 @@ print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
 
-fn python() -> String {
-    let python = std::env::var("LEASH_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python)
-        .args(["-c", "import authlib.oauth2.rfc7523, joserfc"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "{python} cannot import authlib: pip install authlib, or point LEASH_TEST_PYTHON at a Python that has it (.ci/run does)"
-    );
-    python
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_without_a_client_secret_from_an_authlib_endpoint() {
     init();
     let dir = short_tempdir();
     let jwks_url_file = dir.path().join("jwks-url");
     let log_file = dir.path().join("tokens.jsonl");
-    let mut endpoint = Command::new(python())
+    let mut endpoint = Command::new(python_with("authlib.oauth2.rfc7523, joserfc", "authlib"))
         .args(["-c", ENDPOINT])
         .env("CLIENTS", format!("{APP_ID},leash-exchanger"))
         .env("JWKS_URL_FILE", &jwks_url_file)
@@ -162,7 +140,7 @@ async fn tokens_without_a_client_secret_from_an_authlib_endpoint() {
     BufReader::new(endpoint.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let _endpoint = Killed(endpoint);
+    let _endpoint = KillOnDrop(endpoint);
     let port: u16 = line.trim().parse().unwrap();
     let token_url = format!("http://127.0.0.1:{port}/token");
     let policy = format!(

@@ -12,7 +12,7 @@
 )]
 
 use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -142,28 +142,6 @@ print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
 
-fn python() -> String {
-    let python = std::env::var("LEASH_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python)
-        .args(["-c", "import botocore.auth"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "{python} cannot import botocore: pip install botocore, or point LEASH_TEST_PYTHON at a Python that has it (.ci/run does)"
-    );
-    python
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn policy(port: u16) -> String {
     let up = |name: &str, service: &str, extra: &str| {
         format!(
@@ -203,7 +181,7 @@ async fn requests_signed_by_the_sidecar_verify_with_botocore() {
     let dir = short_tempdir();
     let jwks_url_file = dir.path().join("jwks-url");
     let assumed_file = dir.path().join("assumed.jsonl");
-    let mut verifier = Command::new(python())
+    let mut verifier = Command::new(python_with("botocore.auth", "botocore"))
         .args(["-c", VERIFIER])
         .env("AKID", AKID)
         .env("SECRET", SECRET)
@@ -217,7 +195,7 @@ async fn requests_signed_by_the_sidecar_verify_with_botocore() {
     BufReader::new(verifier.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let _verifier = Killed(verifier);
+    let _verifier = KillOnDrop(verifier);
     let port: u16 = line.trim().parse().unwrap();
 
     let ids = Identities::start(dir.path(), SVID_TTL, &[CP_ID, APP_ID]);

@@ -56,15 +56,7 @@ client.close()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn py_spiffe_gets_x509_and_jwt_svids_and_watches_a_rotation() {
     init();
-    let python = std::env::var("LEASH_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python)
-        .args(["-c", "import spiffe.workloadapi"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "{python} cannot import spiffe: pip install spiffe, or point LEASH_TEST_PYTHON at a Python that has it (.ci/run does)"
-    );
+    let python = python_with("spiffe.workloadapi", "spiffe");
     let dir = short_tempdir();
     // SVIDs of 2 s are re-issued every second: a rotation to watch.
     let ids = Identities::start(dir.path(), Duration::from_secs(2), &[APP_ID]);

@@ -89,21 +89,6 @@ async fn start() -> Tunnels {
     }
 }
 
-/// A Python with `requests` and `httpx` (`LEASH_TEST_PYTHON`, else
-/// `python3`).
-fn python() -> String {
-    let python = std::env::var("LEASH_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = std::process::Command::new(&python)
-        .args(["-c", "import requests, httpx"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "{python} cannot import requests and httpx: pip install requests httpx, or point LEASH_TEST_PYTHON at a Python that has them (.ci/run does)"
-    );
-    python
-}
-
 /// Runs a command; returns its standard output, failing with its output
 /// when it fails.
 fn run(cmd: &mut std::process::Command) -> String {
@@ -189,10 +174,12 @@ with httpx.Client(proxy=os.environ["PROXY"], verify=ctx, timeout=20) as c:
     r = c.get(url)
     print("httpx", r.status_code, r.json()["sub"], r.http_version)
 "#;
-    let out = run(std::process::Command::new(python())
-        .args(["-c", script])
-        .env("PROXY", format!("http://{proxy}"))
-        .env("CA", &t.ca));
+    let out = run(
+        std::process::Command::new(python_with("requests, httpx", "requests httpx"))
+            .args(["-c", script])
+            .env("PROXY", format!("http://{proxy}"))
+            .env("CA", &t.ca),
+    );
     assert!(out.contains(&format!("requests 200 {APP_ID}")), "{out}");
     assert!(out.contains(&format!("httpx 200 {APP_ID}")), "{out}");
 

@@ -12,7 +12,7 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use leash_tests::*;
@@ -20,20 +20,6 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const SVID_TTL: Duration = Duration::from_secs(600);
-
-/// A Python with `websockets` (`LEASH_TEST_PYTHON`, else `python3`).
-fn python() -> String {
-    let python = std::env::var("LEASH_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python)
-        .args(["-c", "import websockets"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "{python} cannot import websockets: pip install websockets, or point LEASH_TEST_PYTHON at a Python that has it (.ci/run does)"
-    );
-    python
-}
 
 const SERVER: &str = r#"
 import asyncio, websockets
@@ -69,18 +55,8 @@ async def main():
 asyncio.run(main())
 "#;
 
-/// Kills the child when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Ws {
-    _server: Killed,
+    _server: KillOnDrop,
     cp: leash_control_plane::app::ControlPlane,
     dir: tempfile::TempDir,
     _ids: Identities,
@@ -90,7 +66,7 @@ struct Ws {
 
 async fn start() -> Ws {
     init();
-    let python = python();
+    let python = python_with("websockets", "websockets");
     let mut server = Command::new(&python)
         .args(["-c", SERVER])
         .stdout(Stdio::piped())
@@ -117,7 +93,7 @@ async fn start() -> Ws {
     let sidecar = start_sidecar(config).await;
     wait_ready(sidecar.admin_addr).await;
     Ws {
-        _server: Killed(server),
+        _server: KillOnDrop(server),
         ca: dir.path().join("leash-ca.pem"),
         cp,
         dir,
@@ -126,8 +102,8 @@ async fn start() -> Ws {
     }
 }
 
-fn client(ws: &Ws, url: &str, wait: bool) -> (Killed, BufReader<ChildStdout>) {
-    let mut cmd = Command::new(python());
+fn client(ws: &Ws, url: &str, wait: bool) -> (KillOnDrop, BufReader<ChildStdout>) {
+    let mut cmd = Command::new(python_with("websockets", "websockets"));
     cmd.args(["-c", CLIENT, url])
         .env("PROXY", format!("http://{}", ws.sidecar.egress_addr))
         .env("CA", &ws.ca)
@@ -137,7 +113,7 @@ fn client(ws: &Ws, url: &str, wait: bool) -> (Killed, BufReader<ChildStdout>) {
     }
     let mut child = cmd.spawn().unwrap();
     let out = BufReader::new(child.stdout.take().unwrap());
-    (Killed(child), out)
+    (KillOnDrop(child), out)
 }
 
 fn next_line(out: &mut BufReader<ChildStdout>) -> String {
