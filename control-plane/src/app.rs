@@ -193,6 +193,7 @@ impl ControlPlane {
             master_key: config.master_key.clone(),
             tokens: crate::oauth2::TokenCache::default(),
             sts: crate::sts::StsCache::default(),
+            ssf: crate::ssf::SsfReceiver::default(),
             otel: config.otel.clone(),
             refused: crate::unauthenticated::RefusedCalls::default(),
             prober: crate::probes::Prober::new(config.probe_timeout),

@@ -24,6 +24,7 @@ pub mod scanners;
 pub mod secrets;
 pub mod sessions;
 pub mod sidecar_api;
+pub mod ssf;
 pub mod state;
 pub mod store;
 pub mod sts;

@@ -50,6 +50,8 @@ pub struct ControlPlaneState {
     pub tokens: crate::oauth2::TokenCache,
     /// Temporary AWS credentials per (upstream, workload).
     pub sts: crate::sts::StsCache,
+    /// Security events received from SSF transmitters.
+    pub ssf: crate::ssf::SsfReceiver,
     pub otel: Option<leash_api::telemetry::Otel>,
     /// Admin-API calls refused for want of a valid token, summarised into
     /// the audit log once a minute.

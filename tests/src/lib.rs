@@ -196,6 +196,7 @@ impl PolicyBuilder {
                 version: 1,
                 upstreams: Vec::new(),
                 grants: Vec::new(),
+                ssf: None,
             },
         }
     }

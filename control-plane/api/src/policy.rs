@@ -26,6 +26,63 @@ pub struct Policy {
     pub upstreams: Vec<Upstream>,
     #[serde(default)]
     pub grants: Vec<Grant>,
+    /// Security events received (OpenID Shared Signals): which
+    /// transmitters are trusted and what their subjects mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssf: Option<SsfSpec>,
+}
+
+/// `ssf:` — the control plane as an SSF receiver (RFC 8935 push).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsfSpec {
+    /// This receiver's audience: every SET must name it in `aud`.
+    pub audience: String,
+    #[serde(default)]
+    pub transmitters: Vec<SsfTransmitter>,
+    /// Subjects (RFC 9493) and what revoking them means. A `uri` subject
+    /// that is a SPIFFE ID needs no entry: it is that workload.
+    #[serde(default)]
+    pub subjects: Vec<SsfSubject>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsfTransmitter {
+    pub name: String,
+    /// The `iss` of its SETs.
+    pub issuer: String,
+    /// Where its signing keys are (a JWKS).
+    pub jwks_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsfSubject {
+    /// `iss_sub`, `opaque` or `uri`.
+    pub format: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// What an event about this subject revokes: `workload`, `workload` +
+    /// `upstream` (a grant), or `credential_id`.
+    pub revoke: SsfTarget,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsfTarget {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workload: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub upstream: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub credential_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -721,6 +778,76 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
         }
     }
 
+    if let Some(ssf) = &policy.ssf {
+        if ssf.audience.is_empty() {
+            bad("ssf.audience".into(), "must not be empty".into());
+        }
+        let mut seen = HashSet::new();
+        for (i, t) in ssf.transmitters.iter().enumerate() {
+            let at = |f: &str| format!("ssf.transmitters[{i}].{f}");
+            if !valid_name(&t.name) || !seen.insert(t.name.as_str()) {
+                bad(
+                    at("name"),
+                    format!(
+                        "{:?} must be a unique name (a-z, 0-9, '-', '_', '.')",
+                        t.name
+                    ),
+                );
+            }
+            if t.issuer.is_empty() {
+                bad(at("issuer"), "must not be empty".into());
+            }
+            if let Err(reason) = parse_target_url(&t.jwks_url) {
+                bad(at("jwks_url"), reason);
+            }
+        }
+        for (i, m) in ssf.subjects.iter().enumerate() {
+            let at = |f: &str| format!("ssf.subjects[{i}].{f}");
+            let fields = match m.format.as_str() {
+                "iss_sub" => {
+                    m.iss.is_some() && m.sub.is_some() && m.id.is_none() && m.uri.is_none()
+                }
+                "opaque" => m.id.is_some() && m.iss.is_none() && m.sub.is_none() && m.uri.is_none(),
+                "uri" => m.uri.is_some() && m.iss.is_none() && m.sub.is_none() && m.id.is_none(),
+                other => {
+                    bad(
+                        at("format"),
+                        format!("{other:?}: use iss_sub, opaque or uri"),
+                    );
+                    true
+                }
+            };
+            if !fields {
+                bad(
+                    at("format"),
+                    "iss_sub takes iss and sub; opaque takes id; uri takes uri".into(),
+                );
+            }
+            let t = &m.revoke;
+            let shape = match (
+                t.workload.is_empty(),
+                t.upstream.is_empty(),
+                t.credential_id.is_empty(),
+            ) {
+                (false, _, true) => WorkloadMatcher::parse(&t.workload).err(),
+                (true, true, false) => None,
+                _ => Some(
+                    "revoke a workload, a workload and an upstream (a grant), or a credential_id"
+                        .to_owned(),
+                ),
+            };
+            if let Some(reason) = shape {
+                bad(at("revoke"), reason);
+            }
+            if !t.upstream.is_empty() && !names.contains(t.upstream.as_str()) {
+                bad(
+                    at("revoke.upstream"),
+                    format!("no upstream is named {:?}", t.upstream),
+                );
+            }
+        }
+    }
+
     let mut grants = Vec::new();
     for (i, g) in policy.grants.iter().enumerate() {
         match WorkloadMatcher::parse(&g.workload) {
@@ -1025,6 +1152,28 @@ grants:
         assert_eq!(
             issues(&misplaced)[0].field,
             "upstreams[1].credential.resource"
+        );
+    }
+
+    #[test]
+    fn ssf_receivers_and_subject_mappings_are_checked() {
+        let good = format!(
+            "{GOOD}ssf:\n  audience: https://leash/ssf\n  transmitters:\n    - {{ name: idp, issuer: https://idp, jwks_url: https://idp/jwks }}\n  subjects:\n    - {{ format: opaque, id: k1, revoke: {{ credential_id: static:payments:v1 }} }}\n    - {{ format: iss_sub, iss: https://idp, sub: s, revoke: {{ workload: spiffe://leash.test/ns/a, upstream: payments }} }}\n"
+        );
+        let p = parse(&good, Path::new(".")).expect("valid");
+        assert_eq!(p.policy.ssf.expect("ssf").subjects.len(), 2);
+        let bad = good
+            .replace("format: opaque, id: k1", "format: opaque, uri: k1")
+            .replace("upstream: payments", "upstream: nowhere")
+            .replace("jwks_url: https://idp/jwks", "jwks_url: ftp://idp");
+        let fields: Vec<_> = issues(&bad).into_iter().map(|i| i.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "ssf.transmitters[0].jwks_url",
+                "ssf.subjects[0].format",
+                "ssf.subjects[1].revoke.upstream",
+            ]
         );
     }
 

@@ -28,6 +28,7 @@ mod ops;
 mod posture;
 mod revocations;
 mod secrets;
+mod ssf;
 mod tokens;
 pub mod types;
 mod usage;
@@ -88,6 +89,7 @@ fn public_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(ops::jwks))
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::openapi))
+        .routes(routes!(ssf::push))
 }
 
 /// The authenticated `/v1` API. A route exists only by being registered

@@ -11,6 +11,15 @@ pub use crate::revocations::RevokeRequest;
 pub use crate::store::{AuditEntry, AuditVerdict, ProbeResult, Sighting, Stripped};
 pub use crate::usage::{Edge, Summary as UsageSummary, UnusedGrant, UsageRow, UseAfterRevocation};
 
+/// A refused Security Event Token (RFC 8935 §2.4).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SsfErrorBody {
+    /// invalid_request, invalid_key, invalid_issuer, invalid_audience or
+    /// access_denied.
+    pub err: String,
+    pub description: String,
+}
+
 /// Every refusal: a stable code and a human message.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {

@@ -45,6 +45,7 @@ mod probes;
 mod replicas;
 mod revocations;
 mod secrets;
+mod ssf;
 mod tokens;
 mod url;
 mod usage;
@@ -71,6 +72,7 @@ pub use revocations::{
     AckRecord, CHANGES_CHANNEL, Inserted, Restore, SessionRecord, StoredRevocation,
 };
 pub use secrets::SecretVersion;
+pub use ssf::SsfEvent;
 pub use tokens::{SharedToken, TokenRecord};
 pub use url::{DatabaseUrl, numbered_placeholders};
 pub use usage::{
