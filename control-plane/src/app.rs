@@ -194,6 +194,7 @@ impl ControlPlane {
             tokens: crate::oauth2::TokenCache::default(),
             sts: crate::sts::StsCache::default(),
             ssf: crate::ssf::SsfReceiver::default(),
+            ssf_out: crate::ssf_out::SsfOut::default(),
             otel: config.otel.clone(),
             refused: crate::unauthenticated::RefusedCalls::default(),
             prober: crate::probes::Prober::new(config.probe_timeout),

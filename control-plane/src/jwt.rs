@@ -161,6 +161,24 @@ impl JwtIssuer {
         Ok(token)
     }
 
+    /// Signs a Security Event Token (RFC 8417): `claims` as they are, the
+    /// header's `typ` `secevent+jwt`, with the active key.
+    pub fn sign_set(&self, claims: &serde_json::Value) -> Result<String, JwtError> {
+        let ring = self.ring.load();
+        let key = ring.keys.first().ok_or(JwtError::Sign)?;
+        let header = serde_json::json!({"alg": "ES256", "kid": key.kid, "typ": "secevent+jwt"});
+        let mut token = B64.encode(header.to_string());
+        token.push('.');
+        B64.encode_string(claims.to_string(), &mut token);
+        let sig = key
+            .pair
+            .sign(&self.rng, token.as_bytes())
+            .map_err(|_| JwtError::Sign)?;
+        token.push('.');
+        B64.encode_string(sig.as_ref(), &mut token);
+        Ok(token)
+    }
+
     /// The published keys as an RFC 7517 JWK Set: the credential signing
     /// keys and the evidence key.
     pub fn jwks(&self) -> serde_json::Value {

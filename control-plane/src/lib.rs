@@ -25,6 +25,7 @@ pub mod secrets;
 pub mod sessions;
 pub mod sidecar_api;
 pub mod ssf;
+pub mod ssf_out;
 pub mod state;
 pub mod store;
 pub mod sts;

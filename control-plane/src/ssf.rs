@@ -295,6 +295,7 @@ impl SsfReceiver {
         let by = format!("ssf:{}", t.name);
         match cp.revocations.revoke(req, &by, policy).await {
             Ok(stored) => {
+                cp.ssf_out.revoked(cp, &stored.revocation);
                 let id = stored.revocation.id.clone();
                 if let Err(e) = cp.store.set_ssf_revocation(&t.issuer, jti, &id).await {
                     tracing::warn!(error = %e, "cannot record which revocation a SET became");

@@ -52,6 +52,8 @@ pub struct ControlPlaneState {
     pub sts: crate::sts::StsCache,
     /// Security events received from SSF transmitters.
     pub ssf: crate::ssf::SsfReceiver,
+    /// Security events this control plane transmits.
+    pub ssf_out: crate::ssf_out::SsfOut,
     pub otel: Option<leash_api::telemetry::Otel>,
     /// Admin-API calls refused for want of a valid token, summarised into
     /// the audit log once a minute.

@@ -66,6 +66,43 @@ for line in sys.stdin:
         print(json.dumps({"status": e.code, "body": e.read().decode()}), flush=True)
 "#;
 
+/// Receives the SETs Leash transmits, verifies each with PyJWT against the
+/// control plane's JWKS (audience, issuer, typ), and appends what it got to
+/// a file.
+const RECEIVER: &str = r#"
+import json, os
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+import jwt
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        with open(os.environ["JWKS_URL_FILE"]) as f:
+            jwks = jwt.PyJWKClient(f.read().strip())
+        try:
+            assert self.headers["Content-Type"] == "application/secevent+jwt"
+            assert jwt.get_unverified_header(body)["typ"] == "secevent+jwt"
+            claims = jwt.decode(body, jwks.get_signing_key_from_jwt(body).key, algorithms=["ES256"],
+                                audience="https://siem.leash.test", issuer="leash-test",
+                                options={"require": ["iat", "jti"], "verify_exp": False})
+            record = {"events": list(claims["events"]), "sub_id": claims.get("sub_id"),
+                      "txn": claims.get("txn"), "body": claims["events"]}
+            status = 202
+        except Exception as e:
+            record, status = {"error": repr(e)}, 400
+        with open(os.environ["OUT_FILE"], "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
 struct Transmitter {
     _child: KillOnDrop,
     stdin: ChildStdin,
@@ -135,6 +172,28 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
     };
 
     let dir = short_tempdir();
+    let jwks_url_file = dir.path().join("jwks-url");
+    let received_file = dir.path().join("received.jsonl");
+    let mut receiver = Command::new(python_with("jwt, cryptography", "'pyjwt[crypto]'"))
+        .args(["-c", RECEIVER])
+        .env("JWKS_URL_FILE", &jwks_url_file)
+        .env("OUT_FILE", &received_file)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(receiver.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _receiver = KillOnDrop(receiver);
+    let receiver_port: u16 = line.trim().parse().unwrap();
+    let received = || -> Vec<Value> {
+        std::fs::read_to_string(&received_file)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
     let ids = Identities::start(dir.path(), SVID_TTL, &[CP_ID, APP_ID, OTHER_ID]);
     let up = listener().await;
     let upstream = up.local_addr().unwrap();
@@ -150,12 +209,21 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
       iss: {ISSUER}
       sub: svc-payments-client
       revoke: {{ workload: {APP_ID}, upstream: payments }}
+  receivers:
+    - name: siem
+      endpoint_url: http://127.0.0.1:{receiver_port}/events
+      audience: https://siem.leash.test
 "#,
         standard_policy(upstream, "5m")
     );
     let policy = write_policy(dir.path(), &policy);
     let data = dir.path().join("data");
     let cp = start_control_plane(&ids, CP_ID, &policy, &data).await;
+    std::fs::write(
+        &jwks_url_file,
+        format!("http://{}/.well-known/jwks.json", cp.admin_addr),
+    )
+    .unwrap();
     tokio::spawn(leash_examples::serve_observed(
         up,
         upstream_config(cp.admin_addr),
@@ -271,6 +339,20 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
     assert_eq!(refused.status, 403);
     assert_eq!(refused.json()["error"], "revoked_grant");
 
+    // Leash transmits the revocation as a CAEP event; the receiver
+    // verified its signature against Leash's JWKS.
+    let sent = eventually(Duration::from_secs(10), "the CAEP event received", || {
+        let got = received();
+        let id = id.clone();
+        async move { got.into_iter().find(|r| r["txn"] == id.as_str()) }
+    })
+    .await;
+    assert_eq!(
+        sent["events"][0], "https://schemas.openid.net/secevent/caep/event-type/session-revoked",
+        "{sent}"
+    );
+    assert_eq!(sent["sub_id"], json!({"format": "uri", "uri": APP_ID}));
+
     // The same SET again: a replay.
     let (status, body) =
         tx.push(json!({"url": url, "claims": set("evt-1", COMPROMISE, issuer_sub.clone())}));
@@ -290,6 +372,60 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
     let caep = "https://schemas.openid.net/secevent/caep/event-type/session-revoked";
     let (status, body) = tx.push(json!({"url": url, "claims": set("evt-2", caep, json!({"format": "uri", "uri": OTHER_ID}))}));
     assert_eq!(status, 202, "{body}");
+
+    // A leaked value registered: RISC credential-compromise. A verification
+    // event on request. The stream's counts.
+    let leaked = admin
+        .post(
+            "/v1/leaked",
+            json!({"value": "ghp_transmittedLeak0123456789", "reason": "in a paste"}),
+        )
+        .await;
+    assert_eq!(leaked.status, 201);
+    let verify = admin
+        .post(
+            "/v1/ssf/verify",
+            json!({"stream_id": "siem", "state": "st-42"}),
+        )
+        .await;
+    assert_eq!(
+        verify.status,
+        204,
+        "{}",
+        String::from_utf8_lossy(&verify.body)
+    );
+    eventually(Duration::from_secs(10), "every event received", || {
+        let got = received();
+        async move {
+            let has = |e: &str| got.iter().any(|r| r["events"][0].as_str() == Some(e));
+            (has("https://schemas.openid.net/secevent/risc/event-type/credential-compromise")
+                && got.iter().any(|r| r["body"]["https://schemas.openid.net/secevent/ssf/event-type/verification"]["state"] == "st-42")
+                && got.len() == 4)
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        received().iter().all(|r| r["error"].is_null()),
+        "{:?}",
+        received()
+    );
+    let streams = admin.get("/v1/ssf/streams").await.json();
+    assert_eq!(streams["streams"][0]["delivered"], 4, "{streams}");
+    let config = http_get(&format!(
+        "http://{}/.well-known/ssf-configuration",
+        cp.admin_addr
+    ))
+    .await
+    .unwrap()
+    .json();
+    assert_eq!(config["issuer"], "leash-test");
+    assert!(
+        config["jwks_uri"]
+            .as_str()
+            .unwrap()
+            .ends_with("/.well-known/jwks.json")
+    );
 
     // Every event is in the audit log, accepted or refused.
     let audit = admin.get("/v1/audit?limit=100").await.json();

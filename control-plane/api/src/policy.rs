@@ -37,6 +37,7 @@ pub struct Policy {
 #[serde(deny_unknown_fields)]
 pub struct SsfSpec {
     /// This receiver's audience: every SET must name it in `aud`.
+    #[serde(default)]
     pub audience: String,
     #[serde(default)]
     pub transmitters: Vec<SsfTransmitter>,
@@ -44,6 +45,24 @@ pub struct SsfSpec {
     /// that is a SPIFFE ID needs no entry: it is that workload.
     #[serde(default)]
     pub subjects: Vec<SsfSubject>,
+    /// Where this control plane, as a transmitter, pushes its own events.
+    #[serde(default)]
+    pub receivers: Vec<SsfReceiverSpec>,
+}
+
+/// A receiver of the events Leash transmits (RFC 8935 push).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsfReceiverSpec {
+    pub name: String,
+    /// Its push endpoint.
+    pub endpoint_url: String,
+    /// The `aud` of the SETs it gets.
+    pub audience: String,
+    /// Which events it wants (`credential-change`, `session-revoked`,
+    /// `credential-compromise`); all when left out.
+    #[serde(default)]
+    pub events: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -779,8 +798,46 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
     }
 
     if let Some(ssf) = &policy.ssf {
-        if ssf.audience.is_empty() {
-            bad("ssf.audience".into(), "must not be empty".into());
+        if ssf.audience.is_empty() && !ssf.transmitters.is_empty() {
+            bad(
+                "ssf.audience".into(),
+                "required to receive events from transmitters".into(),
+            );
+        }
+        let mut receivers = HashSet::new();
+        for (i, r) in ssf.receivers.iter().enumerate() {
+            let at = |f: &str| format!("ssf.receivers[{i}].{f}");
+            if !valid_name(&r.name) || !receivers.insert(r.name.as_str()) {
+                bad(
+                    at("name"),
+                    format!(
+                        "{:?} must be a unique name (a-z, 0-9, '-', '_', '.')",
+                        r.name
+                    ),
+                );
+            }
+            if let Err(reason) = parse_target_url(&r.endpoint_url) {
+                bad(at("endpoint_url"), reason);
+            }
+            if r.audience.is_empty() {
+                bad(at("audience"), "must not be empty".into());
+            }
+            for (j, e) in r.events.iter().enumerate() {
+                if ![
+                    "credential-change",
+                    "session-revoked",
+                    "credential-compromise",
+                ]
+                .contains(&e.as_str())
+                {
+                    bad(
+                        at(&format!("events[{j}]")),
+                        format!(
+                            "{e:?}: use credential-change, session-revoked or credential-compromise"
+                        ),
+                    );
+                }
+            }
         }
         let mut seen = HashSet::new();
         for (i, t) in ssf.transmitters.iter().enumerate() {

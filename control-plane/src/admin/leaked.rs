@@ -48,6 +48,7 @@ pub(super) async fn register(
         );
         return Ok(Audited(StatusCode::OK, revocation(&stored), detail));
     }
+    s.cp.ssf_out.revoked(&s.cp, &stored.revocation);
     let detail = format!(
         "registered leaked value {} seq {}: {}",
         stored.revocation.id, stored.revoke_seq, stored.revocation.reason

@@ -90,6 +90,7 @@ fn public_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::openapi))
         .routes(routes!(ssf::push))
+        .routes(routes!(ssf::configuration))
 }
 
 /// The authenticated `/v1` API. A route exists only by being registered
@@ -127,6 +128,8 @@ fn v1_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(missions::close))
         .routes(routes!(missions::reopen))
         .routes(routes!(missions::evidence))
+        .routes(routes!(ssf::streams))
+        .routes(routes!(ssf::verify))
 }
 
 fn api() -> OpenApiRouter<AdminState> {

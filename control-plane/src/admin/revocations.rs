@@ -96,6 +96,7 @@ pub(super) async fn revoke(
             .revoke(req, &caller.actor, &policy.policy)
             .await?
     };
+    s.cp.ssf_out.revoked(&s.cp, &stored.revocation);
     let detail = format!(
         "revoked {} {} seq {}: {}",
         stored.revocation.kind, stored.revocation.id, stored.revoke_seq, stored.revocation.reason

@@ -92,3 +92,105 @@ pub(super) async fn push(State(s): State<AdminState>, headers: HeaderMap, body: 
             .into_response(),
     }
 }
+
+/// The transmitter's metadata (SSF 1.0 §7.1): issuer, JWKS, delivery
+/// methods, the stream and verification endpoints.
+///
+/// Public.
+#[utoipa::path(get, path = "/.well-known/ssf-configuration", tag = "ssf",
+    responses((status = 200, body = Object, content_type = "application/json",
+        description = "SSF transmitter configuration metadata")))]
+pub(super) async fn configuration(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    let scheme = if s.config_dump["admin_tls"].is_null() || s.config_dump["admin_tls"] == false {
+        "http"
+    } else {
+        "https"
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let base = format!("{scheme}://{host}");
+    axum::Json(serde_json::json!({
+        "spec_version": "1_0",
+        "issuer": s.cp.issuer.issuer(),
+        "jwks_uri": format!("{base}/.well-known/jwks.json"),
+        "delivery_methods_supported": ["urn:ietf:rfc:8935"],
+        "configuration_endpoint": format!("{base}/v1/ssf/streams"),
+        "verification_endpoint": format!("{base}/v1/ssf/verify"),
+        "authorization_schemes": [{"spec_urn": "urn:ietf:rfc:6750"}],
+    }))
+    .into_response()
+}
+
+/// The streams this control plane transmits on (from policy's
+/// `ssf.receivers`), with what each delivered, was refused, failed and
+/// dropped.
+///
+/// Role: viewer.
+#[utoipa::path(get, path = "/v1/ssf/streams", tag = "ssf", security(("bearer" = [])),
+    responses((status = 200, body = Object, content_type = "application/json")))]
+pub(super) async fn streams(
+    State(s): State<AdminState>,
+    _: super::Viewer,
+) -> axum::Json<serde_json::Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let policy = s.cp.policy.load();
+    let counts = s.cp.ssf_out.counts();
+    let streams: Vec<_> = policy
+        .policy
+        .policy
+        .ssf
+        .iter()
+        .flat_map(|ssf| &ssf.receivers)
+        .map(|r| {
+            let c = counts.get(&r.name);
+            let n = |f: fn(&crate::ssf_out::StreamCounts) -> &std::sync::atomic::AtomicU64| {
+                c.map_or(0, |c| f(c).load(Relaxed))
+            };
+            let all = [
+                "credential-change",
+                "session-revoked",
+                "credential-compromise",
+            ];
+            let events: Vec<String> = if r.events.is_empty() {
+                all.iter().map(|e| (*e).to_owned()).collect()
+            } else {
+                r.events.clone()
+            };
+            serde_json::json!({
+                "stream_id": r.name,
+                "iss": s.cp.issuer.issuer(),
+                "aud": r.audience,
+                "delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": r.endpoint_url},
+                "events_delivered": events,
+                "delivered": n(|c| &c.delivered),
+                "refused": n(|c| &c.refused),
+                "failed": n(|c| &c.failed),
+                "dropped": n(|c| &c.dropped),
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "streams": streams }))
+}
+
+/// Ask for a verification event (SSF 1.0 §8.1.4) on a stream.
+///
+/// Role: admin.
+#[utoipa::path(post, path = "/v1/ssf/verify", tag = "ssf", security(("bearer" = [])),
+    request_body(content = Object, description = "{\"stream_id\": \"…\", \"state\": \"…\"}"),
+    responses((status = 204, description = "queued"), (status = 404, body = super::types::ErrorBody)))]
+pub(super) async fn verify(
+    State(s): State<AdminState>,
+    _: super::AdminRole,
+    axum::Json(req): axum::Json<serde_json::Value>,
+) -> Result<StatusCode, super::ApiError> {
+    let stream = req["stream_id"].as_str().unwrap_or_default();
+    if s.cp.ssf_out.verify(&s.cp, stream, req["state"].as_str()) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(super::ApiError::not_found(format!(
+            "no stream {stream:?} (policy's ssf.receivers)"
+        )))
+    }
+}
