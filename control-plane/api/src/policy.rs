@@ -1219,6 +1219,14 @@ grants:
         );
         let p = parse(&good, Path::new(".")).expect("valid");
         assert_eq!(p.policy.ssf.expect("ssf").subjects.len(), 2);
+        let receivers = format!(
+            "{GOOD}ssf:\n  receivers:\n    - {{ name: siem, endpoint_url: https://siem/ssf, audience: https://siem, events: [session-revoked, logged-in] }}\n"
+        );
+        let i = issues(&receivers);
+        assert_eq!(i.len(), 1, "{i:?}");
+        assert_eq!(i[0].field, "ssf.receivers[0].events[1]");
+        let no_audience = good.replace("  audience: https://leash/ssf\n", "");
+        assert_eq!(issues(&no_audience)[0].field, "ssf.audience");
         let bad = good
             .replace("format: opaque, id: k1", "format: opaque, uri: k1")
             .replace("upstream: payments", "upstream: nowhere")
