@@ -27,6 +27,10 @@
 #
 #   ./benches/load/protocols.sh [ROUNDS] [SECONDS] [SCENARIOS]
 #   defaults: 3 rounds of 10 s; scenarios "https grpc"
+#   PERF=1 ./benches/load/protocols.sh 1 10: also samples each proxy with
+#   perf (cpu-clock) during its runs and prints where its CPU went (the
+#   sampling costs the proxies time: not for the figures); PERF=callgraph
+#   records call graphs too (DWARF unwinding: slow), for `perf report -G`
 #
 # Pinning as run.sh: upstreams and the proxy under test on core 0, the client
 # on core 1. Prints a Markdown table per scenario (medians over rounds;
@@ -137,43 +141,69 @@ sleep 1
 # Appends "$2" to $DIR/SCENARIO.NAME.$3 (text kept per path: TLS, connections).
 note() { echo "$2" >>"$DIR/$1.$3"; }
 cpu_of() { [ -n "$1" ] && cpu_ticks "$1" || echo 0; }
+sys_of() { [ -n "$1" ] && awk '{print $15}' "/proc/$1/stat" || echo 0; }
 per_1k() { awk -v a="$1" -v b="$2" -v t="$TICKS" -v r="$3" 'BEGIN { if (r>0) printf "%.4f", (a-b)/t/(r/1000); else print "nan" }'; }
 
-# run_tls SCENARIO NAME PID UPSTREAM_PID [tlsload args]
-#   -> appends "rps p50 p99 proxy_cpu_per_1k errors upstream_cpu_per_1k client_busy"
+# begin PID UPSTREAM_PID LABEL: CPU counters of the proxy under test (none
+# for the direct path) and of the upstream before a run. With PERF=1, perf
+# samples the proxy during the run (timings then suffer: profile in an
+# invocation of its own).
+begin() {
+  M_PID=$1 M_UP=$2 M_B=$(cpu_of "$1") M_SB=$(sys_of "$1") M_UB=$(cpu_of "$2") PERF_PID=
+  if [ -n "${PERF:-}" ] && [ -n "$1" ]; then
+    local graph=(); [ "$PERF" = callgraph ] && graph=(--call-graph dwarf,32768 -F 499)
+    perf record -q -e cpu-clock -F 1999 "${graph[@]}" -p "$1" -o "$DIR/perf.$3.data" >/dev/null 2>&1 & PERF_PID=$!
+  fi
+}
+# finish REQUESTS: sets M_CPU and M_UPCPU (CPU seconds per 1k requests of
+# the proxy and of the upstream) and M_SYS (the kernel's share of the
+# proxy's CPU).
+finish() {
+  local a sa ua
+  a=$(cpu_of "$M_PID"); sa=$(sys_of "$M_PID"); ua=$(cpu_of "$M_UP")
+  if [ -n "$PERF_PID" ]; then kill -INT "$PERF_PID"; wait "$PERF_PID" || true; fi
+  M_CPU=$(per_1k "$a" "$M_B" "$1"); M_UPCPU=$(per_1k "$ua" "$M_UB" "$1")
+  M_SYS=$(awk -v a=$((a - M_B)) -v s=$((sa - M_SB)) 'BEGIN { if (a > 0) printf "%.2f", s/a; else print "nan" }')
+}
+
+# run_tls SCENARIO NAME PID UPSTREAM_PID [tlsload args] -> appends
+#   "rps p50 p99 proxy_cpu_per_1k errors upstream_cpu_per_1k client_busy proxy_kernel_share"
 run_tls() {
   local scenario=$1 name=$2 pid=$3 up=$4; shift 4
-  local b a ub ua out rps reqs errors p50 p99 tls alpn busy first
-  b=$(cpu_of "$pid"); ub=$(cpu_of "$up")
+  local out rps reqs errors p50 p99 tls alpn busy first
+  begin "$pid" "$up" "$scenario.$name"
   out=$(taskset -c 1 "$BIN/tlsload" --connections 16 --seconds "$SECONDS_PER_RUN" "$@")
-  echo "$out" >>"$DIR/$scenario.$name.raw"
-  a=$(cpu_of "$pid"); ua=$(cpu_of "$up")
   read -r rps reqs errors p50 p99 tls alpn busy first < <(python3 -c '
 import json, sys
 d = json.loads(sys.argv[1])
 print(d["rps"], d["requests"], d["errors"], d["p50_ms"], d["p99_ms"], d["tls"].replace(" ", "/"),
       d["alpn"], round(d["client_cpu_busy"], 2), (d["first_error"] or "-").replace(" ", "_"))' "$out")
+  finish "$reqs"
+  echo "$out" >>"$DIR/$scenario.$name.raw"
   [ "$errors" = 0 ] || echo "!! $scenario/$name: $errors errors, first: $first" >&2
-  echo "$rps $p50 $p99 $(per_1k "$a" "$b" "$reqs") $errors $(per_1k "$ua" "$ub" "$reqs") $busy" >>"$DIR/$scenario.$name"
+  echo "$rps $p50 $p99 $M_CPU $errors $M_UPCPU $busy $M_SYS" >>"$DIR/$scenario.$name"
   note "$scenario.$name" "client TLS $tls, ALPN $alpn" tls
-  echo "   $scenario/$name: $rps req/s, p50 $p50 ms, p99 $p99 ms, $(per_1k "$a" "$b" "$reqs") CPU-s/1k req, $errors errors, client busy $busy" >&2
+  printf '   %s/%s: %.0f req/s, p50 %.3f ms, p99 %.3f ms, %s CPU-s/1k req (kernel %s), %s errors, client busy %s\n' \
+    "$scenario" "$name" "$rps" "$p50" "$p99" "$M_CPU" "$M_SYS" "$errors" "$busy" >&2
 }
 
 # run_grpc SCENARIO NAME PID URL -> the same columns as run_tls
 run_grpc() {
   local scenario=$1 name=$2 pid=$3 url=$4
-  local b a ub ua s0 s1 out rps ok failed non2xx p50 p99 unseen unauthorized conns errors busy
+  local s0 s1 out rps ok failed non2xx p50 p99 unseen unauthorized conns errors busy
   rm -f "$DIR/h2load.log"  # h2load appends to it
-  s0=$(grpc_stats); b=$(cpu_of "$pid"); ub=$(cpu_of "$GRPCUP_PID")
+  s0=$(grpc_stats)
+  begin "$pid" "$GRPCUP_PID" "$scenario.$name"
   out=$(taskset -c 1 /usr/bin/time -f '%U %S' -o "$DIR/h2load.time" h2load -c 16 -m 10 -D "$SECONDS_PER_RUN" \
     -d "$DIR/grpc.bin" -H 'content-type: application/grpc' -H 'te: trailers' --log-file "$DIR/h2load.log" "$url")
-  a=$(cpu_of "$pid"); ua=$(cpu_of "$GRPCUP_PID"); s1=$(grpc_stats)
+  s1=$(grpc_stats)
   echo "$out" >>"$DIR/$scenario.$name.raw"
   rps=$(awk '/^finished in/ {print $4}' <<<"$out" | tr -d ,)
   # h2load's "failed" are streams with no answer; "succeeded" counts any
   # status, so only 2xx answers are taken as done.
   failed=$(awk '/^requests:/ {print $10}' <<<"$out")
   read -r ok non2xx < <(awk '/^status codes:/ {print $3, $5 + $7 + $9}' <<<"$out")
+  finish "$ok"
   read -r p50 p99 < <(awk -F'\t' '$2 == 200 {print $3}' "$DIR/h2load.log" | sort -n \
     | awk '{a[NR]=$1} END {if (NR) printf "%.3f %.3f\n", a[int((NR-1)*0.5+1.5)]/1000, a[int((NR-1)*0.99+1.5)]/1000; else print "nan nan"}')
   # Calls answered 2xx but never seen by the upstream (a proxy's own gRPC
@@ -188,9 +218,10 @@ print(max(0, ok - served), (served - auth) if proxied else 0, s1["connections"] 
   errors=$((failed + non2xx + unseen + unauthorized))
   [ "$errors" = 0 ] || echo "!! $scenario/$name: $errors errors ($failed failed, $non2xx non-2xx, $unseen never reached the upstream, $unauthorized without credential)" >&2
   busy=$(awk -v s="$SECONDS_PER_RUN" '{printf "%.2f", ($1 + $2) / s}' "$DIR/h2load.time")
-  echo "$rps $p50 $p99 $(per_1k "$a" "$b" "$ok") $errors $(per_1k "$ua" "$ub" "$ok") $busy" >>"$DIR/$scenario.$name"
+  echo "$rps $p50 $p99 $M_CPU $errors $M_UPCPU $busy $M_SYS" >>"$DIR/$scenario.$name"
   note "$scenario.$name" "client $(grep -E '^(TLS Protocol|Cipher|Application protocol)' <<<"$out" | tr '\n' ' ')| upstream connections opened: $conns" tls
-  echo "   $scenario/$name: $rps req/s, p50 $p50 ms, p99 $p99 ms, $(per_1k "$a" "$b" "$ok") CPU-s/1k req, $errors errors, $conns upstream connections, client busy $busy" >&2
+  printf '   %s/%s: %.0f req/s, p50 %.3f ms, p99 %.3f ms, %s CPU-s/1k req (kernel %s), %s errors, %s upstream connections opened, client busy %s\n' \
+    "$scenario" "$name" "$rps" "$p50" "$p99" "$M_CPU" "$M_SYS" "$errors" "$conns" "$busy" >&2
 }
 
 scenario() {
@@ -216,27 +247,30 @@ done
 
 sum_errors() { awk '{e += $5} END {print e + 0}' "$DIR/$1.$2"; }
 echo
-echo "Closed loop, ${SECONDS_PER_RUN}s x $ROUNDS rounds per path, medians (errors: summed); $(date -u +%Y-%m-%d); sidecar ready ${ready_ms} ms after start"
+echo "Closed loop, ${SECONDS_PER_RUN}s x $ROUNDS rounds per path, medians (errors: summed); $(date -u '+%Y-%m-%d %H:%M UTC'); sidecar ready ${ready_ms} ms after start"
 for s in $SCENARIOS; do
   echo
   echo "**$s**"
   echo
-  echo "| path | req/s | p50 | p99 | CPU-s per 1k req | upstream CPU-s per 1k req | client busy | errors |"
+  echo "| path | req/s | p50 | p99 | CPU-s per 1k req (kernel share) | upstream CPU-s per 1k req | client busy | errors |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
   for name in direct nginx sidecar; do
     printf "| %s | %.0f | %.3f ms | %.3f ms | %s | %s | %s | %s |\n" "$name" "$(col "$s" "$name" 1)" "$(col "$s" "$name" 2)" \
-      "$(col "$s" "$name" 3)" "$( [ "$name" = direct ] && echo - || col "$s" "$name" 4)" "$(col "$s" "$name" 6)" \
-      "$(col "$s" "$name" 7)" "$(sum_errors "$s" "$name")"
+      "$(col "$s" "$name" 3)" "$( [ "$name" = direct ] && echo - || echo "$(col "$s" "$name" 4) ($(col "$s" "$name" 8))")" \
+      "$(col "$s" "$name" 6)" "$(col "$s" "$name" 7)" "$(sum_errors "$s" "$name")"
   done
   awk -v s="$(col "$s" sidecar 1)" -v n="$(col "$s" nginx 1)" -v d="$(col "$s" direct 1)" \
     'BEGIN { printf "\nsidecar/nginx %.2f, sidecar/direct %.2f, nginx/direct %.2f\n\n", s/n, s/d, n/d }'
-  for name in direct nginx sidecar; do echo "- $name: $(sort "$DIR/$s.$name.tls" | uniq -c | sed -E 's/^ *//' | paste -sd ';')"; done
+  for name in direct nginx sidecar; do echo "- $name, per run: $(sort "$DIR/$s.$name.tls" | uniq -c | sed -E 's/^ *//' | paste -sd ';')"; done
 done
 echo
-echo "What the upstream TLS servers saw of each proxy's connections:"
-echo "- https, nginx → upstream nginx (first request): $tlsinfo_nginx"
-echo "- https, sidecar → upstream nginx (first request): $tlsinfo_sidecar"
-echo "- grpc upstream's handshakes (version, suite, ALPN, kind: count): $(grpc_stats | python3 -c 'import json,sys; print("; ".join(f"{k}: {v}" for k, v in json.load(sys.stdin)["handshakes"].items()))')"
+echo "What the upstreams' TLS servers saw of the proxies' connections:"
+if [[ " $SCENARIOS " == *" https "* ]]; then
+  echo "- https, nginx → upstream nginx (a first request, before the runs): $tlsinfo_nginx"
+  echo "- https, sidecar → upstream nginx (the same): $tlsinfo_sidecar"
+fi
+echo "- grpc upstream, every handshake (direct, nginx and sidecar together, version suite ALPN kind: count): $(grpc_stats \
+  | python3 -c 'import json,sys; print("; ".join(f"{k}: {v}" for k, v in json.load(sys.stdin)["handshakes"].items()))')"
 echo
 echo "| scenario | direct | nginx | sidecar | sidecar/nginx | CPU-s per 1k req, nginx / sidecar | errors, nginx / sidecar |"
 echo "|---|---:|---:|---:|---:|---:|---:|"
@@ -246,5 +280,14 @@ for s in $SCENARIOS; do
     "$(awk -v s="$sc" -v n="$ng" 'BEGIN { printf "%.2f", s/n }')" "$(col "$s" nginx 4)" "$(col "$s" sidecar 4)" \
     "$(sum_errors "$s" nginx)" "$(sum_errors "$s" sidecar)"
 done
+if [ -n "${PERF:-}" ]; then
+  for f in "$DIR"/perf.*.data; do
+    echo
+    echo "perf, $(basename "$f" .data | sed 's/^perf\.//'): share of CPU samples by object, then the top symbols"
+    # head closes the pipe early: not a failure
+    perf report -i "$f" --no-children --sort dso --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -6 || true
+    perf report -i "$f" --no-children --sort dso,sym --stdio 2>/dev/null | grep -E '^ +[0-9]' | head -30 | cut -c1-150 || true
+  done
+fi
 echo
 echo "Raw outputs and logs: $DIR"
