@@ -37,7 +37,8 @@
 # errors summed over rounds), CPU seconds per 1,000 requests of each proxy
 # and of the upstream, and a summary table. Needs nginx with the gRPC module
 # (nginx-light's binary on Debian 12 has it), h2load (nghttp2-client), wrk,
-# taskset, curl, openssl, python3; installs the Debian packages when missing.
+# GNU time, taskset, curl, openssl, python3; installs nginx-light, wrk,
+# nghttp2-client and time when missing (perf only for PERF=1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=benches/load/lib.sh
@@ -48,6 +49,7 @@ SCENARIOS=${3:-https grpc}
 
 need_nginx_wrk
 command -v h2load >/dev/null || { echo "==> installing nghttp2-client (h2load)" >&2; apt-get install -y -qq nghttp2-client >/dev/null; }
+[ -x /usr/bin/time ] || { echo "==> installing time" >&2; apt-get install -y -qq time >/dev/null; }
 if "$NGINX" -V 2>&1 | grep -q -- --without-http_grpc_module; then
   echo "==> $NGINX has no gRPC module: installing nginx-full" >&2
   apt-get install -y -qq nginx-full >/dev/null
