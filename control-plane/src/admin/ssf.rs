@@ -21,7 +21,7 @@ use crate::store::{AuditEntry, now_ms};
 /// Receive one Security Event Token (RFC 8935 push delivery).
 ///
 /// Public.
-#[utoipa::path(post, path = "/ssf/events", tag = "ssf",
+#[utoipa::path(post, path = "/ssf/events", operation_id = "ssf_push", tag = "ssf",
     request_body(content = String, content_type = "application/secevent+jwt",
         description = "A SET (RFC 8417), compact JWS"),
     responses((status = 202, description = "accepted: the revocation is committed"),
@@ -97,7 +97,7 @@ pub(super) async fn push(State(s): State<AdminState>, headers: HeaderMap, body: 
 /// methods, the stream and verification endpoints.
 ///
 /// Public.
-#[utoipa::path(get, path = "/.well-known/ssf-configuration", tag = "ssf",
+#[utoipa::path(get, path = "/.well-known/ssf-configuration", operation_id = "ssf_configuration", tag = "ssf",
     responses((status = 200, body = Object, content_type = "application/json",
         description = "SSF transmitter configuration metadata")))]
 pub(super) async fn configuration(State(s): State<AdminState>, headers: HeaderMap) -> Response {
@@ -128,7 +128,7 @@ pub(super) async fn configuration(State(s): State<AdminState>, headers: HeaderMa
 /// dropped.
 ///
 /// Role: viewer.
-#[utoipa::path(get, path = "/v1/ssf/streams", tag = "ssf", security(("bearer" = [])),
+#[utoipa::path(get, path = "/v1/ssf/streams", operation_id = "ssf_streams", tag = "ssf", security(("bearer" = [])),
     responses((status = 200, body = Object, content_type = "application/json")))]
 pub(super) async fn streams(
     State(s): State<AdminState>,
@@ -177,7 +177,7 @@ pub(super) async fn streams(
 /// Ask for a verification event (SSF 1.0 §8.1.4) on a stream.
 ///
 /// Role: admin.
-#[utoipa::path(post, path = "/v1/ssf/verify", tag = "ssf", security(("bearer" = [])),
+#[utoipa::path(post, path = "/v1/ssf/verify", operation_id = "ssf_verify", tag = "ssf", security(("bearer" = [])),
     request_body(content = Object, description = "{\"stream_id\": \"…\", \"state\": \"…\"}"),
     responses((status = 204, description = "queued"), (status = 404, body = super::types::ErrorBody)))]
 pub(super) async fn verify(
