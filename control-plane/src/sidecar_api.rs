@@ -113,19 +113,9 @@ impl SidecarService {
             Ok(v) => v,
             Err(answer) => return answer,
         };
-        let issued_at_ms = now_ms();
-        let ttl_ms = i64::try_from(upstream.credential.ttl.as_millis()).unwrap_or(i64::MAX);
         let id = crate::secrets::lease_id(&upstream.name, version);
-        let expires_at_ms = issued_at_ms.saturating_add(ttl_ms);
-        self.lease(
-            id,
-            upstream,
-            peer,
-            &secret,
-            (issued_at_ms, expires_at_ms),
-            "static secret leased",
-        )
-        .await
+        self.lease(id, upstream, peer, &secret, None, "static secret leased")
+            .await
     }
 
     /// Leases a cached (or freshly exchanged) access token until shortly
@@ -151,18 +141,7 @@ impl SidecarService {
             None
         };
         let mint = |iss: &str, sub: &str, aud: &str, jti: &str, ttl: i64| {
-            let iat = now_ms() / 1000;
-            self.state
-                .issuer
-                .sign(&Claims {
-                    iss,
-                    sub,
-                    aud,
-                    jti,
-                    iat,
-                    exp: iat + ttl,
-                })
-                .map(zeroize::Zeroizing::new)
+            self.sign_short(iss, sub, aud, jti, ttl)
                 .map_err(|e| Status::internal(e.to_string()))
         };
         // RFC 7523 §3: iss and sub are the client id, aud the token endpoint.
@@ -232,17 +211,12 @@ impl SidecarService {
                 return Err(Status::unavailable(format!("token endpoint: {e}")));
             }
         };
-        let issued_at_ms = now_ms();
-        let ttl_ms = i64::try_from(upstream.credential.ttl.as_millis()).unwrap_or(i64::MAX);
-        let expires = token
-            .use_until_unix_ms
-            .min(issued_at_ms.saturating_add(ttl_ms));
         self.lease(
             token.id.clone(),
             upstream,
             peer,
             token.token.as_bytes(),
-            (issued_at_ms, expires),
+            Some(token.use_until_unix_ms),
             "access token leased",
         )
         .await
@@ -269,28 +243,16 @@ impl SidecarService {
         };
         let mint = || {
             let jti = uuid::Uuid::new_v4().to_string();
-            let iat = now_ms() / 1000;
+            let aud = upstream
+                .credential
+                .audience
+                .as_deref()
+                .unwrap_or("sts.amazonaws.com");
+            // Only to be exchanged, at once.
             let token = self
-                .state
-                .issuer
-                .sign(&Claims {
-                    iss: self.state.issuer.issuer(),
-                    sub: &peer.spiffe_id,
-                    aud: upstream
-                        .credential
-                        .audience
-                        .as_deref()
-                        .unwrap_or("sts.amazonaws.com"),
-                    jti: &jti,
-                    iat,
-                    // Only to be exchanged, at once.
-                    exp: iat + 300,
-                })
+                .sign_short(self.state.issuer.issuer(), &peer.spiffe_id, aud, &jti, 300)
                 .map_err(|e| crate::oauth2::TokenError::Invalid(e.to_string()))?;
-            Ok((
-                format!("sts:{}:{jti}", upstream.name),
-                zeroize::Zeroizing::new(token),
-            ))
+            Ok((format!("sts:{}:{jti}", upstream.name), token))
         };
         let revocations = self.state.revocations.snapshot();
         let revoked = |id: &str| revocations.set.credential_revoked(id);
@@ -301,32 +263,57 @@ impl SidecarService {
                 return Err(Status::unavailable(format!("STS: {e}")));
             }
         };
-        let issued_at_ms = now_ms();
-        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let expires = creds
-            .use_until_unix_ms
-            .min(issued_at_ms.saturating_add(ttl_ms));
         self.lease(
             creds.id.clone(),
             upstream,
             peer,
             creds.secret.as_bytes(),
-            (issued_at_ms, expires),
+            Some(creds.use_until_unix_ms),
             "temporary AWS credentials leased",
         )
         .await
     }
 
-    /// Records a leased credential, counts it, and hands it out.
+    /// A short-lived JWT the control plane presents on the workload's
+    /// behalf (a client assertion, a subject token, a web identity token).
+    fn sign_short(
+        &self,
+        iss: &str,
+        sub: &str,
+        aud: &str,
+        jti: &str,
+        ttl_secs: i64,
+    ) -> Result<zeroize::Zeroizing<String>, crate::jwt::JwtError> {
+        let iat = now_ms() / 1000;
+        self.state
+            .issuer
+            .sign(&Claims {
+                iss,
+                sub,
+                aud,
+                jti,
+                iat,
+                exp: iat + ttl_secs,
+            })
+            .map(zeroize::Zeroizing::new)
+    }
+
+    /// Records a leased credential, counts it, and hands it out. It is
+    /// leased for the policy's TTL, never past `use_until_ms` (when the
+    /// token or key it carries must no longer be used).
     async fn lease(
         &self,
         id: String,
         upstream: &leash_api::policy::Upstream,
         peer: &PeerIdentity,
         secret: &[u8],
-        (issued_at_ms, expires_at_ms): (i64, i64),
+        use_until_ms: Option<i64>,
         what: &'static str,
     ) -> Result<Response<IssueResponse>, Status> {
+        let issued_at_ms = now_ms();
+        let ttl_ms = i64::try_from(upstream.credential.ttl.as_millis()).unwrap_or(i64::MAX);
+        let by_ttl = issued_at_ms.saturating_add(ttl_ms);
+        let expires_at_ms = use_until_ms.map_or(by_ttl, |until| until.min(by_ttl));
         self.record(&id, upstream, peer, issued_at_ms, expires_at_ms)
             .await?;
         self.state

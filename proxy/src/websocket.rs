@@ -16,8 +16,6 @@
 //! as permessage-deflate are the two ends' business); only their headers
 //! are read.
 
-use std::sync::Arc;
-
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
@@ -248,10 +246,6 @@ pub fn accept_key(key: &[u8]) -> String {
     ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
     base64::engine::general_purpose::STANDARD.encode(ctx.finish())
 }
-
-/// A relay's hold on what it needs kept alive (the upstream connection's
-/// place under its cap).
-pub type Held = Arc<dyn std::any::Any + Send + Sync>;
 
 #[cfg(test)]
 mod tests {

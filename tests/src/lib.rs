@@ -1225,6 +1225,25 @@ pub fn python_with(modules: &str, install: &str) -> String {
     python
 }
 
+/// Runs a Python script that prints the port it listens on as its first
+/// line; returns the child (killed when dropped) and the port.
+pub fn python_server(mut cmd: std::process::Command) -> (KillOnDrop, u16) {
+    use std::io::BufRead as _;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the port line");
+    let port = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a port: {line:?}"));
+    (KillOnDrop(child), port)
+}
+
 /// A child process killed (and reaped) when dropped.
 pub struct KillOnDrop(pub std::process::Child);
 

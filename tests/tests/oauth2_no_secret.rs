@@ -12,8 +12,7 @@
     reason = "a test stops at the first failed step, with its message"
 )]
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use leash_tests::*;
@@ -128,20 +127,12 @@ async fn tokens_without_a_client_secret_from_an_authlib_endpoint() {
     let dir = short_tempdir();
     let jwks_url_file = dir.path().join("jwks-url");
     let log_file = dir.path().join("tokens.jsonl");
-    let mut endpoint = Command::new(python_with("authlib.oauth2.rfc7523, joserfc", "authlib"))
-        .args(["-c", ENDPOINT])
+    let mut cmd = Command::new(python_with("authlib.oauth2.rfc7523, joserfc", "authlib"));
+    cmd.args(["-c", ENDPOINT])
         .env("CLIENTS", format!("{APP_ID},leash-exchanger"))
         .env("JWKS_URL_FILE", &jwks_url_file)
-        .env("LOG_FILE", &log_file)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(endpoint.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _endpoint = KillOnDrop(endpoint);
-    let port: u16 = line.trim().parse().unwrap();
+        .env("LOG_FILE", &log_file);
+    let (_endpoint, port) = python_server(cmd);
     let token_url = format!("http://127.0.0.1:{port}/token");
     let policy = format!(
         r#"version: 1

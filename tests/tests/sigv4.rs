@@ -11,8 +11,7 @@
     reason = "a test stops at the first failed step, with its message"
 )]
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -181,22 +180,14 @@ async fn requests_signed_by_the_sidecar_verify_with_botocore() {
     let dir = short_tempdir();
     let jwks_url_file = dir.path().join("jwks-url");
     let assumed_file = dir.path().join("assumed.jsonl");
-    let mut verifier = Command::new(python_with("botocore.auth", "botocore"))
-        .args(["-c", VERIFIER])
+    let mut cmd = Command::new(python_with("botocore.auth", "botocore"));
+    cmd.args(["-c", VERIFIER])
         .env("AKID", AKID)
         .env("SECRET", SECRET)
         .env("TOKEN", TOKEN)
         .env("JWKS_URL_FILE", &jwks_url_file)
-        .env("ASSUMED_FILE", &assumed_file)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(verifier.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _verifier = KillOnDrop(verifier);
-    let port: u16 = line.trim().parse().unwrap();
+        .env("ASSUMED_FILE", &assumed_file);
+    let (_verifier, port) = python_server(cmd);
 
     let ids = Identities::start(dir.path(), SVID_TTL, &[CP_ID, APP_ID]);
     let policy = write_policy(dir.path(), &policy(port));

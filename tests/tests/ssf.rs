@@ -174,19 +174,11 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
     let dir = short_tempdir();
     let jwks_url_file = dir.path().join("jwks-url");
     let received_file = dir.path().join("received.jsonl");
-    let mut receiver = Command::new(python_with("jwt, cryptography", "'pyjwt[crypto]'"))
-        .args(["-c", RECEIVER])
+    let mut cmd = Command::new(python_with("jwt, cryptography", "'pyjwt[crypto]'"));
+    cmd.args(["-c", RECEIVER])
         .env("JWKS_URL_FILE", &jwks_url_file)
-        .env("OUT_FILE", &received_file)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(receiver.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _receiver = KillOnDrop(receiver);
-    let receiver_port: u16 = line.trim().parse().unwrap();
+        .env("OUT_FILE", &received_file);
+    let (_receiver, receiver_port) = python_server(cmd);
     let received = || -> Vec<Value> {
         std::fs::read_to_string(&received_file)
             .unwrap_or_default()

@@ -67,16 +67,9 @@ struct Ws {
 async fn start() -> Ws {
     init();
     let python = python_with("websockets", "websockets");
-    let mut server = Command::new(&python)
-        .args(["-c", SERVER])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port: u16 = line.trim().parse().unwrap();
+    let mut cmd = Command::new(&python);
+    cmd.args(["-c", SERVER]);
+    let (server, port) = python_server(cmd);
     let dir = short_tempdir();
     let ids = Identities::start(dir.path(), SVID_TTL, &[CP_ID, APP_ID]);
     let policy = PolicyBuilder::new()
@@ -93,7 +86,7 @@ async fn start() -> Ws {
     let sidecar = start_sidecar(config).await;
     wait_ready(sidecar.admin_addr).await;
     Ws {
-        _server: KillOnDrop(server),
+        _server: server,
         ca: dir.path().join("leash-ca.pem"),
         cp,
         dir,
