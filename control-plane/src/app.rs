@@ -300,6 +300,16 @@ impl ControlPlane {
             }
         });
 
+        // Security events polled from the transmitters policy names.
+        let mut stop = shutdown.subscribe();
+        let poller = state.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = crate::ssf::poll_transmitters(poller) => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+
         // Refused admin calls go to the audit log as one summary per
         // address and minute (and what is pending at shutdown, below).
         let mut stop = shutdown.subscribe();

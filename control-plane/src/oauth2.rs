@@ -309,22 +309,32 @@ pub(crate) async fn call(
     client: &HttpsClient,
     req: http::Request<Full<Bytes>>,
 ) -> Result<(u16, Bytes), TokenError> {
+    call_within(client, req, EXCHANGE_TIMEOUT, MAX_RESPONSE).await
+}
+
+/// [`call`], answered within `timeout` and in at most `max_body` bytes.
+pub(crate) async fn call_within(
+    client: &HttpsClient,
+    req: http::Request<Full<Bytes>>,
+    timeout: Duration,
+    max_body: usize,
+) -> Result<(u16, Bytes), TokenError> {
     let call = async {
         let resp = client
             .request(req)
             .await
             .map_err(|e| TokenError::Unreachable(e.to_string()))?;
         let status = resp.status().as_u16();
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE)
+        let body = http_body_util::Limited::new(resp.into_body(), max_body)
             .collect()
             .await
             .map_err(|e| TokenError::Invalid(format!("body: {e}")))?
             .to_bytes();
         Ok::<_, TokenError>((status, body))
     };
-    tokio::time::timeout(EXCHANGE_TIMEOUT, call)
+    tokio::time::timeout(timeout, call)
         .await
-        .map_err(|_| TokenError::Timeout(EXCHANGE_TIMEOUT))?
+        .map_err(|_| TokenError::Timeout(timeout))?
 }
 
 /// What `application/x-www-form-urlencoded` leaves as it is (RFC 3986's

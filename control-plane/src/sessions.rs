@@ -62,6 +62,8 @@ impl AckWriter {
 pub struct PendingAcks {
     state: std::sync::Mutex<PendingState>,
     wake: tokio::sync::Notify,
+    /// Woken after each batch is written.
+    written: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -123,6 +125,7 @@ async fn write_acks(
                 let batch = pending.take(false);
                 if !batch.is_empty() {
                     write(batch).await;
+                    pending.written.notify_waiters();
                 }
             }
             // Told to stop, or the control plane dropped without a shutdown.
@@ -138,6 +141,11 @@ pub struct SessionRegistry {
 }
 
 impl SessionRegistry {
+    /// Woken each time acknowledgements received here are written.
+    pub fn acks_written(&self) -> &tokio::sync::Notify {
+        &self.acks.written
+    }
+
     /// The registry and the task that writes acknowledgements in batches.
     pub fn new(store: Store) -> (Arc<Self>, AckWriter) {
         let acks = Arc::new(PendingAcks::default());
@@ -607,14 +615,16 @@ impl SessionDriver {
             first_seen_ms: leak.at_ms,
             last_seen_ms: leak.at_ms,
         };
-        if let Err(e) = self
+        match self
             .state
             .revocations
             .store()
             .record_sighting(&sighting)
             .await
         {
-            tracing::error!(error = %e, "cannot record a leaked-value sighting");
+            Ok(true) => crate::ssf_out::SsfOut::seen(&self.state, &sighting),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "cannot record a leaked-value sighting"),
         }
     }
 

@@ -12,7 +12,7 @@
 //! Anything else is refused with RFC 8935's error codes, and audited.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::JwkSet;
@@ -48,6 +48,15 @@ pub struct SsfError {
     pub description: String,
     /// The transmitter, when known (for the audit log).
     pub transmitter: Option<String>,
+    /// A SET received before: in effect already, or still being committed
+    /// (a poll acknowledges the first, and leaves the second to come again).
+    pub replay: Option<Replay>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    InEffect,
+    InProgress,
 }
 
 fn refuse(err: &'static str, description: impl Into<String>) -> SsfError {
@@ -55,6 +64,7 @@ fn refuse(err: &'static str, description: impl Into<String>) -> SsfError {
         err,
         description: description.into(),
         transmitter: None,
+        replay: None,
     }
 }
 
@@ -80,8 +90,14 @@ impl SsfReceiver {
             .get_or_init(|| crate::https::client(crate::https::system_trust(), None))
     }
 
-    /// Verifies, maps and commits one pushed SET.
-    pub async fn receive(&self, cp: &ControlPlaneState, body: &[u8]) -> Result<Accepted, SsfError> {
+    /// Verifies, maps and commits one SET: pushed (`polled` is `None`), or
+    /// polled from a transmitter, whose issuer it must then carry.
+    pub async fn receive(
+        &self,
+        cp: &Arc<ControlPlaneState>,
+        body: &[u8],
+        polled: Option<&SsfTransmitter>,
+    ) -> Result<Accepted, SsfError> {
         let snapshot = cp.policy.load();
         let policy = &snapshot.policy;
         let Some(ssf) = &policy.policy.ssf else {
@@ -116,7 +132,7 @@ impl SsfReceiver {
         let transmitter = ssf
             .transmitters
             .iter()
-            .find(|t| t.issuer == claimed_iss)
+            .find(|t| t.issuer == claimed_iss && polled.is_none_or(|p| p.name == t.name))
             .ok_or_else(|| {
                 refuse(
                     "invalid_issuer",
@@ -242,6 +258,7 @@ impl SsfReceiver {
             err: "invalid_key",
             description: format!("{}'s JWKS could not be read: {why}", t.name),
             transmitter: None,
+            replay: None,
         };
         let req = http::Request::get(&t.jwks_url)
             .body(http_body_util::Full::new(bytes::Bytes::new()))
@@ -257,7 +274,7 @@ impl SsfReceiver {
 
     async fn commit(
         &self,
-        cp: &ControlPlaneState,
+        cp: &Arc<ControlPlaneState>,
         policy: &ValidPolicy,
         t: &SsfTransmitter,
         event_type: &str,
@@ -272,10 +289,22 @@ impl SsfReceiver {
             .await
             .map_err(store_error)?
         {
-            return Err(refuse(
+            let in_effect = cp
+                .store
+                .ssf_event(&t.issuer, jti)
+                .await
+                .map_err(store_error)?
+                .is_some_and(|e| e.revocation_id.is_some());
+            let mut e = refuse(
                 "invalid_request",
                 format!("jti {jti:?} from {:?} was received before", t.issuer),
-            ));
+            );
+            e.replay = Some(if in_effect {
+                Replay::InEffect
+            } else {
+                Replay::InProgress
+            });
+            return Err(e);
         }
         let kind = if !target.credential_id.is_empty() {
             "credential"
@@ -295,7 +324,7 @@ impl SsfReceiver {
         let by = format!("ssf:{}", t.name);
         match cp.revocations.revoke(req, &by, policy).await {
             Ok(stored) => {
-                cp.ssf_out.revoked(cp, &stored.revocation);
+                crate::ssf_out::SsfOut::revoked(cp, &stored.revocation, stored.revoke_seq);
                 let id = stored.revocation.id.clone();
                 if let Err(e) = cp.store.set_ssf_revocation(&t.issuer, jti, &id).await {
                     tracing::warn!(error = %e, "cannot record which revocation a SET became");
@@ -315,6 +344,192 @@ impl SsfReceiver {
                 Err(refuse("invalid_request", format!("not revoked: {e}")))
             }
         }
+    }
+}
+
+/// Writes what became of one received SET to the audit log: accepted
+/// (`202`, the revocation it became) or refused (`400`, the RFC's code).
+/// `path` is where it came from: `/ssf/events`, or the polled URL.
+pub async fn audit(cp: &ControlPlaneState, path: &str, outcome: &Result<Accepted, SsfError>) {
+    let (status, actor, detail) = match outcome {
+        Ok(a) => (
+            202,
+            format!("ssf:{}", a.transmitter),
+            format!(
+                "accepted {} jti {} from {} as revocation {} (seq {})",
+                a.event_type, a.jti, a.issuer, a.revocation_id, a.revoke_seq
+            ),
+        ),
+        Err(e) => (
+            400,
+            format!("ssf:{}", e.transmitter.as_deref().unwrap_or("unknown")),
+            format!("refused {}: {}", e.err, e.description),
+        ),
+    };
+    tracing::info!(%actor, status, detail = %detail, "security event");
+    let entry = crate::store::AuditEntry {
+        at_ms: crate::store::now_ms(),
+        actor,
+        role: "ssf".into(),
+        method: "POST".into(),
+        path: path.to_owned(),
+        action: format!("POST {path}"),
+        status,
+        detail: detail.chars().take(1024).collect(),
+    };
+    if let Err(e) = cp.store.append_audit(&entry).await {
+        tracing::error!(error = %e, "cannot write the audit log");
+    }
+}
+
+/// How long one poll of a transmitter may take (it may hold it open).
+const POLL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The SETs asked for in one poll.
+const POLL_MAX_EVENTS: usize = 50;
+/// The largest poll answer read.
+const POLL_MAX_BODY: usize = POLL_MAX_EVENTS * MAX_SET_BYTES;
+
+/// Polls each transmitter policy gives a `poll_url` (RFC 8936), one task
+/// each, restarted when the policy changes it; the tasks end with this
+/// future.
+pub async fn poll_transmitters(cp: Arc<ControlPlaneState>) {
+    struct Running(SsfTransmitter, tokio::task::JoinHandle<()>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.1.abort();
+        }
+    }
+    let mut changed = cp.policy_changed.subscribe();
+    let mut running: HashMap<String, Running> = HashMap::new();
+    loop {
+        let wanted: Vec<SsfTransmitter> = cp
+            .policy
+            .load()
+            .policy
+            .policy
+            .ssf
+            .iter()
+            .flat_map(|s| &s.transmitters)
+            .filter(|t| t.poll_url.is_some())
+            .cloned()
+            .collect();
+        running.retain(|_, r| wanted.contains(&r.0));
+        for t in wanted {
+            if !running.contains_key(&t.name) {
+                let task = tokio::spawn(poll_transmitter(cp.clone(), t.clone()));
+                running.insert(t.name.clone(), Running(t, task));
+            }
+        }
+        if changed.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Polls one transmitter for ever: each SET it returns is verified and
+/// committed as a pushed one would be, then acknowledged in the next poll,
+/// or reported with its RFC 8935 error code (`setErrs`). A SET another
+/// replica is still committing is left to come again.
+async fn poll_transmitter(cp: Arc<ControlPlaneState>, t: SsfTransmitter) {
+    let Some(url) = t.poll_url.clone() else {
+        return;
+    };
+    let mut ack: Vec<String> = Vec::new();
+    let mut errs = serde_json::Map::new();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = Instant::now();
+        let sets = match cp.ssf.poll_once(&cp, &t, &url, &ack, &errs).await {
+            Ok(sets) => sets,
+            Err(why) => {
+                tracing::warn!(transmitter = %t.name, url, why, "cannot poll the transmitter");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        backoff = Duration::from_secs(1);
+        ack.clear();
+        errs.clear();
+        let none = sets.is_empty();
+        for (jti, set) in sets {
+            let outcome = match set.as_str() {
+                Some(set) => cp.ssf.receive(&cp, set.as_bytes(), Some(&t)).await,
+                None => Err(SsfError {
+                    transmitter: Some(t.name.clone()),
+                    ..refuse("invalid_request", "a SET is a compact JWT string")
+                }),
+            };
+            audit(&cp, &url, &outcome).await;
+            match outcome {
+                Ok(_) => ack.push(jti),
+                Err(e) => match e.replay {
+                    Some(Replay::InEffect) => ack.push(jti),
+                    Some(Replay::InProgress) => {}
+                    None => {
+                        errs.insert(
+                            jti,
+                            serde_json::json!({"err": e.err, "description": e.description}),
+                        );
+                    }
+                },
+            }
+        }
+        // A transmitter that answers at once, though asked to wait.
+        if none && started.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+impl SsfReceiver {
+    /// One poll: acknowledges `ack`, reports `errs`, returns the SETs by
+    /// `jti`.
+    async fn poll_once(
+        &self,
+        cp: &ControlPlaneState,
+        t: &SsfTransmitter,
+        url: &str,
+        ack: &[String],
+        errs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+        let body = serde_json::json!({
+            "ack": ack,
+            "setErrs": errs,
+            "maxEvents": POLL_MAX_EVENTS,
+            "returnImmediately": false,
+        });
+        let mut req = http::Request::post(url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json");
+        if let Some(file) = &t.poll_token_file {
+            let dir = cp.policy_path.parent().unwrap_or(std::path::Path::new("."));
+            let path = dir.join(file);
+            let token = std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let value = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                .map_err(|_| format!("{} is not a bearer token", path.display()))?;
+            req = req.header(http::header::AUTHORIZATION, value);
+        }
+        let req = req
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .map_err(|e| e.to_string())?;
+        let (status, body) =
+            crate::oauth2::call_within(self.client(), req, POLL_TIMEOUT, POLL_MAX_BODY)
+                .await
+                .map_err(|e| e.to_string())?;
+        if status != 200 {
+            return Err(format!("HTTP {status}"));
+        }
+        let answer: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| format!("not JSON: {e}"))?;
+        answer
+            .get("sets")
+            .and_then(serde_json::Value::as_object)
+            .cloned()
+            .ok_or_else(|| "the answer has no sets".to_owned())
     }
 }
 

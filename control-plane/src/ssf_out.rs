@@ -1,47 +1,82 @@
 //! The control plane as an OpenID Shared Signals transmitter: when a
-//! revocation is committed (by a responder, or a leaked value registered),
-//! the receivers policy names (`ssf.receivers`) get a Security Event Token
-//! signed with the control plane's key (verifiable against
-//! `/.well-known/jwks.json`), pushed as RFC 8935 says:
+//! revocation is committed (by a responder, a leaked value registered, or a
+//! security event received), every stream that asked for its event gets a
+//! Security Event Token signed with the control plane's key (verifiable
+//! against `/.well-known/jwks.json`):
 //!
 //! - a credential, an upstream: CAEP `credential-change` (`change_type`
 //!   `revoke`);
 //! - a workload or a grant: CAEP `session-revoked`;
-//! - a leaked value: RISC `credential-compromise`.
+//! - a leaked value: RISC `credential-compromise`, and again (with
+//!   `leash_sighting`) each time it is first seen from a workload, to a
+//!   host, at a location.
 //!
-//! Each receiver has a bounded queue (1,024 SETs; beyond, new SETs are
-//! dropped and counted) and one worker that pushes in order, retrying a
-//! receiver that is down or answers 5xx (after 0.2 s, 1 s and 5 s), never
-//! one that refused the SET (4xx: RFC 8935 says not to). A revocation that
-//! came in as a security event is announced too (the `txn` claim names the
-//! revocation; do not name a party as both transmitter and receiver of the
-//! same events). Only the replica that committed a revocation sends its
-//! event.
+//! Once every connected sidecar has acknowledged the revocation (or after
+//! [`ACK_WAIT`] at the latest), the same streams get a second SET: the same
+//! event and `txn`, with a `leash_acknowledgement` claim saying whether the
+//! revocation is in effect everywhere (`complete`), and how many sidecars
+//! acknowledged it.
+//!
+//! Streams come from policy (`ssf.receivers`) or from receivers, through the
+//! stream configuration API (SSF 1.0 §8.1.1, stored in `ssf_streams`).
+//!
+//! - **Push** (RFC 8935): each stream has a bounded queue (1,024 SETs;
+//!   beyond, new SETs are dropped and counted) and one worker that pushes
+//!   in order, retrying a receiver that is down or answers 5xx (after
+//!   0.2 s, 1 s and 5 s), never one that refused the SET (4xx: RFC 8935 says
+//!   not to).
+//! - **Poll** (RFC 8936): SETs are held in the store (`ssf_outbox`, at most
+//!   [`HOLD`] per stream) until the receiver acknowledges them or reports an
+//!   error for them; any replica answers a poll.
+//!
+//! A paused stream's SETs are held the same way and pushed when it is
+//! enabled again; a disabled stream's are not made. Only the replica that
+//! committed a revocation sends its events. A revocation that came in as a
+//! security event is announced too (do not name a party as both
+//! transmitter and receiver of the same events).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use leash_api::policy::SsfReceiverSpec;
+use leash_api::policy::{SsfDelivery, SsfReceiverSpec};
 use leash_api::v1::Revocation;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::https::HttpsClient;
 use crate::ssf::{CAEP_CREDENTIAL_CHANGE, CAEP_SESSION_REVOKED, RISC_CREDENTIAL_COMPROMISE};
 use crate::state::ControlPlaneState;
+use crate::store::{SsfStreamRow, StoreError, now_ms};
 
 pub const SSF_VERIFICATION: &str =
     "https://schemas.openid.net/secevent/ssf/event-type/verification";
-/// SETs waiting for one receiver at most.
+/// The delivery methods (SSF 1.0 §8.1.1).
+pub const PUSH: &str = "urn:ietf:rfc:8935";
+pub const POLL: &str = "urn:ietf:rfc:8936";
+/// The events Leash transmits.
+pub const EVENTS_SUPPORTED: [&str; 3] = [
+    CAEP_CREDENTIAL_CHANGE,
+    CAEP_SESSION_REVOKED,
+    RISC_CREDENTIAL_COMPROMISE,
+];
+/// SETs waiting for one push receiver at most, in memory.
 const QUEUE: usize = 1024;
+/// SETs held in the store for one stream at most (poll, or paused).
+pub const HOLD: i64 = 10_000;
+/// How long the acknowledgement SET waits for every connected sidecar.
+pub const ACK_WAIT: Duration = Duration::from_secs(60);
+/// The longest a poll that asked to wait is held open.
+pub const POLL_WAIT: Duration = Duration::from_secs(25);
 const RETRIES: [Duration; 3] = [
     Duration::from_millis(200),
     Duration::from_secs(1),
     Duration::from_secs(5),
 ];
 
-/// Counters of one receiver's stream.
+/// Counters of one stream. For a poll stream, `delivered` counts SETs
+/// the receiver acknowledged and `refused` those it reported errors for.
 #[derive(Default, Debug)]
 pub struct StreamCounts {
     pub delivered: AtomicU64,
@@ -50,21 +85,163 @@ pub struct StreamCounts {
     pub dropped: AtomicU64,
 }
 
-struct Stream {
+/// A stream's status (SSF 1.0 §8.1.2).
+pub const STATUSES: [&str; 3] = ["enabled", "paused", "disabled"];
+
+/// One stream, from policy or created by a receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamConfig {
+    pub stream_id: String,
+    pub audience: String,
+    pub poll: bool,
+    /// The push endpoint (empty for a poll stream).
+    pub endpoint_url: String,
+    /// Event-type URIs; empty asks for every event Leash transmits.
+    pub events_requested: Vec<String>,
+    pub description: Option<String>,
+    /// `enabled`, `paused` or `disabled`.
+    pub status: String,
+    pub reason: Option<String>,
+    /// Named in policy (`ssf.receivers`): changed by editing the policy.
+    pub from_policy: bool,
+}
+
+impl StreamConfig {
+    pub fn from_policy(r: &SsfReceiverSpec) -> Self {
+        Self {
+            stream_id: r.name.clone(),
+            audience: r.audience.clone(),
+            poll: r.delivery == SsfDelivery::Poll,
+            endpoint_url: r.endpoint_url.clone(),
+            events_requested: EVENTS_SUPPORTED
+                .iter()
+                .filter(|e| r.events.iter().any(|n| n == event_name(e)))
+                .map(|e| (*e).to_owned())
+                .collect(),
+            description: None,
+            status: "enabled".into(),
+            reason: None,
+            from_policy: true,
+        }
+    }
+
+    pub fn from_row(row: &SsfStreamRow) -> Self {
+        Self {
+            stream_id: row.stream_id.clone(),
+            audience: row.audience.clone(),
+            poll: row.delivery_method == POLL,
+            endpoint_url: row.endpoint_url.clone().unwrap_or_default(),
+            events_requested: serde_json::from_str(&row.events_requested).unwrap_or_default(),
+            description: row.description.clone(),
+            status: row.status.clone(),
+            reason: row.reason.clone(),
+            from_policy: false,
+        }
+    }
+
+    pub fn to_row(&self, created_at_ms: i64, created_by: &str) -> SsfStreamRow {
+        SsfStreamRow {
+            stream_id: self.stream_id.clone(),
+            audience: self.audience.clone(),
+            delivery_method: if self.poll { POLL } else { PUSH }.to_owned(),
+            endpoint_url: (!self.poll).then(|| self.endpoint_url.clone()),
+            events_requested: serde_json::to_string(&self.events_requested)
+                .unwrap_or_else(|_| "[]".into()),
+            description: self.description.clone(),
+            status: self.status.clone(),
+            reason: self.reason.clone(),
+            created_at_ms,
+            created_by: created_by.to_owned(),
+        }
+    }
+
+    /// The events this stream gets: those requested that Leash transmits.
+    pub fn events_delivered(&self) -> Vec<&'static str> {
+        EVENTS_SUPPORTED
+            .into_iter()
+            .filter(|e| {
+                self.events_requested.is_empty() || self.events_requested.iter().any(|r| r == e)
+            })
+            .collect()
+    }
+
+    /// The stream configuration as SSF 1.0 §8.1.1 shows it; `base` is the
+    /// admin API's URL (for a poll stream's endpoint).
+    pub fn to_json(&self, issuer: &str, base: &str) -> Value {
+        let delivery = if self.poll {
+            json!({"method": POLL, "endpoint_url": format!("{base}/v1/ssf/poll/{}", self.stream_id)})
+        } else {
+            json!({"method": PUSH, "endpoint_url": self.endpoint_url})
+        };
+        let mut v = json!({
+            "stream_id": self.stream_id,
+            "iss": issuer,
+            "aud": self.audience,
+            "delivery": delivery,
+            "events_supported": EVENTS_SUPPORTED,
+            "events_requested": if self.events_requested.is_empty() && self.from_policy {
+                EVENTS_SUPPORTED.iter().map(|e| (*e).to_owned()).collect()
+            } else {
+                self.events_requested.clone()
+            },
+            "events_delivered": self.events_delivered(),
+            "status": self.status,
+            "leash_from_policy": self.from_policy,
+        });
+        if let Some(d) = &self.description {
+            v["description"] = d.clone().into();
+        }
+        if let Some(r) = &self.reason {
+            v["reason"] = r.clone().into();
+        }
+        v
+    }
+}
+
+struct PushStream {
     endpoint: String,
     queue: mpsc::Sender<String>,
-    counts: std::sync::Arc<StreamCounts>,
 }
 
 #[derive(Default)]
 pub struct SsfOut {
-    streams: Mutex<HashMap<String, Stream>>,
+    push: Mutex<HashMap<String, PushStream>>,
+    counts: Mutex<HashMap<String, Arc<StreamCounts>>>,
     client: std::sync::OnceLock<HttpsClient>,
+    /// Woken when a SET is held for a poll stream on this replica.
+    held: tokio::sync::Notify,
 }
 
 /// The short names policy uses for the event types.
 pub fn event_name(uri: &str) -> &str {
     uri.rsplit('/').next().unwrap_or(uri)
+}
+
+/// A poll (RFC 8936 §2.4).
+#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PollRequest {
+    /// The most SETs to return (default 100, at most 1,000; 0 only
+    /// acknowledges).
+    #[serde(default)]
+    pub max_events: Option<usize>,
+    /// Answer at once even when no SET waits (else wait up to 25 s).
+    #[serde(default)]
+    pub return_immediately: bool,
+    /// The `jti`s of SETs received and kept.
+    #[serde(default)]
+    pub ack: Vec<String>,
+    /// SETs received and refused: `jti` → `{err, description}`.
+    #[serde(default)]
+    pub set_errs: HashMap<String, SetErr>,
+}
+
+#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
+pub struct SetErr {
+    #[serde(default)]
+    pub err: String,
+    #[serde(default)]
+    pub description: String,
 }
 
 impl SsfOut {
@@ -73,155 +250,376 @@ impl SsfOut {
             .get_or_init(|| crate::https::client(crate::https::system_trust(), None))
     }
 
-    /// Counters per receiver name.
-    pub fn counts(&self) -> HashMap<String, std::sync::Arc<StreamCounts>> {
-        self.streams
+    /// A stream's counters.
+    pub fn counts(&self, stream_id: &str) -> Arc<StreamCounts> {
+        self.counts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(stream_id.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Every stream: policy's, then those receivers created.
+    pub async fn streams(&self, cp: &ControlPlaneState) -> Result<Vec<StreamConfig>, StoreError> {
+        let policy = cp.policy.load();
+        let mut streams: Vec<StreamConfig> = policy
+            .policy
+            .policy
+            .ssf
             .iter()
-            .map(|(k, s)| (k.clone(), s.counts.clone()))
-            .collect()
+            .flat_map(|s| &s.receivers)
+            .map(StreamConfig::from_policy)
+            .collect();
+        for row in cp.store.ssf_streams().await? {
+            if !streams.iter().any(|s| s.stream_id == row.stream_id) {
+                streams.push(StreamConfig::from_row(&row));
+            }
+        }
+        Ok(streams)
+    }
+
+    pub async fn stream(
+        &self,
+        cp: &ControlPlaneState,
+        stream_id: &str,
+    ) -> Result<Option<StreamConfig>, StoreError> {
+        Ok(self
+            .streams(cp)
+            .await?
+            .into_iter()
+            .find(|s| s.stream_id == stream_id))
     }
 
     /// The event a committed revocation is announced as, with its subject.
-    fn event_for(r: &Revocation) -> (&'static str, serde_json::Value, serde_json::Value) {
-        let reason = serde_json::json!({ "en": r.reason });
+    fn event_for(r: &Revocation) -> (&'static str, Value, Value) {
+        let reason = json!({ "en": r.reason });
         use leash_api::revocation::RevocationKind as K;
         let at = r.revoked_at_ms / 1000;
         match K::of(r) {
             Some(K::Credential) => (
                 CAEP_CREDENTIAL_CHANGE,
-                serde_json::json!({"format": "opaque", "id": r.credential_id}),
-                serde_json::json!({"credential_type": "bearer-token", "change_type": "revoke", "event_timestamp": at, "reason_admin": reason}),
+                json!({"format": "opaque", "id": r.credential_id}),
+                json!({"credential_type": "bearer-token", "change_type": "revoke", "event_timestamp": at, "reason_admin": reason}),
             ),
             Some(K::Upstream) => (
                 CAEP_CREDENTIAL_CHANGE,
-                serde_json::json!({"format": "opaque", "id": format!("upstream:{}", r.upstream)}),
-                serde_json::json!({"credential_type": "bearer-token", "change_type": "revoke", "event_timestamp": at, "reason_admin": reason}),
+                json!({"format": "opaque", "id": format!("upstream:{}", r.upstream)}),
+                json!({"credential_type": "bearer-token", "change_type": "revoke", "event_timestamp": at, "reason_admin": reason}),
             ),
             Some(K::Leaked) => (
                 RISC_CREDENTIAL_COMPROMISE,
-                serde_json::json!({"format": "opaque", "id": format!("leaked:{}", r.id)}),
-                serde_json::json!({"credential_type": "api-key", "event_timestamp": at, "reason_admin": reason}),
+                json!({"format": "opaque", "id": format!("leaked:{}", r.id)}),
+                json!({"credential_type": "api-key", "event_timestamp": at, "reason_admin": reason}),
             ),
             // workload, grant
             _ => (
                 CAEP_SESSION_REVOKED,
-                serde_json::json!({"format": "uri", "uri": r.workload}),
-                serde_json::json!({"event_timestamp": at, "reason_admin": reason}),
+                json!({"format": "uri", "uri": r.workload}),
+                json!({"event_timestamp": at, "reason_admin": reason}),
             ),
         }
     }
 
-    /// Announces a committed revocation to every receiver that wants its
-    /// event. Never waits: SETs are queued.
-    pub fn revoked(&self, cp: &ControlPlaneState, r: &Revocation) {
-        let (event, subject, body) = Self::event_for(r);
-        let mut claims = serde_json::json!({
-            "sub_id": subject,
-            "events": { event: body },
-            "txn": r.id,
+    /// Announces a committed revocation to every stream that wants its
+    /// event, then its acknowledgement status once every connected sidecar
+    /// has it. Never waits: the work is a task of its own.
+    pub fn revoked(cp: &Arc<ControlPlaneState>, r: &Revocation, seq: u64) {
+        let cp = cp.clone();
+        let r = r.clone();
+        tokio::spawn(async move {
+            let (event, subject, body) = Self::event_for(&r);
+            let mut claims = json!({
+                "sub_id": subject,
+                "events": { event: body },
+                "txn": r.id,
+            });
+            if !r.upstream.is_empty() {
+                claims["leash_upstream"] = r.upstream.clone().into();
+            }
+            let streams = cp.ssf_out.wanting(&cp, event).await;
+            if streams.is_empty() {
+                return;
+            }
+            for s in &streams {
+                cp.ssf_out.deliver(&cp, s, &claims).await;
+            }
+            claims["leash_acknowledgement"] = acknowledgement(&cp, seq).await;
+            for s in &streams {
+                // Read again: the stream may have changed while we waited.
+                match cp.ssf_out.stream(&cp, &s.stream_id).await {
+                    Ok(Some(s)) if s.status != "disabled" => {
+                        cp.ssf_out.deliver(&cp, &s, &claims).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot read the SSF streams"),
+                }
+            }
         });
-        if !r.upstream.is_empty() {
-            claims["leash_upstream"] = r.upstream.clone().into();
-        }
-        self.send(cp, event, &claims);
     }
 
-    /// A verification event (SSF 1.0 §8.1.4) to one receiver.
-    pub fn verify(&self, cp: &ControlPlaneState, receiver: &str, state: Option<&str>) -> bool {
-        let policy = cp.policy.load();
-        let Some(spec) = policy
-            .policy
-            .policy
-            .ssf
-            .as_ref()
-            .and_then(|s| s.receivers.iter().find(|r| r.name == receiver))
-        else {
-            return false;
-        };
-        let mut body = serde_json::json!({});
+    /// The streams, not disabled, that get `event`.
+    async fn wanting(&self, cp: &ControlPlaneState, event: &str) -> Vec<StreamConfig> {
+        match self.streams(cp).await {
+            Ok(streams) => streams
+                .into_iter()
+                .filter(|s| s.status != "disabled" && s.events_delivered().contains(&event))
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the SSF streams; no event sent");
+                Vec::new()
+            }
+        }
+    }
+
+    /// A leaked value seen for the first time in a request from a workload
+    /// to a host at a location: RISC `credential-compromise` again, its
+    /// `txn` the registration, `leash_sighting` saying who sent it where.
+    /// (Only first sightings: a forgotten consumer retrying sends one.)
+    pub fn seen(cp: &Arc<ControlPlaneState>, s: &crate::store::Sighting) {
+        let cp = cp.clone();
+        let reason = format!(
+            "seen in a request from {} to {} ({})",
+            s.workload, s.host, s.location
+        );
+        let claims = json!({
+            "sub_id": {"format": "opaque", "id": format!("leaked:{}", s.revocation_id)},
+            "events": { RISC_CREDENTIAL_COMPROMISE: {
+                "credential_type": "api-key",
+                "event_timestamp": s.first_seen_ms / 1000,
+                "reason_admin": {"en": reason},
+            }},
+            "txn": s.revocation_id,
+            "leash_sighting": {
+                "workload": s.workload,
+                "upstream": s.upstream,
+                "host": s.host,
+                "location": s.location,
+            },
+        });
+        tokio::spawn(async move {
+            for stream in cp.ssf_out.wanting(&cp, RISC_CREDENTIAL_COMPROMISE).await {
+                cp.ssf_out.deliver(&cp, &stream, &claims).await;
+            }
+        });
+    }
+
+    /// A verification event (SSF 1.0 §8.1.4) on one stream.
+    pub async fn verify(&self, cp: &ControlPlaneState, stream: &StreamConfig, state: Option<&str>) {
+        let mut body = json!({});
         if let Some(state) = state {
             body["state"] = state.into();
         }
-        let claims = serde_json::json!({
-            "sub_id": {"format": "opaque", "id": receiver},
+        let claims = json!({
+            "sub_id": {"format": "opaque", "id": stream.stream_id},
             "events": { SSF_VERIFICATION: body },
         });
-        self.queue(cp, spec, &claims);
-        true
+        self.deliver(cp, stream, &claims).await;
     }
 
-    fn send(&self, cp: &ControlPlaneState, event: &str, claims: &serde_json::Value) {
-        let policy = cp.policy.load();
-        let Some(ssf) = policy.policy.policy.ssf.as_ref() else {
-            return;
+    /// Signs `claims` for `stream` (iss, aud, iat, jti added), then queues
+    /// it for pushing, or holds it in the store (poll, or paused).
+    async fn deliver(&self, cp: &ControlPlaneState, stream: &StreamConfig, claims: &Value) {
+        let counts = self.counts(&stream.stream_id);
+        let mut claims = claims.clone();
+        let jti = uuid::Uuid::new_v4().simple().to_string();
+        claims["iss"] = cp.issuer.issuer().into();
+        claims["aud"] = stream.audience.clone().into();
+        claims["iat"] = (now_ms() / 1000).into();
+        claims["jti"] = jti.clone().into();
+        let set = match cp.issuer.sign_set(&claims) {
+            Ok(set) => set,
+            Err(e) => {
+                counts.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(stream = %stream.stream_id, error = %e, "cannot sign a security event");
+                return;
+            }
         };
-        for spec in &ssf.receivers {
-            let wanted =
-                spec.events.is_empty() || spec.events.iter().any(|e| e == event_name(event));
-            if wanted {
-                self.queue(cp, spec, claims);
+        if !stream.poll && stream.status == "enabled" {
+            self.push(stream, set, &counts);
+            return;
+        }
+        match cp
+            .store
+            .hold_ssf_set(&stream.stream_id, &jti, &set, now_ms(), HOLD)
+            .await
+        {
+            Ok(true) => self.held.notify_waiters(),
+            Ok(false) => {
+                counts.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(stream = %stream.stream_id, "security event dropped: the stream already holds {HOLD} SETs");
+            }
+            Err(e) => {
+                counts.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(stream = %stream.stream_id, error = %e, "cannot hold a security event");
             }
         }
     }
 
-    /// Signs `claims` for `spec` (iss, aud, iat, jti added) and queues it.
-    fn queue(&self, cp: &ControlPlaneState, spec: &SsfReceiverSpec, claims: &serde_json::Value) {
-        let mut claims = claims.clone();
-        claims["iss"] = cp.issuer.issuer().into();
-        claims["aud"] = spec.audience.clone().into();
-        claims["iat"] = (crate::store::now_ms() / 1000).into();
-        claims["jti"] = uuid::Uuid::new_v4().simple().to_string().into();
-        let set = match cp.issuer.sign_set(&claims) {
-            Ok(set) => set,
-            Err(e) => {
-                tracing::error!(receiver = %spec.name, error = %e, "cannot sign a security event");
-                return;
-            }
-        };
-        let mut streams = self
-            .streams
+    /// Queues a signed SET on a push stream's worker.
+    fn push(&self, stream: &StreamConfig, set: String, counts: &Arc<StreamCounts>) {
+        let mut push = self
+            .push
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let stream = match streams.get(&spec.name) {
-            Some(s) if s.endpoint == spec.endpoint_url && !s.queue.is_closed() => s,
+        let worker = match push.get(&stream.stream_id) {
+            Some(s) if s.endpoint == stream.endpoint_url && !s.queue.is_closed() => s,
             _ => {
                 let (tx, rx) = mpsc::channel(QUEUE);
-                let counts = std::sync::Arc::new(StreamCounts::default());
-                let client = self.client().clone();
-                tokio::spawn(push(
-                    client,
-                    spec.name.clone(),
-                    spec.endpoint_url.clone(),
+                tokio::spawn(push_worker(
+                    self.client().clone(),
+                    stream.stream_id.clone(),
+                    stream.endpoint_url.clone(),
                     rx,
                     counts.clone(),
                 ));
-                streams.insert(
-                    spec.name.clone(),
-                    Stream {
-                        endpoint: spec.endpoint_url.clone(),
+                push.insert(
+                    stream.stream_id.clone(),
+                    PushStream {
+                        endpoint: stream.endpoint_url.clone(),
                         queue: tx,
-                        counts,
                     },
                 );
-                &streams[&spec.name]
+                &push[&stream.stream_id]
             }
         };
-        if stream.queue.try_send(set).is_err() {
-            stream.counts.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(receiver = %spec.name, "security event dropped: the receiver's queue is full");
+        if worker.queue.try_send(set).is_err() {
+            counts.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(stream = %stream.stream_id, "security event dropped: the stream's queue is full");
+        }
+    }
+
+    /// A push stream enabled again: what was held while it was paused is
+    /// pushed, in order.
+    pub async fn resume(
+        &self,
+        cp: &ControlPlaneState,
+        stream: &StreamConfig,
+    ) -> Result<(), StoreError> {
+        if stream.poll || stream.status != "enabled" {
+            return Ok(());
+        }
+        let counts = self.counts(&stream.stream_id);
+        let max = usize::try_from(HOLD).unwrap_or(usize::MAX);
+        let (held, _) = cp.store.held_ssf_sets(&stream.stream_id, max).await?;
+        let jtis: Vec<String> = held.iter().map(|(jti, _)| jti.clone()).collect();
+        for (_, set) in held {
+            self.push(stream, set, &counts);
+        }
+        cp.store.release_ssf_sets(&stream.stream_id, &jtis).await?;
+        Ok(())
+    }
+
+    /// Answers one poll (RFC 8936 §2.4): lets go of the SETs acknowledged
+    /// or reported in error, then returns those still held, oldest first,
+    /// waiting up to [`POLL_WAIT`] for one unless asked not to.
+    pub async fn poll(
+        &self,
+        cp: &ControlPlaneState,
+        stream: &StreamConfig,
+        req: PollRequest,
+    ) -> Result<Value, StoreError> {
+        let counts = self.counts(&stream.stream_id);
+        let acked = cp
+            .store
+            .release_ssf_sets(&stream.stream_id, &req.ack)
+            .await?;
+        counts.delivered.fetch_add(acked, Ordering::Relaxed);
+        for (jti, e) in &req.set_errs {
+            let released = cp
+                .store
+                .release_ssf_sets(&stream.stream_id, std::slice::from_ref(jti))
+                .await?;
+            if released > 0 {
+                counts.refused.fetch_add(released, Ordering::Relaxed);
+                let err: String = e.err.chars().take(64).collect();
+                let description: String = e.description.chars().take(256).collect();
+                tracing::warn!(stream = %stream.stream_id, jti, err, description, "the receiver refused a security event");
+            }
+        }
+        let max = req.max_events.unwrap_or(100).min(1000);
+        if max == 0 || stream.status == "paused" {
+            return Ok(json!({"sets": {}}));
+        }
+        let deadline = tokio::time::Instant::now()
+            + if req.return_immediately {
+                Duration::ZERO
+            } else {
+                POLL_WAIT
+            };
+        loop {
+            let held = self.held.notified();
+            tokio::pin!(held);
+            held.as_mut().enable();
+            let (sets, more) = cp.store.held_ssf_sets(&stream.stream_id, max).await?;
+            let now = tokio::time::Instant::now();
+            if !sets.is_empty() || now >= deadline {
+                let sets: serde_json::Map<String, Value> = sets
+                    .into_iter()
+                    .map(|(jti, set)| (jti, set.into()))
+                    .collect();
+                let mut answer = json!({ "sets": sets });
+                if more {
+                    answer["moreAvailable"] = true.into();
+                }
+                return Ok(answer);
+            }
+            // SETs held by another replica are seen within a second.
+            let wait = (deadline - now).min(Duration::from_secs(1));
+            tokio::select! {
+                () = held => {}
+                () = tokio::time::sleep(wait) => {}
+            }
         }
     }
 }
 
-/// One receiver's worker: pushes its SETs in order (RFC 8935).
-async fn push(
+/// Whether every sidecar connected now has acknowledged `seq`, waiting up
+/// to [`ACK_WAIT`] for it: the `leash_acknowledgement` claim.
+async fn acknowledgement(cp: &ControlPlaneState, seq: u64) -> Value {
+    let deadline = tokio::time::Instant::now() + ACK_WAIT;
+    loop {
+        let written = cp.sessions.acks_written().notified();
+        tokio::pin!(written);
+        written.as_mut().enable();
+        let late = tokio::time::Instant::now() >= deadline;
+        match crate::sessions::propagation(cp, seq).await {
+            // Complete once the acknowledgements are recorded (not only
+            // received): the SET says what the proof holds.
+            Ok(p) if (p.pending.is_empty() && p.acknowledged.len() >= p.connected) || late => {
+                let complete = p.pending.is_empty() && p.acknowledged.len() >= p.connected;
+                let last = p.acknowledged.iter().map(|a| a.acked_at_ms).max();
+                return json!({
+                    "status": if complete { "complete" } else { "incomplete" },
+                    "seq": seq,
+                    "acknowledged": p.acknowledged.len(),
+                    "connected": p.connected,
+                    "pending": p.pending.len(),
+                    "last_acknowledged_at": last.map(|ms| ms / 1000),
+                });
+            }
+            Ok(_) => {}
+            Err(e) if late => {
+                tracing::error!(error = %e, seq, "cannot read the acknowledgements");
+                return json!({"status": "unknown", "seq": seq});
+            }
+            Err(e) => tracing::warn!(error = %e, seq, "cannot read the acknowledgements"),
+        }
+        // Acknowledgements written by other replicas are seen within 0.5 s.
+        tokio::select! {
+            () = written => {}
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// One push stream's worker: pushes its SETs in order (RFC 8935).
+async fn push_worker(
     client: HttpsClient,
     name: String,
     endpoint: String,
     mut queue: mpsc::Receiver<String>,
-    counts: std::sync::Arc<StreamCounts>,
+    counts: Arc<StreamCounts>,
 ) {
     while let Some(set) = queue.recv().await {
         let mut attempt = 0;
@@ -243,22 +641,22 @@ async fn push(
                 Ok((status @ 400..=499, body)) => {
                     // Refused: sending it again would be refused again.
                     counts.refused.fetch_add(1, Ordering::Relaxed);
-                    let err = serde_json::from_slice::<serde_json::Value>(&body)
+                    let err = serde_json::from_slice::<Value>(&body)
                         .ok()
                         .and_then(|v| v.get("err").and_then(|e| e.as_str()).map(str::to_owned))
                         .unwrap_or_default();
-                    tracing::warn!(receiver = %name, status, err, "the receiver refused a security event");
+                    tracing::warn!(stream = %name, status, err, "the receiver refused a security event");
                     break;
                 }
                 other => {
                     if let Some(wait) = RETRIES.get(attempt) {
                         attempt += 1;
-                        tracing::debug!(receiver = %name, ?other, "security event not delivered; retrying");
+                        tracing::debug!(stream = %name, ?other, "security event not delivered; retrying");
                         tokio::time::sleep(*wait).await;
                         continue;
                     }
                     counts.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(receiver = %name, "security event not delivered after retries");
+                    tracing::warn!(stream = %name, "security event not delivered after retries");
                     break;
                 }
             }

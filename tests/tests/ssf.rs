@@ -35,28 +35,59 @@ keys = {"good": ec.generate_private_key(ec.SECP256R1()), "other": ec.generate_pr
 public = json.loads(ECAlgorithm.to_jwk(keys["good"].public_key()))
 public.update(kid="tx-1", use="sig", alg="ES256")
 jwks = json.dumps({"keys": [public]}).encode()
+# RFC 8936: SETs held for polling until acknowledged or reported.
+cond = threading.Condition()
+pending, acked, errs, polls = {}, [], {}, [0]
 
-class Jwks(BaseHTTPRequestHandler):
+def sign(cmd):
+    return jwt.encode(cmd["claims"], keys[cmd.get("key", "good")], algorithm="ES256",
+                      headers={"typ": cmd.get("typ", "secevent+jwt"), "kid": "tx-1"})
+
+class Handler(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
-    def do_GET(self):
-        self.send_response(200)
+    def answer(self, status, body):
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(jwks)))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(jwks)
+        self.wfile.write(body)
+    def do_GET(self):
+        self.answer(200, jwks)
+    def do_POST(self):
+        if self.headers.get("Authorization") != "Bearer poll-secret":
+            return self.answer(401, b"{}")
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with cond:
+            polls[0] += 1
+            for j in req.get("ack", []):
+                pending.pop(j, None)
+                acked.append(j)
+            for j, e in req.get("setErrs", {}).items():
+                pending.pop(j, None)
+                errs[j] = e
+            if not pending and not req.get("returnImmediately"):
+                cond.wait(2)
+            sets = dict(list(pending.items())[:req.get("maxEvents", 100)])
+        self.answer(200, json.dumps({"sets": sets}).encode())
 
-server = ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 print(server.server_address[1], flush=True)
 
 for line in sys.stdin:
     cmd = json.loads(line)
-    if "raw" in cmd:
-        body = cmd["raw"].encode()
-    else:
-        body = jwt.encode(cmd["claims"], keys[cmd.get("key", "good")], algorithm="ES256",
-                          headers={"typ": cmd.get("typ", "secevent+jwt"), "kid": "tx-1"}).encode()
+    if "queue" in cmd:
+        with cond:
+            pending[cmd["claims"]["jti"]] = sign(cmd)
+            cond.notify_all()
+        print(json.dumps({"queued": cmd["claims"]["jti"]}), flush=True)
+        continue
+    if "state" in cmd:
+        with cond:
+            print(json.dumps({"pending": list(pending), "acked": acked, "errs": errs, "polls": polls[0]}), flush=True)
+        continue
+    body = cmd["raw"].encode() if "raw" in cmd else sign(cmd).encode()
     req = urllib.request.Request(cmd["url"], data=body, method="POST",
                                  headers={"Content-Type": "application/secevent+jwt"})
     try:
@@ -64,6 +95,38 @@ for line in sys.stdin:
             print(json.dumps({"status": r.status, "body": r.read().decode()}), flush=True)
     except urllib.error.HTTPError as e:
         print(json.dumps({"status": e.code, "body": e.read().decode()}), flush=True)
+"#;
+
+/// Polls a stream Leash transmits on (RFC 8936) as a receiver would:
+/// verifies each SET with PyJWT against the control plane's JWKS,
+/// acknowledges it in the next poll, and stops after `want` SETs; prints
+/// what it got and how many SETs were still held after its last
+/// acknowledgement.
+const POLLER: &str = r#"
+import json, sys, time, urllib.request
+import jwt
+endpoint, token, jwks_url, aud, iss, want = sys.argv[1:7]
+jwks = jwt.PyJWKClient(jwks_url)
+def poll(body):
+    req = urllib.request.Request(endpoint, data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json", "Authorization": "Bearer " + token})
+    with urllib.request.urlopen(req, timeout=40) as r:
+        return json.loads(r.read())
+got, ack = [], []
+deadline = time.time() + 20
+while len(got) < int(want) and time.time() < deadline:
+    answer = poll({"ack": ack, "maxEvents": 10, "returnImmediately": False})
+    ack = []
+    for jti, s in answer["sets"].items():
+        assert jwt.get_unverified_header(s)["typ"] == "secevent+jwt"
+        claims = jwt.decode(s, jwks.get_signing_key_from_jwt(s).key, algorithms=["ES256"],
+                            audience=aud, issuer=iss,
+                            options={"require": ["iat", "jti"], "verify_exp": False})
+        assert claims["jti"] == jti
+        got.append(claims)
+        ack.append(jti)
+left = poll({"ack": ack, "returnImmediately": True})
+print(json.dumps({"got": got, "left": len(left["sets"])}))
 "#;
 
 /// Receives the SETs Leash transmits, verifies each with PyJWT against the
@@ -88,7 +151,9 @@ class Handler(BaseHTTPRequestHandler):
                                 audience="https://siem.leash.test", issuer="leash-test",
                                 options={"require": ["iat", "jti"], "verify_exp": False})
             record = {"events": list(claims["events"]), "sub_id": claims.get("sub_id"),
-                      "txn": claims.get("txn"), "body": claims["events"]}
+                      "txn": claims.get("txn"), "body": claims["events"],
+                      "ack": claims.get("leash_acknowledgement"),
+                      "sighting": claims.get("leash_sighting")}
             status = 202
         except Exception as e:
             record, status = {"error": repr(e)}, 400
@@ -110,11 +175,37 @@ struct Transmitter {
 }
 
 impl Transmitter {
-    fn push(&mut self, cmd: Value) -> (u16, Value) {
+    fn start() -> (Self, u16) {
+        let python = python_with("jwt, cryptography", "'pyjwt[crypto]'");
+        let mut child = Command::new(python)
+            .args(["-c", TRANSMITTER])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let port: u16 = line.trim().parse().unwrap();
+        let tx = Self {
+            _child: KillOnDrop(child),
+            stdin,
+            stdout,
+        };
+        (tx, port)
+    }
+
+    /// One command; its answer line.
+    fn command(&mut self, cmd: &Value) -> Value {
         writeln!(self.stdin, "{cmd}").unwrap();
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    fn push(&mut self, cmd: Value) -> (u16, Value) {
+        let v = self.command(&cmd);
         let body = v["body"].as_str().unwrap();
         let body = if body.is_empty() {
             Value::Null
@@ -147,29 +238,54 @@ fn set(jti: &str, event: &str, sub_id: Value) -> Value {
     })
 }
 
+/// The policy both tests start from: the transmitter `idp` (with
+/// `transmitter` added to its entry), the subject mapping, and `receivers`.
+/// Starts the control plane and the upstream.
+async fn start_ssf(
+    ids: &Identities,
+    dir: &std::path::Path,
+    jwks_port: u16,
+    transmitter: &str,
+    receivers: &str,
+) -> (leash_control_plane::app::ControlPlane, Admin) {
+    let up = listener().await;
+    let upstream = up.local_addr().unwrap();
+    let policy = format!(
+        r#"{}ssf:
+  audience: {AUDIENCE}
+  transmitters:
+    - name: idp
+      issuer: {ISSUER}
+      jwks_url: http://127.0.0.1:{jwks_port}/jwks
+{transmitter}  subjects:
+    - format: iss_sub
+      iss: {ISSUER}
+      sub: svc-payments-client
+      revoke: {{ workload: {APP_ID}, upstream: payments }}
+  receivers:
+{receivers}"#,
+        standard_policy(upstream, "5m")
+    );
+    let policy = write_policy(dir, &policy);
+    let data = dir.join("data");
+    let cp = start_control_plane(ids, CP_ID, &policy, &data).await;
+    tokio::spawn(leash_examples::serve_observed(
+        up,
+        upstream_config(cp.admin_addr),
+        None,
+        None,
+    ));
+    let admin = Admin::bootstrap(cp.admin_addr, &data);
+    (cp, admin)
+}
+
 const COMPROMISE: &str =
     "https://schemas.openid.net/secevent/risc/event-type/credential-compromise";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
     init();
-    let python = python_with("jwt, cryptography", "'pyjwt[crypto]'");
-    let mut child = Command::new(python)
-        .args(["-c", TRANSMITTER])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdin = child.stdin.take().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let jwks_port: u16 = line.trim().parse().unwrap();
-    let mut tx = Transmitter {
-        _child: KillOnDrop(child),
-        stdin,
-        stdout,
-    };
+    let (mut tx, jwks_port) = Transmitter::start();
 
     let dir = short_tempdir();
     let jwks_url_file = dir.path().join("jwks-url");
@@ -187,41 +303,21 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
             .collect()
     };
     let ids = Identities::start(dir.path(), SVID_TTL, &[CP_ID, APP_ID, OTHER_ID]);
-    let up = listener().await;
-    let upstream = up.local_addr().unwrap();
-    let policy = format!(
-        r#"{}ssf:
-  audience: {AUDIENCE}
-  transmitters:
-    - name: idp
-      issuer: {ISSUER}
-      jwks_url: http://127.0.0.1:{jwks_port}/jwks
-  subjects:
-    - format: iss_sub
-      iss: {ISSUER}
-      sub: svc-payments-client
-      revoke: {{ workload: {APP_ID}, upstream: payments }}
-  receivers:
-    - name: siem
-      endpoint_url: http://127.0.0.1:{receiver_port}/events
-      audience: https://siem.leash.test
-"#,
-        standard_policy(upstream, "5m")
-    );
-    let policy = write_policy(dir.path(), &policy);
-    let data = dir.path().join("data");
-    let cp = start_control_plane(&ids, CP_ID, &policy, &data).await;
+    let (cp, admin) = start_ssf(
+        &ids,
+        dir.path(),
+        jwks_port,
+        "",
+        &format!(
+            "    - name: siem\n      endpoint_url: http://127.0.0.1:{receiver_port}/events\n      audience: https://siem.leash.test\n"
+        ),
+    )
+    .await;
     std::fs::write(
         &jwks_url_file,
         format!("http://{}/.well-known/jwks.json", cp.admin_addr),
     )
     .unwrap();
-    tokio::spawn(leash_examples::serve_observed(
-        up,
-        upstream_config(cp.admin_addr),
-        None,
-        None,
-    ));
     let a = start_sidecar(sidecar_config(ids.endpoint(APP_ID), cp.sidecar_addr)).await;
     let b = start_sidecar(sidecar_config(ids.endpoint(OTHER_ID), cp.sidecar_addr)).await;
     wait_ready(a.admin_addr).await;
@@ -233,7 +329,6 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
         .unwrap();
     assert_eq!(ok.status, 200);
     let url = format!("http://{}/ssf/events", cp.admin_addr);
-    let admin = Admin::bootstrap(cp.admin_addr, &data);
     let revocations = || async {
         admin.get("/v1/revocations").await.json()["revocations"]
             .as_array()
@@ -344,6 +439,21 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
         "{sent}"
     );
     assert_eq!(sent["sub_id"], json!({"format": "uri", "uri": APP_ID}));
+    assert!(sent["ack"].is_null(), "{sent}");
+    // Then the same event and txn once both sidecars acknowledged it.
+    let done = eventually(Duration::from_secs(10), "the acknowledgement SET", || {
+        let got = received();
+        let id = id.clone();
+        async move {
+            got.into_iter()
+                .find(|r| r["txn"] == id.as_str() && !r["ack"].is_null())
+        }
+    })
+    .await;
+    assert_eq!(done["events"], sent["events"], "{done}");
+    assert_eq!(done["ack"]["status"], "complete", "{done}");
+    assert_eq!(done["ack"]["acknowledged"], 2, "{done}");
+    assert_eq!(done["ack"]["pending"], 0, "{done}");
 
     // The same SET again: a replay.
     let (status, body) =
@@ -390,20 +500,47 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
         let got = received();
         async move {
             let has = |e: &str| got.iter().any(|r| r["events"][0].as_str() == Some(e));
+            // Three revocations, announced then acknowledged; one
+            // verification.
+            let acks = got.iter().filter(|r| r["ack"]["status"] == "complete").count();
             (has("https://schemas.openid.net/secevent/risc/event-type/credential-compromise")
                 && got.iter().any(|r| r["body"]["https://schemas.openid.net/secevent/ssf/event-type/verification"]["state"] == "st-42")
-                && got.len() == 4)
+                && got.len() == 7
+                && acks == 3)
                 .then_some(())
         }
     })
     .await;
+    // The leaked value seen in a request: RISC again, saying who sent it.
+    let leak = client
+        .get(
+            "http://payments.leash.test/whoami",
+            &[("x-api-key", "ghp_transmittedLeak0123456789")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(leak.status, 403);
+    assert_eq!(leak.json()["error"], "leaked_secret");
+    let seen = eventually(Duration::from_secs(10), "the sighting event", || {
+        let got = received();
+        async move { got.into_iter().find(|r| r["sighting"].is_object()) }
+    })
+    .await;
+    assert_eq!(seen["events"][0], COMPROMISE, "{seen}");
+    assert_eq!(seen["sighting"]["workload"], APP_ID, "{seen}");
+    assert_eq!(seen["sighting"]["location"], "header:x-api-key", "{seen}");
+    assert!(
+        !seen.to_string().contains("ghp_transmittedLeak"),
+        "the value itself is never sent: {seen}"
+    );
     assert!(
         received().iter().all(|r| r["error"].is_null()),
         "{:?}",
         received()
     );
     let streams = admin.get("/v1/ssf/streams").await.json();
-    assert_eq!(streams["streams"][0]["delivered"], 4, "{streams}");
+    assert_eq!(streams[0]["stream_id"], "siem", "{streams}");
+    assert_eq!(streams[0]["leash_counts"]["delivered"], 8, "{streams}");
     let config = http_get(&format!(
         "http://{}/.well-known/ssf-configuration",
         cp.admin_addr
@@ -433,6 +570,329 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
         ssf.iter()
             .any(|e| e["detail"].as_str().unwrap().contains("invalid_key"))
     );
+    let verified = admin.get("/v1/audit/verify").await.json();
+    assert_eq!(verified["ok"], true, "{verified}");
+}
+
+/// RFC 8936 both ways. In: the control plane polls a PyJWT transmitter,
+/// commits what verifies, acknowledges it and reports what does not
+/// (`setErrs`). Out: a receiver creates a poll stream through the stream
+/// configuration API (SSF 1.0 §8.1.1) and polls it with a viewer token,
+/// verifying each SET with PyJWT; the stream's status holds (paused) or
+/// stops (disabled) its events; a stream policy names cannot be changed
+/// through the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_polled_both_ways_and_streams_are_managed() {
+    init();
+    let (mut tx, tx_port) = Transmitter::start();
+    let dir = short_tempdir();
+    std::fs::write(dir.path().join("poll-token"), "poll-secret\n").unwrap();
+    let ids = Identities::start(dir.path(), SVID_TTL, &[CP_ID, APP_ID]);
+    let (cp, admin) = start_ssf(
+        &ids,
+        dir.path(),
+        tx_port,
+        &format!(
+            "      poll_url: http://127.0.0.1:{tx_port}/poll\n      poll_token_file: poll-token\n"
+        ),
+        "    - name: soc\n      delivery: poll\n      audience: https://soc.leash.test\n",
+    )
+    .await;
+    let a = start_sidecar(sidecar_config(ids.endpoint(APP_ID), cp.sidecar_addr)).await;
+    wait_ready(a.admin_addr).await;
+    let issuer_sub = json!({"format": "iss_sub", "iss": ISSUER, "sub": "svc-payments-client"});
+
+    // In: one SET that does not verify, one that does.
+    tx.command(&json!({"queue": true, "key": "other", "claims": set("poll-bad", COMPROMISE, issuer_sub.clone())}));
+    let queued_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    tx.command(&json!({"queue": true, "claims": set("poll-1", COMPROMISE, issuer_sub.clone())}));
+    let state = eventually(Duration::from_secs(15), "both SETs answered", || {
+        let state = tx.command(&json!({"state": true}));
+        async move {
+            (state["acked"] == json!(["poll-1"]) && state["errs"]["poll-bad"].is_object())
+                .then_some(state)
+        }
+    })
+    .await;
+    assert_eq!(state["errs"]["poll-bad"]["err"], "invalid_key", "{state}");
+    assert_eq!(state["pending"], json!([]), "{state}");
+    let event = cp
+        .state
+        .store
+        .ssf_event(ISSUER, "poll-1")
+        .await
+        .unwrap()
+        .expect("recorded");
+    let id = event.revocation_id.expect("became a revocation");
+    let r = admin.get(&format!("/v1/revocations/{id}")).await.json();
+    eprintln!(
+        "SSF SET held by the transmitter to revocation committed (long poll): {} ms",
+        r["revoked_at_ms"].as_i64().unwrap() - queued_ms
+    );
+    assert_eq!(
+        (r["kind"].as_str(), r["revoked_by"].as_str()),
+        (Some("grant"), Some("ssf:idp")),
+        "{r}"
+    );
+    admin.wait_acknowledged(&id, 1).await;
+    let audit = admin.get("/v1/audit?limit=100").await.json();
+    let polled: Vec<&Value> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["path"].as_str().is_some_and(|p| p.ends_with("/poll")))
+        .collect();
+    assert_eq!(polled.len(), 2, "{polled:?}");
+
+    // Out: a receiver creates a poll stream. Bad configurations first.
+    let poll_method = "urn:ietf:rfc:8936";
+    let session_revoked = "https://schemas.openid.net/secevent/caep/event-type/session-revoked";
+    for bad in [
+        json!({"delivery": {"method": "urn:example:smoke-signals"}}),
+        json!({"delivery": {"method": "urn:ietf:rfc:8935", "endpoint_url": "ftp://siem"}}),
+        json!({"stream_id": "mine", "delivery": {"method": poll_method}}),
+        json!({"delivery": {"method": poll_method}, "events_requested": ["x".repeat(300)]}),
+    ] {
+        let a = admin.post("/v1/ssf/streams", bad.clone()).await;
+        assert_eq!(a.status, 400, "{bad}: {}", String::from_utf8_lossy(&a.body));
+    }
+    let viewer = admin
+        .post(
+            "/v1/tokens",
+            json!({"name": "soc-poller", "role": "viewer"}),
+        )
+        .await
+        .json()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let as_viewer = admin.with_token(Some(&viewer));
+    assert_eq!(
+        as_viewer
+            .post(
+                "/v1/ssf/streams",
+                json!({"delivery": {"method": poll_method}})
+            )
+            .await
+            .status,
+        403,
+        "a viewer cannot create a stream"
+    );
+    let created = admin
+        .post(
+            "/v1/ssf/streams",
+            json!({"delivery": {"method": poll_method}, "events_requested": [session_revoked, "https://example.com/unknown"], "description": "SOC", "aud": "https://soc2.leash.test"}),
+        )
+        .await;
+    assert_eq!(
+        created.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&created.body)
+    );
+    let stream = created.json();
+    let sid = stream["stream_id"].as_str().unwrap().to_owned();
+    let endpoint = stream["delivery"]["endpoint_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        endpoint.ends_with(&format!("/v1/ssf/poll/{sid}")),
+        "{stream}"
+    );
+    assert_eq!(
+        stream["events_delivered"],
+        json!([session_revoked]),
+        "{stream}"
+    );
+    assert_eq!(stream["aud"], "https://soc2.leash.test");
+
+    // A responder revokes the workload; a verification event is asked for.
+    let revoked = admin
+        .revoke(json!({"kind": "workload", "workload": APP_ID, "reason": "poll test"}))
+        .await;
+    let rid = revoked["id"].as_str().unwrap().to_owned();
+    let v = admin
+        .post(
+            "/v1/ssf/verify",
+            json!({"stream_id": sid, "state": "st-poll"}),
+        )
+        .await;
+    assert_eq!(v.status, 204, "{}", String::from_utf8_lossy(&v.body));
+    let poller = |want: usize| {
+        let python = python_with("jwt, cryptography", "'pyjwt[crypto]'");
+        let args = [
+            endpoint.clone(),
+            viewer.clone(),
+            format!("http://{}/.well-known/jwks.json", cp.admin_addr),
+            "https://soc2.leash.test".to_owned(),
+            "leash-test".to_owned(),
+            want.to_string(),
+        ];
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                Command::new(python)
+                    .args(["-c", POLLER])
+                    .args(args)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()
+        }
+    };
+    // The revocation, its acknowledgement, the verification.
+    let polled = poller(3).await;
+    let got = polled["got"].as_array().unwrap();
+    assert_eq!(got.len(), 3, "{polled}");
+    assert_eq!(polled["left"], 0, "{polled}");
+    let announced: Vec<&Value> = got.iter().filter(|c| c["txn"] == rid.as_str()).collect();
+    assert_eq!(announced.len(), 2, "{polled}");
+    assert!(
+        announced
+            .iter()
+            .all(|c| c["events"][session_revoked].is_object())
+    );
+    assert!(
+        announced
+            .iter()
+            .any(|c| c["leash_acknowledgement"]["status"] == "complete"
+                && c["leash_acknowledgement"]["acknowledged"] == 1),
+        "{polled}"
+    );
+    assert!(
+        got.iter()
+            .any(|c| c["events"]["https://schemas.openid.net/secevent/ssf/event-type/verification"]["state"] == "st-poll"),
+        "{polled}"
+    );
+    let counts = admin
+        .get(&format!("/v1/ssf/streams?stream_id={sid}"))
+        .await
+        .json();
+    assert_eq!(counts["leash_counts"]["delivered"], 3, "{counts}");
+
+    // Paused: held, and returned once enabled. Disabled: nothing made.
+    let status = |st: &str| json!({"stream_id": sid, "status": st, "reason": "maintenance"});
+    assert_eq!(
+        admin.post("/v1/ssf/status", status("paused")).await.status,
+        200
+    );
+    let now = as_viewer
+        .get(&format!("/v1/ssf/status?stream_id={sid}"))
+        .await
+        .json();
+    assert_eq!(
+        (now["status"].as_str(), now["reason"].as_str()),
+        (Some("paused"), Some("maintenance"))
+    );
+    assert_eq!(
+        admin
+            .post("/v1/ssf/verify", json!({"stream_id": sid, "state": "held"}))
+            .await
+            .status,
+        204
+    );
+    let poll_now = || async {
+        as_viewer
+            .post(
+                &format!("/v1/ssf/poll/{sid}"),
+                json!({"returnImmediately": true}),
+            )
+            .await
+            .json()
+    };
+    assert_eq!(
+        poll_now().await["sets"],
+        json!({}),
+        "paused: nothing returned"
+    );
+    assert_eq!(
+        admin.post("/v1/ssf/status", status("enabled")).await.status,
+        200
+    );
+    let sets = poll_now().await["sets"].clone();
+    assert_eq!(sets.as_object().unwrap().len(), 1, "{sets}");
+    let jti = sets.as_object().unwrap().keys().next().unwrap().clone();
+    let acked = as_viewer
+        .post(
+            &format!("/v1/ssf/poll/{sid}"),
+            json!({"ack": [jti], "returnImmediately": true}),
+        )
+        .await
+        .json();
+    assert_eq!(acked["sets"], json!({}), "{acked}");
+    assert_eq!(
+        admin
+            .post("/v1/ssf/status", status("disabled"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        admin
+            .post("/v1/ssf/verify", json!({"stream_id": sid}))
+            .await
+            .status,
+        409
+    );
+
+    // Changed, then deleted. The policy's stream is policy's to change.
+    let patched = admin
+        .call(
+            "PATCH",
+            "/v1/ssf/streams",
+            Some(json!({"stream_id": sid, "description": "SOC, nights"}).to_string()),
+        )
+        .await;
+    assert_eq!(
+        patched.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&patched.body)
+    );
+    assert_eq!(patched.json()["description"], "SOC, nights");
+    assert_eq!(patched.json()["events_delivered"], json!([session_revoked]));
+    let policy_stream = admin
+        .call(
+            "PATCH",
+            "/v1/ssf/streams",
+            Some(json!({"stream_id": "soc", "description": "x"}).to_string()),
+        )
+        .await;
+    assert_eq!(policy_stream.status, 409);
+    let all = admin.get("/v1/ssf/streams").await.json();
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+    // The policy's poll stream has the events too (every kind by default).
+    let soc = admin
+        .post("/v1/ssf/poll/soc", json!({"returnImmediately": true}))
+        .await
+        .json();
+    assert!(soc["sets"].as_object().unwrap().len() >= 2, "{soc}");
+    let deleted = admin
+        .call("DELETE", &format!("/v1/ssf/streams?stream_id={sid}"), None)
+        .await;
+    assert_eq!(deleted.status, 204);
+    assert_eq!(
+        admin
+            .get(&format!("/v1/ssf/streams?stream_id={sid}"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(poll_now().await["error"], "not_found");
+
     let verified = admin.get("/v1/audit/verify").await.json();
     assert_eq!(verified["ok"], true, "{verified}");
 }

@@ -50,12 +50,18 @@ pub struct SsfSpec {
     pub receivers: Vec<SsfReceiverSpec>,
 }
 
-/// A receiver of the events Leash transmits (RFC 8935 push).
+/// A receiver of the events Leash transmits: a stream whose id is `name`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SsfReceiverSpec {
     pub name: String,
-    /// Its push endpoint.
+    /// `push` (RFC 8935, the default: Leash POSTs each SET to
+    /// `endpoint_url`) or `poll` (RFC 8936: the receiver polls
+    /// `/v1/ssf/poll/<name>` with a viewer token).
+    #[serde(default)]
+    pub delivery: SsfDelivery,
+    /// Its push endpoint (push delivery only).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub endpoint_url: String,
     /// The `aud` of the SETs it gets.
     pub audience: String,
@@ -65,7 +71,18 @@ pub struct SsfReceiverSpec {
     pub events: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// How a stream's SETs reach its receiver.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SsfDelivery {
+    /// RFC 8935: the transmitter POSTs each SET.
+    #[default]
+    Push,
+    /// RFC 8936: the receiver asks for them.
+    Poll,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SsfTransmitter {
     pub name: String,
@@ -73,6 +90,14 @@ pub struct SsfTransmitter {
     pub issuer: String,
     /// Where its signing keys are (a JWKS).
     pub jwks_url: String,
+    /// Poll this transmitter's RFC 8936 endpoint for its SETs (as well as
+    /// taking what it pushes to `/ssf/events`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_url: Option<String>,
+    /// A file holding the bearer token each poll presents (read at every
+    /// poll, so it can be replaced); relative to the policy file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -816,8 +841,18 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
                     ),
                 );
             }
-            if let Err(reason) = parse_target_url(&r.endpoint_url) {
-                bad(at("endpoint_url"), reason);
+            match r.delivery {
+                SsfDelivery::Push => {
+                    if let Err(reason) = parse_target_url(&r.endpoint_url) {
+                        bad(at("endpoint_url"), reason);
+                    }
+                }
+                SsfDelivery::Poll if !r.endpoint_url.is_empty() => bad(
+                    at("endpoint_url"),
+                    "a poll stream has no endpoint_url: its receiver polls /v1/ssf/poll/<name>"
+                        .into(),
+                ),
+                SsfDelivery::Poll => {}
             }
             if r.audience.is_empty() {
                 bad(at("audience"), "must not be empty".into());
@@ -856,6 +891,28 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
             }
             if let Err(reason) = parse_target_url(&t.jwks_url) {
                 bad(at("jwks_url"), reason);
+            }
+            if let Some(url) = &t.poll_url
+                && let Err(reason) = parse_target_url(url)
+            {
+                bad(at("poll_url"), reason);
+            }
+            if let Some(file) = &t.poll_token_file {
+                let path = base_dir.join(file);
+                match std::fs::read_to_string(&path) {
+                    Ok(token) if !token.trim().is_empty() && t.poll_url.is_some() => {}
+                    Ok(_) if t.poll_url.is_none() => {
+                        bad(at("poll_token_file"), "belongs with poll_url".into());
+                    }
+                    Ok(_) => bad(
+                        at("poll_token_file"),
+                        format!("{} is empty", path.display()),
+                    ),
+                    Err(e) => bad(
+                        at("poll_token_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    ),
+                }
             }
         }
         for (i, m) in ssf.subjects.iter().enumerate() {
@@ -1031,7 +1088,8 @@ fn rustls_name_ok(name: &str) -> Result<(), ()> {
     }
 }
 
-fn parse_target_url(url: &str) -> Result<(), String> {
+/// Checks an `http://` or `https://` URL with a host.
+pub fn parse_target_url(url: &str) -> Result<(), String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
@@ -1225,6 +1283,24 @@ grants:
         let i = issues(&receivers);
         assert_eq!(i.len(), 1, "{i:?}");
         assert_eq!(i[0].field, "ssf.receivers[0].events[1]");
+        let poll = format!(
+            "{GOOD}ssf:\n  receivers:\n    - {{ name: siem, delivery: poll, audience: https://siem }}\n    - {{ name: soc, delivery: poll, endpoint_url: https://soc/ssf, audience: https://soc }}\n    - {{ name: ops, audience: https://ops }}\n"
+        );
+        let fields: Vec<_> = issues(&poll).into_iter().map(|i| i.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "ssf.receivers[1].endpoint_url",
+                "ssf.receivers[2].endpoint_url"
+            ]
+        );
+        let polled = good.replace(
+            "jwks_url: https://idp/jwks }",
+            "jwks_url: https://idp/jwks, poll_token_file: /nonexistent/token }",
+        );
+        let i = issues(&polled);
+        assert_eq!(i[0].field, "ssf.transmitters[0].poll_token_file", "{i:?}");
+        assert!(i[0].reason.contains("cannot read"), "{i:?}");
         let no_audience = good.replace("  audience: https://leash/ssf\n", "");
         assert_eq!(issues(&no_audience)[0].field, "ssf.audience");
         let bad = good

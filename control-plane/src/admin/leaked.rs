@@ -48,7 +48,7 @@ pub(super) async fn register(
         );
         return Ok(Audited(StatusCode::OK, revocation(&stored), detail));
     }
-    s.cp.ssf_out.revoked(&s.cp, &stored.revocation);
+    crate::ssf_out::SsfOut::revoked(&s.cp, &stored.revocation, stored.revoke_seq);
     let detail = format!(
         "registered leaked value {} seq {}: {}",
         stored.revocation.id, stored.revoke_seq, stored.revocation.reason

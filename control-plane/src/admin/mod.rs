@@ -128,8 +128,16 @@ fn v1_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(missions::close))
         .routes(routes!(missions::reopen))
         .routes(routes!(missions::evidence))
-        .routes(routes!(ssf::streams))
+        .routes(routes!(
+            ssf::streams,
+            ssf::create_stream,
+            ssf::update_stream,
+            ssf::replace_stream,
+            ssf::delete_stream
+        ))
+        .routes(routes!(ssf::status, ssf::set_status))
         .routes(routes!(ssf::verify))
+        .routes(routes!(ssf::poll))
 }
 
 fn api() -> OpenApiRouter<AdminState> {

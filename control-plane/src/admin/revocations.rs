@@ -96,7 +96,7 @@ pub(super) async fn revoke(
             .revoke(req, &caller.actor, &policy.policy)
             .await?
     };
-    s.cp.ssf_out.revoked(&s.cp, &stored.revocation);
+    crate::ssf_out::SsfOut::revoked(&s.cp, &stored.revocation, stored.revoke_seq);
     let detail = format!(
         "revoked {} {} seq {}: {}",
         stored.revocation.kind, stored.revocation.id, stored.revoke_seq, stored.revocation.reason

@@ -72,7 +72,7 @@ pub use revocations::{
     AckRecord, CHANGES_CHANNEL, Inserted, Restore, SessionRecord, StoredRevocation,
 };
 pub use secrets::SecretVersion;
-pub use ssf::SsfEvent;
+pub use ssf::{SsfEvent, SsfStreamRow};
 pub use tokens::{SharedToken, TokenRecord};
 pub use url::{DatabaseUrl, numbered_placeholders};
 pub use usage::{

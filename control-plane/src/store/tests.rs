@@ -551,8 +551,8 @@ store_test!(
             first_seen_ms: at,
             last_seen_ms: at,
         };
-        for at in [10, 30, 20] {
-            store.record_sighting(&sighting(at)).await.unwrap();
+        for (at, first) in [(10, true), (30, false), (20, false)] {
+            assert_eq!(store.record_sighting(&sighting(at)).await.unwrap(), first);
         }
         let seen = store.sightings("rev-1").await.unwrap();
         assert_eq!(seen.len(), 1);
@@ -740,6 +740,75 @@ store_test!(
         let m = store.mission("m1").await.unwrap().unwrap();
         assert!(m.closed_by_hand);
         assert_eq!(m.state, "closed");
+        store.close().await;
+    }
+);
+
+store_test!(
+    async fn ssf_streams_and_held_sets_round_trip(db: &TestDb) {
+        let store = db.open(None).await.unwrap();
+        let row = SsfStreamRow {
+            stream_id: "s1".into(),
+            audience: "https://soc".into(),
+            delivery_method: "urn:ietf:rfc:8936".into(),
+            endpoint_url: None,
+            events_requested: "[]".into(),
+            description: Some("SOC".into()),
+            status: "enabled".into(),
+            reason: None,
+            created_at_ms: 1,
+            created_by: "admin".into(),
+        };
+        assert!(store.put_ssf_stream(&row, false).await.unwrap());
+        assert!(
+            store.put_ssf_stream(&row, false).await.is_err(),
+            "the id is taken"
+        );
+        let paused = SsfStreamRow {
+            status: "paused".into(),
+            reason: Some("night".into()),
+            ..row.clone()
+        };
+        assert!(store.put_ssf_stream(&paused, true).await.unwrap());
+        assert_eq!(store.ssf_stream("s1").await.unwrap(), Some(paused.clone()));
+        let ghost = SsfStreamRow {
+            stream_id: "ghost".into(),
+            ..row.clone()
+        };
+        assert!(!store.put_ssf_stream(&ghost, true).await.unwrap());
+
+        // Held in order up to the cap; a jti held twice is held once.
+        for (i, jti) in ["a", "b", "c"].iter().enumerate() {
+            let at = i64::try_from(i).unwrap();
+            assert!(
+                store
+                    .hold_ssf_set("s1", jti, &format!("set-{jti}"), at, 3)
+                    .await
+                    .unwrap()
+            );
+        }
+        assert!(
+            !store.hold_ssf_set("s1", "d", "set-d", 9, 3).await.unwrap(),
+            "over the cap"
+        );
+        let (two, more) = store.held_ssf_sets("s1", 2).await.unwrap();
+        assert_eq!(
+            two,
+            [("a".into(), "set-a".into()), ("b".into(), "set-b".into())]
+        );
+        assert!(more);
+        let released = store
+            .release_ssf_sets("s1", &["a".into(), "zz".into()])
+            .await
+            .unwrap();
+        assert_eq!(released, 1);
+        let (rest, more) = store.held_ssf_sets("s1", 10).await.unwrap();
+        assert_eq!(rest.len(), 2);
+        assert!(!more);
+        assert!(store.delete_ssf_stream("s1").await.unwrap());
+        assert!(store.held_ssf_sets("s1", 10).await.unwrap().0.is_empty());
+        assert!(!store.delete_ssf_stream("s1").await.unwrap());
+        assert!(store.ssf_streams().await.unwrap().is_empty());
         store.close().await;
     }
 );

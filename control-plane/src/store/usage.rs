@@ -406,15 +406,18 @@ impl Store {
     }
 
     /// Counts one sighting of a leaked value.
-    pub async fn record_sighting(&self, s: &Sighting) -> Result<(), StoreError> {
+    /// Records one sighting; `true` when it is the first of its (leaked
+    /// value, workload, upstream, host, location).
+    pub async fn record_sighting(&self, s: &Sighting) -> Result<bool, StoreError> {
         let sql = self.sql(format!(
             "INSERT INTO leak_sightings (revocation_id, workload, upstream, host, location, count, first_seen_ms, last_seen_ms) \
              VALUES (?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT (revocation_id, workload, upstream, host, location) \
              DO UPDATE SET count = leak_sightings.count + 1, \
-             last_seen_ms = {}(leak_sightings.last_seen_ms, excluded.last_seen_ms)",
+             last_seen_ms = {}(leak_sightings.last_seen_ms, excluded.last_seen_ms) \
+             RETURNING count",
             self.backend().greatest()
         ));
-        db!(&self.pool, |p| sqlx::query(sql)
+        let count: i64 = db!(&self.pool, |p| sqlx::query_scalar(sql)
             .bind(&s.revocation_id)
             .bind(&s.workload)
             .bind(&s.upstream)
@@ -422,10 +425,9 @@ impl Store {
             .bind(&s.location)
             .bind(s.first_seen_ms)
             .bind(s.last_seen_ms)
-            .execute(p)
-            .await
-            .map(drop))?;
-        Ok(())
+            .fetch_one(p)
+            .await)?;
+        Ok(count == 1)
     }
 
     pub async fn sightings(&self, revocation_id: &str) -> Result<Vec<Sighting>, StoreError> {
