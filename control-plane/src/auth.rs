@@ -55,16 +55,24 @@ pub enum AuthError {
     Store(#[from] StoreError),
 }
 
-fn sha256(secret: &str) -> Vec<u8> {
+pub(crate) fn sha256(secret: &str) -> Vec<u8> {
     digest::digest(&digest::SHA256, secret.as_bytes())
         .as_ref()
         .to_vec()
 }
 
 /// Compares in constant time, so timing does not tell how much matched.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq as _;
     a.ct_eq(b).into()
+}
+
+/// `prefix` and 32 random bytes (base64url): a secret to show once.
+pub(crate) fn random_secret(prefix: &str) -> String {
+    let mut secret = [0u8; 32];
+    // SystemRandom only fails if the OS has no entropy source at all.
+    let _ = SystemRandom::new().fill(&mut secret);
+    format!("{prefix}{}", B64.encode(secret))
 }
 
 /// Creates a token; returns the secret string (shown once) and its record.

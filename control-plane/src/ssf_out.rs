@@ -27,7 +27,8 @@
 //!   not to).
 //! - **Poll** (RFC 8936): SETs are held in the store (`ssf_outbox`, at most
 //!   [`HOLD`] per stream) until the receiver acknowledges them or reports an
-//!   error for them; any replica answers a poll.
+//!   error for them; any replica answers a poll, authenticated by the
+//!   stream's own bearer token (so one receiver cannot take another's SETs).
 //!
 //! A paused stream's SETs are held the same way and pushed when it is
 //! enabled again; a disabled stream's are not made. Only the replica that
@@ -104,10 +105,51 @@ pub struct StreamConfig {
     pub reason: Option<String>,
     /// Named in policy (`ssf.receivers`): changed by editing the policy.
     pub from_policy: bool,
+    /// What a poll stream's receiver authenticates with.
+    pub poll_token: PollToken,
+}
+
+/// The bearer token a poll stream's receiver presents.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PollToken {
+    #[default]
+    None,
+    /// Created through the API: the token's SHA-256 (the token was shown
+    /// once, at creation).
+    Sha256(Vec<u8>),
+    /// Named in policy: the file holding it, read at every poll.
+    File(std::path::PathBuf),
+}
+
+impl PollToken {
+    /// A fresh token and its record.
+    pub fn generate() -> (String, Self) {
+        let token = crate::auth::random_secret("lss_");
+        let hash = crate::auth::sha256(&token);
+        (token, Self::Sha256(hash))
+    }
+
+    /// Whether `presented` is this stream's token (compared in constant
+    /// time, as SHA-256 digests).
+    pub fn admits(&self, presented: &str) -> bool {
+        let expected = match self {
+            Self::None => return false,
+            Self::Sha256(hash) => hash.clone(),
+            Self::File(path) => match leash_api::policy::read_token_file(path) {
+                Ok(token) => crate::auth::sha256(&token),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read a poll stream's token");
+                    return false;
+                }
+            },
+        };
+        crate::auth::same(&crate::auth::sha256(presented), &expected)
+    }
 }
 
 impl StreamConfig {
-    pub fn from_policy(r: &SsfReceiverSpec) -> Self {
+    /// A stream policy names; `dir` is the policy file's.
+    pub fn from_policy(r: &SsfReceiverSpec, dir: &std::path::Path) -> Self {
         Self {
             stream_id: r.name.clone(),
             audience: r.audience.clone(),
@@ -122,6 +164,10 @@ impl StreamConfig {
             status: "enabled".into(),
             reason: None,
             from_policy: true,
+            poll_token: r
+                .poll_token_file
+                .as_ref()
+                .map_or(PollToken::None, |f| PollToken::File(dir.join(f))),
         }
     }
 
@@ -136,6 +182,10 @@ impl StreamConfig {
             status: row.status.clone(),
             reason: row.reason.clone(),
             from_policy: false,
+            poll_token: row
+                .poll_token_sha256
+                .clone()
+                .map_or(PollToken::None, PollToken::Sha256),
         }
     }
 
@@ -145,6 +195,10 @@ impl StreamConfig {
             audience: self.audience.clone(),
             delivery_method: if self.poll { POLL } else { PUSH }.to_owned(),
             endpoint_url: (!self.poll).then(|| self.endpoint_url.clone()),
+            poll_token_sha256: match &self.poll_token {
+                PollToken::Sha256(hash) if self.poll => Some(hash.clone()),
+                _ => None,
+            },
             events_requested: serde_json::to_string(&self.events_requested)
                 .unwrap_or_else(|_| "[]".into()),
             description: self.description.clone(),
@@ -169,7 +223,7 @@ impl StreamConfig {
     /// admin API's URL (for a poll stream's endpoint).
     pub fn to_json(&self, issuer: &str, base: &str) -> Value {
         let delivery = if self.poll {
-            json!({"method": POLL, "endpoint_url": format!("{base}/v1/ssf/poll/{}", self.stream_id)})
+            json!({"method": POLL, "endpoint_url": format!("{base}/ssf/poll/{}", self.stream_id)})
         } else {
             json!({"method": PUSH, "endpoint_url": self.endpoint_url})
         };
@@ -263,13 +317,14 @@ impl SsfOut {
     /// Every stream: policy's, then those receivers created.
     pub async fn streams(&self, cp: &ControlPlaneState) -> Result<Vec<StreamConfig>, StoreError> {
         let policy = cp.policy.load();
+        let dir = cp.policy_path.parent().unwrap_or(std::path::Path::new("."));
         let mut streams: Vec<StreamConfig> = policy
             .policy
             .policy
             .ssf
             .iter()
             .flat_map(|s| &s.receivers)
-            .map(StreamConfig::from_policy)
+            .map(|r| StreamConfig::from_policy(r, dir))
             .collect();
         for row in cp.store.ssf_streams().await? {
             if !streams.iter().any(|s| s.stream_id == row.stream_id) {

@@ -587,6 +587,7 @@ async fn events_are_polled_both_ways_and_streams_are_managed() {
     let (mut tx, tx_port) = Transmitter::start();
     let dir = short_tempdir();
     std::fs::write(dir.path().join("poll-token"), "poll-secret\n").unwrap();
+    std::fs::write(dir.path().join("soc-token"), "soc-secret\n").unwrap();
     let ids = Identities::start(dir.path(), SVID_TTL, &[CP_ID, APP_ID]);
     let (cp, admin) = start_ssf(
         &ids,
@@ -595,7 +596,7 @@ async fn events_are_polled_both_ways_and_streams_are_managed() {
         &format!(
             "      poll_url: http://127.0.0.1:{tx_port}/poll\n      poll_token_file: poll-token\n"
         ),
-        "    - name: soc\n      delivery: poll\n      audience: https://soc.leash.test\n",
+        "    - name: soc\n      delivery: poll\n      poll_token_file: soc-token\n      audience: https://soc.leash.test\n",
     )
     .await;
     let a = start_sidecar(sidecar_config(ids.endpoint(APP_ID), cp.sidecar_addr)).await;
@@ -702,10 +703,15 @@ async fn events_are_polled_both_ways_and_streams_are_managed() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert!(
-        endpoint.ends_with(&format!("/v1/ssf/poll/{sid}")),
-        "{stream}"
-    );
+    assert!(endpoint.ends_with(&format!("/ssf/poll/{sid}")), "{stream}");
+    // The stream's own token, shown once: no other token polls it.
+    let poll_token = stream["leash_poll_token"].as_str().unwrap().to_owned();
+    let shown = admin
+        .get(&format!("/v1/ssf/streams?stream_id={sid}"))
+        .await
+        .json();
+    assert!(shown["leash_poll_token"].is_null(), "{shown}");
+    let receiver = admin.with_token(Some(&poll_token));
     assert_eq!(
         stream["events_delivered"],
         json!([session_revoked]),
@@ -729,7 +735,7 @@ async fn events_are_polled_both_ways_and_streams_are_managed() {
         let python = python_with("jwt, cryptography", "'pyjwt[crypto]'");
         let args = [
             endpoint.clone(),
-            viewer.clone(),
+            poll_token.clone(),
             format!("http://{}/.well-known/jwks.json", cp.admin_addr),
             "https://soc2.leash.test".to_owned(),
             "leash-test".to_owned(),
@@ -805,14 +811,29 @@ async fn events_are_polled_both_ways_and_streams_are_managed() {
         204
     );
     let poll_now = || async {
-        as_viewer
+        receiver
             .post(
-                &format!("/v1/ssf/poll/{sid}"),
+                &format!("/ssf/poll/{sid}"),
                 json!({"returnImmediately": true}),
             )
             .await
             .json()
     };
+    for (who, token) in [
+        ("a viewer", Some(viewer.as_str())),
+        ("the admin", admin.token.as_deref()),
+        ("soc's receiver", Some("soc-secret")),
+        ("nobody", None),
+    ] {
+        let a = admin
+            .with_token(token)
+            .post(
+                &format!("/ssf/poll/{sid}"),
+                json!({"returnImmediately": true}),
+            )
+            .await;
+        assert_eq!(a.status, 401, "{who} polls another's stream");
+    }
     assert_eq!(
         poll_now().await["sets"],
         json!({}),
@@ -825,9 +846,9 @@ async fn events_are_polled_both_ways_and_streams_are_managed() {
     let sets = poll_now().await["sets"].clone();
     assert_eq!(sets.as_object().unwrap().len(), 1, "{sets}");
     let jti = sets.as_object().unwrap().keys().next().unwrap().clone();
-    let acked = as_viewer
+    let acked = receiver
         .post(
-            &format!("/v1/ssf/poll/{sid}"),
+            &format!("/ssf/poll/{sid}"),
             json!({"ack": [jti], "returnImmediately": true}),
         )
         .await
@@ -876,7 +897,8 @@ async fn events_are_polled_both_ways_and_streams_are_managed() {
     assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
     // The policy's poll stream has the events too (every kind by default).
     let soc = admin
-        .post("/v1/ssf/poll/soc", json!({"returnImmediately": true}))
+        .with_token(Some("soc-secret"))
+        .post("/ssf/poll/soc", json!({"returnImmediately": true}))
         .await
         .json();
     assert!(soc["sets"].as_object().unwrap().len() >= 2, "{soc}");
@@ -891,7 +913,7 @@ async fn events_are_polled_both_ways_and_streams_are_managed() {
             .status,
         404
     );
-    assert_eq!(poll_now().await["error"], "not_found");
+    assert_eq!(poll_now().await["error"], "unauthenticated");
 
     let verified = admin.get("/v1/audit/verify").await.json();
     assert_eq!(verified["ok"], true, "{verified}");

@@ -63,6 +63,10 @@ pub struct SsfReceiverSpec {
     /// Its push endpoint (push delivery only).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub endpoint_url: String,
+    /// Poll delivery only: a file holding the bearer token the receiver
+    /// polls with (relative to the policy file; read at every poll).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_token_file: Option<PathBuf>,
     /// The `aud` of the SETs it gets.
     pub audience: String,
     /// Which events it wants (`credential-change`, `session-revoked`,
@@ -846,13 +850,31 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
                     if let Err(reason) = parse_target_url(&r.endpoint_url) {
                         bad(at("endpoint_url"), reason);
                     }
+                    if r.poll_token_file.is_some() {
+                        bad(at("poll_token_file"), "belongs to delivery: poll".into());
+                    }
                 }
-                SsfDelivery::Poll if !r.endpoint_url.is_empty() => bad(
-                    at("endpoint_url"),
-                    "a poll stream has no endpoint_url: its receiver polls /v1/ssf/poll/<name>"
-                        .into(),
-                ),
-                SsfDelivery::Poll => {}
+                SsfDelivery::Poll => {
+                    if !r.endpoint_url.is_empty() {
+                        bad(
+                            at("endpoint_url"),
+                            "a poll stream has no endpoint_url: its receiver polls /ssf/poll/<name>"
+                                .into(),
+                        );
+                    }
+                    match &r.poll_token_file {
+                        None => bad(
+                            at("poll_token_file"),
+                            "a poll stream needs the file holding its receiver's bearer token"
+                                .into(),
+                        ),
+                        Some(file) => {
+                            if let Err(reason) = read_token_file(&base_dir.join(file)) {
+                                bad(at("poll_token_file"), reason);
+                            }
+                        }
+                    }
+                }
             }
             if r.audience.is_empty() {
                 bad(at("audience"), "must not be empty".into());
@@ -898,20 +920,10 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
                 bad(at("poll_url"), reason);
             }
             if let Some(file) = &t.poll_token_file {
-                let path = base_dir.join(file);
-                match std::fs::read_to_string(&path) {
-                    Ok(token) if !token.trim().is_empty() && t.poll_url.is_some() => {}
-                    Ok(_) if t.poll_url.is_none() => {
-                        bad(at("poll_token_file"), "belongs with poll_url".into());
-                    }
-                    Ok(_) => bad(
-                        at("poll_token_file"),
-                        format!("{} is empty", path.display()),
-                    ),
-                    Err(e) => bad(
-                        at("poll_token_file"),
-                        format!("cannot read {}: {e}", path.display()),
-                    ),
+                if t.poll_url.is_none() {
+                    bad(at("poll_token_file"), "belongs with poll_url".into());
+                } else if let Err(reason) = read_token_file(&base_dir.join(file)) {
+                    bad(at("poll_token_file"), reason);
                 }
             }
         }
@@ -1086,6 +1098,24 @@ fn rustls_name_ok(name: &str) -> Result<(), ()> {
     } else {
         Err(())
     }
+}
+
+/// A bearer token kept in a file: its trimmed contents, which must be
+/// non-empty and fit in an HTTP header.
+pub fn read_token_file(path: &Path) -> Result<String, String> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{} must hold one token of printable ASCII",
+            path.display()
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 /// Checks an `http://` or `https://` URL with a host.
@@ -1284,19 +1314,22 @@ grants:
         assert_eq!(i.len(), 1, "{i:?}");
         assert_eq!(i[0].field, "ssf.receivers[0].events[1]");
         let poll = format!(
-            "{GOOD}ssf:\n  receivers:\n    - {{ name: siem, delivery: poll, audience: https://siem }}\n    - {{ name: soc, delivery: poll, endpoint_url: https://soc/ssf, audience: https://soc }}\n    - {{ name: ops, audience: https://ops }}\n"
+            "{GOOD}ssf:\n  receivers:\n    - {{ name: siem, delivery: poll, audience: https://siem }}\n    - {{ name: soc, delivery: poll, endpoint_url: https://soc/ssf, audience: https://soc, poll_token_file: Cargo.toml }}\n    - {{ name: ops, audience: https://ops }}\n    - {{ name: dev, audience: https://dev, endpoint_url: https://dev/ssf, poll_token_file: t }}\n"
         );
         let fields: Vec<_> = issues(&poll).into_iter().map(|i| i.field).collect();
         assert_eq!(
             fields,
             [
+                "ssf.receivers[0].poll_token_file",
                 "ssf.receivers[1].endpoint_url",
-                "ssf.receivers[2].endpoint_url"
+                "ssf.receivers[1].poll_token_file",
+                "ssf.receivers[2].endpoint_url",
+                "ssf.receivers[3].poll_token_file",
             ]
         );
         let polled = good.replace(
             "jwks_url: https://idp/jwks }",
-            "jwks_url: https://idp/jwks, poll_token_file: /nonexistent/token }",
+            "jwks_url: https://idp/jwks, poll_url: https://idp/poll, poll_token_file: /nonexistent/token }",
         );
         let i = issues(&polled);
         assert_eq!(i[0].field, "ssf.transmitters[0].poll_token_file", "{i:?}");

@@ -2,12 +2,15 @@
 -- (SSF 1.0 §8.1.1); the streams policy names (ssf.receivers) are not here.
 -- `events_requested` is a JSON array of event-type URIs; `endpoint_url`
 -- is the receiver's push endpoint (RFC 8935), NULL for a poll stream
--- (RFC 8936). `status` is enabled, paused or disabled (§8.1.2).
+-- (RFC 8936), whose receiver authenticates with the bearer token whose
+-- SHA-256 is `poll_token_sha256` (shown once, at creation). `status` is
+-- enabled, paused or disabled (§8.1.2).
 CREATE TABLE ssf_streams (
     stream_id        TEXT PRIMARY KEY,
     audience         TEXT NOT NULL,
     delivery_method  TEXT NOT NULL,
     endpoint_url     TEXT,
+    poll_token_sha256 BLOB,
     events_requested TEXT NOT NULL,
     description      TEXT,
     status           TEXT NOT NULL,

@@ -90,6 +90,7 @@ fn public_routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::openapi))
         .routes(routes!(ssf::push))
+        .routes(routes!(ssf::poll))
         .routes(routes!(ssf::configuration))
 }
 
@@ -137,7 +138,6 @@ fn v1_routes() -> OpenApiRouter<AdminState> {
         ))
         .routes(routes!(ssf::status, ssf::set_status))
         .routes(routes!(ssf::verify))
-        .routes(routes!(ssf::poll))
 }
 
 fn api() -> OpenApiRouter<AdminState> {

@@ -6,8 +6,8 @@
 //!   audited.
 //! - `/.well-known/ssf-configuration`: this control plane as a transmitter.
 //! - `/v1/ssf/streams`, `/v1/ssf/status`, `/v1/ssf/verify`: the streams it
-//!   transmits on (SSF 1.0 §8.1), and `/v1/ssf/poll/{stream_id}`, where a
-//!   poll stream's receiver polls (RFC 8936).
+//!   transmits on (SSF 1.0 §8.1), and `/ssf/poll/{stream_id}`, where a poll
+//!   stream's receiver polls (RFC 8936) with the stream's own token.
 
 use axum::Json;
 use axum::body::Body;
@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use super::types::{ErrorBody, SsfErrorBody};
 use super::{AdminRole, AdminState, ApiError, Audited, Viewer};
 use crate::ssf::{MAX_SET_BYTES, SsfError};
-use crate::ssf_out::{POLL, PUSH, PollRequest, STATUSES, StreamConfig};
+use crate::ssf_out::{POLL, PUSH, PollRequest, PollToken, STATUSES, StreamConfig};
 
 // `202` once the revocation it maps to is committed, else `400` with RFC
 // 8935's error code (`invalid_request`, `invalid_key`, `invalid_issuer`,
@@ -266,9 +266,36 @@ fn apply(mut stream: StreamConfig, req: StreamRequest) -> Result<StreamConfig, A
     Ok(stream)
 }
 
+/// A stream that became a poll stream gets a token (returned once, as
+/// `leash_poll_token`); one that became a push stream loses it.
+fn token_for(stream: &mut StreamConfig) -> Option<String> {
+    match (stream.poll, &stream.poll_token) {
+        (true, PollToken::None) => {
+            let (token, record) = PollToken::generate();
+            stream.poll_token = record;
+            Some(token)
+        }
+        (false, _) => {
+            stream.poll_token = PollToken::None;
+            None
+        }
+        (true, _) => None,
+    }
+}
+
+/// The stream as shown, with a new poll token once.
+fn with_token(mut shown: Value, token: Option<String>) -> Value {
+    if let Some(token) = token {
+        shown["leash_poll_token"] = token.into();
+    }
+    shown
+}
+
 /// Create a stream (SSF 1.0 §8.1.1.1): push to the receiver's
 /// `endpoint_url`, or held for it to poll. It is enabled at once; its id,
-/// `aud` and (poll) endpoint are in the answer.
+/// `aud` and (poll) endpoint are in the answer, and for a poll stream the
+/// bearer token its receiver polls with (`leash_poll_token`, shown only
+/// here: Leash keeps its SHA-256).
 ///
 /// Role: admin.
 #[utoipa::path(post, path = "/v1/ssf/streams", operation_id = "ssf_stream_create", tag = "ssf",
@@ -298,8 +325,10 @@ pub(super) async fn create_stream(
         status: "enabled".into(),
         reason: None,
         from_policy: false,
+        poll_token: PollToken::None,
     };
-    let stream = apply(fresh, req)?;
+    let mut stream = apply(fresh, req)?;
+    let token = token_for(&mut stream);
     s.cp.store
         .put_ssf_stream(&stream.to_row(crate::store::now_ms(), &caller.actor), false)
         .await?;
@@ -309,7 +338,7 @@ pub(super) async fn create_stream(
     );
     Ok(Audited(
         StatusCode::CREATED,
-        shown(&s, &base_url(&s, &headers), &stream),
+        with_token(shown(&s, &base_url(&s, &headers), &stream), token),
         detail,
     ))
 }
@@ -341,7 +370,8 @@ async fn change(
     } else {
         old.clone()
     };
-    let stream = apply(base, req)?;
+    let mut stream = apply(base, req)?;
+    let token = token_for(&mut stream);
     s.cp.store
         .put_ssf_stream(&stream.to_row(0, ""), true)
         .await?;
@@ -350,7 +380,7 @@ async fn change(
     }
     Ok(Audited(
         StatusCode::OK,
-        shown(s, &base_url(s, headers), &stream),
+        with_token(shown(s, &base_url(s, headers), &stream), token),
         format!(
             "stream {id} {}",
             if replace { "replaced" } else { "updated" }
@@ -539,28 +569,44 @@ pub(super) async fn verify(
 /// Poll a stream for its SETs (RFC 8936 §2.4): acknowledge (`ack`) or
 /// report (`setErrs`) those received, and get those still held, oldest
 /// first, waiting up to 25 s unless `returnImmediately`. A SET is
-/// returned again until it is acknowledged or reported.
+/// returned again until it is acknowledged or reported. Authenticated by
+/// the stream's own bearer token (`leash_poll_token` at creation, or the
+/// policy's `poll_token_file`), not by an admin token: `401` for a wrong
+/// token and for a stream that does not exist alike.
 ///
-/// Role: viewer.
-#[utoipa::path(post, path = "/v1/ssf/poll/{stream_id}", operation_id = "ssf_poll", tag = "ssf",
+/// Public.
+#[utoipa::path(post, path = "/ssf/poll/{stream_id}", operation_id = "ssf_poll", tag = "ssf",
     params(("stream_id" = String, Path, description = "A poll stream")),
-    request_body = PollRequest, security(("bearer" = [])),
+    request_body = PollRequest,
     responses((status = 200, body = Object, content_type = "application/json",
         description = "{\"sets\": {jti: SET}, \"moreAvailable\": true}"),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 pub(super) async fn poll(
     State(s): State<AdminState>,
-    _: Viewer,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Result<Json<PollRequest>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let stream = s.cp.ssf_out.stream(&s.cp, &id).await?;
+    let Some(stream) = stream.filter(|st| presented.is_some_and(|t| st.poll_token.admits(t)))
+    else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "a poll stream and its bearer token (Authorization: Bearer …)",
+        ));
+    };
     let Json(req) = body?;
     if req.ack.len() + req.set_errs.len() > 1000 {
         return Err(ApiError::invalid(
             "at most 1000 SETs acknowledged or reported per poll",
         ));
     }
-    let stream = find(&s, &id).await?;
     if !stream.poll {
         return Err(ApiError::invalid(format!(
             "stream {id:?} is pushed ({PUSH}), not polled"

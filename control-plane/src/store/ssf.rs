@@ -93,6 +93,8 @@ pub struct SsfStreamRow {
     pub delivery_method: String,
     /// The receiver's push endpoint; `None` for a poll stream.
     pub endpoint_url: Option<String>,
+    /// SHA-256 of a poll stream's bearer token.
+    pub poll_token_sha256: Option<Vec<u8>>,
     /// A JSON array of event-type URIs.
     pub events_requested: String,
     pub description: Option<String>,
@@ -104,7 +106,7 @@ pub struct SsfStreamRow {
 }
 
 const STREAM_COLUMNS: &str = "stream_id, audience, delivery_method, endpoint_url, \
-     events_requested, description, status, reason, created_at_ms, created_by";
+     poll_token_sha256, events_requested, description, status, reason, created_at_ms, created_by";
 
 impl Store {
     pub async fn ssf_streams(&self) -> Result<Vec<SsfStreamRow>, StoreError> {
@@ -132,17 +134,19 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let sql = if replace {
             "UPDATE ssf_streams SET audience = ?, delivery_method = ?, endpoint_url = ?, \
-             events_requested = ?, description = ?, status = ?, reason = ? WHERE stream_id = ?"
+             poll_token_sha256 = ?, events_requested = ?, description = ?, status = ?, reason = ? \
+             WHERE stream_id = ?"
         } else {
-            "INSERT INTO ssf_streams (audience, delivery_method, endpoint_url, events_requested, \
-             description, status, reason, stream_id, created_at_ms, created_by) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO ssf_streams (audience, delivery_method, endpoint_url, poll_token_sha256, \
+             events_requested, description, status, reason, stream_id, created_at_ms, created_by) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         };
         let done = db!(&self.pool, |p| {
             let q = sqlx::query(self.sql(sql))
                 .bind(&s.audience)
                 .bind(&s.delivery_method)
                 .bind(&s.endpoint_url)
+                .bind(&s.poll_token_sha256)
                 .bind(&s.events_requested)
                 .bind(&s.description)
                 .bind(&s.status)

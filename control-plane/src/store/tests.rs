@@ -752,6 +752,7 @@ store_test!(
             audience: "https://soc".into(),
             delivery_method: "urn:ietf:rfc:8936".into(),
             endpoint_url: None,
+            poll_token_sha256: Some(vec![7; 32]),
             events_requested: "[]".into(),
             description: Some("SOC".into()),
             status: "enabled".into(),
