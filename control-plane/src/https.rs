@@ -3,7 +3,8 @@
 //! says `ca_only`, plus its `ca_file`; SNI and verification use its
 //! `server_name` when set.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -91,4 +92,35 @@ pub fn client(
         None => builder.enable_http1().wrap_connector(http),
     };
     Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// Clients trusting the system's anchors plus one CA PEM (or none), made
+/// once per PEM: for the SSF transmitters and receivers policy names.
+#[derive(Default)]
+pub struct ClientCache {
+    clients: Mutex<HashMap<Option<String>, HttpsClient>>,
+}
+
+impl ClientCache {
+    pub fn get(&self, ca_pem: Option<&str>) -> Result<HttpsClient, String> {
+        let key = ca_pem.map(str::to_owned);
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let (roots, _) = upstream_trust(&Trust {
+            ca_pem,
+            ..Trust::default()
+        })?;
+        let c = client(roots, None);
+        // Policy edits that change PEMs leave old clients behind: bounded.
+        if clients.len() >= 32 {
+            clients.clear();
+        }
+        clients.insert(key, c.clone());
+        Ok(c)
+    }
 }

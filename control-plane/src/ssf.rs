@@ -81,13 +81,20 @@ pub struct Accepted {
 #[derive(Default)]
 pub struct SsfReceiver {
     keys: Mutex<HashMap<String, (Instant, JwkSet)>>,
-    client: std::sync::OnceLock<HttpsClient>,
+    clients: crate::https::ClientCache,
+}
+
+/// The CA PEM policy trusts for a transmitter (its `ca_file`), if any.
+fn transmitter_ca<'a>(policy: &'a ValidPolicy, t: &SsfTransmitter) -> Option<&'a str> {
+    policy
+        .ssf_ca_pems
+        .get(&format!("transmitter:{}", t.name))
+        .map(String::as_str)
 }
 
 impl SsfReceiver {
-    fn client(&self) -> &HttpsClient {
-        self.client
-            .get_or_init(|| crate::https::client(crate::https::system_trust(), None))
+    fn client(&self, ca_pem: Option<&str>) -> Result<HttpsClient, String> {
+        self.clients.get(ca_pem)
     }
 
     /// Verifies, maps and commits one SET: pushed (`polled` is `None`), or
@@ -144,7 +151,13 @@ impl SsfReceiver {
             e
         };
         let claims = self
-            .verify(token, &header, transmitter, ssf)
+            .verify(
+                token,
+                &header,
+                transmitter,
+                ssf,
+                transmitter_ca(policy, transmitter),
+            )
             .await
             .map_err(named)?;
         let (event_type, target, jti) = event_of(&claims, ssf).map_err(named)?;
@@ -159,6 +172,7 @@ impl SsfReceiver {
         header: &jsonwebtoken::Header,
         t: &SsfTransmitter,
         ssf: &SsfSpec,
+        ca_pem: Option<&str>,
     ) -> Result<serde_json::Map<String, serde_json::Value>, SsfError> {
         const ALLOWED: [Algorithm; 7] = [
             Algorithm::RS256,
@@ -175,7 +189,7 @@ impl SsfReceiver {
                 format!("algorithm {:?} is not accepted", header.alg),
             ));
         }
-        let key = self.key(t, header.kid.as_deref()).await?;
+        let key = self.key(t, header.kid.as_deref(), ca_pem).await?;
         let mut validation = Validation::new(header.alg);
         validation.set_audience(&[&ssf.audience]);
         validation.set_issuer(&[&t.issuer]);
@@ -220,7 +234,12 @@ impl SsfReceiver {
 
     /// The transmitter's key for `kid` (its only key when the SET names
     /// none), its JWKS fetched when stale or when the kid is new.
-    async fn key(&self, t: &SsfTransmitter, kid: Option<&str>) -> Result<DecodingKey, SsfError> {
+    async fn key(
+        &self,
+        t: &SsfTransmitter,
+        kid: Option<&str>,
+        ca_pem: Option<&str>,
+    ) -> Result<DecodingKey, SsfError> {
         let find = |set: &JwkSet| match kid {
             Some(kid) => set.find(kid).cloned(),
             None if set.keys.len() == 1 => set.keys.first().cloned(),
@@ -236,7 +255,7 @@ impl SsfReceiver {
         let jwk = match cached {
             Some(jwk) => jwk,
             None => {
-                let set = self.fetch_jwks(t).await?;
+                let set = self.fetch_jwks(t, ca_pem).await?;
                 let jwk = find(&set);
                 self.keys
                     .lock()
@@ -253,7 +272,11 @@ impl SsfReceiver {
         DecodingKey::from_jwk(&jwk).map_err(|e| refuse("invalid_key", e.to_string()))
     }
 
-    async fn fetch_jwks(&self, t: &SsfTransmitter) -> Result<JwkSet, SsfError> {
+    async fn fetch_jwks(
+        &self,
+        t: &SsfTransmitter,
+        ca_pem: Option<&str>,
+    ) -> Result<JwkSet, SsfError> {
         let unavailable = |why: String| SsfError {
             err: "invalid_key",
             description: format!("{}'s JWKS could not be read: {why}", t.name),
@@ -263,7 +286,8 @@ impl SsfReceiver {
         let req = http::Request::get(&t.jwks_url)
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .map_err(|e| unavailable(e.to_string()))?;
-        let (status, body) = crate::oauth2::call(self.client(), req)
+        let client = self.client(ca_pem).map_err(&unavailable)?;
+        let (status, body) = crate::oauth2::call(&client, req)
             .await
             .map_err(|e| unavailable(e.to_string()))?;
         if status != 200 {
@@ -516,10 +540,10 @@ impl SsfReceiver {
                 body.to_string(),
             )))
             .map_err(|e| e.to_string())?;
-        let (status, body) =
-            crate::oauth2::call_within(self.client(), req, POLL_TIMEOUT, POLL_MAX_BODY)
-                .await
-                .map_err(|e| e.to_string())?;
+        let client = self.client(transmitter_ca(&cp.policy.load().policy, t))?;
+        let (status, body) = crate::oauth2::call_within(&client, req, POLL_TIMEOUT, POLL_MAX_BODY)
+            .await
+            .map_err(|e| e.to_string())?;
         if status != 200 {
             return Err(format!("HTTP {status}"));
         }

@@ -107,6 +107,9 @@ pub struct StreamConfig {
     pub from_policy: bool,
     /// What a poll stream's receiver authenticates with.
     pub poll_token: PollToken,
+    /// CA certificates (PEM) trusted for `endpoint_url` besides the
+    /// system's (policy's `ca_file`).
+    pub ca_pem: Option<String>,
 }
 
 /// The bearer token a poll stream's receiver presents.
@@ -148,8 +151,9 @@ impl PollToken {
 }
 
 impl StreamConfig {
-    /// A stream policy names; `dir` is the policy file's.
-    pub fn from_policy(r: &SsfReceiverSpec, dir: &std::path::Path) -> Self {
+    /// A stream policy names; `dir` is the policy file's, `ca_pem` its
+    /// `ca_file`'s contents.
+    pub fn from_policy(r: &SsfReceiverSpec, dir: &std::path::Path, ca_pem: Option<&str>) -> Self {
         Self {
             stream_id: r.name.clone(),
             audience: r.audience.clone(),
@@ -168,6 +172,7 @@ impl StreamConfig {
                 .poll_token_file
                 .as_ref()
                 .map_or(PollToken::None, |f| PollToken::File(dir.join(f))),
+            ca_pem: ca_pem.map(str::to_owned),
         }
     }
 
@@ -186,6 +191,7 @@ impl StreamConfig {
                 .poll_token_sha256
                 .clone()
                 .map_or(PollToken::None, PollToken::Sha256),
+            ca_pem: None,
         }
     }
 
@@ -254,6 +260,7 @@ impl StreamConfig {
 
 struct PushStream {
     endpoint: String,
+    ca_pem: Option<String>,
     queue: mpsc::Sender<String>,
 }
 
@@ -261,7 +268,7 @@ struct PushStream {
 pub struct SsfOut {
     push: Mutex<HashMap<String, PushStream>>,
     counts: Mutex<HashMap<String, Arc<StreamCounts>>>,
-    client: std::sync::OnceLock<HttpsClient>,
+    clients: crate::https::ClientCache,
     /// Woken when a SET is held for a poll stream on this replica.
     held: tokio::sync::Notify,
 }
@@ -299,11 +306,6 @@ pub struct SetErr {
 }
 
 impl SsfOut {
-    fn client(&self) -> &HttpsClient {
-        self.client
-            .get_or_init(|| crate::https::client(crate::https::system_trust(), None))
-    }
-
     /// A stream's counters.
     pub fn counts(&self, stream_id: &str) -> Arc<StreamCounts> {
         self.counts
@@ -324,7 +326,13 @@ impl SsfOut {
             .ssf
             .iter()
             .flat_map(|s| &s.receivers)
-            .map(|r| StreamConfig::from_policy(r, dir))
+            .map(|r| {
+                let ca = policy
+                    .policy
+                    .ssf_ca_pems
+                    .get(&format!("receiver:{}", r.name));
+                StreamConfig::from_policy(r, dir, ca.map(String::as_str))
+            })
             .collect();
         for row in cp.store.ssf_streams().await? {
             if !streams.iter().any(|s| s.stream_id == row.stream_id) {
@@ -518,11 +526,25 @@ impl SsfOut {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let worker = match push.get(&stream.stream_id) {
-            Some(s) if s.endpoint == stream.endpoint_url && !s.queue.is_closed() => s,
+            Some(s)
+                if s.endpoint == stream.endpoint_url
+                    && s.ca_pem == stream.ca_pem
+                    && !s.queue.is_closed() =>
+            {
+                s
+            }
             _ => {
+                let client = match self.clients.get(stream.ca_pem.as_deref()) {
+                    Ok(client) => client,
+                    Err(e) => {
+                        counts.failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(stream = %stream.stream_id, error = %e, "cannot trust the stream's CA");
+                        return;
+                    }
+                };
                 let (tx, rx) = mpsc::channel(QUEUE);
                 tokio::spawn(push_worker(
-                    self.client().clone(),
+                    client,
                     stream.stream_id.clone(),
                     stream.endpoint_url.clone(),
                     rx,
@@ -532,6 +554,7 @@ impl SsfOut {
                     stream.stream_id.clone(),
                     PushStream {
                         endpoint: stream.endpoint_url.clone(),
+                        ca_pem: stream.ca_pem.clone(),
                         queue: tx,
                     },
                 );
@@ -593,15 +616,18 @@ impl SsfOut {
             }
         }
         let max = req.max_events.unwrap_or(100).min(1000);
-        if max == 0 || stream.status == "paused" {
-            return Ok(json!({"sets": {}}));
-        }
         let deadline = tokio::time::Instant::now()
-            + if req.return_immediately {
+            + if req.return_immediately || max == 0 {
                 Duration::ZERO
             } else {
                 POLL_WAIT
             };
+        if max == 0 || stream.status == "paused" {
+            // A paused stream's receiver waits as if nothing were held,
+            // rather than polling again at once.
+            tokio::time::sleep_until(deadline).await;
+            return Ok(json!({"sets": {}}));
+        }
         loop {
             let held = self.held.notified();
             tokio::pin!(held);
@@ -638,18 +664,27 @@ async fn acknowledgement(cp: &ControlPlaneState, seq: u64) -> Value {
         tokio::pin!(written);
         written.as_mut().enable();
         let late = tokio::time::Instant::now() >= deadline;
-        match crate::sessions::propagation(cp, seq).await {
+        // What `sessions::propagation` says, without reading every
+        // revocation to find when this one was committed.
+        let read = async {
+            let acked = cp.store.acks_for(seq).await?;
+            let (connected, pending) = crate::replicas::pending(cp, seq).await?;
+            Ok::<_, StoreError>((acked, connected, pending))
+        };
+        match read.await {
             // Complete once the acknowledgements are recorded (not only
             // received): the SET says what the proof holds.
-            Ok(p) if (p.pending.is_empty() && p.acknowledged.len() >= p.connected) || late => {
-                let complete = p.pending.is_empty() && p.acknowledged.len() >= p.connected;
-                let last = p.acknowledged.iter().map(|a| a.acked_at_ms).max();
+            Ok((acked, connected, pending))
+                if (pending.is_empty() && acked.len() >= connected) || late =>
+            {
+                let complete = pending.is_empty() && acked.len() >= connected;
+                let last = acked.iter().map(|(_, at)| *at).max();
                 return json!({
                     "status": if complete { "complete" } else { "incomplete" },
                     "seq": seq,
-                    "acknowledged": p.acknowledged.len(),
-                    "connected": p.connected,
-                    "pending": p.pending.len(),
+                    "acknowledged": acked.len(),
+                    "connected": connected,
+                    "pending": pending.len(),
                     "last_acknowledged_at": last.map(|ms| ms / 1000),
                 });
             }

@@ -1261,7 +1261,9 @@ pub mod echo {
 }
 
 /// A CA (written to `dir/upstream-ca.pem`) and a server certificate for
-/// `payments.internal` and 127.0.0.1, as an upstream's TLS acceptor.
+/// `payments.internal` and 127.0.0.1 (written to `dir/upstream-cert.pem`
+/// and `dir/upstream-key.pem`, for servers not in Rust), as an upstream's
+/// TLS acceptor.
 pub fn upstream_pki(dir: &Path) -> tokio_rustls::TlsAcceptor {
     tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(upstream_tls_config(dir)))
 }
@@ -1298,6 +1300,8 @@ fn upstream_tls_config(dir: &Path) -> rustls::ServerConfig {
         .push(SanType::IpAddress([127, 0, 0, 1].into()));
     let key = KeyPair::generate().expect("key");
     let cert = params.signed_by(&key, &ca).expect("cert");
+    std::fs::write(dir.join("upstream-cert.pem"), cert.pem()).expect("write cert");
+    std::fs::write(dir.join("upstream-key.pem"), key.serialize_pem()).expect("write key");
     rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(

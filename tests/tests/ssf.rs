@@ -72,6 +72,11 @@ class Handler(BaseHTTPRequestHandler):
         self.answer(200, json.dumps({"sets": sets}).encode())
 
 server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+if len(sys.argv) > 2:
+    import ssl
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(sys.argv[1], sys.argv[2])
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 print(server.server_address[1], flush=True)
 
@@ -164,6 +169,11 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
 server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+if os.environ.get("TLS_CERT"):
+    import ssl
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(os.environ["TLS_CERT"], os.environ["TLS_KEY"])
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 "#;
@@ -175,10 +185,17 @@ struct Transmitter {
 }
 
 impl Transmitter {
-    fn start() -> (Self, u16) {
+    /// Serves its JWKS and poll endpoint over HTTP, or over HTTPS with the
+    /// certificate [`upstream_pki`] wrote to `tls`.
+    fn start(tls: Option<&std::path::Path>) -> (Self, u16) {
         let python = python_with("jwt, cryptography", "'pyjwt[crypto]'");
-        let mut child = Command::new(python)
-            .args(["-c", TRANSMITTER])
+        let mut cmd = Command::new(python);
+        cmd.args(["-c", TRANSMITTER]);
+        if let Some(dir) = tls {
+            cmd.arg(dir.join("upstream-cert.pem"))
+                .arg(dir.join("upstream-key.pem"));
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -244,7 +261,7 @@ fn set(jti: &str, event: &str, sub_id: Value) -> Value {
 async fn start_ssf(
     ids: &Identities,
     dir: &std::path::Path,
-    jwks_port: u16,
+    transmitter_base: &str,
     transmitter: &str,
     receivers: &str,
 ) -> (leash_control_plane::app::ControlPlane, Admin) {
@@ -256,7 +273,7 @@ async fn start_ssf(
   transmitters:
     - name: idp
       issuer: {ISSUER}
-      jwks_url: http://127.0.0.1:{jwks_port}/jwks
+      jwks_url: {transmitter_base}/jwks
 {transmitter}  subjects:
     - format: iss_sub
       iss: {ISSUER}
@@ -285,15 +302,19 @@ const COMPROMISE: &str =
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
     init();
-    let (mut tx, jwks_port) = Transmitter::start();
+    let (mut tx, jwks_port) = Transmitter::start(None);
 
     let dir = short_tempdir();
+    // The receiver serves HTTPS, trusted through the policy's ca_file.
+    upstream_pki(dir.path());
     let jwks_url_file = dir.path().join("jwks-url");
     let received_file = dir.path().join("received.jsonl");
     let mut cmd = Command::new(python_with("jwt, cryptography", "'pyjwt[crypto]'"));
     cmd.args(["-c", RECEIVER])
         .env("JWKS_URL_FILE", &jwks_url_file)
-        .env("OUT_FILE", &received_file);
+        .env("OUT_FILE", &received_file)
+        .env("TLS_CERT", dir.path().join("upstream-cert.pem"))
+        .env("TLS_KEY", dir.path().join("upstream-key.pem"));
     let (_receiver, receiver_port) = python_server(cmd);
     let received = || -> Vec<Value> {
         std::fs::read_to_string(&received_file)
@@ -306,10 +327,10 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
     let (cp, admin) = start_ssf(
         &ids,
         dir.path(),
-        jwks_port,
+        &format!("http://127.0.0.1:{jwks_port}"),
         "",
         &format!(
-            "    - name: siem\n      endpoint_url: http://127.0.0.1:{receiver_port}/events\n      audience: https://siem.leash.test\n"
+            "    - name: siem\n      endpoint_url: https://127.0.0.1:{receiver_port}/events\n      ca_file: upstream-ca.pem\n      audience: https://siem.leash.test\n    - name: untrusted\n      endpoint_url: https://127.0.0.1:{receiver_port}/events\n      audience: https://siem.leash.test\n      events: [session-revoked]\n"
         ),
     )
     .await;
@@ -572,6 +593,21 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
     );
     let verified = admin.get("/v1/audit/verify").await.json();
     assert_eq!(verified["ok"], true, "{verified}");
+    // The same receiver without the policy's ca_file: its certificate is
+    // not trusted, and nothing is delivered (after the retries).
+    let untrusted = eventually(
+        Duration::from_secs(20),
+        "the untrusted push failed",
+        || async {
+            let s = admin
+                .get("/v1/ssf/streams?stream_id=untrusted")
+                .await
+                .json();
+            (s["leash_counts"]["failed"].as_u64() >= Some(1)).then_some(s)
+        },
+    )
+    .await;
+    assert_eq!(untrusted["leash_counts"]["delivered"], 0, "{untrusted}");
 }
 
 /// RFC 8936 both ways. In: the control plane polls a PyJWT transmitter,
@@ -584,17 +620,20 @@ async fn a_risc_event_becomes_a_revocation_every_sidecar_acknowledges() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_polled_both_ways_and_streams_are_managed() {
     init();
-    let (mut tx, tx_port) = Transmitter::start();
     let dir = short_tempdir();
+    // The transmitter serves HTTPS (JWKS and polls), trusted through the
+    // policy's ca_file.
+    upstream_pki(dir.path());
+    let (mut tx, tx_port) = Transmitter::start(Some(dir.path()));
     std::fs::write(dir.path().join("poll-token"), "poll-secret\n").unwrap();
     std::fs::write(dir.path().join("soc-token"), "soc-secret\n").unwrap();
     let ids = Identities::start(dir.path(), SVID_TTL, &[CP_ID, APP_ID]);
     let (cp, admin) = start_ssf(
         &ids,
         dir.path(),
-        tx_port,
+        &format!("https://127.0.0.1:{tx_port}"),
         &format!(
-            "      poll_url: http://127.0.0.1:{tx_port}/poll\n      poll_token_file: poll-token\n"
+            "      poll_url: https://127.0.0.1:{tx_port}/poll\n      poll_token_file: poll-token\n      ca_file: upstream-ca.pem\n"
         ),
         "    - name: soc\n      delivery: poll\n      poll_token_file: soc-token\n      audience: https://soc.leash.test\n",
     )

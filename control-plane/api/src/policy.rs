@@ -67,6 +67,10 @@ pub struct SsfReceiverSpec {
     /// polls with (relative to the policy file; read at every poll).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_token_file: Option<PathBuf>,
+    /// Push delivery: CA certificates (PEM) trusted for `endpoint_url`
+    /// besides the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// The `aud` of the SETs it gets.
     pub audience: String,
     /// Which events it wants (`credential-change`, `session-revoked`,
@@ -102,6 +106,10 @@ pub struct SsfTransmitter {
     /// poll, so it can be replaced); relative to the policy file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_token_file: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for `jwks_url` and `poll_url` besides
+    /// the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -501,6 +509,10 @@ pub struct ValidPolicy {
     pub grants: Vec<(WorkloadMatcher, Vec<String>)>,
     /// PEM contents of each upstream's `tls.ca_file`, by upstream name.
     pub ca_pems: HashMap<String, String>,
+    /// PEM contents of the `ssf.transmitters[].ca_file`s and
+    /// `ssf.receivers[].ca_file`s, by `transmitter:<name>` and
+    /// `receiver:<name>`.
+    pub ssf_ca_pems: HashMap<String, String>,
 }
 
 impl ValidPolicy {
@@ -584,6 +596,7 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
     let mut names = HashSet::new();
     let mut host_owner: HashMap<&str, &str> = HashMap::new();
     let mut ca_pems = HashMap::new();
+    let mut ssf_ca_pems = HashMap::new();
     for (i, up) in policy.upstreams.iter().enumerate() {
         let at = |f: &str| format!("upstreams[{i}].{f}");
         if !valid_name(&up.name) {
@@ -646,19 +659,11 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
                 );
             }
             if let Some(file) = &tls.ca_file {
-                let path = base_dir.join(file);
-                match std::fs::read_to_string(&path) {
-                    Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => {
+                match read_ca_file(&base_dir.join(file)) {
+                    Ok(pem) => {
                         ca_pems.insert(up.name.clone(), pem);
                     }
-                    Ok(_) => bad(
-                        at("tls.ca_file"),
-                        format!("{} holds no PEM certificate", path.display()),
-                    ),
-                    Err(e) => bad(
-                        at("tls.ca_file"),
-                        format!("cannot read {}: {e}", path.display()),
-                    ),
+                    Err(reason) => bad(at("tls.ca_file"), reason),
                 }
             }
         }
@@ -853,8 +858,19 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
                     if r.poll_token_file.is_some() {
                         bad(at("poll_token_file"), "belongs to delivery: poll".into());
                     }
+                    if let Some(file) = &r.ca_file {
+                        match read_ca_file(&base_dir.join(file)) {
+                            Ok(pem) => {
+                                ssf_ca_pems.insert(format!("receiver:{}", r.name), pem);
+                            }
+                            Err(reason) => bad(at("ca_file"), reason),
+                        }
+                    }
                 }
                 SsfDelivery::Poll => {
+                    if r.ca_file.is_some() {
+                        bad(at("ca_file"), "belongs to delivery: push".into());
+                    }
                     if !r.endpoint_url.is_empty() {
                         bad(
                             at("endpoint_url"),
@@ -918,6 +934,14 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
                 && let Err(reason) = parse_target_url(url)
             {
                 bad(at("poll_url"), reason);
+            }
+            if let Some(file) = &t.ca_file {
+                match read_ca_file(&base_dir.join(file)) {
+                    Ok(pem) => {
+                        ssf_ca_pems.insert(format!("transmitter:{}", t.name), pem);
+                    }
+                    Err(reason) => bad(at("ca_file"), reason),
+                }
             }
             if let Some(file) = &t.poll_token_file {
                 if t.poll_url.is_none() {
@@ -1001,6 +1025,7 @@ fn validate(policy: Policy, base_dir: &Path) -> Result<ValidPolicy, Vec<PolicyIs
             policy,
             grants,
             ca_pems,
+            ssf_ca_pems,
         })
     } else {
         Err(issues)
@@ -1097,6 +1122,15 @@ fn rustls_name_ok(name: &str) -> Result<(), ()> {
         Ok(())
     } else {
         Err(())
+    }
+}
+
+/// CA certificates kept in a PEM file.
+fn read_ca_file(path: &Path) -> Result<String, String> {
+    match std::fs::read_to_string(path) {
+        Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => Ok(pem),
+        Ok(_) => Err(format!("{} holds no PEM certificate", path.display())),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
 }
 
@@ -1334,6 +1368,13 @@ grants:
         let i = issues(&polled);
         assert_eq!(i[0].field, "ssf.transmitters[0].poll_token_file", "{i:?}");
         assert!(i[0].reason.contains("cannot read"), "{i:?}");
+        let trusted = good.replace(
+            "jwks_url: https://idp/jwks }",
+            "jwks_url: https://idp/jwks, ca_file: Cargo.toml }",
+        );
+        let i = issues(&trusted);
+        assert_eq!(i[0].field, "ssf.transmitters[0].ca_file", "{i:?}");
+        assert!(i[0].reason.contains("no PEM certificate"), "{i:?}");
         let no_audience = good.replace("  audience: https://leash/ssf\n", "");
         assert_eq!(issues(&no_audience)[0].field, "ssf.audience");
         let bad = good

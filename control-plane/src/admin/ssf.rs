@@ -326,6 +326,7 @@ pub(super) async fn create_stream(
         reason: None,
         from_policy: false,
         poll_token: PollToken::None,
+        ca_pem: None,
     };
     let mut stream = apply(fresh, req)?;
     let token = token_for(&mut stream);
