@@ -327,6 +327,45 @@ async fn requests_signed_by_the_sidecar_verify_with_botocore() {
             .any(|c| c.upstream == "assumed" && c.id.starts_with("sts:assumed:")),
         "the lease is on file"
     );
+    // Revoking that lease: the sidecar drops it, and the control plane
+    // exchanges a new JWT for a new set rather than hand back the cached
+    // one (whose id is revoked).
+    let lease = issued
+        .iter()
+        .find(|c| c.upstream == "assumed" && c.id.starts_with("sts:assumed:"))
+        .unwrap()
+        .id
+        .clone();
+    let revoked = admin
+        .revoke(json!({"kind": "credential", "credential_id": lease, "reason": "STS set leaked"}))
+        .await;
+    admin
+        .wait_acknowledged(revoked["id"].as_str().unwrap(), 1)
+        .await;
+    let a = client
+        .get("http://assumed.leash.test/bucket/after-revocation", &[])
+        .await
+        .unwrap();
+    verdict(&a);
+    let exchanges = std::fs::read_to_string(&assumed_file)
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(exchanges, 2, "a new exchange after the revocation");
+    let leases: Vec<String> = cp
+        .state
+        .store
+        .credentials_for(APP_ID)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.upstream == "assumed")
+        .map(|c| c.id)
+        .collect();
+    assert!(
+        leases.len() == 2 && leases.contains(&lease),
+        "a second lease, not the revoked one again: {leases:?}"
+    );
 
     // Over the signed-body limit: refused, nothing sent.
     let big = Bytes::from(vec![b'y'; leash_proxy::sigv4::MAX_SIGNED_BODY + 1]);
