@@ -724,19 +724,30 @@ async fn events_are_polled_both_ways_and_streams_are_managed() {
         403,
         "a viewer cannot create a stream"
     );
-    let created = admin
-        .post(
-            "/v1/ssf/streams",
-            json!({"delivery": {"method": poll_method}, "events_requested": [session_revoked, "https://example.com/unknown"], "description": "SOC", "aud": "https://soc2.leash.test"}),
-        )
-        .await;
-    assert_eq!(
-        created.status,
-        201,
-        "{}",
-        String::from_utf8_lossy(&created.body)
-    );
-    let stream = created.json();
+    // Created with curl, as the README shows.
+    let body = json!({"delivery": {"method": poll_method}, "events_requested": [session_revoked, "https://example.com/unknown"], "description": "SOC", "aud": "https://soc2.leash.test"});
+    let created = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "content-type: application/json",
+            "-H",
+        ])
+        .arg(format!(
+            "authorization: Bearer {}",
+            admin.token.as_deref().unwrap()
+        ))
+        .arg("-d")
+        .arg(body.to_string())
+        .arg(format!("http://{}/v1/ssf/streams", cp.admin_addr))
+        .output()
+        .unwrap();
+    let out = String::from_utf8(created.stdout).unwrap();
+    let (answer, code) = out.rsplit_once('\n').unwrap();
+    assert_eq!(code, "201", "{answer}");
+    let stream: Value = serde_json::from_str(answer).unwrap();
     let sid = stream["stream_id"].as_str().unwrap().to_owned();
     let endpoint = stream["delivery"]["endpoint_url"]
         .as_str()
