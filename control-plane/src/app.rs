@@ -385,6 +385,12 @@ impl ControlPlane {
                 {
                     tracing::warn!(error = %e, "cannot prune revocations of expired credentials");
                 }
+                // SETs held for streams removed from policy.
+                match prune.ssf_out.sweep(&prune).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(sets = n, "dropped the SETs of SSF streams gone"),
+                    Err(e) => tracing::warn!(error = %e, "cannot sweep the SSF outbox"),
+                }
                 // Sessions a killed replica left open are ended.
                 match prune
                     .store

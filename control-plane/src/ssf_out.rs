@@ -655,6 +655,32 @@ impl SsfOut {
     }
 }
 
+/// How long SETs held for a stream that no longer exists are kept (a
+/// replica whose policy still names the stream may yet serve it).
+const ORPHAN_AFTER: Duration = Duration::from_secs(3600);
+
+impl SsfOut {
+    /// Drops the SETs held for streams that no longer exist (removed from
+    /// policy), once they are [`ORPHAN_AFTER`] old; how many.
+    pub async fn sweep(&self, cp: &ControlPlaneState) -> Result<u64, StoreError> {
+        // Holders first: a stream holding SETs existed before them, so it
+        // is among the streams read next unless it is gone.
+        let holding = cp.store.ssf_streams_holding().await?;
+        if holding.is_empty() {
+            return Ok(0);
+        }
+        let streams = self.streams(cp).await?;
+        let before = now_ms() - i64::try_from(ORPHAN_AFTER.as_millis()).unwrap_or(i64::MAX);
+        let mut dropped = 0;
+        for id in holding {
+            if !streams.iter().any(|s| s.stream_id == id) {
+                dropped += cp.store.drop_held_ssf_sets(&id, before).await?;
+            }
+        }
+        Ok(dropped)
+    }
+}
+
 /// Whether every sidecar connected now has acknowledged `seq`, waiting up
 /// to [`ACK_WAIT`] for it: the `leash_acknowledgement` claim.
 async fn acknowledgement(cp: &ControlPlaneState, seq: u64) -> Value {

@@ -965,6 +965,39 @@ async fn events_are_polled_both_ways_and_streams_are_managed() {
     );
     assert_eq!(poll_now().await["error"], "unauthenticated");
 
+    // SETs held for a stream no longer named anywhere are swept once an
+    // hour old; those of a stream that exists stay.
+    let store = &cp.state.store;
+    assert!(
+        store
+            .hold_ssf_set("gone", "j-old", "x", 0, 10)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .hold_ssf_set("gone", "j-new", "x", i64::MAX, 10)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .hold_ssf_set("soc", "j-soc", "x", 0, 10)
+            .await
+            .unwrap()
+    );
+    assert_eq!(cp.state.ssf_out.sweep(&cp.state).await.unwrap(), 1);
+    assert_eq!(store.held_ssf_sets("gone", 10).await.unwrap().0.len(), 1);
+    assert!(
+        store
+            .held_ssf_sets("soc", 100)
+            .await
+            .unwrap()
+            .0
+            .iter()
+            .any(|(jti, _)| jti == "j-soc")
+    );
+
     let verified = admin.get("/v1/audit/verify").await.json();
     assert_eq!(verified["ok"], true, "{verified}");
 }

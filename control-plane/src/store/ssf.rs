@@ -256,3 +256,30 @@ impl Store {
         Ok(released)
     }
 }
+
+impl Store {
+    /// The streams SETs are held for.
+    pub async fn ssf_streams_holding(&self) -> Result<Vec<String>, StoreError> {
+        Ok(db!(&self.pool, |p| sqlx::query_scalar(self.sql(
+            "SELECT DISTINCT stream_id FROM ssf_outbox ORDER BY stream_id"
+        ))
+        .fetch_all(p)
+        .await)?)
+    }
+
+    /// Drops the SETs held for `stream_id` before `before_ms`; how many.
+    pub async fn drop_held_ssf_sets(
+        &self,
+        stream_id: &str,
+        before_ms: i64,
+    ) -> Result<u64, StoreError> {
+        Ok(db!(&self.pool, |p| sqlx::query(self.sql(
+            "DELETE FROM ssf_outbox WHERE stream_id = ? AND created_at_ms < ?"
+        ))
+        .bind(stream_id)
+        .bind(before_ms)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?)
+    }
+}

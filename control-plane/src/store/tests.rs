@@ -806,8 +806,13 @@ store_test!(
         let (rest, more) = store.held_ssf_sets("s1", 10).await.unwrap();
         assert_eq!(rest.len(), 2);
         assert!(!more);
+        assert_eq!(store.ssf_streams_holding().await.unwrap(), ["s1"]);
+        // Only the SETs held before the time given are dropped.
+        assert_eq!(store.drop_held_ssf_sets("s1", 2).await.unwrap(), 1);
+        assert_eq!(store.held_ssf_sets("s1", 10).await.unwrap().0.len(), 1);
         assert!(store.delete_ssf_stream("s1").await.unwrap());
         assert!(store.held_ssf_sets("s1", 10).await.unwrap().0.is_empty());
+        assert!(store.ssf_streams_holding().await.unwrap().is_empty());
         assert!(!store.delete_ssf_stream("s1").await.unwrap());
         assert!(store.ssf_streams().await.unwrap().is_empty());
         store.close().await;
