@@ -59,7 +59,7 @@ pub enum Replay {
     InProgress,
 }
 
-fn refuse(err: &'static str, description: impl Into<String>) -> SsfError {
+pub(crate) fn refuse(err: &'static str, description: impl Into<String>) -> SsfError {
     SsfError {
         err,
         description: description.into(),

@@ -273,6 +273,27 @@ pub struct SsfOut {
     held: tokio::sync::Notify,
 }
 
+/// The streams policy names (`ssf.receivers`) whose name passes `which`.
+fn policy_streams(cp: &ControlPlaneState, which: impl Fn(&str) -> bool) -> Vec<StreamConfig> {
+    let policy = cp.policy.load();
+    let dir = cp.policy_path.parent().unwrap_or(std::path::Path::new("."));
+    policy
+        .policy
+        .policy
+        .ssf
+        .iter()
+        .flat_map(|s| &s.receivers)
+        .filter(|r| which(&r.name))
+        .map(|r| {
+            let ca = policy
+                .policy
+                .ssf_ca_pems
+                .get(&format!("receiver:{}", r.name));
+            StreamConfig::from_policy(r, dir, ca.map(String::as_str))
+        })
+        .collect()
+}
+
 /// The short names policy uses for the event types.
 pub fn event_name(uri: &str) -> &str {
     uri.rsplit('/').next().unwrap_or(uri)
@@ -318,22 +339,7 @@ impl SsfOut {
 
     /// Every stream: policy's, then those receivers created.
     pub async fn streams(&self, cp: &ControlPlaneState) -> Result<Vec<StreamConfig>, StoreError> {
-        let policy = cp.policy.load();
-        let dir = cp.policy_path.parent().unwrap_or(std::path::Path::new("."));
-        let mut streams: Vec<StreamConfig> = policy
-            .policy
-            .policy
-            .ssf
-            .iter()
-            .flat_map(|s| &s.receivers)
-            .map(|r| {
-                let ca = policy
-                    .policy
-                    .ssf_ca_pems
-                    .get(&format!("receiver:{}", r.name));
-                StreamConfig::from_policy(r, dir, ca.map(String::as_str))
-            })
-            .collect();
+        let mut streams = policy_streams(cp, |_| true);
         for row in cp.store.ssf_streams().await? {
             if !streams.iter().any(|s| s.stream_id == row.stream_id) {
                 streams.push(StreamConfig::from_row(&row));
@@ -342,16 +348,20 @@ impl SsfOut {
         Ok(streams)
     }
 
+    /// One stream: policy's of that name, else the one a receiver created.
     pub async fn stream(
         &self,
         cp: &ControlPlaneState,
         stream_id: &str,
     ) -> Result<Option<StreamConfig>, StoreError> {
-        Ok(self
-            .streams(cp)
+        if let Some(s) = policy_streams(cp, |name| name == stream_id).pop() {
+            return Ok(Some(s));
+        }
+        Ok(cp
+            .store
+            .ssf_stream(stream_id)
             .await?
-            .into_iter()
-            .find(|s| s.stream_id == stream_id))
+            .map(|row| StreamConfig::from_row(&row)))
     }
 
     /// The event a committed revocation is announced as, with its subject.

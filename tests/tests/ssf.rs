@@ -998,6 +998,35 @@ async fn events_are_polled_both_ways_and_streams_are_managed() {
             .any(|(jti, _)| jti == "j-soc")
     );
 
+    // Guessing poll tokens counts against the address as failed admin-API
+    // calls do (10 a minute here, some spent above); the right token is
+    // never limited.
+    let mut limited = false;
+    for _ in 0..12 {
+        let a = admin
+            .with_token(Some("lss_guess"))
+            .post("/ssf/poll/soc", json!({"returnImmediately": true}))
+            .await;
+        if a.status == 429 {
+            assert_eq!(a.json()["error"], "too_many_failures");
+            assert!(a.headers.contains_key("retry-after"));
+            limited = true;
+            break;
+        }
+        assert_eq!(a.status, 401);
+    }
+    assert!(limited, "guesses are limited");
+    let right = admin
+        .with_token(Some("soc-secret"))
+        .post("/ssf/poll/soc", json!({"returnImmediately": true}))
+        .await;
+    assert_eq!(
+        right.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&right.body)
+    );
+
     let verified = admin.get("/v1/audit/verify").await.json();
     assert_eq!(verified["ok"], true, "{verified}");
 }

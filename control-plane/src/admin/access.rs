@@ -16,6 +16,45 @@ use super::{AdminState, ApiError, AuditDetail};
 use crate::auth::{self, AuthError, Caller, Role};
 use crate::store::{AuditEntry, now_ms};
 
+/// The answer to a call without a valid token (an admin token, or a poll
+/// stream's): `401`, or `429` once its address is past the allowance of
+/// failures. Counted for the audit log's summary of refused calls.
+pub(super) fn unauthenticated(
+    s: &AdminState,
+    ip: std::net::IpAddr,
+    method: &str,
+    path: &str,
+    why: String,
+) -> Response {
+    let refused = match s.limiter.failed(ip) {
+        Some(left) => {
+            let secs = left.as_secs() + 1;
+            let mut r = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failures",
+                format!("too many calls without a valid token from {ip}; try again in {secs} s"),
+            )
+            .into_response();
+            if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }
+        None => {
+            let mut r =
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", why).into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+    };
+    s.cp.refused
+        .record(ip, method, path, refused.status().as_u16());
+    refused
+}
+
 /// A call the web console makes in-process on behalf of a signed-in
 /// session: authenticated as the session's token, audited like any other.
 #[derive(Clone)]
@@ -64,36 +103,7 @@ pub(super) async fn audited(
             (actor, role, next.run(req).await)
         }
         Err(e @ (AuthError::Missing | AuthError::Invalid)) => {
-            let refused = match s.limiter.failed(peer.ip()) {
-                Some(left) => {
-                    let secs = left.as_secs() + 1;
-                    let mut r = ApiError::new(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "too_many_failures",
-                        format!(
-                            "too many calls without a valid token from {}; try again in {secs} s",
-                            peer.ip()
-                        ),
-                    )
-                    .into_response();
-                    if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
-                        r.headers_mut().insert(header::RETRY_AFTER, v);
-                    }
-                    r
-                }
-                None => {
-                    let mut r =
-                        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
-                            .into_response();
-                    r.headers_mut().insert(
-                        header::WWW_AUTHENTICATE,
-                        header::HeaderValue::from_static("Bearer"),
-                    );
-                    r
-                }
-            };
-            s.cp.refused
-                .record(peer.ip(), &method, &path, refused.status().as_u16());
+            let refused = unauthenticated(&s, peer.ip(), &method, &path, e.to_string());
             if let Some(cx) = &span {
                 crate::telemetry::end(
                     cx,

@@ -12,7 +12,7 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt as _;
@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use super::types::{ErrorBody, SsfErrorBody};
 use super::{AdminRole, AdminState, ApiError, Audited, Viewer};
-use crate::ssf::{MAX_SET_BYTES, SsfError};
+use crate::ssf::{MAX_SET_BYTES, refuse};
 use crate::ssf_out::{POLL, PUSH, PollRequest, PollToken, STATUSES, StreamConfig};
 
 // `202` once the revocation it maps to is committed, else `400` with RFC
@@ -41,25 +41,22 @@ pub(super) async fn push(State(s): State<AdminState>, headers: HeaderMap, body: 
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/secevent+jwt"));
-    let too_big = || SsfError {
-        transmitter: None,
-        replay: None,
-        err: "invalid_request",
-        description: format!("a SET of more than {MAX_SET_BYTES} bytes"),
-    };
     let outcome = if typed {
         match http_body_util::Limited::new(body, MAX_SET_BYTES)
             .collect()
             .await
         {
             Ok(bytes) => s.cp.ssf.receive(&s.cp, &bytes.to_bytes(), None).await,
-            Err(_) => Err(too_big()),
+            Err(_) => Err(refuse(
+                "invalid_request",
+                format!("a SET of more than {MAX_SET_BYTES} bytes"),
+            )),
         }
     } else {
-        Err(SsfError {
-            description: "Content-Type must be application/secevent+jwt".into(),
-            ..too_big()
-        })
+        Err(refuse(
+            "invalid_request",
+            "Content-Type must be application/secevent+jwt",
+        ))
     };
     crate::ssf::audit(&s.cp, "/ssf/events", &outcome).await;
     match outcome {
@@ -581,25 +578,31 @@ pub(super) async fn verify(
     request_body = PollRequest,
     responses((status = 200, body = Object, content_type = "application/json",
         description = "{\"sets\": {jti: SET}, \"moreAvailable\": true}"),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 429, body = ErrorBody, description = "too_many_failures: too many calls without a valid token from this address")))]
 pub(super) async fn poll(
     State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Json<PollRequest>, JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let stream = s.cp.ssf_out.stream(&s.cp, &id).await?;
+    // A valid token is never limited; failures count against the address
+    // as they do on /v1.
     let Some(stream) = stream.filter(|st| presented.is_some_and(|t| st.poll_token.admits(t)))
     else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "a poll stream and its bearer token (Authorization: Bearer …)",
+        return Ok(super::access::unauthenticated(
+            &s,
+            peer.ip(),
+            "POST",
+            "/ssf/poll/{stream_id}",
+            "a poll stream and its bearer token (Authorization: Bearer …)".into(),
         ));
     };
     let Json(req) = body?;
@@ -613,5 +616,5 @@ pub(super) async fn poll(
             "stream {id:?} is pushed ({PUSH}), not polled"
         )));
     }
-    Ok(Json(s.cp.ssf_out.poll(&s.cp, &stream, req).await?))
+    Ok(Json(s.cp.ssf_out.poll(&s.cp, &stream, req).await?).into_response())
 }
